@@ -1,0 +1,5 @@
+"""Errors a user can fix: the CLI prints their message on one line and exits with code 2."""
+
+
+class DifflabError(ValueError):
+    """Bad input from the user (a path, a name, a file); the message says what is wrong and what to do."""
