@@ -1,0 +1,38 @@
+"""Noise-level embeddings shared by the networks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Vaswani et al. 2017, Sec. 3.5, as used for timesteps by Ho et al. 2020: (B,) -> (B, dim).
+
+    Works for fractional t. Half the channels are cos(t * f_k), half sin(t * f_k), f_k = max_period^(-k/half).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return nn.functional.pad(emb, (0, dim % 2))
+
+
+class NoiseEmbedding(nn.Module):
+    """Sinusoidal features of the noise input c_noise passed through a two-layer MLP: (B,) -> (B, out_dim)."""
+
+    def __init__(self, base_dim: int, out_dim: int):
+        super().__init__()
+        self.base_dim = base_dim
+        self.mlp = nn.Sequential(nn.Linear(base_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(c_noise, self.base_dim))
+
+
+def reject_cond(cond: object) -> None:
+    """Unconditional networks refuse a condition instead of silently ignoring it."""
+    if cond is not None:
+        raise TypeError("this network is unconditional; pass cond=None or train a conditional model")

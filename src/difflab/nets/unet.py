@@ -1,0 +1,168 @@
+"""The DDPM U-Net (Ho et al. 2020, App. B; Nichol & Dhariwal 2021): residual blocks, self-attention,
+skip connections and a noise-level embedding. Pure architecture: no diffusion maths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from difflab.errors import DifflabError
+from difflab.nets.embeddings import NoiseEmbedding, reject_cond
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 1
+    resolution: int = 32
+    channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (8,)
+    dropout: float = 0.0
+    norm_groups: int = 32
+    attention_heads: int = 1
+
+
+def _norm(groups: int, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, add the embedding, GroupNorm-SiLU-dropout-conv, plus a (1x1) skip."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.block1 = nn.Sequential(_norm(groups, c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.block2 = nn.Sequential(
+            _norm(groups, c_out), nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        )
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x) + self.emb(emb)[:, :, None, None]
+        return self.skip(x) + self.block2(h)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        if channels % heads:
+            raise DifflabError(f"attention_heads={heads} must divide the channel count {channels}")
+        self.heads = heads
+        self.norm = _norm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        out = nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class _Level(nn.Module):
+    """Residual blocks (each optionally followed by attention) at one resolution."""
+
+    def __init__(self, blocks: list[ResBlock], attend: bool, heads: int, groups: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(
+            SelfAttention(b.emb.out_features, heads, groups) if attend else nn.Identity() for b in blocks
+        )
+
+
+class UNet(nn.Module):
+    """F(x, c_noise): x (B, C, R, R), c_noise (B,) -> (B, C, R, R)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        levels = len(cfg.channel_mult)
+        if cfg.resolution % 2 ** (levels - 1):
+            raise DifflabError(f"resolution {cfg.resolution} must be divisible by 2^{levels - 1} for this U-Net")
+        emb_dim, g = 4 * cfg.channels, cfg.norm_groups
+        self.embed = NoiseEmbedding(cfg.channels, emb_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
+
+        def level(c_ins: list[int], c_out: int, res: int) -> _Level:
+            blocks = [ResBlock(c, c_out, emb_dim, cfg.dropout, g) for c in c_ins]
+            return _Level(blocks, res in cfg.attention_resolutions, cfg.attention_heads, g)
+
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        skips, c, res = [cfg.channels], cfg.channels, cfg.resolution
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        for i, w in enumerate(widths):
+            self.down.append(level([c] + [w] * (cfg.num_res_blocks - 1), w, res))
+            c = w
+            skips += [w] * cfg.num_res_blocks
+            if i < levels - 1:
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+                res //= 2
+        self.mid1 = ResBlock(c, c, emb_dim, cfg.dropout, g)
+        self.mid_attn = SelfAttention(c, cfg.attention_heads, g)
+        self.mid2 = ResBlock(c, c, emb_dim, cfg.dropout, g)
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            c_ins = []
+            for _ in range(cfg.num_res_blocks + 1):
+                c_ins.append(c + skips.pop())
+                c = w
+            self.up.append(level(c_ins, w, res))
+            if i > 0:
+                self.upsample.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+                )
+                res *= 2
+        self.out = nn.Sequential(_norm(g, c), nn.SiLU(), _zero(nn.Conv2d(c, cfg.in_channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: object = None) -> torch.Tensor:
+        reject_cond(cond)
+        emb = self.embed(c_noise)
+        h = self.conv_in(x)
+        hs = [h]
+        for i, lvl in enumerate(self.down):
+            for block, attn in zip(lvl.blocks, lvl.attn, strict=True):
+                h = attn(block(h, emb))
+                hs.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+                hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for i, lvl in enumerate(self.up):
+            for block, attn in zip(lvl.blocks, lvl.attn, strict=True):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
+            if i < len(self.upsample):
+                h = self.upsample[i](h)
+        return self.out(h)
+
+
+_PRESETS = {
+    # name: (channels, channel_mult, num_res_blocks, attention at the lowest n levels, norm_groups)
+    "tiny": (32, (1, 2, 2), 1, 1, 8),
+    "small": (64, (1, 2, 2), 2, 1, 16),
+    "base": (128, (1, 2, 2, 2), 2, 2, 32),
+}
+UNET_PRESETS = tuple(_PRESETS)
+
+
+def unet_preset(name: str, resolution: int, in_channels: int, dropout: float = 0.0) -> UNetConfig:
+    """A preset U-Net for images of this size; levels are dropped so the lowest resolution stays >= 4."""
+    if name not in _PRESETS:
+        raise DifflabError(f"unknown model preset '{name}': choose one of {', '.join(_PRESETS)}")
+    channels, mult, blocks, attn_levels, groups = _PRESETS[name]
+    while len(mult) > 1 and resolution // 2 ** (len(mult) - 1) < 4:
+        mult = mult[:-1]
+    lowest = [resolution // 2**i for i in range(len(mult))][-attn_levels:]
+    return UNetConfig(in_channels, resolution, channels, mult, blocks, tuple(lowest), dropout, groups)

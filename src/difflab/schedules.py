@@ -1,0 +1,97 @@
+"""DDPM noise schedules (Ho et al. 2020; Nichol & Dhariwal 2021) as tables of sigma, and sampling grids."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from difflab.errors import DifflabError
+from difflab.sigmas import sigma_from_alpha_bar, sigma_to_t, vp_input_scale
+
+SCHEDULE_NAMES = ("linear", "cosine", "sigmoid")
+
+
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Ho et al. 2020, Sec. 4: beta_t linear from 1e-4 to 0.02 (values given for T = 1000)."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, Eq. 17: abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2)."""
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+def sigmoid_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Sigmoid schedule (Xu et al. 2022, GeoDiff): beta_t = beta_start + (beta_end - beta_start) sigmoid(s_t),
+    s_t linear in [-6, 6]."""
+    return beta_start + (beta_end - beta_start) * torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64))
+
+
+_BETAS = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
+
+
+@dataclass(frozen=True, eq=False)
+class DiscreteSchedule:
+    """A DDPM forward process q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) for t = 0..T-1.
+
+    Held as float64 tables of shape (T,): betas, alpha_bars and sigmas = sqrt((1 - abar) / abar).
+    """
+
+    name: str
+    betas: torch.Tensor
+
+    @classmethod
+    def from_name(cls, name: str, T: int = 1000) -> DiscreteSchedule:
+        if name not in _BETAS:
+            raise DifflabError(f"unknown schedule '{name}': choose one of {', '.join(SCHEDULE_NAMES)}")
+        if T < 2:
+            raise DifflabError(f"the number of diffusion steps T must be at least 2, got {T}")
+        return cls(name, _BETAS[name](T))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.betas)
+
+    @property
+    def alpha_bars(self) -> torch.Tensor:
+        return torch.cumprod(1 - self.betas, dim=0)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return sigma_from_alpha_bar(self.alpha_bars)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma for integer timesteps t (any shape), as float32 on t's device."""
+        return self.sigmas.to(t.device)[t].float()
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The fractional timestep the network was trained with at noise level sigma (log-sigma interp.)."""
+        return sigma_to_t(sigma, self.sigmas)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Ho et al. 2020, Eq. 4: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. x0, noise: (B, ...); t: (B,)."""
+        sigma = self.sigma_at(t).reshape(-1, *([1] * (x0.ndim - 1)))
+        return vp_input_scale(sigma) * (x0 + sigma * noise)
+
+    def respaced_sigmas(self, steps: int) -> torch.Tensor:
+        """Sampling grid of `steps` evenly spaced training timesteps, from T-1 down to 0, then 0.
+
+        Returns (steps + 1,) float32, decreasing, ending in sigma = 0 (Nichol & Dhariwal 2021, Sec. 4).
+        """
+        if not 1 <= steps <= self.num_steps:
+            raise DifflabError(f"--steps must be between 1 and {self.num_steps}, got {steps}")
+        ts = torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long()
+        return torch.cat([self.sigmas[ts], self.sigmas.new_zeros(1)]).float()

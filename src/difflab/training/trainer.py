@@ -1,0 +1,203 @@
+"""The training loop (Ho et al. 2020, Algorithm 1): AdamW with warm-up, EMA, clipping, mixed precision,
+non-finite-loss guard, JSONL log, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from difflab.config import RunConfig
+from difflab.errors import DifflabError
+from difflab.losses import DiscreteDiffusionLoss
+from difflab.models import build_denoiser, build_schedule
+from difflab.training.checkpoint import (
+    latest_checkpoint,
+    load_config,
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+)
+from difflab.training.ema import EMA
+
+MAX_NONFINITE_IN_A_ROW = 10
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainingDiverged(DifflabError):
+    """The loss was not finite for too many steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    skipped_steps: int
+    stopped_by: str  # "steps" or "minutes"
+
+
+def _autocast(device: torch.device, mixed_precision: str):
+    if mixed_precision == "no":
+        return torch.autocast(device.type, enabled=False)
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise DifflabError("--mixed-precision fp16 needs a CUDA device; use bf16 or no on this machine")
+    if mixed_precision not in ("fp16", "bf16"):
+        raise DifflabError(f"unknown --mixed-precision '{mixed_precision}': choose no, bf16 or fp16")
+    return torch.autocast(device.type, dtype=torch.float16 if mixed_precision == "fp16" else torch.bfloat16)
+
+
+class Trainer:
+    """Trains the denoiser of `config` on in-memory data (N, *sample_shape) in [-1, 1], writing to run_dir."""
+
+    def __init__(self, config: RunConfig, data: torch.Tensor, run_dir: Path, device: torch.device):
+        self.config, self.run_dir, self.device = config, Path(run_dir), device
+        tc = config.train
+        if tc.steps is None and tc.minutes is None:
+            raise DifflabError("give a training budget: --steps N or --minutes M")
+        _autocast(device, tc.mixed_precision)  # validate early
+        self.data = data
+        self.denoiser = build_denoiser(config).to(device)
+        self.loss_fn = DiscreteDiffusionLoss(build_schedule(config.diffusion), tc.min_snr_gamma)
+        self.optimizer = torch.optim.AdamW(self.denoiser.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
+        self.ema = EMA(self.denoiser.net, tc.ema_decay)
+        self.data_gen = torch.Generator().manual_seed(tc.seed)
+        self.noise_gen = torch.Generator(device).manual_seed(tc.seed + 1)
+        self.step = 0
+        self.skipped = 0
+        self.elapsed = 0.0
+
+    # ---- state -----------------------------------------------------------------------------------------
+    def _rng_tensors(self) -> dict[str, torch.Tensor]:
+        rng = {"rng.data": self.data_gen.get_state(), "rng.noise": self.noise_gen.get_state()}
+        rng["rng.torch_cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            rng["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def save(self) -> Path:
+        opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer.state_dict())
+        state_tensors = {f"optimizer.{k}": v for k, v in opt_tensors.items()} | self._rng_tensors()
+        meta = {
+            "step": self.step,
+            "skipped_steps": self.skipped,
+            "elapsed_s": self.elapsed,
+            "optimizer": opt_meta,
+        }
+        meta["grad_scaler"] = self.scaler.state_dict() if self.scaler.is_enabled() else None
+        tensors = {
+            "model": self.denoiser.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "training_state": state_tensors,
+        }
+        return save_checkpoint(self.run_dir, self.step, self.config, tensors, meta, self.config.train.keep_checkpoints)
+
+    def resume(self) -> None:
+        """Continue from the latest checkpoint in run_dir (model, EMA, optimizer, step, every RNG)."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise DifflabError(f"--resume latest: no checkpoint in '{self.run_dir}'; start without --resume")
+        saved = load_config(ckpt)
+        if saved.model != self.config.model or saved.diffusion != self.config.diffusion:
+            raise DifflabError(f"'{ckpt}' was trained with another model or diffusion config; use a new --out")
+        self.denoiser.net.load_state_dict(load_tensors(ckpt / "model.safetensors"))
+        self.ema.load_state_dict(load_tensors(ckpt / "ema.safetensors"))
+        state = load_tensors(ckpt / "training_state.safetensors")
+        meta = json.loads((ckpt / "training_state.json").read_text())
+        opt = {k.removeprefix("optimizer."): v for k, v in state.items() if k.startswith("optimizer.")}
+        self.optimizer.load_state_dict(optimizer_from_tensors(opt, meta["optimizer"]))
+        if meta.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(meta["grad_scaler"])
+        self.data_gen.set_state(state["rng.data"])
+        self.noise_gen.set_state(state["rng.noise"])
+        torch.set_rng_state(state["rng.torch_cpu"])
+        if self.device.type == "cuda" and "rng.torch_cuda" in state:
+            torch.cuda.set_rng_state(state["rng.torch_cuda"], self.device)
+        self.step, self.skipped, self.elapsed = meta["step"], meta["skipped_steps"], meta["elapsed_s"]
+
+    # ---- one step --------------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to the base learning rate, then constant."""
+        tc = self.config.train
+        return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
+
+    def train_step(self) -> float:
+        """One optimisation step; returns the loss (NaN/inf if the step was skipped)."""
+        tc = self.config.train
+        idx = torch.randint(0, len(self.data), (tc.batch_size,), generator=self.data_gen)
+        x0 = self.data[idx].to(self.device, non_blocking=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with _autocast(self.device, tc.mixed_precision):
+            loss = self.loss_fn(self.denoiser, x0, self.noise_gen).mean()
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.denoiser.net.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ema.update(self.denoiser.net, self.step)
+        return float(loss)
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> TrainResult:
+        tc = self.config.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.save(self.run_dir / "config.json")
+        total = tc.steps if tc.steps is not None else None
+        budget_s = tc.minutes * 60 if tc.minutes is not None else math.inf
+        start, start_elapsed = time.monotonic(), self.elapsed
+        bar = tqdm(total=total, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        in_a_row, window, stopped_by = 0, [], "steps"
+        self.denoiser.train()
+        with open(self.run_dir / LOG_FILE, "a") as log:
+            while total is None or self.step < total:
+                self.elapsed = start_elapsed + time.monotonic() - start
+                if self.elapsed >= budget_s:
+                    stopped_by = "minutes"
+                    break
+                loss = self.train_step()
+                if not math.isfinite(loss):
+                    self.skipped, in_a_row = self.skipped + 1, in_a_row + 1
+                    if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                        raise TrainingDiverged(
+                            f"loss was not finite for {in_a_row} steps in a row at step {self.step}; "
+                            "lower --lr or use --mixed-precision no (last good checkpoint kept)"
+                        )
+                    continue
+                in_a_row = 0
+                self.step += 1
+                window.append(loss)
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == total:
+                    record = {
+                        "step": self.step,
+                        "loss": sum(window) / len(window),
+                        "lr": self.lr_at(self.step - 1),
+                    }
+                    record |= {"elapsed_s": round(self.elapsed, 2), "skipped_steps": self.skipped}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    window = []
+                if self.step % tc.checkpoint_every == 0:
+                    self.save()
+        bar.close()
+        if latest_checkpoint(self.run_dir) != self.run_dir / "checkpoints" / f"step_{self.step:08d}":
+            self.save()
+        return TrainResult(self.run_dir, self.step, self.skipped, stopped_by)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """The JSONL training log of a run, as a list of records."""
+    path = Path(run_dir) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
