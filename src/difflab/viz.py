@@ -320,6 +320,6 @@ def save_denoising_figure(
                 ax.set_yticks([])
                 if j == 0:
                     ax.set_ylabel(label, fontsize=8)
-        axes[0, j].set_title(f"sigma={float(sigmas[j]):.3g}", fontsize=8)
+        axes[0, j].set_title(f"σ={float(sigmas[j]):.3g}", fontsize=8)
     fig.tight_layout(pad=0.3)
     return _save_figure(fig, path)

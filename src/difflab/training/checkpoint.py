@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
-from difflab.models import build_denoiser, build_network
+from difflab.models import build_denoiser, build_network, build_schedule
 from difflab.precond import PreconditionedDenoiser
+from difflab.schedules import DiscreteSchedule
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -131,6 +132,7 @@ def load_config(ckpt_dir: Path) -> RunConfig:
 class LoadedModel:
     config: RunConfig
     denoiser: PreconditionedDenoiser
+    schedule: DiscreteSchedule
     checkpoint: Path
     step: int
 
@@ -150,7 +152,8 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.de
         if (ckpt / "training_state.json").exists()
         else 0
     )
-    return LoadedModel(config, build_denoiser(config, net).to(device).eval(), ckpt, step)
+    denoiser = build_denoiser(config, net).to(device).eval()
+    return LoadedModel(config, denoiser, build_schedule(config.diffusion), ckpt, step)
 
 
 def optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -138,7 +138,7 @@ class Trainer:
             loss = self.loss_fn(self.denoiser, x0, self.noise_gen).mean()
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
-            return float(loss)
+            return loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -146,7 +146,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.ema.update(self.denoiser.net, self.step)
-        return float(loss)
+        return loss.item()
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> TrainResult:

@@ -1,0 +1,115 @@
+"""`difflab train`: train a DDPM on a toy, the digits or an image folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from difflab.cli.common import resolve_device
+from difflab.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
+from difflab.data import load_dataset
+from difflab.errors import DifflabError
+from difflab.models import MODEL_PRESETS, model_config_for
+from difflab.precond import PREDICTIONS
+from difflab.schedules import SCHEDULE_NAMES
+from difflab.training.checkpoint import latest_checkpoint, load_config
+from difflab.training.trainer import Trainer, TrainResult, read_log
+from difflab.viz import save_loss_curve
+
+# Defaults that differ between low-dimensional points and images.
+DEFAULTS = {"points": {"batch_size": 256, "lr": 1e-3}, "images": {"batch_size": 128, "lr": 5e-4}}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", required=True, help="moons, swissroll, 8gaussians, checkerboard, rings, heart, digits or a folder"
+    )
+    p.add_argument("--out", required=True, help="run folder (checkpoints, log, loss curve)")
+    p.add_argument("--steps", type=int, help="training steps (default 5000 unless --minutes is given)")
+    p.add_argument(
+        "--minutes", type=float, help="wall-clock budget; stops at whichever of --steps/--minutes comes first"
+    )
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--prediction", choices=tuple(PREDICTIONS), default="eps")
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="linear")
+    p.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
+    p.add_argument("--model", choices=MODEL_PRESETS, default="tiny", help="network size preset")
+    p.add_argument("--resolution", type=int, help="image size (digits: 8..64, multiple of 8; folders: default 32)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 = grey, 3 = RGB")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--min-snr-gamma", type=float, help="min-SNR-gamma loss weighting (e.g. 5)")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--resume", choices=("latest",), help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_config(args: argparse.Namespace, kind: str, sample_shape: tuple[int, ...]) -> RunConfig:
+    """The RunConfig of a new run from the command line."""
+    resolution = sample_shape[-1] if kind == "images" else None
+    channels = sample_shape[0] if kind == "images" else 1
+    data = DataConfig(args.data, kind, tuple(sample_shape), resolution, channels)
+    defaults = DEFAULTS[kind]
+    train = TrainConfig(
+        steps=args.steps if args.steps is not None or args.minutes is not None else 5000,
+        minutes=args.minutes,
+        batch_size=args.batch_size or defaults["batch_size"],
+        lr=args.lr or defaults["lr"],
+        warmup_steps=args.warmup,
+        ema_decay=args.ema_decay,
+        min_snr_gamma=args.min_snr_gamma,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    diffusion = DiffusionConfig(args.schedule, args.timesteps, args.prediction)
+    return RunConfig(data, model_config_for(data, args.model, args.dropout), diffusion, train)
+
+
+def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
+    """The saved config of the run in `out`, with the budget replaced by the one given now (if any)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise DifflabError(f"--resume latest: '{out}' holds no checkpoint; start the run without --resume")
+    config = load_config(ckpt)
+    if args.steps is not None or args.minutes is not None:
+        train = config.train.__class__(**{**config.train.__dict__, "steps": args.steps, "minutes": args.minutes})
+        config = RunConfig(config.data, config.model, config.diffusion, train)
+    return config
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    out = Path(args.out)
+    if args.resume:
+        config = resumed_config(args, out)
+        data = load_dataset(config.data.name, resolution=config.data.resolution, channels=config.data.channels)
+    else:
+        if latest_checkpoint(out) is not None:
+            raise DifflabError(f"'{out}' already holds a run; pass --resume latest to continue it, or a new --out")
+        data = load_dataset(args.data, resolution=args.resolution, channels=args.channels)
+        config = build_config(args, data.kind, data.sample_shape)
+    device = resolve_device(args.device)
+    torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
+    trainer = Trainer(config, data.data, out, device)
+    if args.resume:
+        trainer.resume()
+    result = trainer.run(progress=not args.no_progress)
+    log = read_log(out)
+    if log:
+        save_loss_curve([r["step"] for r in log], [r["loss"] for r in log], out / "loss.png")
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    result = train(args)
+    print(f"trained {result.step} steps (stopped by {result.stopped_by}); run folder: {result.run_dir}")
+    if result.skipped_steps:
+        print(f"skipped {result.skipped_steps} steps with a non-finite loss")
+    return 0

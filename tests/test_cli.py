@@ -1,0 +1,245 @@
+"""The `difflab` command: end to end on small data, and every bad-input case (one line, exit code 2)."""
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from difflab.cli.main import main
+from difflab.eval.quality import toy_quality
+from difflab.viz import read_png_metadata
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def moons_run(tmp_path_factory):
+    """A tiny MLP trained on moons through the CLI (about 25 s on 2 CPU cores)."""
+    out = tmp_path_factory.mktemp("moons")
+    code = main(["train", "--data", "moons", "--out", str(out), "--steps", "4000", "--no-progress"])
+    assert code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_trained_toy_model_samples_near_the_real_vs_real_floor(moons_run, tmp_path, capsys):
+    untrained = tmp_path / "untrained"
+    assert (
+        main(["train", "--data", "moons", "--out", str(untrained), "--steps", "1", "--lr", "1e-12", "--no-progress"])
+        == 0
+    )
+    for sampler, steps in (("ddpm", 100), ("ddim", 50)):
+        figures = {}
+        for name, run in (("trained", moons_run), ("untrained", untrained)):
+            path = tmp_path / f"{name}_{sampler}.npy"
+            code, _, _ = run_cli(capsys, "sample", "--ckpt", run, "--sampler", sampler, "--steps", steps, "--n", 2000,
+                                 "--out", path, "--device", "cpu")  # fmt: skip
+            assert code == 0
+            samples = np.load(path)
+            assert samples.shape == (2000, 2)
+            figures[name] = toy_quality(__import__("torch").from_numpy(samples), "moons")
+        threshold = figures["trained"]["swd_floor"] + 0.04
+        assert figures["trained"]["swd"] < threshold, (sampler, figures)
+        assert figures["untrained"]["swd"] > threshold, (sampler, figures)
+
+
+def test_seed_s_plus_i_reproduces_sample_i(moons_run, tmp_path, capsys):
+    for sampler in ("ddpm", "ddim"):
+        a, b = tmp_path / f"{sampler}_a.npy", tmp_path / f"{sampler}_b.npy"
+        extra = ["--eta", "0.7"] if sampler == "ddim" else []
+        run_cli(
+            capsys,
+            "sample",
+            "--ckpt",
+            moons_run,
+            "--sampler",
+            sampler,
+            "--steps",
+            20,
+            "--n",
+            4,
+            "--seed",
+            7,
+            "--out",
+            a,
+            *extra,
+        )
+        run_cli(
+            capsys,
+            "sample",
+            "--ckpt",
+            moons_run,
+            "--sampler",
+            sampler,
+            "--steps",
+            20,
+            "--n",
+            1,
+            "--seed",
+            9,
+            "--out",
+            b,
+            *extra,
+        )
+        np.testing.assert_allclose(np.load(a)[2:3], np.load(b), rtol=0, atol=1e-5)
+        assert not np.allclose(np.load(a)[1:2], np.load(b), atol=1e-3)
+
+
+def test_png_outputs_scatter_and_image_grid_with_metadata(moons_run, tmp_path, capsys):
+    scatter = tmp_path / "moons.png"
+    code, out, _ = run_cli(
+        capsys, "sample", "--ckpt", moons_run, "--sampler", "ddim", "--steps", 10, "--n", 200, "--out", scatter
+    )
+    assert code == 0 and Image.open(scatter).size[0] > 200
+    digits = tmp_path / "digits_run"
+    assert (
+        main(["train", "--data", "digits", "--out", str(digits), "--steps", "3", "--batch-size", "8", "--no-progress"])
+        == 0
+    )
+    assert (digits / "loss.png").exists() and (digits / "train_log.jsonl").exists()
+    grid = tmp_path / "grid.png"
+    code, _, _ = run_cli(
+        capsys, "sample", "--ckpt", digits, "--sampler", "ddpm", "--steps", 5, "--n", 9, "--seed", 3, "--out", grid
+    )
+    assert code == 0
+    meta = read_png_metadata(grid)
+    assert meta["sampler"] == "ddpm" and meta["steps"] == 5 and meta["seed"] == 3 and meta["variance"] == "small"
+    raw = tmp_path / "digits.npy"
+    run_cli(capsys, "sample", "--ckpt", digits, "--sampler", "ddim", "--steps", 5, "--n", 3, "--out", raw)
+    assert np.load(raw).shape == (3, 1, 8, 8)
+
+
+def test_samplers_command_lists_every_sampler(capsys):
+    code, out, _ = run_cli(capsys, "samplers")
+    assert code == 0 and out.splitlines()[0].startswith("ddpm") and "ddim" in out
+
+
+# ---- bad input: one line on stderr, exit code 2, nothing lost ------------------------------------------------
+
+
+def test_unknown_data_name(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", "mnist", "--out", tmp_path / "r", "--steps", 1)
+    assert_one_line_error(code, err, "unknown data set 'mnist'", "digits")
+
+
+def test_missing_and_empty_data_folders(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "nowhere/", "--out", tmp_path / "r", "--steps", 1)
+    assert_one_line_error(code, err, "does not exist")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "empty", "--out", tmp_path / "r", "--steps", 1)
+    assert_one_line_error(code, err, "no readable")
+
+
+def test_unknown_sampler(moons_run, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sample", "--ckpt", moons_run, "--sampler", "plms", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "unknown sampler 'plms'", "ddpm, ddim")
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sample", "--ckpt", tmp_path, "--sampler", "ddim", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "holds no difflab checkpoint")
+    code, _, err = run_cli(
+        capsys, "sample", "--ckpt", tmp_path / "nope", "--sampler", "ddim", "--out", tmp_path / "x.png"
+    )
+    assert_one_line_error(code, err, "does not exist")
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code from the checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _fake_checkpoint(moons_run, tmp_path, weights_bytes, name="model.safetensors"):
+    ckpt = tmp_path / "evil"
+    shutil.copytree(sorted((moons_run / "checkpoints").iterdir())[-1], ckpt)
+    for f in ("model.safetensors", "ema.safetensors"):
+        (ckpt / f).unlink()
+    (ckpt / name).write_bytes(weights_bytes)
+    return ckpt
+
+
+def test_pickle_weights_are_refused_and_never_executed(moons_run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(str(marker)))
+    pt = tmp_path / "model.pt"
+    pt.write_bytes(payload)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", pt, "--sampler", "ddim", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "not a .safetensors file")
+    disguised = _fake_checkpoint(moons_run, tmp_path, payload)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", disguised, "--sampler", "ddim", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "not a readable safetensors file")
+    code, _, err = run_cli(
+        capsys, "sample", "--ckpt", disguised / "model.safetensors", "--sampler", "ddim", "--out", tmp_path / "x.png"
+    )
+    assert_one_line_error(code, err, "not a readable safetensors file")
+    assert not marker.exists()
+
+
+def test_malformed_config_and_wrong_output_suffix(moons_run, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(sorted((moons_run / "checkpoints").iterdir())[-1], ckpt)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--sampler", "ddim", "--n", 2, "--out", tmp_path / "x.jpg")
+    assert_one_line_error(code, err, "must end in .png", ".npy")
+    (ckpt / "config.json").write_text(json.dumps({"data": {"name": "moons"}, "colour": "blue"}))
+    code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--sampler", "ddim", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "not a valid difflab config")
+
+
+def test_existing_run_is_not_overwritten_without_resume(moons_run, capsys):
+    before = sorted(p.name for p in (moons_run / "checkpoints").iterdir())
+    code, _, err = run_cli(capsys, "train", "--data", "moons", "--out", moons_run, "--steps", 1)
+    assert_one_line_error(code, err, "already holds a run", "--resume latest")
+    assert sorted(p.name for p in (moons_run / "checkpoints").iterdir()) == before
+
+
+def test_resume_without_a_checkpoint_and_fp16_on_cpu(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", "moons", "--out", tmp_path / "r", "--resume", "latest")
+    assert_one_line_error(code, err, "holds no checkpoint")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--data",
+        "moons",
+        "--out",
+        tmp_path / "r",
+        "--steps",
+        1,
+        "--mixed-precision",
+        "fp16",
+        "--device",
+        "cpu",
+    )
+    assert_one_line_error(code, err, "fp16 needs a CUDA device")
+
+
+def test_the_installed_entry_point_exits_2_without_traceback(tmp_path):
+    exe = Path(sys.executable).parent / "difflab"
+    proc = subprocess.run(
+        [str(exe), "train", "--data", "nonsense", "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("difflab train: error: unknown data set 'nonsense'")

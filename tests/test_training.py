@@ -1,0 +1,137 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from difflab.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
+from difflab.data import sample_toy
+from difflab.data.digits import load_digits_split
+from difflab.errors import DifflabError
+from difflab.models import model_config_for
+from difflab.nets.mlp import MLPConfig
+from difflab.training import checkpoint as ckpt_mod
+from difflab.training.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from difflab.training.trainer import Trainer, TrainingDiverged
+
+CPU = torch.device("cpu")
+
+
+def _points_config(steps=40, **train):
+    data = DataConfig("moons", "points", (2,))
+    model = ModelConfig("mlp", "custom", mlp=MLPConfig(data_dim=2, hidden=32, num_blocks=1, embed_dim=16))
+    kw = dict(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, checkpoint_every=10, log_every=5) | train
+    return RunConfig(data, model, DiffusionConfig("linear", 100, "eps"), TrainConfig(**kw))
+
+
+def _digits_config(steps, **train):
+    data = DataConfig("digits", "images", (1, 8, 8), 8, 1)
+    kw = dict(steps=steps, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, log_every=1) | train
+    return RunConfig(
+        data, model_config_for(data, "tiny", dropout=0.1), DiffusionConfig("cosine", 50, "v"), TrainConfig(**kw)
+    )
+
+
+def _train(config, data, run_dir, resume=False):
+    torch.manual_seed(config.train.seed)
+    trainer = Trainer(config, data, run_dir, CPU)
+    if resume:
+        trainer.resume()
+    trainer.run(progress=False)
+    return trainer
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("kind", ["points", "images-with-dropout"])
+def test_resume_is_bit_identical(tmp_path, kind):
+    if kind == "points":
+        data, make = sample_toy("moons", 512, 0), _points_config
+        n = 40
+    else:
+        data, make = load_digits_split("train")[0][:64], _digits_config
+        n = 6
+    straight = _train(make(n), data, tmp_path / "straight")
+    _train(make(n // 2), data, tmp_path / "split")
+    resumed = _train(make(n), data, tmp_path / "split", resume=True)
+    assert resumed.step == straight.step == n
+    _assert_same_state(straight.denoiser.net.state_dict(), resumed.denoiser.net.state_dict())
+    _assert_same_state(straight.ema.state_dict(), resumed.ema.state_dict())
+    # the half-way run must differ from the end point, or the comparison above proves nothing
+    half = load_model(list_checkpoints(tmp_path / "split")[0], use_ema=False)
+    assert not torch.equal(half.denoiser.net.state_dict()["inp.weight" if kind == "points" else "conv_in.weight"],
+                           resumed.denoiser.net.state_dict()["inp.weight" if kind == "points" else "conv_in.weight"])  # fmt: skip
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_denoiser(tmp_path):
+    trainer = _train(_points_config(20), sample_toy("moons", 256, 0), tmp_path)
+    x, sigma = torch.randn(5, 2), torch.tensor([0.1, 0.5, 1.0, 5.0, 50.0])
+    raw = {k: v.clone() for k, v in trainer.denoiser.net.state_dict().items()}
+    for use_ema in (True, False):
+        loaded = load_model(tmp_path, use_ema=use_ema)
+        assert loaded.step == 20 and loaded.config == _points_config(20)
+        reference = raw if not use_ema else trainer.ema.state_dict()
+        _assert_same_state(reference, loaded.denoiser.net.state_dict())
+        with torch.no_grad():
+            trainer.denoiser.net.load_state_dict(reference)
+            torch.testing.assert_close(loaded.denoiser(x, sigma), trainer.denoiser.eval()(x, sigma), rtol=0, atol=0)
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    config = _points_config(10)
+    _train(config, sample_toy("moons", 256, 0), tmp_path)
+    good = latest_checkpoint(tmp_path)
+    calls = {"n": 0}
+    real_save = ckpt_mod.save_file
+
+    def crash_on_second_file(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(path).write_bytes(b"half a file")
+            raise OSError("disk died mid-save")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", crash_on_second_file)
+    with pytest.raises(OSError, match="mid-save"):
+        _train(_points_config(20), sample_toy("moons", 256, 0), tmp_path, resume=True)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) == good
+    assert load_model(tmp_path).step == 10
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
+    trainer = Trainer(_points_config(30), sample_toy("moons", 256, 0), tmp_path, CPU)
+    real_loss, calls = trainer.loss_fn, {"n": 0}
+
+    def flaky(denoiser, x0, generator=None, cond=None):
+        calls["n"] += 1
+        loss = real_loss(denoiser, x0, generator, cond)
+        return loss * math.nan if calls["n"] in (3, 4, 5) else loss
+
+    trainer.loss_fn = flaky
+    trainer.run(progress=False)
+    assert trainer.step == 30 and trainer.skipped == 3
+    assert all(torch.isfinite(p).all() for p in trainer.denoiser.net.parameters())
+
+    broken = Trainer(_points_config(30), sample_toy("moons", 256, 0), tmp_path / "b", CPU)
+    broken.loss_fn = lambda d, x0, g=None, c=None: real_loss(d, x0, g, c) * math.inf
+    with pytest.raises(TrainingDiverged, match="not finite for 10 steps in a row"):
+        broken.run(progress=False)
+    assert broken.skipped == 10 and broken.step == 0
+
+
+def test_mixed_precision_choices(tmp_path):
+    with pytest.raises(DifflabError, match="fp16 needs a CUDA device"):
+        Trainer(_points_config(2, mixed_precision="fp16"), sample_toy("moons", 64, 0), tmp_path, CPU)
+    trainer = _train(_points_config(3, mixed_precision="bf16"), sample_toy("moons", 64, 0), tmp_path / "bf16")
+    assert trainer.step == 3 and all(torch.isfinite(p).all() for p in trainer.denoiser.net.parameters())
+
+
+def test_minutes_budget_stops_the_run(tmp_path):
+    trainer = _train(_points_config(None, minutes=0.02), sample_toy("moons", 256, 0), tmp_path)
+    assert trainer.step > 0 and trainer.elapsed >= 0.02 * 60
+    assert latest_checkpoint(tmp_path) is not None
