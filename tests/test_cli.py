@@ -243,3 +243,23 @@ def test_the_installed_entry_point_exits_2_without_traceback(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("difflab train: error: unknown data set 'nonsense'")
+
+
+def test_train_and_sample_on_an_image_folder_with_a_corrupt_file(tmp_path, capsys):
+    folder = tmp_path / "pictures" / "nested"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not really a jpeg")
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        code = main(["train", "--data", str(tmp_path / "pictures"), "--out", str(out), "--resolution", "8",
+                     "--steps", "2", "--batch-size", "4", "--no-progress"])  # fmt: skip
+    assert code == 0
+    raw = tmp_path / "s.npy"
+    code, _, _ = run_cli(capsys, "sample", "--ckpt", out, "--sampler", "ddim", "--steps", 3, "--n", 2, "--out", raw)
+    assert code == 0 and np.load(tmp_path / "s.npy").shape == (2, 3, 8, 8)
+    grid = tmp_path / "s.png"
+    run_cli(capsys, "sample", "--ckpt", out, "--sampler", "ddim", "--steps", 3, "--n", 4, "--out", grid)
+    assert Image.open(grid).mode == "RGB"

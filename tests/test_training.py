@@ -63,8 +63,8 @@ def test_resume_is_bit_identical(tmp_path, kind):
     _assert_same_state(straight.ema.state_dict(), resumed.ema.state_dict())
     # the half-way run must differ from the end point, or the comparison above proves nothing
     half = load_model(list_checkpoints(tmp_path / "split")[0], use_ema=False)
-    assert not torch.equal(half.denoiser.net.state_dict()["inp.weight" if kind == "points" else "conv_in.weight"],
-                           resumed.denoiser.net.state_dict()["inp.weight" if kind == "points" else "conv_in.weight"])  # fmt: skip
+    key = "inp.weight" if kind == "points" else "conv_in.weight"
+    assert not torch.equal(half.denoiser.net.state_dict()[key], resumed.denoiser.net.state_dict()[key])
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_denoiser(tmp_path):

@@ -252,7 +252,7 @@ def save_loss_curve(
     fig = _new_figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(x, y, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
-    ax.plot(x, _ema(y, max(1, y.size // 20)), color="tab:blue", linewidth=1.8, label="EMA")
+    ax.plot(x, _ema(y, max(1, y.size // 20)), color="tab:blue", linewidth=1.8, label="moving average")
     if np.all(y > 0):
         ax.set_yscale("log")
     ax.set_xlabel("step")
