@@ -129,7 +129,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: object = None) -> torch.Tensor:
         reject_cond(cond)
-        emb = self.embed(c_noise)
+        emb = nn.functional.silu(self.embed(c_noise))
         h = self.conv_in(x)
         hs = [h]
         for i, lvl in enumerate(self.down):
