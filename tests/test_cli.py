@@ -65,40 +65,9 @@ def test_seed_s_plus_i_reproduces_sample_i(moons_run, tmp_path, capsys):
     for sampler in ("ddpm", "ddim"):
         a, b = tmp_path / f"{sampler}_a.npy", tmp_path / f"{sampler}_b.npy"
         extra = ["--eta", "0.7"] if sampler == "ddim" else []
-        run_cli(
-            capsys,
-            "sample",
-            "--ckpt",
-            moons_run,
-            "--sampler",
-            sampler,
-            "--steps",
-            20,
-            "--n",
-            4,
-            "--seed",
-            7,
-            "--out",
-            a,
-            *extra,
-        )
-        run_cli(
-            capsys,
-            "sample",
-            "--ckpt",
-            moons_run,
-            "--sampler",
-            sampler,
-            "--steps",
-            20,
-            "--n",
-            1,
-            "--seed",
-            9,
-            "--out",
-            b,
-            *extra,
-        )
+        common = ["sample", "--ckpt", moons_run, "--sampler", sampler, "--steps", 20, *extra]
+        run_cli(capsys, *common, "--n", 4, "--seed", 7, "--out", a)
+        run_cli(capsys, *common, "--n", 1, "--seed", 9, "--out", b)
         np.testing.assert_allclose(np.load(a)[2:3], np.load(b), rtol=0, atol=1e-5)
         assert not np.allclose(np.load(a)[1:2], np.load(b), atol=1e-3)
 

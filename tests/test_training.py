@@ -100,6 +100,7 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypa
         _train(_points_config(20), sample_toy("moons", 256, 0), tmp_path, resume=True)
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]  # no half-written folder left
     assert load_model(tmp_path).step == 10
 
 

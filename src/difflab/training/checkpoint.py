@@ -59,11 +59,15 @@ def save_checkpoint(
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for stem, flat in tensors.items():
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
-        _write(tmp / f"{stem}.safetensors", lambda p, t=contiguous: save_file(t, str(p)))
-    _write(tmp / "config.json", lambda p: p.write_text(config.to_json()))
-    _write(tmp / "training_state.json", lambda p: p.write_text(json.dumps(state, indent=2)))
+    try:
+        for stem, flat in tensors.items():
+            contiguous = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
+            _write(tmp / f"{stem}.safetensors", lambda p, t=contiguous: save_file(t, str(p)))
+        _write(tmp / "config.json", lambda p: p.write_text(config.to_json()))
+        _write(tmp / "training_state.json", lambda p: p.write_text(json.dumps(state, indent=2)))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing half-written behind
+        raise
     if final.exists():  # re-saving the same step: move the old one aside first
         old = root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
