@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from difflab.sigmas import append_dims
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep the digits classifier and reference statistics that tests create out of the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFLAB_CACHE", str(tmp_path_factory.mktemp("difflab-cache")))
+        yield
 
 
 class GaussianDenoiser:

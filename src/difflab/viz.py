@@ -323,3 +323,26 @@ def save_denoising_figure(
         axes[0, j].set_title(f"σ={float(sigmas[j]):.3g}", fontsize=8)
     fig.tight_layout(pad=0.3)
     return _save_figure(fig, path)
+
+
+def save_quality_vs_nfe(
+    series: dict[str, Sequence[tuple[int, float]]], path: str | Path, *, metric: str = "FID", title: str = ""
+) -> Path:
+    """One line per sampler: metric against network evaluations (log-log); series maps name -> [(nfe, value)]."""
+    if not series or not any(series.values()):
+        raise DifflabError("nothing to plot: no (nfe, value) pairs were given")
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, points in series.items():
+        nfe, value = zip(*sorted(points), strict=True)
+        ax.plot(nfe, value, marker="o", label=name)
+    ax.set_xscale("log")
+    if all(v > 0 for pts in series.values() for _, v in pts):
+        ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} vs NFE")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save_figure(fig, path)

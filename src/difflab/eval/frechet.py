@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from scipy import linalg
@@ -49,7 +51,9 @@ def frechet_distance(
             f"{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}"
         )
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():  # a singular product is expected for few samples; handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         offset = np.eye(d) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))

@@ -17,6 +17,15 @@ class SamplerSpec:
     fn: Callable
     summary: str
     options: tuple[str, ...]  # keyword options the sampler accepts besides cond/noise/callback
+    evals_per_step: int = 1  # network evaluations per step (2 for Heun-type samplers)
+
+    def nfe(self, steps: int) -> int:
+        """Network evaluations used by `steps` steps."""
+        return self.evals_per_step * steps
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        """The most steps whose cost fits in `nfe` network evaluations (at least 1)."""
+        return max(1, nfe // self.evals_per_step)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {

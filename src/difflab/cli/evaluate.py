@@ -1,0 +1,114 @@
+"""`difflab eval`: generate (or read) samples and score them with FID, IS, KID and precision/recall."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.cli.common import resolve_device
+from difflab.cli.sample import sampler_options
+from difflab.data import load_image_folder
+from difflab.errors import DifflabError
+from difflab.eval.evaluate import score_samples
+from difflab.eval.extractors import make_extractor
+from difflab.eval.reference import reference_statistics
+from difflab.eval.report import write_report
+from difflab.generate import generate
+from difflab.sampling import get_sampler
+from difflab.training.checkpoint import LoadedModel, load_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", help="run folder or checkpoint to sample from")
+    p.add_argument("--images", help="score a folder of generated images instead of sampling a checkpoint")
+    p.add_argument("--data", help="reference data (default: the checkpoint's training data; digits: test split)")
+    p.add_argument("--resolution", type=int, help="with --images: image size (default: digits 8, folders 32)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="with --images: 1 = grey, 3 = RGB")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--variance", choices=("small", "large"), default="small")
+    p.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i")
+    p.add_argument("--sweep", help="nfe=5,10,20,50: evaluate at each number of network evaluations")
+    p.add_argument("--inception-weights", help="FID InceptionV3 weights (.safetensors or pt_inception-...pth)")
+    p.add_argument("--out", help="output folder for eval.json and report.md (default: RUN/eval or ./eval)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default="auto")
+
+
+def parse_sweep(text: str) -> list[int]:
+    """'nfe=5,10,20' -> [5, 10, 20]."""
+    key, _, values = text.partition("=")
+    try:
+        nfes = [int(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        nfes = []
+    if key.strip() != "nfe" or not nfes or min(nfes) < 1:
+        raise DifflabError(f"--sweep '{text}' is not of the form nfe=5,10,20,50 (positive integers)")
+    return sorted(set(nfes))
+
+
+def _images_source(args: argparse.Namespace) -> tuple[torch.Tensor, str, tuple[int, ...]]:
+    if args.data is None:
+        raise DifflabError("--images needs --data: the reference data set (e.g. digits or a folder of real images)")
+    digits = args.data == "digits"
+    resolution = args.resolution or (8 if digits else 32)
+    channels = args.channels or (1 if digits else 3)
+    images = load_image_folder(args.images, resolution, channels)
+    return images, args.data, (channels, resolution, resolution)
+
+
+def _generate(model: LoadedModel, args: argparse.Namespace, steps: int, device: torch.device) -> torch.Tensor:
+    sigmas = model.schedule.respaced_sigmas(steps)
+    seeds = [args.seed + i for i in range(args.n)]
+    return generate(model.denoiser, model.config.data.sample_shape, sigmas, seeds, sampler=args.sampler,
+                    options=sampler_options(args.sampler, args), batch_size=args.batch_size, device=device,
+                    progress=True)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.ckpt is None) == (args.images is None):
+        raise DifflabError("give exactly one of --ckpt (sample a model) or --images (score a folder of images)")
+    if args.n < 2:
+        raise DifflabError(f"--n must be at least 2 to estimate statistics, got {args.n}")
+    spec = get_sampler(args.sampler)
+    device = resolve_device(args.device)
+    settings: dict[str, Any] = {"seed": args.seed}
+    if args.images is not None:
+        images, data_name, shape = _images_source(args)
+        kind, settings["source"] = "images", f"folder {args.images}"
+        settings["sampler"] = "n/a"
+    else:
+        model = load_model(args.ckpt, use_ema=not args.no_ema, device=device)
+        data_name, shape, kind = (
+            args.data or model.config.data.name,
+            model.config.data.sample_shape,
+            model.config.data.kind,
+        )
+        settings |= {"source": f"checkpoint {model.checkpoint} (step {model.step})", "sampler": args.sampler}
+        settings["options"] = sampler_options(args.sampler, args)
+    channels = shape[0] if kind == "images" else 1
+    extractor = make_extractor(kind, data_name, channels, args.inception_weights, str(device))
+    reference = reference_statistics(data_name, shape, extractor, split="test")
+    rows = []
+    if args.images is not None:
+        rows.append(score_samples(images, reference, extractor, data_name=data_name))
+    else:
+        for nfe in parse_sweep(args.sweep) if args.sweep else [spec.nfe(args.steps)]:
+            steps = spec.steps_for_nfe(nfe)
+            row = score_samples(_generate(model, args, steps, device), reference, extractor, data_name=data_name)
+            rows.append({"nfe": spec.nfe(steps), "steps": steps, **row})
+    default_out = (model.checkpoint.parent.parent / "eval") if args.ckpt else Path("eval")
+    written = write_report({"settings": settings, "rows": rows}, Path(args.out) if args.out else default_out)
+    print("wrote " + ", ".join(str(p) for p in written))
+    for r in rows:
+        extra = f" IS {r['inception_score_mean']:.2f}" if "inception_score_mean" in r else ""
+        head = f"NFE {r['nfe']:>4}: " if "nfe" in r else ""
+        print(f"{head}FID {r['fid']:.3f} KID {r['kid_mean']:.5f} precision {r['precision']:.3f} "
+              f"recall {r['recall']:.3f}{extra}  [{r['extractor']}]")  # fmt: skip
+    return 0

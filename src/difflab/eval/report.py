@@ -1,0 +1,58 @@
+"""eval.json and a short markdown report of an evaluation (one setting, or a sweep over NFE)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from difflab.viz import save_quality_vs_nfe
+
+_COLUMNS = [
+    ("nfe", "NFE", "{}"),
+    ("fid", "FID", "{:.3f}"),
+    ("kid_mean", "KID", "{:.5f}"),
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("inception_score_mean", "IS", "{:.3f}"),
+    ("sw2", "SW2", "{:.4f}"),
+]
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    cols = [c for c in _COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.format(r[key]) if key in r else "" for key, _, fmt in cols) + " |")
+    return lines
+
+
+def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write eval.json, report.md and, for sweeps, quality_vs_nfe.png; returns the paths written.
+
+    result: {"settings": {...}, "rows": [metrics dicts, each with "nfe" and "steps"]}.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "eval.json", out_dir / "report.md"]
+    written[0].write_text(json.dumps(result, indent=2, sort_keys=True))
+    s, rows = result["settings"], result["rows"]
+    first = rows[0]
+    lines = [
+        "# difflab evaluation",
+        "",
+        f"- samples: {s['source']}",
+        f"- sampler settings: {s.get('sampler', 'n/a')}, options {s.get('options', {})}, seed {s.get('seed', 'n/a')}",
+        f"- samples per setting: {first['n']}; reference: {first['reference']} ({first['n_reference']} items)",
+        f"- feature extractor: {first['extractor']}"
+        + ("" if first["comparable_with_papers"] else " (not comparable with published numbers)"),
+        f"- KID: unbiased, cubic polynomial kernel; precision/recall: k = {first['pr_k']} nearest neighbours",
+        "",
+        *_table(rows),
+    ]
+    if len(rows) > 1:
+        plot = out_dir / "quality_vs_nfe.png"
+        save_quality_vs_nfe({s.get("sampler", "samples"): [(r["nfe"], r["fid"]) for r in rows]}, plot)
+        lines += ["", f"![FID vs NFE]({plot.name})"]
+        written.append(plot)
+    written[1].write_text("\n".join(lines) + "\n")
+    return written

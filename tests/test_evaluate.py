@@ -1,0 +1,142 @@
+"""`difflab eval` and the evaluation plumbing: extractors, cached reference statistics, reports."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflab.cli.evaluate import parse_sweep
+from difflab.cli.main import main
+from difflab.data import load_digits_split
+from difflab.errors import DifflabError
+from difflab.eval.extractors import PointFeatures, RandomCNNFeatures
+from difflab.eval.frechet import frechet_distance_between
+from difflab.eval.reference import reference_statistics
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    assert main(["train", "--data", "moons", "--out", str(out), "--steps", "1500", "--no-progress"]) == 0
+    return out
+
+
+def test_eval_of_a_checkpoint_writes_json_and_report(toy_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "--ckpt", str(toy_run), "--sampler", "ddpm", "--steps", "50", "--n", "500", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    row = result["rows"][0]
+    assert row["nfe"] == 50 and row["n"] == 500 and row["extractor"] == "identity (raw points)"
+    # an untrained model scores precision ~0, FID > 100 (see the toy quality test in test_cli.py)
+    assert row["precision"] > 0.5 and row["recall"] > 0.8 and row["fid"] < 0.05 and row["sw2"] < 0.1
+    report = (out / "report.md").read_text()
+    assert "identity (raw points)" in report and "seed 0" in report and "ddpm" in report
+
+
+def test_sweep_gives_one_row_per_nfe_and_quality_improves_with_nfe(toy_run, tmp_path):
+    out = tmp_path / "sweep"
+    code = main(["eval", "--ckpt", str(toy_run), "--sampler", "ddim", "--sweep", "nfe=2,5,50", "--n", "500",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert [r["nfe"] for r in rows] == [2, 5, 50]
+    assert rows[-1]["fid"] < rows[0]["fid"] and rows[-1]["sw2"] < rows[0]["sw2"]
+    assert (out / "quality_vs_nfe.png").stat().st_size > 1000
+
+
+def _write_pngs(folder, images):
+    folder.mkdir(parents=True)
+    for i, img in enumerate(images):
+        arr = ((img[0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(arr, mode="L").save(folder / f"{i:04d}.png")
+
+
+def test_eval_of_an_image_folder_against_the_digits(tmp_path, capsys):
+    test_digits, _ = load_digits_split("test")
+    _write_pngs(tmp_path / "real", test_digits)
+    noise = torch.rand(450, 1, 8, 8) * 2 - 1
+    _write_pngs(tmp_path / "noise", noise)
+    figures = {}
+    for name in ("real", "noise"):
+        code = main(
+            ["eval", "--images", str(tmp_path / name), "--data", "digits", "--out", str(tmp_path / f"e_{name}")]
+        )
+        assert code == 0
+        figures[name] = json.loads((tmp_path / f"e_{name}" / "eval.json").read_text())["rows"][0]
+    real, noisy = figures["real"], figures["noise"]
+    assert real["extractor"].startswith("digits-classifier")
+    assert real["fid"] < 1.0 and real["precision"] > 0.95 and real["recall"] > 0.95  # the test split itself
+    assert noisy["fid"] > 100 * max(real["fid"], 0.1) and noisy["precision"] < 0.2
+    assert real["inception_score_mean"] > 8.0 > noisy["inception_score_mean"]  # 10 balanced, confident classes
+
+
+def test_reference_statistics_are_cached_per_extractor(tmp_path, monkeypatch):
+    ext = PointFeatures()
+    first = reference_statistics("moons", (2,), ext, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("ref-moons-test-2-*.npz"))) == 1
+    monkeypatch.setattr(ext, "features", lambda x: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = reference_statistics("moons", (2,), ext, cache_dir=tmp_path)
+    np.testing.assert_array_equal(first.mu, again.mu)
+    np.testing.assert_allclose(first.mu, first.features.mean(0), atol=1e-6)
+    reference_statistics("moons", (2,), _Scaled(), cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("ref-moons-test-2-*.npz"))) == 2
+
+
+class _Scaled(PointFeatures):
+    name = "scaled points"
+
+    def features(self, images):
+        return 2 * images.float()
+
+
+def test_random_cnn_features_are_fixed_and_tell_distributions_apart():
+    g = torch.Generator().manual_seed(0)
+    a, b = RandomCNNFeatures(3), RandomCNNFeatures(3)
+    smooth = torch.nn.functional.interpolate(torch.rand(600, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
+    smooth2 = torch.nn.functional.interpolate(torch.rand(600, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
+    noise = torch.rand(600, 3, 16, 16, generator=g) * 2 - 1
+    torch.testing.assert_close(a.features(smooth), b.features(smooth), rtol=0, atol=0)
+    assert a.features(smooth).shape == (600, 512)
+    same = frechet_distance_between(a.features(smooth), a.features(smooth2))
+    different = frechet_distance_between(a.features(smooth), a.features(noise))
+    assert different > 5 * same
+
+
+def test_bad_eval_inputs(tmp_path, capsys):
+    with pytest.raises(DifflabError, match="nfe=5,10,20,50"):
+        parse_sweep("steps=5,10")
+    assert parse_sweep("nfe=20,5,5") == [5, 20]
+    for argv, fragment in (
+        (["eval", "--sampler", "ddim"], "exactly one of --ckpt"),
+        (["eval", "--images", str(tmp_path)], "--images needs --data"),
+        (["eval", "--images", str(tmp_path), "--data", "digits"], "no readable"),
+        (["eval", "--ckpt", str(tmp_path), "--sampler", "nope"], "unknown sampler"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_with_inception_weights_names_the_extractor_and_reports_is(tmp_path, capsys):
+    from difflab.eval.inception import FIDInceptionV3, save_inception_safetensors
+
+    torch.manual_seed(0)
+    weights = save_inception_safetensors(FIDInceptionV3().eval(), tmp_path / "inception.safetensors")
+    rng = np.random.default_rng(0)
+    for name in ("real", "fake"):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    code = main(["eval", "--images", str(tmp_path / "fake"), "--data", str(tmp_path / "real"), "--resolution", "16",
+                 "--inception-weights", str(weights), "--out", str(tmp_path / "e"), "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    row = json.loads((tmp_path / "e" / "eval.json").read_text())["rows"][0]
+    assert row["extractor"].startswith("inception-v3-fid") and row["comparable_with_papers"] is True
+    assert row["n"] == 6 and row["n_reference"] == 6 and 1.0 <= row["inception_score_mean"] <= 1008
+    assert "not comparable" not in (tmp_path / "e" / "report.md").read_text()
+    code = main(["eval", "--images", str(tmp_path / "fake"), "--data", str(tmp_path / "real"),
+                 "--inception-weights", str(tmp_path / "missing.pth")])  # fmt: skip
+    assert code == 2 and "--inception-weights" in capsys.readouterr().err
