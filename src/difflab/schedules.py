@@ -95,3 +95,32 @@ class DiscreteSchedule:
             raise DifflabError(f"--steps must be between 1 and {self.num_steps}, got {steps}")
         ts = torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long()
         return torch.cat([self.sigmas[ts], self.sigmas.new_zeros(1)]).float()
+
+
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _check_range(steps: int, sigma_min: float, sigma_max: float) -> None:
+    if steps < 1:
+        raise DifflabError(f"--steps must be at least 1, got {steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise DifflabError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022, Eq. 5: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho.
+
+    Returns (steps + 1,) float32: `steps` decreasing noise levels from sigma_max to sigma_min, then 0.
+    """
+    _check_range(steps, sigma_min, sigma_max)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((hi + ramp * (lo - hi)) ** rho).float()
+
+
+def log_snr_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Uniform in log-SNR (= uniform in log sigma; Lu et al. 2022, DPM-Solver): (steps + 1,) ending in 0."""
+    _check_range(steps, sigma_min, sigma_max)
+    log_sigma = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64)
+    return _append_zero(log_sigma.exp()).float()

@@ -8,10 +8,8 @@ from typing import Any
 import torch
 
 from difflab.errors import DifflabError
-from difflab.sampling.noise import GeneratorNoise
+from difflab.sampling.common import NoiseFn, check_grid, noise_or_default
 from difflab.types import Denoiser, StepCallback, StepInfo
-
-NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def ddim_noise_levels(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
@@ -43,7 +41,7 @@ def _step_loop(
     callback: StepCallback | None,
 ) -> torch.Tensor:
     """x' = x0_hat + sigma_down * eps_hat + sigma_up * z along the grid; levels(sigma, sigma_next) -> (down, up)."""
-    noise = noise or GeneratorNoise()
+    noise = noise_or_default(noise)
     ones = x.new_ones(x.shape[0])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -59,11 +57,6 @@ def _step_loop(
     return x
 
 
-def _check_grid(sigmas: torch.Tensor) -> None:
-    if sigmas.ndim != 1 or len(sigmas) < 2 or bool((sigmas[1:] >= sigmas[:-1]).any()) or float(sigmas[-1]) < 0:
-        raise DifflabError("a sampling grid must be a 1-D, strictly decreasing sequence of sigmas >= 0")
-
-
 @torch.no_grad()
 def sample_ddim(
     denoiser: Denoiser,
@@ -76,7 +69,7 @@ def sample_ddim(
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, Eq. 12): x (B, *shape) at sigmas[0] -> sample at sigmas[-1]; eta=0 deterministic."""
-    _check_grid(sigmas)
+    check_grid(sigmas)
     if eta < 0:
         raise DifflabError(f"--eta must be >= 0, got {eta}")
     return _step_loop(denoiser, x, sigmas, lambda s, sn: ddim_noise_levels(s, sn, eta), cond, noise, callback)
@@ -98,7 +91,7 @@ def sample_ddpm(
     variance "small" uses beta-tilde_t (the true posterior variance), "large" uses beta_t. The posterior mean is
     the same for both; the last step (to sigma = 0) adds no noise, as in Algorithm 2 at t = 1.
     """
-    _check_grid(sigmas)
+    check_grid(sigmas)
     if variance not in ("small", "large"):
         raise DifflabError(f"DDPM variance must be 'small' (beta-tilde) or 'large' (beta), got '{variance}'")
 
