@@ -33,7 +33,7 @@ def main() -> None:
     print(f"checkpoint {model.checkpoint} (step {model.step})")
     print("| sampler | steps | options | Frechet | floor | confident >= 0.9 |\n|---|---|---|---|---|---|")
     for sampler, steps, options in SETTINGS:
-        sigmas = model.schedule.respaced_sigmas(steps)
+        sigmas = model.sigmas(steps)
         x = generate(model.denoiser, model.config.data.sample_shape, sigmas, list(range(args.n)), sampler=sampler,
                      options=options)  # fmt: skip
         q = digits_quality(x)

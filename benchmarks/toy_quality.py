@@ -47,7 +47,7 @@ def main() -> None:
     seeds = list(range(args.n))
     print("| sampler | steps | SW2 trained | SW2 untrained | floor |\n|---|---|---|---|---|")
     for sampler, steps, options in SETTINGS:
-        sigmas = model.schedule.respaced_sigmas(steps)
+        sigmas = model.sigmas(steps)
         figures = [
             toy_quality(
                 generate(d, (2,), sigmas, seeds, sampler=sampler, options=options, batch_size=args.n), args.data

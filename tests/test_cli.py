@@ -86,11 +86,12 @@ def test_png_outputs_scatter_and_image_grid_with_metadata(moons_run, tmp_path, c
     assert (digits / "loss.png").exists() and (digits / "train_log.jsonl").exists()
     grid = tmp_path / "grid.png"
     code, _, _ = run_cli(
-        capsys, "sample", "--ckpt", digits, "--sampler", "ddpm", "--steps", 5, "--n", 9, "--seed", 3, "--out", grid
-    )
+        capsys, "sample", "--ckpt", digits, "--sampler", "ddpm", "--variance", "large", "--steps", 5, "--n", 9,
+        "--seed", 3, "--out", grid,
+    )  # fmt: skip
     assert code == 0
     meta = read_png_metadata(grid)
-    assert meta["sampler"] == "ddpm" and meta["steps"] == 5 and meta["seed"] == 3 and meta["variance"] == "small"
+    assert meta["sampler"] == "ddpm" and meta["steps"] == 5 and meta["seed"] == 3 and meta["variance"] == "large"
     raw = tmp_path / "digits.npy"
     run_cli(capsys, "sample", "--ckpt", digits, "--sampler", "ddim", "--steps", 5, "--n", 3, "--out", raw)
     assert np.load(raw).shape == (3, 1, 8, 8)

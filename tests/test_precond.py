@@ -3,7 +3,7 @@ import torch
 
 from difflab.adapters import discrete_time_denoiser
 from difflab.errors import DifflabError
-from difflab.losses import DiscreteDiffusionLoss
+from difflab.losses import DenoisingLoss, DiscreteTimesteps
 from difflab.precond import PreconditionedDenoiser, make_prediction, network_target
 from difflab.schedules import DiscreteSchedule
 from difflab.sigmas import vp_input_scale
@@ -76,8 +76,8 @@ def test_loss_is_zero_for_the_oracle_and_min_snr_weights_follow_the_formula():
             return torch.ones_like(x_in)
 
     d = discrete_time_denoiser(Capture(), schedule, make_prediction("eps"))
-    plain = DiscreteDiffusionLoss(schedule)(d, x0, torch.Generator().manual_seed(3))
-    weighted = DiscreteDiffusionLoss(schedule, min_snr_gamma=5.0)(d, x0, torch.Generator().manual_seed(3))
+    plain = DenoisingLoss(DiscreteTimesteps(schedule))(d, x0, torch.Generator().manual_seed(3))
+    weighted = DenoisingLoss(DiscreteTimesteps(schedule), min_snr_gamma=5.0)(d, x0, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
     t = torch.randint(0, 100, (64,), generator=g)
     snr = 1 / schedule.sigma_at(t) ** 2
@@ -98,5 +98,5 @@ def test_loss_vanishes_when_the_network_outputs_its_target():
                 return network_target(pred.scalings(sigma), x, x0)
 
         d = discrete_time_denoiser(Perfect(), schedule, pred)
-        loss = DiscreteDiffusionLoss(schedule)(d, x0, torch.Generator().manual_seed(1))
+        loss = DenoisingLoss(DiscreteTimesteps(schedule))(d, x0, torch.Generator().manual_seed(1))
         assert loss.max().item() < 1e-6, name

@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 from conftest import GaussianDenoiser
@@ -6,8 +8,9 @@ from difflab.adapters import discrete_time_denoiser
 from difflab.errors import DifflabError
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.precond import make_prediction
-from difflab.sampling import GeneratorNoise, PerSampleNoise, get_sampler, sample_ddim, sample_ddpm
-from difflab.schedules import DiscreteSchedule
+from difflab.sampling import SAMPLERS, GeneratorNoise, PerSampleNoise, get_sampler
+from difflab.sampling.ancestral import sample_ddim, sample_ddpm
+from difflab.schedules import DiscreteSchedule, karras_sigmas
 
 MU = torch.tensor([0.5, -1.0])
 STD = torch.tensor([0.3, 0.8])
@@ -105,3 +108,23 @@ def test_registry_and_bad_inputs():
         sample_ddim(GaussianDenoiser(MU, STD), torch.zeros(1, 2), torch.tensor([1.0, 2.0]))
     with pytest.raises(DifflabError, match="variance"):
         sample_ddpm(GaussianDenoiser(MU, STD), torch.zeros(1, 2), torch.tensor([1.0, 0.0]), variance="huge")
+
+
+@pytest.mark.parametrize("name", [n for n, spec in SAMPLERS.items() if spec.cost is not None])
+def test_registry_cost_matches_the_evaluations_each_sampler_makes(name):
+    spec = SAMPLERS[name]
+    options = {"pc": {"corrector_steps": 2}, "ald": {"n_steps_each": 3}}.get(name, {})
+    params = inspect.signature(spec.fn).parameters
+    assert all(params[o].kind is inspect.Parameter.KEYWORD_ONLY for o in spec.options)
+    for steps in (1, 4, 7):
+        oracle = GaussianDenoiser(MU, STD)
+        grid = karras_sigmas(steps, 0.01, 80.0)
+        spec.fn(
+            oracle, 80.0 * torch.randn(3, 2), grid, noise=GeneratorNoise(torch.Generator().manual_seed(0)), **options
+        )
+        assert oracle.calls == spec.nfe(steps, options), (name, steps)
+    assert (
+        spec.nfe(spec.steps_for_nfe(20, options), options)
+        <= 20
+        < spec.nfe(spec.steps_for_nfe(20, options) + 1, options)
+    )

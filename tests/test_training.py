@@ -21,14 +21,19 @@ def _points_config(steps=40, **train):
     data = DataConfig("moons", "points", (2,))
     model = ModelConfig("mlp", "custom", mlp=MLPConfig(data_dim=2, hidden=32, num_blocks=1, embed_dim=16))
     kw = dict(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, checkpoint_every=10, log_every=5) | train
-    return RunConfig(data, model, DiffusionConfig("linear", 100, "eps"), TrainConfig(**kw))
+    return RunConfig(
+        data, model, DiffusionConfig(schedule="linear", num_steps=100, prediction="eps"), TrainConfig(**kw)
+    )
 
 
 def _digits_config(steps, **train):
     data = DataConfig("digits", "images", (1, 8, 8), 8, 1)
     kw = dict(steps=steps, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, log_every=1) | train
     return RunConfig(
-        data, model_config_for(data, "tiny", dropout=0.1), DiffusionConfig("cosine", 50, "v"), TrainConfig(**kw)
+        data,
+        model_config_for(data, "tiny", dropout=0.1),
+        DiffusionConfig(schedule="cosine", num_steps=50, prediction="v"),
+        TrainConfig(**kw),
     )
 
 

@@ -27,9 +27,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    schedule: str = "linear"
-    num_steps: int = 1000
-    prediction: str = "eps"
+    process: str = "ddpm"  # ddpm (discrete), vp, subvp, ve, edm
+    schedule: str = "linear"  # ddpm only
+    num_steps: int = 1000  # ddpm only: T
+    prediction: str = "eps"  # eps, x0, v (ddpm, vp), edm (edm)
+    sigma_min: float | None = None  # ve/edm: None = the paper's value
+    sigma_max: float | None = None
+    sigma_data: float = 0.5  # edm preconditioning
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,15 @@
-"""Training objectives: each owns its noise-level density and weighting and returns per-sample losses."""
+"""Training objectives: each owns its noise-level density and weighting and returns per-sample losses.
+
+One denoising loss serves every process: draw sigma from the process's training density, x = x0 + sigma n,
+and regress the raw network F onto the target its preconditioning implies, F* = (x0 - c_skip x)/c_out.
+In F-space this is plain MSE; in D-space it is the weight 1/c_out^2, which is Ho et al.'s L_simple for eps
+models and exactly Karras et al.'s lambda(sigma) = (sigma^2 + sd^2)/(sigma sd)^2 for EDM.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -12,16 +18,55 @@ from difflab.schedules import DiscreteSchedule
 from difflab.sigmas import append_dims, snr
 
 
-@dataclass(frozen=True, eq=False)
-class DiscreteDiffusionLoss:
-    """Ho et al. 2020, Algorithm 1 (L_simple): t ~ U{0..T-1}, x = x0 + sigma_t n, MSE of F against its target.
+class NoiseLevels(Protocol):
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """n training noise levels sigma (n,), float32."""
+        ...
 
-    The target of the raw network F follows from the preconditioning (eps, x0 or v). With
-    `min_snr_gamma`, each sample is weighted by min(SNR, gamma) in x0-space (Hang et al. 2023, Eq. 8), which in
+
+@dataclass(frozen=True, eq=False)
+class DiscreteTimesteps:
+    """Ho et al. 2020, Algorithm 1: t ~ U{0..T-1}, sigma = sigma_t of the schedule."""
+
+    schedule: DiscreteSchedule
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        t = torch.randint(0, self.schedule.num_steps, (n,), generator=generator, device=device)
+        return self.schedule.sigma_at(t)
+
+
+@dataclass(frozen=True, eq=False)
+class UniformTime:
+    """Song et al. 2021 (score_sde): t ~ U(t_min, 1), sigma = process.sigma(t)."""
+
+    process: Any
+    t_min: float = 1e-5
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        t = self.t_min + (1 - self.t_min) * torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        return self.process.sigma(t).float()
+
+
+@dataclass(frozen=True, eq=False)
+class LogNormalSigma:
+    """Karras et al. 2022, Sec. 5 / Table 1: ln(sigma) ~ N(p_mean, p_std^2), default N(-1.2, 1.2^2)."""
+
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        return (self.p_mean + self.p_std * torch.randn(n, generator=generator, device=device)).exp()
+
+
+@dataclass(frozen=True, eq=False)
+class DenoisingLoss:
+    """Denoising score matching (Vincent 2011; Song et al. 2021, Eq. 7) in the preconditioned F-space.
+
+    With `min_snr_gamma`, each sample is weighted by min(SNR, gamma) in x0-space (Hang et al. 2023, Eq. 8), which in
     F-space is min(SNR, gamma) * c_out^2: min(SNR, gamma)/SNR for eps, min(SNR, gamma)/(SNR + 1) for v.
     """
 
-    schedule: DiscreteSchedule
+    noise_levels: NoiseLevels
     min_snr_gamma: float | None = None
 
     def __call__(
@@ -32,9 +77,8 @@ class DiscreteDiffusionLoss:
         cond: Any = None,
     ) -> torch.Tensor:
         """x0: (B, *shape) clean data; returns the per-sample loss (B,)."""
-        t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), generator=generator, device=x0.device)
+        sigma = self.noise_levels.sample(x0.shape[0], generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        sigma = self.schedule.sigma_at(t)
         x = x0 + append_dims(sigma, x0.ndim) * noise
         out, scalings = denoiser.network_output(x, sigma, cond)
         target = network_target(scalings, x, x0)

@@ -27,26 +27,38 @@ class Scalings:
     c_in: torch.Tensor
 
 
-class EpsPrediction:
-    """F predicts the noise: x0 = x - sigma * eps  (Ho et al. 2020, Eq. 11 in sigma space)."""
+ScaleFn = Callable[[torch.Tensor], torch.Tensor]
 
+
+@dataclass(frozen=True)
+class EpsPrediction:
+    """F predicts the noise: x0 = x - sigma * eps  (Ho et al. 2020, Eq. 11 in sigma space).
+
+    input_scale maps sigma to c_in: 1/sqrt(1 + sigma^2) for VP models, 1 for VE, the process's signal scale
+    for sub-VP.
+    """
+
+    input_scale: ScaleFn = vp_input_scale
     name = "eps"
 
     def scalings(self, sigma: torch.Tensor) -> Scalings:
-        return Scalings(torch.ones_like(sigma), -sigma, vp_input_scale(sigma))
+        return Scalings(torch.ones_like(sigma), -sigma, self.input_scale(sigma))
 
 
+@dataclass(frozen=True)
 class X0Prediction:
     """F predicts the clean data directly: D = F."""
 
+    input_scale: ScaleFn = vp_input_scale
     name = "x0"
 
     def scalings(self, sigma: torch.Tensor) -> Scalings:
-        return Scalings(torch.zeros_like(sigma), torch.ones_like(sigma), vp_input_scale(sigma))
+        return Scalings(torch.zeros_like(sigma), torch.ones_like(sigma), self.input_scale(sigma))
 
 
+@dataclass(frozen=True)
 class VPrediction:
-    """F predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, Sec. 4 and App. D).
+    """F predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, Sec. 4 and App. D), VP models.
 
     x0 = sqrt(abar) x_t - sqrt(1 - abar) v, i.e. c_skip = 1/(1 + sigma^2), c_out = -sigma/sqrt(1 + sigma^2).
     """
@@ -58,14 +70,28 @@ class VPrediction:
         return Scalings(c_in**2, -sigma * c_in, c_in)
 
 
-PREDICTIONS = {p.name: p for p in (EpsPrediction, X0Prediction, VPrediction)}
+@dataclass(frozen=True)
+class EDMPrediction:
+    """Karras et al. 2022, Table 1 (ours): c_skip = sd^2/(sigma^2 + sd^2), c_out = sigma sd/sqrt(sigma^2 + sd^2),
+    c_in = 1/sqrt(sigma^2 + sd^2), for data of standard deviation sd = sigma_data."""
+
+    sigma_data: float = 0.5
+    name = "edm"
+
+    def scalings(self, sigma: torch.Tensor) -> Scalings:
+        sd2 = self.sigma_data**2
+        root = (sigma**2 + sd2).sqrt()
+        return Scalings(sd2 / (sigma**2 + sd2), sigma * self.sigma_data / root, 1 / root)
 
 
-def make_prediction(name: str) -> EpsPrediction | X0Prediction | VPrediction:
-    """The prediction type called `name` (eps, x0 or v)."""
+PREDICTIONS = {p.name: p for p in (EpsPrediction, X0Prediction, VPrediction, EDMPrediction)}
+
+
+def make_prediction(name: str, **kwargs: Any) -> EpsPrediction | X0Prediction | VPrediction | EDMPrediction:
+    """The prediction type called `name` (eps, x0, v or edm), with its settings."""
     if name not in PREDICTIONS:
         raise DifflabError(f"unknown prediction '{name}': choose one of {', '.join(PREDICTIONS)}")
-    return PREDICTIONS[name]()
+    return PREDICTIONS[name](**kwargs)
 
 
 def network_target(scalings: Scalings, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def denoising_figure(model: LoadedModel, path: Path, seeds=(0, 1, 2, 3), steps: int = 50, frames: int = 10) -> Path:
     """x_t and the predicted x0 at `frames` points of a `steps`-step DDPM trajectory, one row pair per seed."""
-    sigmas = model.schedule.respaced_sigmas(steps)
+    sigmas = model.sigmas(steps)
     keep = set(torch.linspace(0, steps - 1, frames).round().long().tolist())
     noise = PerSampleNoise(seeds)
     x = noise.initial(model.config.data.sample_shape, float(sigmas[0]))
@@ -56,11 +56,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns this folder; start fresh each time
-    train_args = argparse.Namespace(
-        data="digits", out=str(run_dir), steps=None, minutes=args.minutes, batch_size=128, lr=1e-3,
-        prediction="eps", schedule="linear", timesteps=1000, model="tiny", resolution=8, channels=1,
-        dropout=0.0, min_snr_gamma=None, ema_decay=0.999, warmup=200, checkpoint_every=1000, seed=args.seed,
-        mixed_precision="no", device=args.device, resume=None, no_progress=args.no_progress,
+    parser = argparse.ArgumentParser()
+    train_cmd.add_arguments(parser)
+    train_args = parser.parse_args(
+        ["--data", "digits", "--out", str(run_dir), "--minutes", str(args.minutes), "--batch-size", "128",
+         "--lr", "1e-3", "--model", "tiny", "--resolution", "8", "--seed", str(args.seed), "--device", args.device]
+        + (["--no-progress"] if args.no_progress else [])
     )  # fmt: skip
     print(f"training a tiny U-Net on the 8x8 digits for {args.minutes:g} minutes ...")
     result = train_cmd.train(train_args)
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = {"train_steps": result.step, "train_minutes": args.minutes, "samplers": {}}
     seeds = list(range(args.seed, args.seed + N_METRIC_SAMPLES))
     for name, (steps, options) in SAMPLER_SETTINGS.items():
-        sigmas = model.schedule.respaced_sigmas(steps)
+        sigmas = model.sigmas(steps)
         samples = generate(model.denoiser, model.config.data.sample_shape, sigmas, seeds, sampler=name,
                            options=options, device=device, progress=not args.no_progress)  # fmt: skip
         meta = {"sampler": name, "steps": steps, "seed": args.seed, **options, "checkpoint": str(model.checkpoint)}

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from difflab.cli.common import resolve_device
-from difflab.cli.sample import sampler_options
+from difflab.cli.sample import add_sampler_arguments, sampler_options
 from difflab.data import load_image_folder
 from difflab.errors import DifflabError
 from difflab.eval.evaluate import score_samples
@@ -27,10 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="reference data (default: the checkpoint's training data; digits: test split)")
     p.add_argument("--resolution", type=int, help="with --images: image size (default: digits 8, folders 32)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="with --images: 1 = grey, 3 = RGB")
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--variance", choices=("small", "large"), default="small")
+    add_sampler_arguments(p)
     p.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i")
     p.add_argument("--sweep", help="nfe=5,10,20,50: evaluate at each number of network evaluations")
@@ -64,7 +61,7 @@ def _images_source(args: argparse.Namespace) -> tuple[torch.Tensor, str, tuple[i
 
 
 def _generate(model: LoadedModel, args: argparse.Namespace, steps: int, device: torch.device) -> torch.Tensor:
-    sigmas = model.schedule.respaced_sigmas(steps)
+    sigmas = model.sigmas(steps, args.grid)
     seeds = [args.seed + i for i in range(args.n)]
     return generate(model.denoiser, model.config.data.sample_shape, sigmas, seeds, sampler=args.sampler,
                     options=sampler_options(args.sampler, args), batch_size=args.batch_size, device=device,
@@ -99,10 +96,13 @@ def run(args: argparse.Namespace) -> int:
     if args.images is not None:
         rows.append(score_samples(images, reference, extractor, data_name=data_name))
     else:
-        for nfe in parse_sweep(args.sweep) if args.sweep else [spec.nfe(args.steps)]:
-            steps = spec.steps_for_nfe(nfe)
+        options = sampler_options(args.sampler, args)
+        if args.sweep and spec.cost is None:
+            raise DifflabError(f"sampler '{args.sampler}' is adaptive; --sweep nfe=... needs a fixed-step sampler")
+        step_counts = [spec.steps_for_nfe(n, options) for n in parse_sweep(args.sweep)] if args.sweep else [args.steps]
+        for steps in step_counts:
             row = score_samples(_generate(model, args, steps, device), reference, extractor, data_name=data_name)
-            rows.append({"nfe": spec.nfe(steps), "steps": steps, **row})
+            rows.append({"nfe": spec.nfe(steps, options) if spec.cost else "adaptive", "steps": steps, **row})
     default_out = (model.checkpoint.parent.parent / "eval") if args.ckpt else Path("eval")
     written = write_report({"settings": settings, "rows": rows}, Path(args.out) if args.out else default_out)
     print("wrote " + ", ".join(str(p) for p in written))

@@ -11,7 +11,7 @@ from difflab.cli.common import resolve_device
 from difflab.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
 from difflab.data import load_dataset
 from difflab.errors import DifflabError
-from difflab.models import MODEL_PRESETS, model_config_for
+from difflab.models import MODEL_PRESETS, PROCESS_NAMES, PROCESS_PREDICTIONS, check_diffusion, model_config_for
 from difflab.precond import PREDICTIONS
 from difflab.schedules import SCHEDULE_NAMES
 from difflab.training.checkpoint import latest_checkpoint, load_config
@@ -33,9 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--prediction", choices=tuple(PREDICTIONS), default="eps")
-    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="linear")
-    p.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
+    p.add_argument(
+        "--process",
+        choices=PROCESS_NAMES,
+        default="ddpm",
+        help="ddpm (discrete T steps), vp, subvp, ve (score SDEs) or edm (Karras et al. 2022)",
+    )
+    p.add_argument("--prediction", choices=tuple(PREDICTIONS), help="eps, x0, v (ddpm/vp), edm; default per process")
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="linear", help="ddpm beta schedule")
+    p.add_argument("--timesteps", type=int, default=1000, help="ddpm: number of diffusion steps T")
+    p.add_argument("--sigma-min", type=float, help="ve/edm: smallest noise level (default 0.01 / 0.002)")
+    p.add_argument("--sigma-max", type=float, help="ve/edm: largest noise level (default 50 / 80)")
     p.add_argument("--model", choices=MODEL_PRESETS, default="tiny", help="network size preset")
     p.add_argument("--resolution", type=int, help="image size (digits: 8..64, multiple of 8; folders: default 32)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 = grey, 3 = RGB")
@@ -69,7 +77,9 @@ def build_config(args: argparse.Namespace, kind: str, sample_shape: tuple[int, .
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
-    diffusion = DiffusionConfig(args.schedule, args.timesteps, args.prediction)
+    prediction = args.prediction or PROCESS_PREDICTIONS.get(args.process, ("eps",))[0]
+    diffusion = DiffusionConfig(args.process, args.schedule, args.timesteps, prediction, args.sigma_min, args.sigma_max)
+    check_diffusion(diffusion)
     return RunConfig(data, model_config_for(data, args.model, args.dropout), diffusion, train)
 
 

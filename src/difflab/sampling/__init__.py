@@ -4,11 +4,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from difflab.errors import DifflabError
 from difflab.sampling.ancestral import sample_ddim, sample_ddpm
+from difflab.sampling.langevin import sample_ald, sample_pc
 from difflab.sampling.noise import GeneratorNoise, PerSampleNoise
+from difflab.sampling.ode import sample_dpmpp_2m, sample_euler, sample_heun, sample_lms, sample_rk45
+from difflab.sampling.sde import sample_dpmpp_2m_sde, sample_euler_ancestral, sample_euler_maruyama
+
+Cost = Callable[[int, dict[str, Any]], int]  # (steps, options) -> network evaluations on a grid ending in 0
+
+
+def _per_step(k: int) -> Cost:
+    return lambda steps, options: k * steps
 
 
 @dataclass(frozen=True)
@@ -16,35 +26,46 @@ class SamplerSpec:
     name: str
     fn: Callable
     summary: str
-    options: tuple[str, ...]  # keyword options the sampler accepts besides cond/noise/callback
-    evals_per_step: int = 1  # network evaluations per step (2 for Heun-type samplers)
+    options: tuple[str, ...] = ()  # keyword options the CLI may pass besides cond/noise/callback
+    cost: Cost | None = field(default=_per_step(1))  # None: adaptive (the sampler reports its own count)
 
-    def nfe(self, steps: int) -> int:
-        """Network evaluations used by `steps` steps."""
-        return self.evals_per_step * steps
+    def nfe(self, steps: int, options: dict[str, Any] | None = None) -> int:
+        """Network evaluations used by `steps` steps on a grid that ends in sigma = 0."""
+        if self.cost is None:
+            raise DifflabError(f"sampler '{self.name}' is adaptive: its NFE follows from rtol/atol, not from steps")
+        return self.cost(steps, options or {})
 
-    def steps_for_nfe(self, nfe: int) -> int:
+    def steps_for_nfe(self, nfe: int, options: dict[str, Any] | None = None) -> int:
         """The most steps whose cost fits in `nfe` network evaluations (at least 1)."""
-        return max(1, nfe // self.evals_per_step)
+        steps = 1
+        while self.nfe(steps + 1, options) <= nfe:
+            steps += 1
+        return steps
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
     s.name: s
     for s in (
-        SamplerSpec(
-            "ddpm",
-            sample_ddpm,
-            "DDPM ancestral sampling (Ho et al. 2020, Alg. 2); variance small|large",
-            ("variance",),
-        ),
-        SamplerSpec(
-            "ddim",
-            sample_ddim,
-            "DDIM (Song et al. 2021, Eq. 12); eta=0 deterministic, eta=1 = DDPM",
-            ("eta",),
-        ),
+        SamplerSpec("ddpm", sample_ddpm, "DDPM ancestral sampling (Ho et al. 2020, Alg. 2)", ("variance",)),
+        SamplerSpec("ddim", sample_ddim, "DDIM (Song et al. 2021, Eq. 12); eta 0 deterministic, 1 = DDPM", ("eta",)),
+        SamplerSpec("euler", sample_euler, "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1)"),
+        SamplerSpec("heun", sample_heun, "Heun 2nd order (Karras et al. 2022, Alg. 2); s_churn > 0 adds noise",
+                    ("s_churn", "s_tmin", "s_tmax", "s_noise"), lambda steps, o: 2 * steps - 1),
+        SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), 2nd-order multistep"),
+        SamplerSpec("lms", sample_lms, "linear multistep on the PF-ODE (order 4 by default)", ("order",)),
+        SamplerSpec("rk45", sample_rk45, "adaptive Dormand-Prince RK45 on the PF-ODE; --steps sets only the range",
+                    ("rtol", "atol"), None),
+        SamplerSpec("euler_ancestral", sample_euler_ancestral, "Euler ancestral (k-diffusion); same map as ddim(eta)",
+                    ("eta",)),
+        SamplerSpec("euler_maruyama", sample_euler_maruyama, "Euler-Maruyama, reverse SDE (Song et al. 2021, Eq. 6)"),
+        SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE (Lu et al. 2022b), midpoint",
+                    ("eta", "s_noise")),
+        SamplerSpec("pc", sample_pc, "predictor-corrector (Song et al. 2021, Alg. 2): Langevin + reverse diffusion",
+                    ("snr", "corrector_steps"), lambda steps, o: (o.get("corrector_steps", 1) + 1) * steps),
+        SamplerSpec("ald", sample_ald, "annealed Langevin dynamics (Song & Ermon 2019, Alg. 1), final denoising",
+                    ("step_size", "n_steps_each"), lambda steps, o: o.get("n_steps_each", 5) * steps + 1),
     )
-}
+}  # fmt: skip
 
 
 def get_sampler(name: str) -> SamplerSpec:
@@ -54,12 +75,4 @@ def get_sampler(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
-__all__ = [
-    "SAMPLERS",
-    "SamplerSpec",
-    "get_sampler",
-    "sample_ddim",
-    "sample_ddpm",
-    "PerSampleNoise",
-    "GeneratorNoise",
-]
+__all__ = ["SAMPLERS", "SamplerSpec", "get_sampler", "PerSampleNoise", "GeneratorNoise"]

@@ -21,9 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
-from difflab.models import build_denoiser, build_network, build_schedule
+from difflab.models import build_denoiser, build_network, sampling_sigmas
 from difflab.precond import PreconditionedDenoiser
-from difflab.schedules import DiscreteSchedule
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -136,9 +135,12 @@ def load_config(ckpt_dir: Path) -> RunConfig:
 class LoadedModel:
     config: RunConfig
     denoiser: PreconditionedDenoiser
-    schedule: DiscreteSchedule
     checkpoint: Path
     step: int
+
+    def sigmas(self, steps: int, grid: str | None = None) -> torch.Tensor:
+        """The sampling grid for this model: `steps` noise levels then 0, (steps + 1,)."""
+        return sampling_sigmas(self.config.diffusion, steps, grid)
 
 
 def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
@@ -157,7 +159,7 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.de
         else 0
     )
     denoiser = build_denoiser(config, net).to(device).eval()
-    return LoadedModel(config, denoiser, build_schedule(config.diffusion), ckpt, step)
+    return LoadedModel(config, denoiser, ckpt, step)
 
 
 def optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -14,8 +14,7 @@ from tqdm.auto import tqdm
 
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
-from difflab.losses import DiscreteDiffusionLoss
-from difflab.models import build_denoiser, build_schedule
+from difflab.models import build_denoiser, build_loss
 from difflab.training.checkpoint import (
     latest_checkpoint,
     load_config,
@@ -63,7 +62,7 @@ class Trainer:
         _autocast(device, tc.mixed_precision)  # validate early
         self.data = data
         self.denoiser = build_denoiser(config).to(device)
-        self.loss_fn = DiscreteDiffusionLoss(build_schedule(config.diffusion), tc.min_snr_gamma)
+        self.loss_fn = build_loss(config.diffusion, tc.min_snr_gamma)
         self.optimizer = torch.optim.AdamW(self.denoiser.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
         self.ema = EMA(self.denoiser.net, tc.ema_decay)

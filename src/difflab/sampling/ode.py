@@ -1,0 +1,248 @@
+"""Probability-flow ODE samplers (Karras et al. 2022, Eq. 1 in sigma space): dx/dsigma = (x - D(x, sigma)) / sigma.
+
+Euler and Heun (Karras et al. 2022, Alg. 1-2), DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), linear multistep
+(k-diffusion `sample_lms`) and adaptive Dormand-Prince RK45. All share the sampler signature
+(denoiser, x, sigmas, *, cond, noise, callback, **options) -> x; the deterministic ones ignore `noise`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from numpy.polynomial import Polynomial
+
+from difflab.errors import DifflabError
+from difflab.sampling.common import NoiseFn, check_grid, noise_or_default
+from difflab.types import Denoiser, StepCallback, StepInfo
+
+
+@torch.no_grad()
+def sample_euler(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: Any = None,
+    noise: NoiseFn | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Euler on the PF-ODE (Karras et al. 2022, Alg. 1 with Euler steps): x' = x + (sigma' - sigma)(x - D) / sigma.
+
+    x (B, *shape) at sigmas[0] -> sample at sigmas[-1]. A step to sigma' = 0 returns D itself. The same map as
+    DDIM with eta = 0 on the same grid.
+    """
+    check_grid(sigmas)
+    ones = x.new_ones(x.shape[0])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoiser(x, sigma * ones, cond)
+        x_next = denoised if sigma_next == 0 else x + (x - denoised) / sigma * (sigma_next - sigma)
+        if callback is not None:
+            callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
+        x = x_next
+    return x
+
+
+def _check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> None:
+    if not s_churn >= 0:
+        raise DifflabError(f"--s-churn must be >= 0, got {s_churn}")
+    if not 0 <= s_tmin <= s_tmax:
+        raise DifflabError(f"need 0 <= s_tmin <= s_tmax, got s_tmin={s_tmin} and s_tmax={s_tmax}")
+    if not s_noise >= 0:
+        raise DifflabError(f"--s-noise must be >= 0, got {s_noise}")
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    cond: Any = None,
+    noise: NoiseFn | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Heun's 2nd-order sampler (Karras et al. 2022, Alg. 2; s_churn = 0 gives the deterministic Alg. 1).
+
+    Each step first raises the noise level to sigma_hat = sigma (1 + gamma), gamma = min(s_churn / N, sqrt(2) - 1)
+    for s_tmin <= sigma <= s_tmax (else 0), N = number of steps, by adding sqrt(sigma_hat^2 - sigma^2) s_noise
+    noise, then takes an Euler step to sigma_next with Heun's correction (plain Euler when sigma_next = 0).
+    Costs 2 evaluations per step, 1 for a step to 0. The callback reports the grid's sigma; with churn its
+    `denoised` is D at sigma_hat.
+    """
+    check_grid(sigmas)
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    noise_fn = noise_or_default(noise)
+    ones = x.new_ones(x.shape[0])
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise_fn(x)
+        denoised = denoiser(x, sigma_hat * ones, cond)
+        d = (x - denoised) / sigma_hat
+        x_next = x + d * (sigma_next - sigma_hat)
+        if sigma_next > 0:
+            d_next = (x_next - denoiser(x_next, sigma_next * ones, cond)) / sigma_next
+            x_next = x + (d + d_next) / 2 * (sigma_next - sigma_hat)
+        if callback is not None:
+            callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: Any = None,
+    noise: NoiseFn | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), data-prediction form in t = -log(sigma), h = t_next - t.
+
+    x' = (sigma'/sigma) x - (exp(-h) - 1) D_d with D_d = (1 + 1/(2r)) D - 1/(2r) D_prev, r = h_prev / h.
+    The first and the last step are first order (D_d = D; the last step is DDIM, and returns D when sigma' = 0).
+    """
+    check_grid(sigmas)
+    ones = x.new_ones(x.shape[0])
+    steps = len(sigmas) - 1
+    old_denoised, h_last = None, 0.0
+    for i in range(steps):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoiser(x, sigma * ones, cond)
+        if sigma_next == 0:
+            x_next = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            denoised_d = denoised
+            if old_denoised is not None and i < steps - 1:
+                half_inv_r = h / (2 * h_last)
+                denoised_d = (1 + half_inv_r) * denoised - half_inv_r * old_denoised
+            x_next = (sigma_next / sigma) * x - math.expm1(-h) * denoised_d
+            h_last = h
+        if callback is not None:
+            callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
+        old_denoised, x = denoised, x_next
+    return x
+
+
+def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:
+    """Adams-Bashforth weights on a variable grid: c_j = int_{s_i}^{s_(i+1)} l_j(s) ds for j = 0..order-1, where
+    l_j is the Lagrange basis polynomial of node s_(i-j) on the nodes s_i, s_(i-1), ..., s_(i-order+1).
+
+    Integrated exactly (numpy polynomials, shifted so that s_i = 0); needs i >= order - 1.
+    """
+    if not 1 <= order <= i + 1:
+        raise DifflabError(f"an order-{order} multistep step needs {order} past points, step {i} has {i + 1}")
+    nodes = [float(sigmas[i - k]) - float(sigmas[i]) for k in range(order)]
+    end = float(sigmas[i + 1]) - float(sigmas[i])
+    coeffs = []
+    for j in range(order):
+        basis = Polynomial([1.0])
+        for k, node in enumerate(nodes):
+            if k != j:
+                basis = basis * Polynomial([-node, 1.0]) / (nodes[j] - node)
+        coeffs.append(float(basis.integ()(end)))  # the antiderivative is 0 at s_i (shifted to 0)
+    return coeffs
+
+
+@torch.no_grad()
+def sample_lms(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    order: int = 4,
+    cond: Any = None,
+    noise: NoiseFn | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Linear multistep (Adams-Bashforth; Hairer et al. 1993, Sec. III.1) on the PF-ODE, as k-diffusion `sample_lms`.
+
+    x' = x + sum_j c_j d_(i-j) over the last min(i + 1, order) derivatives d = (x - D) / sigma, c_j from
+    `lms_coefficients`. One evaluation per step.
+    """
+    check_grid(sigmas)
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 1:
+        raise DifflabError(f"the LMS order must be an integer >= 1, got {order!r}")
+    grid = sigmas.tolist()
+    ones = x.new_ones(x.shape[0])
+    derivs: list[torch.Tensor] = []  # newest first
+    for i in range(len(grid) - 1):
+        sigma, sigma_next = grid[i], grid[i + 1]
+        denoised = denoiser(x, sigma * ones, cond)
+        derivs = [(x - denoised) / sigma, *derivs[: order - 1]]
+        coeffs = lms_coefficients(grid, i, len(derivs))
+        x_next = x + sum(c * d for c, d in zip(coeffs, derivs, strict=True))
+        if callback is not None:
+            callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_rk45(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    info: dict | None = None,
+    cond: Any = None,
+    noise: NoiseFn | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Adaptive Dormand-Prince RK45 on the PF-ODE (Song et al. 2021, Sec. 4.3; Dormand & Prince 1980), torchdiffeq.
+
+    Integrates dx/dsigma = (x - D) / sigma from sigmas[0] to the grid's smallest positive sigma (the other grid
+    points are ignored), then, if the grid ends in 0, returns D there (one more evaluation: score_sde's denoising
+    at the end). The ODE is solved in u = log(sigma), dx/du = x - D: the same solution, but the solution's
+    features are spread evenly in u (in sigma the error control steps over the bend at sigma ~ data std), and no
+    stage can reach sigma <= 0. The step size is shared by the batch (RMS error norm over all of it), so a sample
+    depends on its batch. If `info` is a dict, info["nfe"] gets the number of denoiser evaluations. The callback
+    is called once, at the end, with i = 0.
+    """
+    check_grid(sigmas)
+    if not (rtol >= 0 and atol >= 0 and rtol + atol > 0):
+        raise DifflabError(f"rk45 needs rtol >= 0 and atol >= 0, not both 0; got rtol={rtol}, atol={atol}")
+    try:
+        from torchdiffeq import odeint
+    except ImportError as e:
+        raise DifflabError("the rk45 sampler needs torchdiffeq: pip install torchdiffeq") from e
+    sigma_start, sigma_min = float(sigmas[0]), float(sigmas[sigmas > 0][-1])
+    ones = x.new_ones(x.shape[0])
+    nfe, denoised = 0, None
+
+    def velocity(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # dx/d(log sigma)
+        nonlocal nfe, denoised
+        nfe += 1
+        denoised = denoiser(y, u.exp().to(y.dtype) * ones, cond)
+        return y - denoised
+
+    if sigma_min < sigma_start:
+        u = torch.tensor([math.log(sigma_start), math.log(sigma_min)], dtype=torch.float64, device=x.device)
+        # step_t: the last step ends exactly at sigma_min instead of stepping past it and interpolating back
+        x = odeint(velocity, x, u, rtol=rtol, atol=atol, method="dopri5", options={"step_t": u[1:]})[-1]
+    sigma_end = float(sigmas[-1])
+    if sigma_end == 0:
+        nfe += 1
+        x = denoised = denoiser(x, sigma_min * ones, cond)
+    if info is not None:
+        info["nfe"] = nfe
+    if callback is not None:
+        callback(StepInfo(0, sigma_start, sigma_end, x, denoised))
+    return x
