@@ -124,7 +124,9 @@ def sigma_range(config: DiffusionConfig) -> tuple[float, float]:
 
 
 def default_grid(config: DiffusionConfig) -> str:
-    return {"ddpm": "respaced", "vp": "uniform_t", "subvp": "uniform_t"}.get(config.process, "karras")
+    """The model's own respaced timesteps for ddpm; Karras et al.'s rho = 7 grid for continuous processes (the
+    uniform-t grid of score_sde leaves one large final step that multistep solvers extrapolate badly)."""
+    return "respaced" if config.process == "ddpm" else "karras"
 
 
 def sampling_sigmas(config: DiffusionConfig, steps: int, grid: str | None = None) -> torch.Tensor:

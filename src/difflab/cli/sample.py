@@ -32,8 +32,7 @@ SAMPLER_OPTIONS = {
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)} (see `difflab samplers`)")
     p.add_argument("--steps", type=int, default=50, help="number of sampling steps")
-    p.add_argument("--grid", choices=GRID_NAMES, help="noise-level grid (default: respaced for ddpm models, "
-                   "uniform_t for vp/subvp, karras for ve/edm)")  # fmt: skip
+    p.add_argument("--grid", choices=GRID_NAMES, help="noise-level grid (default: respaced for ddpm, else karras)")
     for name, (kind, text) in SAMPLER_OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
 

@@ -1,0 +1,132 @@
+"""Continuous-time processes, EDM preconditioning, and training/sampling every process end to end."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import quad
+
+from difflab.cli.main import main
+from difflab.errors import DifflabError
+from difflab.eval.quality import toy_quality
+from difflab.generate import generate
+from difflab.precond import PreconditionedDenoiser, make_prediction, network_target
+from difflab.processes import VESDE, VPSDE, EDMProcess, SubVPSDE, make_process, uniform_t_sigmas
+from difflab.sampling import SAMPLERS
+from difflab.training.checkpoint import load_model
+
+T = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+
+
+def test_vp_marginal_is_the_integral_of_beta():
+    vp = VPSDE()
+    mean, std = vp.marginal(T)
+    for t, m, s in zip(T.tolist(), mean.tolist(), std.tolist(), strict=True):
+        integral, _ = quad(lambda u: vp.beta_min + u * (vp.beta_max - vp.beta_min), 0, t)
+        assert m == pytest.approx(math.exp(-0.5 * integral), rel=1e-12)
+        assert s == pytest.approx(math.sqrt(1 - math.exp(-integral)), rel=1e-12)
+
+
+def test_subvp_std_has_no_square_root_and_sigma_is_std_over_mean():
+    sub, vp = SubVPSDE(), VPSDE()
+    mean, std = sub.marginal(T)
+    torch.testing.assert_close(mean, vp.marginal(T)[0])
+    torch.testing.assert_close(std, 1 - mean**2)
+    for proc in (vp, sub, VESDE(), EDMProcess()):
+        m, s = proc.marginal(T)
+        torch.testing.assert_close(proc.sigma(T), s / m)
+        torch.testing.assert_close(proc.t_of_sigma(proc.sigma(T)), T)
+        torch.testing.assert_close(proc.signal_scale(proc.sigma(T)), m)
+
+
+def test_ve_is_geometric_and_edm_is_identity():
+    ve = VESDE(0.01, 50.0)
+    torch.testing.assert_close(ve.sigma(T), 0.01 * 5000.0**T)
+    assert (ve.sigma_min, ve.sigma_max) == (0.01, 50.0)
+    assert (EDMProcess().sigma_min, EDMProcess().sigma_max) == (0.002, 80.0)
+    grid = uniform_t_sigmas(VPSDE(), 5)
+    assert len(grid) == 6 and grid[-1] == 0 and grid[0].item() == pytest.approx(VPSDE().sigma_max, rel=1e-5)
+    with pytest.raises(DifflabError, match="choose one of ddpm, vp, subvp, ve, edm"):
+        make_process("cld")
+
+
+def test_edm_preconditioning_matches_karras_table_1():
+    sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
+    sc = make_prediction("edm", sigma_data=0.5).scalings(sigma)
+    torch.testing.assert_close(sc.c_skip, 0.25 / (sigma**2 + 0.25))
+    torch.testing.assert_close(sc.c_out, sigma * 0.5 / (sigma**2 + 0.25).sqrt())
+    torch.testing.assert_close(sc.c_in, 1 / (sigma**2 + 0.25).sqrt())
+    # the F-space target makes D exact, and has unit variance for data of std sigma_data (EDM's design goal)
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.5 * torch.randn(20000, 1, generator=g, dtype=torch.float64)
+    for s in (0.002, 0.5, 80.0):
+        sig = torch.full((20000,), s, dtype=torch.float64)
+        x = x0 + s * torch.randn(20000, 1, generator=g, dtype=torch.float64)
+        target = network_target(make_prediction("edm").scalings(sig), x, x0)
+        assert target.std().item() == pytest.approx(1.0, rel=0.03)
+
+        class Perfect(torch.nn.Module):
+            def forward(self, x_in, c_noise, cond=None, t=target):
+                return t
+
+        d = PreconditionedDenoiser(Perfect(), make_prediction("edm"), lambda s: s.log() / 4)
+        torch.testing.assert_close(d(x, sig), x0)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny MLPs trained on moons as a discrete DDPM and with the EDM process (about 10 s each)."""
+    out = {}
+    for process in ("ddpm", "edm"):
+        folder = tmp_path_factory.mktemp(process)
+        argv = [
+            "train",
+            "--data",
+            "moons",
+            "--process",
+            process,
+            "--out",
+            str(folder),
+            "--steps",
+            "2000",
+            "--no-progress",
+        ]
+        assert main(argv) == 0
+        out[process] = folder
+    return out
+
+
+@pytest.mark.slow
+def test_edm_training_with_heun_reaches_the_floor_in_20_steps(runs, tmp_path):
+    model = load_model(runs["edm"])
+    assert model.config.diffusion.process == "edm" and model.config.diffusion.prediction == "edm"
+    samples = generate(model.denoiser, (2,), model.sigmas(20), list(range(1000)), sampler="heun")
+    q = toy_quality(samples, "moons")
+    assert q["swd"] < q["swd_floor"] + 0.04, q
+    untrained_dir = tmp_path / "untrained"
+    assert main(["train", "--data", "moons", "--process", "edm", "--out", str(untrained_dir), "--steps", "1",
+                 "--lr", "1e-12", "--no-progress"]) == 0  # fmt: skip
+    untrained = load_model(untrained_dir)
+    bad = generate(untrained.denoiser, (2,), untrained.sigmas(20), list(range(1000)), sampler="heun")
+    assert toy_quality(bad, "moons")["swd"] > q["swd_floor"] + 0.04
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("process", ["ddpm", "edm"])
+def test_every_sampler_runs_on_every_model(runs, process):
+    model = load_model(runs[process])
+    for name in SAMPLERS:
+        steps = 100 if name in ("euler_maruyama", "pc", "ald") else 20
+        samples = generate(model.denoiser, (2,), model.sigmas(steps), list(range(500)), sampler=name)
+        assert torch.isfinite(samples).all(), (process, name)
+        assert toy_quality(samples, "moons")["swd"] < 0.3, (process, name)
+
+
+def test_process_and_prediction_must_match(tmp_path, capsys):
+    code = main(
+        ["train", "--data", "moons", "--process", "edm", "--prediction", "v", "--out", str(tmp_path), "--steps", "1"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "process 'edm' trains with prediction edm" in err and len(err.strip().splitlines()) == 1
+    assert not np.any([p.name == "checkpoints" for p in tmp_path.iterdir()])
