@@ -16,6 +16,8 @@ count of a smaller target):
   samples; error = Frechet distance of the raw 64-D vectors to 20,000 exact samples.
   Both also report the mode-weight error: total variation between the share of samples assigned to each
   component (posterior at sigma = 0) and the true weights. "exact" rows are fresh exact samples (the floor).
+  The deterministic samplers also get the PF-ODE endpoint error: RMS distance per sample to the exact ODE
+  solution from the same start (rk45 at rtol = atol = 1e-9), which has no sampling-noise floor.
 * digits (with --ckpt): Frechet distance of the digits classifier's features (digits_quality) for 450 samples
   (seeds 0..449, PerSampleNoise) on the model's default grid (`model.sigmas(steps)`: respaced DDPM timesteps
   for the demo's DDPM model) at NFE 5, 10, 20, 50 for ddim, euler, heun, dpmpp_2m, lms, euler_ancestral, ddpm.
@@ -58,6 +60,7 @@ RK45_TOLS = (1.0, 0.3, 0.1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 NFE_TOLERANCE = 0.3  # skip a cell whose achievable NFE is more than 30 % off the target
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 GOAL_NFE, EULER_NFE = 10, 50
+ODE_SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m", "lms", "rk45")  # deterministic (ddim: eta 0)
 
 
 class CountingDenoiser:
@@ -77,6 +80,7 @@ class Cell:
     nfe: int  # network evaluations actually made
     error: float  # main metric; nan if the run failed
     modes: float = float("nan")  # mode-weight total variation (toy settings)
+    ode: float = float("nan")  # RMS distance to the exact PF-ODE solution from the same start (ODE samplers)
     note: str = ""
 
 
@@ -139,6 +143,8 @@ def run_toy(key: str, title: str, oracle: GaussianMixtureDenoiser, n: int, metri
     setting.floor, setting.floor_modes = metric(fresh), mode_error(oracle, fresh)
     d = oracle.means.shape[1]
     x0 = SIGMA_MAX * torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    # the PF-ODE map of x0, to 1e-9 tolerance: a noise-free error for the deterministic samplers
+    ode_end = SAMPLERS["rk45"].fn(oracle, x0.clone(), karras_sigmas(2, SIGMA_MIN, SIGMA_MAX), rtol=1e-9, atol=1e-9)
 
     def evaluate(name: str, spec: SamplerSpec, sigmas: torch.Tensor, options: dict, target: int, nfe: int) -> Cell:
         counter = CountingDenoiser(oracle)
@@ -158,7 +164,8 @@ def run_toy(key: str, title: str, oracle: GaussianMixtureDenoiser, n: int, metri
         if not torch.isfinite(x).all():
             setting.notes.append(f"{name} at NFE {target}: non-finite samples ({int((~torch.isfinite(x)).sum())})")
             return Cell(target, actual, float("nan"), note="diverged")
-        return Cell(target, counter.calls, metric(x), mode_error(oracle, x))
+        ode = float((x - ode_end).pow(2).sum(1).mean().sqrt()) if name in ODE_SAMPLERS else float("nan")
+        return Cell(target, counter.calls, metric(x), mode_error(oracle, x), ode)
 
     for name, spec in SAMPLERS.items():
         options = OPTIONS.get(name, {})
@@ -177,7 +184,7 @@ def run_toy(key: str, title: str, oracle: GaussianMixtureDenoiser, n: int, metri
                     setting.notes.append(f"{name} at NFE {target}: skipped (nearest NFE {cell.nfe}, rtol {tol:g})")
                     continue
                 taken.add(tol)
-                row[target] = Cell(target, cell.nfe, cell.error, cell.modes, note=f"rtol {tol:g}")
+                row[target] = Cell(target, cell.nfe, cell.error, cell.modes, cell.ode, note=f"rtol {tol:g}")
         else:
             for target, planned in plan_steps(spec, NFES, options).items():
                 if isinstance(planned, str):
@@ -319,6 +326,8 @@ def table(setting: Setting, attr: str = "error", floor: float | None = None) -> 
         "|---|" + "---|" * len(setting.targets),
     ]
     for name, row in setting.cells.items():
+        if attr == "ode" and name not in ODE_SAMPLERS:
+            continue
         cells = []
         for target in setting.targets:
             cell = row.get(target)
@@ -335,22 +344,25 @@ def table(setting: Setting, attr: str = "error", floor: float | None = None) -> 
     return "\n".join(lines)
 
 
-def goal_check(setting: Setting) -> tuple[str, bool | None]:
-    """Best sampler at <= 10 NFE against Euler at 50 NFE."""
+def goal_check(setting: Setting, attr: str = "error") -> tuple[str, bool | None]:
+    """Best sampler at <= 10 NFE against Euler at 50 NFE, on the cells' `attr`."""
     candidates = [
-        (cell.error, name, cell.nfe)
+        (getattr(cell, attr), name, cell.nfe)
         for name, row in setting.cells.items()
-        if (cell := row.get(GOAL_NFE)) is not None and cell.nfe <= GOAL_NFE and math.isfinite(cell.error)
+        if (cell := row.get(GOAL_NFE)) is not None and cell.nfe <= GOAL_NFE and math.isfinite(getattr(cell, attr))
     ]
     euler = setting.cells.get("euler", {}).get(EULER_NFE)
-    if not candidates or euler is None or not math.isfinite(euler.error):
-        return f"{setting.key}: not enough data for the goal check", None
+    key = setting.key if attr == "error" else f"{setting.key} (PF-ODE endpoint error, ODE samplers)"
+    if not candidates or euler is None or not math.isfinite(getattr(euler, attr)):
+        return f"{key}: not enough data for the goal check", None
     error, name, nfe = min(candidates)
-    holds = error <= euler.error
-    ratio = error / euler.error
+    reference = getattr(euler, attr)
+    holds = error <= reference
+    ratio = error / reference
+    floor = f"; floor {fmt(setting.floor)}" if attr == "error" else ""
     return (
-        f"{setting.key}: best at {GOAL_NFE} NFE is {name} ({nfe} NFE) with {fmt(error)}; euler at {EULER_NFE} NFE "
-        f"has {fmt(euler.error)} (ratio {ratio:.2f}; floor {fmt(setting.floor)}) -> goal "
+        f"{key}: best at {GOAL_NFE} NFE is {name} ({nfe} NFE) with {fmt(error)}; euler at {EULER_NFE} NFE "
+        f"has {fmt(reference)} (ratio {ratio:.2f}{floor}) -> goal "
         f"{'HOLDS' if holds else 'does NOT hold'}",
         holds,
     )
@@ -450,6 +462,13 @@ def main() -> None:
         if setting.key != "digits":
             parts += ["", "Mode-weight error (total variation of the per-component shares):", ""]
             parts.append(table(setting, "modes", setting.floor_modes))
+            parts += [
+                "",
+                "PF-ODE endpoint error of the deterministic samplers (RMS distance per sample to the ODE "
+                "solution from the same start, rk45 at rtol = atol = 1e-9; free of sampling noise):",
+                "",
+            ]
+            parts.append(table(setting, "ode"))
         else:
             parts += [
                 "",
@@ -461,6 +480,8 @@ def main() -> None:
         if setting.notes:
             parts += ["", "Notes:", ""] + [f"- {note}" for note in setting.notes]
         goal_lines.append(goal_check(setting)[0])
+        if setting.key != "digits":
+            goal_lines.append(goal_check(setting, "ode")[0])
         plot(setting, out / f"samplers_{setting.key}.png")
     if digits_note:
         parts += ["", digits_note]

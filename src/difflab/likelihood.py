@@ -79,6 +79,22 @@ def gaussian_prior_log_prob(x: torch.Tensor, prior_std: float | torch.Tensor) ->
     return per_dim.expand_as(x).flatten(1).sum(1)
 
 
+class _AugmentedDynamics:
+    """(x, log-density integral) -> (dx/du, d/du) = (g, div_x g), g = x - D(x, e^u): the PF-ODE in u = log(sigma)
+    with the instantaneous change of variables; counts its calls (= denoiser evaluations) in `nfe`."""
+
+    def __init__(self, denoiser: Denoiser, eps: torch.Tensor | None, cond: Any):
+        self.denoiser, self.eps, self.cond, self.nfe = denoiser, eps, cond, 0
+
+    def __call__(self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.nfe += 1
+        with torch.enable_grad():  # also under no_grad: the divergence needs the Jacobian
+            x = state[0].detach().requires_grad_(True)
+            g = x - self.denoiser(x, u.exp().to(x.dtype) * x.new_ones(x.shape[0]), self.cond)
+            div = _divergence(g, x, self.eps)
+        return g.detach(), div.detach()
+
+
 @torch.no_grad()
 def pf_ode_log_likelihood(
     denoiser: Denoiser,
@@ -100,8 +116,7 @@ def pf_ode_log_likelihood(
     The data are taken as perturbed at sigma_min: x0 is the state x(sigma_min) and the result is log p_sigma_min(x0),
     p_sigma = p_data * N(0, sigma^2 I). The PF-ODE dx/dsigma = f = (x - D(x, sigma)) / sigma is integrated from
     sigma_min up to sigma_max jointly with d log p(x(sigma)) / dsigma = -div_x f, in u = log(sigma) (dx/du = g = x - D,
-    d log p / du = -div_x g; same solution, evenly spread in u), with torchdiffeq dopri5 (error norm: max over the
-    state x and the log-density of their batch RMS). Then
+    d log p / du = -div_x g), with torchdiffeq dopri5 (error norm: the larger batch RMS of x and of the integral):
 
         log p_sigma_min(x0) = log N(x(sigma_max); 0, prior_std^2 I) + int_{log sigma_min}^{log sigma_max} div_x g du.
 
@@ -110,10 +125,9 @@ def pf_ode_log_likelihood(
     mismatch costs O(|mean| / sigma_max + tr(Cov) / sigma_max^2) nats, so use sigma_max >> data scale or pass the
     marginal's std when it is known.
 
-    divergence: "exact" (autograd, one backward per dimension; allowed up to 16 dimensions), "hutchinson" (Skilling
-    2016 / Hutchinson 1990: eps^T (dg/dx) eps with ONE probe per sample, drawn once from `generator` and held fixed
-    for the whole solve; unbiased, its variance comes from the off-diagonal Jacobian entries for Rademacher probes)
-    or "auto" (exact up to 16 dimensions, else hutchinson). Grad is enabled inside the dynamics even under no_grad.
+    divergence: "exact" (autograd, one backward per dimension; up to 16 dimensions), "hutchinson" (Skilling 1989,
+    Hutchinson 1990: eps^T (dg/dx) eps, ONE probe per sample drawn once from `generator` and held fixed for the
+    whole solve; unbiased) or "auto" (exact up to 16 dimensions, else hutchinson). Works under no_grad.
 
     Returns {"log_likelihood": (B,) nats, "bits_per_dim": (B,) = -log_likelihood / (D ln 2) with D = prod(shape),
     "nfe": denoiser evaluations, "divergence": "exact" | "hutchinson", "prior_log_prob": (B,), "x_end": x(sigma_max)}.
@@ -126,18 +140,7 @@ def pf_ode_log_likelihood(
     dim = x0[0].numel()
     method = _resolve_divergence(divergence, dim)
     eps = _draw_probe(x0, probe, generator) if method == "hutchinson" else None
-    ones = x0.new_ones(x0.shape[0])
-    nfe = 0
-
-    def dynamics(u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal nfe
-        nfe += 1
-        with torch.enable_grad():
-            x = state[0].detach().requires_grad_(True)
-            g = x - denoiser(x, u.exp().to(x.dtype) * ones, cond)
-            div = _divergence(g, x, eps)
-        return g.detach(), div.detach()
-
+    dynamics = _AugmentedDynamics(denoiser, eps, cond)
     u = torch.tensor([math.log(sigma_min), math.log(sigma_max)], dtype=torch.float64, device=x0.device)
     state0 = (x0, x0.new_zeros(x0.shape[0]))
     xs, integrals = odeint(dynamics, state0, u, rtol=rtol, atol=atol, method="dopri5")
@@ -147,7 +150,7 @@ def pf_ode_log_likelihood(
     return {
         "log_likelihood": log_likelihood,
         "bits_per_dim": -log_likelihood / (dim * math.log(2)),
-        "nfe": nfe,
+        "nfe": dynamics.nfe,
         "divergence": method,
         "prior_log_prob": prior,
         "x_end": x_end,
