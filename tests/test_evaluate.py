@@ -140,3 +140,14 @@ def test_eval_with_inception_weights_names_the_extractor_and_reports_is(tmp_path
     code = main(["eval", "--images", str(tmp_path / "fake"), "--data", str(tmp_path / "real"),
                  "--inception-weights", str(tmp_path / "missing.pth")])  # fmt: skip
     assert code == 2 and "--inception-weights" in capsys.readouterr().err
+
+
+def test_nll_command_reports_bits_per_dim(toy_run, tmp_path, capsys):
+    out = tmp_path / "nll.json"
+    assert main(["nll", "--ckpt", str(toy_run), "--n", "200", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["divergence"] == "auto" and result["dequantized"] is False and result["nfe"] > 0
+    # a uniform density on [-1, 1]^2 has 1 bit/dim, a Gaussian fit of moons about 0.68: the model must beat both
+    assert result["bits_per_dim"] < 0.3 and result["bits_per_dim_stderr"] < 0.1
+    assert main(["nll", "--ckpt", str(toy_run), "--n", "8", "--vlb"]) == 2
+    assert "--vlb needs a discrete (ddpm) model of image data" in capsys.readouterr().err

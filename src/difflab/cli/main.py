@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from difflab import __version__
-from difflab.cli import demo, evaluate, sample, train
+from difflab.cli import demo, evaluate, nll, sample, train
 from difflab.errors import DifflabError
 from difflab.sampling import SAMPLERS
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train": (train, "train a diffusion model"),
         "sample": (sample, "draw samples from a checkpoint"),
         "demo": (demo, "train on the digits for a few minutes, then sample and evaluate"),
+        "nll": (nll, "negative log-likelihood in bits/dim via the probability-flow ODE (and the DDPM bound)"),
         "eval": (evaluate, "score samples of a checkpoint (or a folder) with FID, IS, KID, precision/recall"),
     }
     for name, (module, help_text) in commands.items():
