@@ -24,22 +24,31 @@ def generate(
     device: torch.device | str = "cpu",
     callback: StepCallback | None = None,
     progress: bool = False,
+    stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Run `sampler` on the grid `sigmas` for every seed; returns (len(seeds), *sample_shape) on the CPU.
 
     The starting noise and every later noise draw of sample i come from a generator seeded with seeds[i].
-    The callback (if any) sees the steps of every batch in turn.
+    The callback (if any) sees the steps of every batch in turn. If `stats` is a dict, stats["nfe"] receives the
+    number of network evaluations per sample (summed over batches' calls / number of batches).
     """
     spec = get_sampler(sampler)
     options = dict(options or {})
     unknown = set(options) - set(spec.options)
     if unknown:
         raise TypeError(f"sampler '{sampler}' does not take {', '.join(sorted(unknown))}")
-    out = []
+    out, calls = [], [0]
+
+    def counted(x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        calls[0] += 1
+        return denoiser(x, sigma, cond)
+
     starts = range(0, len(seeds), batch_size)
     for start in tqdm(starts, desc=f"sample {sampler}", disable=not progress or len(starts) < 2):
         noise = PerSampleNoise(seeds[start : start + batch_size])
         x = noise.initial(tuple(sample_shape), float(sigmas[0]), device)
-        x = spec.fn(denoiser, x, sigmas.to(device), noise=noise, callback=callback, **options)
+        x = spec.fn(counted, x, sigmas.to(device), noise=noise, callback=callback, **options)
         out.append(x.cpu())
+    if stats is not None:
+        stats["nfe"] = calls[0] / len(starts)
     return torch.cat(out)

@@ -67,12 +67,14 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt, use_ema=not args.no_ema, device=device)
     sigmas = model.sigmas(args.steps, args.grid)
     seeds = [args.seed + i for i in range(args.n)]
+    stats: dict = {}
     samples = generate(
         model.denoiser, model.config.data.sample_shape, sigmas, seeds,
-        sampler=args.sampler, options=options, batch_size=args.batch_size, device=device, progress=True,
+        sampler=args.sampler, options=options, batch_size=args.batch_size, device=device, progress=True, stats=stats,
     )  # fmt: skip
     metadata = {"sampler": args.sampler, "steps": args.steps, "seed": args.seed, "n": args.n, **options}
     metadata |= {"grid": args.grid or "default", "checkpoint": str(model.checkpoint), "train_step": model.step}
+    metadata["nfe"] = stats["nfe"]
     path = write_samples(samples, model.config.data.kind, args.out, metadata)
-    print(f"wrote {args.n} samples to {path}")
+    print(f"wrote {args.n} samples to {path} ({stats['nfe']:g} network evaluations per sample)")
     return 0
