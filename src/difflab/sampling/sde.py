@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from difflab.errors import DifflabError
-from difflab.sampling.ancestral import ddim_noise_levels
+from difflab.sampling.ancestral import sample_ddim
 from difflab.sampling.common import NoiseFn, check_grid, noise_or_default
 from difflab.types import Denoiser, StepCallback, StepInfo
 
@@ -41,24 +41,11 @@ def sample_euler_ancestral(
     Each step splits sigma_next into (sigma_down, sigma_up) = ddim_noise_levels(sigma, sigma_next, eta), takes an
     Euler step of the PF-ODE to sigma_down, x += (sigma_down - sigma)(x - D) / sigma, then adds sigma_up * z.
     Since x - sigma (x - D) / sigma = D, this is D + sigma_down eps_hat + sigma_up z: the same map as
-    `sample_ddim(eta=eta)` on the same grid, written as k-diffusion writes it (they differ only by rounding).
+    `sample_ddim(eta=eta)`, so it runs that one loop (k-diffusion's name, kept for users who know it).
     eta = 0 is the deterministic Euler sampler and draws no noise; a step to sigma = 0 returns D.
     """
-    check_grid(sigmas)
     check_nonnegative("eta", eta)
-    noise = noise_or_default(noise)
-    ones = x.new_ones(x.shape[0])
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, sigma * ones, cond)
-        sigma_down, sigma_up = ddim_noise_levels(sigma, sigma_next, eta)
-        x_next = denoised if sigma_down == 0 else x + (x - denoised) / sigma * (sigma_down - sigma)
-        if sigma_up > 0:
-            x_next = x_next + sigma_up * noise(x)
-        if callback is not None:
-            callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
-        x = x_next
-    return x
+    return sample_ddim(denoiser, x, sigmas, eta=eta, cond=cond, noise=noise, callback=callback)
 
 
 @torch.no_grad()
