@@ -40,6 +40,13 @@ def test_subvp_std_has_no_square_root_and_sigma_is_std_over_mean():
         torch.testing.assert_close(proc.signal_scale(proc.sigma(T)), m)
 
 
+def test_priors_in_sigma_space():
+    vp, sub = VPSDE(), SubVPSDE()
+    assert vp.prior_std**2 == pytest.approx(1 + vp.sigma_max**2, rel=1e-9)  # N(0, I) at t = 1, divided by mean(1)
+    assert sub.prior_std == pytest.approx(vp.prior_std, rel=1e-12)  # same mean; sub-VP's std(1) is ~1 too
+    assert VESDE(0.01, 50.0).prior_std == 50.0 and EDMProcess().prior_std == 80.0
+
+
 def test_ve_is_geometric_and_edm_is_identity():
     ve = VESDE(0.01, 50.0)
     torch.testing.assert_close(ve.sigma(T), 0.01 * 5000.0**T)

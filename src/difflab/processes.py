@@ -64,6 +64,11 @@ class VPSDE:
     def sigma_max(self) -> float:
         return float(self.sigma(1.0))
 
+    @property
+    def prior_std(self) -> float:
+        """The prior x_1 ~ N(0, I) in sigma-space coordinates x = x_1 / mean(1): std 1 / mean(1)."""
+        return float(1 / self.marginal(1.0)[0])
+
 
 @dataclass(frozen=True)
 class SubVPSDE(VPSDE):
@@ -102,6 +107,11 @@ class VESDE:
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** _as_tensor(t)
 
+    @property
+    def prior_std(self) -> float:
+        """The prior N(0, sigma_max^2 I) (Song et al. 2021, App. B)."""
+        return self.sigma_max
+
     def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         return torch.log(_as_tensor(sigma) / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
@@ -123,6 +133,11 @@ class EDMProcess:
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return _as_tensor(t)
+
+    @property
+    def prior_std(self) -> float:
+        """The prior N(0, sigma_max^2 I) (Karras et al. 2022, Alg. 1)."""
+        return self.sigma_max
 
     def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         return _as_tensor(sigma)
