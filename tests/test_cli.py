@@ -233,3 +233,18 @@ def test_train_and_sample_on_an_image_folder_with_a_corrupt_file(tmp_path, capsy
     grid = tmp_path / "s.png"
     run_cli(capsys, "sample", "--ckpt", out, "--sampler", "ddim", "--steps", 3, "--n", 4, "--out", grid)
     assert Image.open(grid).mode == "RGB"
+
+
+@pytest.mark.slow
+def test_demo_writes_its_figures_and_metrics(tmp_path, capsys):
+    code = main(["demo", "--minutes", "0.05", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("samples_ddpm.png", "samples_ddim.png", "denoising.png", "metrics.json", "run/loss.png"):
+        assert (tmp_path / name).stat().st_size > 300, name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for sampler in ("ddpm", "ddim"):
+        m = metrics["samplers"][sampler]
+        assert m["n"] == 450 and m["frechet"] > 0 and 0 <= m["confident_share"] <= 1 and m["frechet_floor"] > 0
+    assert read_png_metadata(tmp_path / "samples_ddim.png")["sampler"] == "ddim"
+    assert "Frechet distance" in out and "metrics.json" in out
