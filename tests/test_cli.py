@@ -248,3 +248,14 @@ def test_demo_writes_its_figures_and_metrics(tmp_path, capsys):
         assert m["n"] == 450 and m["frechet"] > 0 and 0 <= m["confident_share"] <= 1 and m["frechet_floor"] > 0
     assert read_png_metadata(tmp_path / "samples_ddim.png")["sampler"] == "ddim"
     assert "Frechet distance" in out and "metrics.json" in out
+
+
+def test_resume_latest_continues_a_run_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--data", "moons", "--out", str(out), "--checkpoint-every", "10", "--no-progress"]
+    assert main([*base, "--steps", "20"]) == 0
+    assert main([*base, "--steps", "40", "--resume", "latest"]) == 0
+    assert "trained 40 steps" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 40 and len(steps) == len(set(steps))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000030", "step_00000040"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -90,8 +91,7 @@ def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
         raise DifflabError(f"--resume latest: '{out}' holds no checkpoint; start the run without --resume")
     config = load_config(ckpt)
     if args.steps is not None or args.minutes is not None:
-        train = config.train.__class__(**{**config.train.__dict__, "steps": args.steps, "minutes": args.minutes})
-        config = RunConfig(config.data, config.model, config.diffusion, train)
+        config = replace(config, train=replace(config.train, steps=args.steps, minutes=args.minutes))
     return config
 
 
