@@ -130,7 +130,8 @@ def test_every_sampler_runs_on_every_model(runs, process):
         assert torch.isfinite(samples).all(), (process, name)
         spec = SAMPLERS[name]
         assert stats["nfe"] > 0 and (spec.cost is None or stats["nfe"] == spec.nfe(steps)), (name, stats)
-        assert toy_quality(samples, "moons")["swd"] < 0.3, (process, name)
+        # untrained models score SW2 > 170 (ddpm) and 0.22-0.41 (edm, whose output starts near c_skip x)
+        assert toy_quality(samples, "moons")["swd"] < {"ddpm": 0.3, "edm": 0.12}[process], (process, name)
 
 
 def test_process_and_prediction_must_match(tmp_path, capsys):
@@ -162,4 +163,4 @@ def test_score_sde_processes_train_and_sample(process, tmp_path):
     model = load_model(tmp_path)
     samples = generate(model.denoiser, (2,), model.sigmas(100), list(range(1000)), sampler="euler_maruyama")
     q = toy_quality(samples, "moons")
-    assert q["swd"] < 0.06, (process, q)  # an untrained model's samples are > 0.3 away (see the EDM test)
+    assert q["swd"] < 0.06, (process, q)  # untrained models of these processes score SW2 > 70

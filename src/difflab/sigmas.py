@@ -63,3 +63,16 @@ def t_to_sigma(t: torch.Tensor, sigma_table: torch.Tensor) -> torch.Tensor:
     frac = t64 - lo
     log_sigma = (1 - frac) * log_table[lo] + frac * log_table[lo + 1]
     return log_sigma.exp().to(t.dtype)
+
+
+def eps_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """eps_hat = (x - D) / sigma, which is also the probability-flow ODE's dx/dsigma (Karras et al. 2022, Eq. 3).
+
+    sigma: a float or a tensor already broadcastable against x.
+    """
+    return (x - denoised) / sigma
+
+
+def score_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """grad_x log p_sigma(x) = (D - x) / sigma^2 (Tweedie's formula; Karras et al. 2022, Eq. 3)."""
+    return (denoised - x) / sigma**2

@@ -9,6 +9,7 @@ import torch
 
 from difflab.errors import DifflabError
 from difflab.sampling.common import NoiseFn, check_grid, noise_or_default
+from difflab.sigmas import eps_from_denoised
 from difflab.types import Denoiser, StepCallback, StepInfo
 
 
@@ -47,7 +48,7 @@ def _step_loop(
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoiser(x, sigma * ones, cond)
         sigma_down, sigma_up = levels(sigma, sigma_next)
-        eps = (x - denoised) / sigma
+        eps = eps_from_denoised(x, denoised, sigma)
         x_next = denoised + sigma_down * eps
         if sigma_up > 0:
             x_next = x_next + sigma_up * noise(x)

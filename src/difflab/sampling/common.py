@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from difflab.errors import DifflabError
 from difflab.sampling.noise import GeneratorNoise
+from difflab.sigmas import score_from_denoised
 
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]  # like (B, *shape) -> standard normal noise of that shape
 
@@ -21,3 +23,14 @@ def check_grid(sigmas: torch.Tensor) -> None:
 def noise_or_default(noise: NoiseFn | None) -> NoiseFn:
     """The given noise function, or fresh noise from torch's default generator."""
     return noise if noise is not None else GeneratorNoise()
+
+
+def reverse_sde_step(
+    x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float, variance: float, noise: NoiseFn
+) -> torch.Tensor:
+    """One step of the reverse-time SDE in sigma space: x + variance * score + sqrt(variance) z (Song et al. 2021,
+    Eq. 6), with score = (D - x)/sigma^2. `variance` is what the discretisation adds (Euler-Maruyama:
+    2 sigma (sigma - sigma_next); reverse diffusion: sigma^2 - sigma_next^2). A step to sigma = 0 returns D."""
+    if sigma_next == 0:
+        return denoised
+    return x + variance * score_from_denoised(x, denoised, sigma) + math.sqrt(variance) * noise(x)

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from difflab.errors import DifflabError
-from difflab.sampling.common import NoiseFn, check_grid, noise_or_default
-from difflab.sigmas import append_dims
+from difflab.sampling.common import NoiseFn, check_grid, noise_or_default, reverse_sde_step
+from difflab.sigmas import append_dims, score_from_denoised
 from difflab.types import Denoiser, StepCallback, StepInfo
 
 NORM_SCOPES = ("batch", "sample")
@@ -39,7 +39,7 @@ def langevin_corrector_step(
     matters. A sample with a zero score does not move.
     """
     denoised = denoiser(x, sigma * x.new_ones(x.shape[0]), cond)
-    score = (denoised - x) / sigma**2
+    score = score_from_denoised(x, denoised, sigma)
     z = noise(x)
     z_norm, score_norm = z.flatten(1).norm(dim=1), score.flatten(1).norm(dim=1)
     if norm_scope == "batch":
@@ -86,11 +86,8 @@ def sample_pc(
         for _ in range(corrector_steps):
             x = langevin_corrector_step(denoiser, x, sigma, snr, norm_scope, cond, noise)
         denoised = denoiser(x, sigma * ones, cond)
-        if sigma_next == 0:
-            x_next = denoised
-        else:
-            dvar = sigma**2 - sigma_next**2
-            x_next = x + dvar * (denoised - x) / sigma**2 + math.sqrt(dvar) * noise(x)
+        # reverse-diffusion predictor (Song et al. 2021, Eq. 47): the variance of the step is sigma^2 - sigma_next^2
+        x_next = reverse_sde_step(x, denoised, sigma, sigma_next, sigma**2 - sigma_next**2, noise)
         if callback is not None:
             callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
         x = x_next

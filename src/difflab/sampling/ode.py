@@ -17,6 +17,7 @@ from numpy.polynomial import Polynomial
 
 from difflab.errors import DifflabError
 from difflab.sampling.common import NoiseFn, check_grid, noise_or_default
+from difflab.sigmas import eps_from_denoised
 from difflab.types import Denoiser, StepCallback, StepInfo
 
 
@@ -40,7 +41,7 @@ def sample_euler(
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoiser(x, sigma * ones, cond)
-        x_next = denoised if sigma_next == 0 else x + (x - denoised) / sigma * (sigma_next - sigma)
+        x_next = denoised if sigma_next == 0 else x + eps_from_denoised(x, denoised, sigma) * (sigma_next - sigma)
         if callback is not None:
             callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
         x = x_next
@@ -90,10 +91,10 @@ def sample_heun(
         if gamma > 0:
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise_fn(x)
         denoised = denoiser(x, sigma_hat * ones, cond)
-        d = (x - denoised) / sigma_hat
+        d = eps_from_denoised(x, denoised, sigma_hat)
         x_next = x + d * (sigma_next - sigma_hat)
         if sigma_next > 0:
-            d_next = (x_next - denoiser(x_next, sigma_next * ones, cond)) / sigma_next
+            d_next = eps_from_denoised(x_next, denoiser(x_next, sigma_next * ones, cond), sigma_next)
             x_next = x + (d + d_next) / 2 * (sigma_next - sigma_hat)
         if callback is not None:
             callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
@@ -184,7 +185,7 @@ def sample_lms(
     for i in range(len(grid) - 1):
         sigma, sigma_next = grid[i], grid[i + 1]
         denoised = denoiser(x, sigma * ones, cond)
-        derivs = [(x - denoised) / sigma, *derivs[: order - 1]]
+        derivs = [eps_from_denoised(x, denoised, sigma), *derivs[: order - 1]]
         coeffs = lms_coefficients(grid, i, len(derivs))
         x_next = x + sum(c * d for c, d in zip(coeffs, derivs, strict=True))
         if callback is not None:

@@ -15,7 +15,7 @@ import torch
 
 from difflab.errors import DifflabError
 from difflab.sampling.ancestral import sample_ddim
-from difflab.sampling.common import NoiseFn, check_grid, noise_or_default
+from difflab.sampling.common import NoiseFn, check_grid, noise_or_default, reverse_sde_step
 from difflab.types import Denoiser, StepCallback, StepInfo
 
 
@@ -72,11 +72,8 @@ def sample_euler_maruyama(
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoiser(x, sigma * ones, cond)
-        if sigma_next == 0:
-            x_next = denoised
-        else:
-            dvar = 2 * sigma * (sigma - sigma_next)  # -d[sigma^2] along the step, > 0
-            x_next = x + dvar * (denoised - x) / sigma**2 + math.sqrt(dvar) * noise(x)
+        # Euler-Maruyama: the variance added along the step is -d[sigma^2] = 2 sigma (sigma - sigma_next)
+        x_next = reverse_sde_step(x, denoised, sigma, sigma_next, 2 * sigma * (sigma - sigma_next), noise)
         if callback is not None:
             callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
         x = x_next
