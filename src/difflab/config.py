@@ -26,14 +26,33 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class PFGMConfig:
+    """Original PFGM hyper-parameters (Xu et al. 2022, App. B); `difflab.pfgm.pfgm_config_for` derives M, z_max and
+    upper_norm from the data dimension and norm."""
+
+    m_max: int = 291  # M: training perturbations scale by (1 + tau)^m, m ~ U[0, M]
+    z_max: float = 40.0  # the hemisphere the prior lives on; sampling starts at z = z_max
+    upper_norm: float = 3000.0  # the prior's radius bound
+    sigma_end: float = 0.01  # the smallest perturbation (std of the Gaussian seed of each perturbation)
+    tau: float = 0.03
+    z_min: float = 1e-3  # sampling ends at z = z_min
+    gamma: float = 5.0  # the field is normalised as sqrt(N) E / (||E|| + gamma)
+    z_exp: float = 1.0  # below this z, E_z is taken from the normalisation instead of the network (App. B.2)
+    restrict_m: bool = True  # perturbations with small z get m ~ U[0, 0.7 M] (App. B.1.1)
+    small_batch: int = 128  # points perturbed per step; the whole training batch is the field's charges
+
+
+@dataclass(frozen=True)
 class DiffusionConfig:
-    process: str = "ddpm"  # ddpm (discrete), vp, subvp, ve, edm
+    process: str = "ddpm"  # ddpm (discrete), vp, subvp, ve, edm, pfgmpp, pfgm
     schedule: str = "linear"  # ddpm only
     num_steps: int = 1000  # ddpm only: T
-    prediction: str = "eps"  # eps, x0, v (ddpm, vp), edm (edm)
+    prediction: str = "eps"  # eps, x0, v (ddpm, vp), edm (edm, pfgmpp), field (pfgm)
     sigma_min: float | None = None  # ve/edm: None = the paper's value
     sigma_max: float | None = None
-    sigma_data: float = 0.5  # edm preconditioning
+    sigma_data: float = 0.5  # edm/pfgmpp preconditioning
+    aug_dim: int | None = None  # pfgmpp: the number D of extra dimensions of the Poisson kernel
+    pfgm: PFGMConfig | None = None  # pfgm: the original Poisson flow's hyper-parameters
 
 
 @dataclass(frozen=True)

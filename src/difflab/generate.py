@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from difflab.errors import DifflabError
+from difflab.kernels import GAUSSIAN, GaussianKernel, Kernel
 from difflab.sampling import PerSampleNoise, get_sampler
 from difflab.types import Denoiser, StepCallback
 
@@ -20,6 +22,7 @@ def generate(
     *,
     sampler: str = "ddim",
     options: dict[str, Any] | None = None,
+    kernel: Kernel = GAUSSIAN,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     callback: StepCallback | None = None,
@@ -28,7 +31,9 @@ def generate(
 ) -> torch.Tensor:
     """Run `sampler` on the grid `sigmas` for every seed; returns (len(seeds), *sample_shape) on the CPU.
 
-    The starting noise and every later noise draw of sample i come from a generator seeded with seeds[i].
+    The starting state is a draw of the model's prior `kernel` at sigmas[0] (Gaussian, or PFGM++'s Poisson kernel,
+    which only deterministic ODE samplers suit). It and every later noise draw of sample i come from a generator
+    seeded with seeds[i].
     The callback (if any) sees the steps of every batch in turn. If `stats` is a dict, stats["nfe"] receives the
     number of network evaluations per sample (summed over batches' calls / number of batches).
     """
@@ -37,6 +42,11 @@ def generate(
     unknown = set(options) - set(spec.options)
     if unknown:
         raise TypeError(f"sampler '{sampler}' does not take {', '.join(sorted(unknown))}")
+    if not isinstance(kernel, GaussianKernel) and not spec.deterministic(options):
+        raise DifflabError(
+            f"sampler '{sampler}' adds Gaussian noise, which does not reverse a {kernel.name}-kernel model; use an "
+            "ODE sampler: euler, heun, dpmpp_2m, lms, rk45 or ddim with eta 0"
+        )
     out, calls = [], [0]
 
     def counted(x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
@@ -46,7 +56,7 @@ def generate(
     starts = range(0, len(seeds), batch_size)
     for start in tqdm(starts, desc=f"sample {sampler}", disable=not progress or len(starts) < 2):
         noise = PerSampleNoise(seeds[start : start + batch_size])
-        x = noise.initial(tuple(sample_shape), float(sigmas[0]), device)
+        x = noise.initial(tuple(sample_shape), float(sigmas[0]), device, kernel)
         x = spec.fn(counted, x, sigmas.to(device), noise=noise, callback=callback, **options)
         out.append(x.cpu())
     if stats is not None:

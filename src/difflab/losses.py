@@ -1,6 +1,7 @@
 """Training objectives: each owns its noise-level density and weighting and returns per-sample losses.
 
-One denoising loss serves every process: draw sigma from the process's training density, x = x0 + sigma n,
+One denoising loss serves every process: draw sigma from the process's training density, x = x0 + sigma n (or a
+draw of PFGM++'s Poisson kernel),
 and regress the raw network F onto the target its preconditioning implies, F* = (x0 - c_skip x)/c_out.
 In F-space this is plain MSE; in D-space it is the weight 1/c_out^2, which is Ho et al.'s L_simple for eps
 models and exactly Karras et al.'s lambda(sigma) = (sigma^2 + sd^2)/(sigma sd)^2 for EDM.
@@ -13,9 +14,10 @@ from typing import Any, Protocol
 
 import torch
 
+from difflab.kernels import GAUSSIAN, Kernel
 from difflab.precond import PreconditionedDenoiser, network_target
 from difflab.schedules import DiscreteSchedule
-from difflab.sigmas import append_dims, snr
+from difflab.sigmas import snr
 
 
 class NoiseLevels(Protocol):
@@ -68,6 +70,7 @@ class DenoisingLoss:
 
     noise_levels: NoiseLevels
     min_snr_gamma: float | None = None
+    kernel: Kernel = GAUSSIAN  # how x is drawn around x0: Gaussian, or PFGM++'s Poisson kernel
 
     def __call__(
         self,
@@ -78,8 +81,7 @@ class DenoisingLoss:
     ) -> torch.Tensor:
         """x0: (B, *shape) clean data; returns the per-sample loss (B,)."""
         sigma = self.noise_levels.sample(x0.shape[0], generator, x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x = x0 + append_dims(sigma, x0.ndim) * noise
+        x = x0 + self.kernel.noise(x0.shape, sigma, generator, x0.device, x0.dtype)
         out, scalings = denoiser.network_output(x, sigma, cond)
         target = network_target(scalings, x, x0)
         per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -2,36 +2,44 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from difflab.adapters import discrete_time_denoiser
 from difflab.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
 from difflab.errors import DifflabError
+from difflab.kernels import GAUSSIAN, Kernel, PoissonKernel
 from difflab.losses import DenoisingLoss, DiscreteTimesteps, LogNormalSigma, UniformTime
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import UNet, unet_preset
+from difflab.pfgm import PoissonFieldDenoiser, PoissonFieldLoss
 from difflab.precond import PreconditionedDenoiser, make_prediction
 from difflab.processes import PROCESSES, make_process, uniform_t_sigmas
 from difflab.schedules import DiscreteSchedule, karras_sigmas, log_snr_sigmas
 from difflab.sigmas import t_to_sigma
 
 MODEL_PRESETS = ("tiny", "small", "base")
-PROCESS_NAMES = ("ddpm", *PROCESSES)
+PROCESS_NAMES = ("ddpm", *PROCESSES, "pfgmpp", "pfgm")
 GRID_NAMES = ("respaced", "karras", "uniform_t", "log_snr")
 # prediction types each process supports; the first is the default
 PROCESS_PREDICTIONS = {"ddpm": ("eps", "x0", "v"), "vp": ("eps", "x0", "v"), "subvp": ("eps",), "ve": ("eps",),
-                       "edm": ("edm",)}  # fmt: skip
+                       "edm": ("edm",), "pfgmpp": ("edm",), "pfgm": ("field",)}  # fmt: skip
+PFGMPP_BETA_CLIP = 1e-3  # the PFGM++ training code clips B ~ Beta(N/2, D/2) into [1e-3, 1 - 1e-3]
 
 
-def model_config_for(data: DataConfig, preset: str = "tiny", dropout: float = 0.0) -> ModelConfig:
-    """A U-Net preset for images, or the MLP (sized by preset) for low-dimensional points."""
+def model_config_for(data: DataConfig, preset: str = "tiny", dropout: float = 0.0, field: bool = False) -> ModelConfig:
+    """A U-Net preset for images, or the MLP (sized by preset) for low-dimensional points. `field`: one more output
+    (an extra channel for the U-Net) for the z component of PFGM's Poisson field."""
     if data.kind == "images":
-        return ModelConfig("unet", preset, unet=unet_preset(preset, data.resolution, data.channels, dropout))
+        unet = unet_preset(preset, data.resolution, data.channels, dropout)
+        return ModelConfig("unet", preset, unet=replace(unet, out_channels=data.channels + 1) if field else unet)
     hidden = {"tiny": 128, "small": 256, "base": 512}
     if preset not in hidden:
         raise DifflabError(f"unknown model preset '{preset}': choose one of {', '.join(MODEL_PRESETS)}")
-    return ModelConfig("mlp", preset, mlp=MLPConfig(data_dim=data.sample_shape[0], hidden=hidden[preset]))
+    dim = data.sample_shape[0]
+    return ModelConfig("mlp", preset, mlp=MLPConfig(data_dim=dim, hidden=hidden[preset], out_dim=dim + int(field)))
 
 
 def build_network(config: ModelConfig) -> nn.Module:
@@ -51,6 +59,23 @@ def check_diffusion(config: DiffusionConfig) -> None:
         raise DifflabError(
             f"process '{config.process}' trains with prediction {' or '.join(allowed)}, not '{config.prediction}'"
         )
+    if config.process == "pfgmpp" and config.aug_dim is None:
+        raise DifflabError("process 'pfgmpp' needs --aug-dim D, the number of extra dimensions (e.g. 128)")
+    if config.process != "pfgmpp" and config.aug_dim is not None:
+        raise DifflabError(f"--aug-dim is for --process pfgmpp, not '{config.process}'")
+    if (config.process == "pfgm") != (config.pfgm is not None):
+        raise DifflabError("PFGM hyper-parameters belong to process 'pfgm' (and it needs them); see pfgm_config_for")
+    build_kernel(config)  # validates D
+
+
+def build_kernel(config: DiffusionConfig) -> Kernel:
+    """The perturbation kernel that is the model's prior at sigma_max: Poisson (D = aug_dim) for pfgmpp, else
+    Gaussian."""
+    if config.process == "pfgmpp":
+        return PoissonKernel(config.aug_dim)
+    if config.process == "pfgm":  # the hemisphere prior at r = z_max, radius clipped (Xu et al. 2022, Sec. 3.3)
+        return PoissonKernel(1, max_radius=config.pfgm.upper_norm)
+    return GAUSSIAN
 
 
 def build_schedule(config: DiffusionConfig) -> DiscreteSchedule:
@@ -58,25 +83,30 @@ def build_schedule(config: DiffusionConfig) -> DiscreteSchedule:
 
 
 def build_process(config: DiffusionConfig):
-    """The continuous process of a config (not for ddpm); ve and edm take the config's sigma range."""
-    if config.process in ("ve", "edm"):
-        return make_process(config.process, sigma_min=config.sigma_min, sigma_max=config.sigma_max)
+    """The continuous process of a config (not for ddpm or pfgm); ve and edm take the config's sigma range. PFGM++ runs
+    on EDM's sigma(t) = t with r = sigma sqrt(D) (Xu et al. 2023, Sec. 4)."""
+    if config.process in ("ve", "edm", "pfgmpp"):
+        name = "edm" if config.process == "pfgmpp" else config.process
+        return make_process(name, sigma_min=config.sigma_min, sigma_max=config.sigma_max)
     return make_process(config.process)
 
 
-def build_denoiser(config: RunConfig, net: nn.Module | None = None) -> PreconditionedDenoiser:
+def build_denoiser(config: RunConfig, net: nn.Module | None = None) -> PreconditionedDenoiser | PoissonFieldDenoiser:
     """The sigma-space denoiser D for this run: network + preconditioning + noise conditioning.
 
     c_noise: the (fractional) DDPM timestep for ddpm; 999 t(sigma) for vp/subvp (score_sde); ln(sigma/2) for ve
-    and ln(sigma)/4 for edm (Karras et al. 2022, Table 1).
+    and ln(sigma)/4 for edm (Karras et al. 2022, Table 1) and pfgmpp, which keeps EDM's denoiser unchanged. A pfgm
+    field network becomes a denoiser with sigma = z (`PoissonFieldDenoiser`).
     """
     diffusion = config.diffusion
     check_diffusion(diffusion)
     net = net if net is not None else build_network(config.model)
     if diffusion.process == "ddpm":
         return discrete_time_denoiser(net, build_schedule(diffusion), make_prediction(diffusion.prediction))
+    if diffusion.process == "pfgm":
+        return PoissonFieldDenoiser(net, diffusion.pfgm.gamma, diffusion.pfgm.z_exp)
     process = build_process(diffusion)
-    if diffusion.process == "edm":
+    if diffusion.process in ("edm", "pfgmpp"):
         return PreconditionedDenoiser(net, make_prediction("edm", sigma_data=diffusion.sigma_data), _quarter_log)
     if diffusion.process == "ve":
         return PreconditionedDenoiser(net, make_prediction("eps", input_scale=torch.ones_like), _log_half)
@@ -102,13 +132,19 @@ class _TimeLabel:
         return (999 * self.process.t_of_sigma(sigma.double())).to(sigma.dtype)
 
 
-def build_loss(config: DiffusionConfig, min_snr_gamma: float | None = None) -> DenoisingLoss:
-    """The training objective of a process: its noise-level density and the F-space MSE."""
+def build_loss(config: DiffusionConfig, min_snr_gamma: float | None = None) -> DenoisingLoss | PoissonFieldLoss:
+    """The training objective of a process: its noise-level density and the F-space MSE; PFGM's field regression."""
     check_diffusion(config)
+    if config.process == "pfgm":
+        if min_snr_gamma is not None:
+            raise DifflabError("--min-snr-gamma weights a denoising loss; process 'pfgm' regresses a field")
+        return PoissonFieldLoss(config.pfgm)
     if config.process == "ddpm":
         return DenoisingLoss(DiscreteTimesteps(build_schedule(config)), min_snr_gamma)
     if config.process == "edm":
         return DenoisingLoss(LogNormalSigma(), min_snr_gamma)
+    if config.process == "pfgmpp":  # EDM's sigma density and loss; only the kernel changes (Xu et al. 2023, Alg. 1)
+        return DenoisingLoss(LogNormalSigma(), min_snr_gamma, PoissonKernel(config.aug_dim, PFGMPP_BETA_CLIP))
     return DenoisingLoss(
         UniformTime(build_process(config), t_min=1e-5 if config.process != "ve" else 0.0), min_snr_gamma
     )
@@ -119,14 +155,17 @@ def sigma_range(config: DiffusionConfig) -> tuple[float, float]:
     if config.process == "ddpm":
         schedule = build_schedule(config)
         return schedule.sigma_min, schedule.sigma_max
+    if config.process == "pfgm":
+        return config.pfgm.z_min, config.pfgm.z_max
     process = build_process(config)
     return process.sigma_min, process.sigma_max
 
 
 def default_grid(config: DiffusionConfig) -> str:
     """The model's own respaced timesteps for ddpm; Karras et al.'s rho = 7 grid for continuous processes (the
-    uniform-t grid of score_sde leaves one large final step that multistep solvers extrapolate badly)."""
-    return "respaced" if config.process == "ddpm" else "karras"
+    uniform-t grid of score_sde leaves one large final step that multistep solvers extrapolate badly); uniform in
+    log z for pfgm (its authors' Euler grid)."""
+    return {"ddpm": "respaced", "pfgm": "log_snr"}.get(config.process, "karras")
 
 
 def sampling_sigmas(config: DiffusionConfig, steps: int, grid: str | None = None) -> torch.Tensor:
@@ -148,4 +187,6 @@ def sampling_sigmas(config: DiffusionConfig, steps: int, grid: str | None = None
         schedule = build_schedule(config)
         t = torch.linspace(schedule.num_steps - 1, 0, steps, dtype=torch.float64)
         return torch.cat([t_to_sigma(t, schedule.sigmas), torch.zeros(1, dtype=torch.float64)]).float()
+    if config.process == "pfgm":
+        raise DifflabError("--grid uniform_t needs a diffusion process; for pfgm use log_snr (uniform in log z)")
     return uniform_t_sigmas(build_process(config), steps)

@@ -1,5 +1,5 @@
-"""Exact denoisers of Gaussian and Gaussian-mixture data: closed-form stand-ins for trained networks, used to
-check samplers and likelihoods against exact answers (tests and benchmarks)."""
+"""Exact denoisers of Gaussian, Gaussian-mixture and point-set data: closed-form stand-ins for trained networks, used to
+check samplers and likelihoods against exact answers (tests and benchmarks), and the empirical field PFGM trains on."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from difflab.kernels import GAUSSIAN, Kernel
 from difflab.sigmas import append_dims
 
 
@@ -66,3 +67,24 @@ class GaussianMixtureDenoiser:
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.means.shape[1], generator=generator, dtype=self.means.dtype)
         return self.means[k] + self.stds[k, None] * z
+
+
+class PointSetDenoiser:
+    """Data uniform on a finite point set y_1..y_K under a perturbation kernel (Gaussian, or PFGM++'s Poisson kernel):
+    D(x, sigma) = sum_i w_i y_i with w_i proportional to p_sigma(x | y_i), the exact posterior mean. With the
+    Poisson kernel and D = 1 this is the empirical Poisson field's flow, dx/dz = (x - D) / z. points: (K, *shape).
+    """
+
+    def __init__(self, points: torch.Tensor, kernel: Kernel = GAUSSIAN):
+        self.points, self.kernel = points, kernel
+        self.calls = 0
+
+    def weights(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The posterior weights (B, K) of the points given noisy x (B, *shape) at noise levels sigma (B,)."""
+        flat = self.points.flatten(1).to(x.dtype)
+        sq = torch.cdist(x.flatten(1), flat, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+        return torch.softmax(self.kernel.log_kernel(sq, sigma.to(x.dtype)[:, None], flat.shape[1]), dim=1)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        self.calls += 1
+        return (self.weights(x, sigma) @ self.points.flatten(1).to(x.dtype)).view_as(x)

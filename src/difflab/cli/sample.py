@@ -19,6 +19,7 @@ SAMPLER_OPTIONS = {
     "s_tmin": (float, "heun: lowest sigma that gets churn"),
     "s_tmax": (float, "heun: highest sigma that gets churn"),
     "s_noise": (float, "heun: noise inflation of the churn"),
+    "log_sigma": (bool, "euler: step in log sigma (PFGM's log z) instead of sigma"),
     "order": (int, "lms: multistep order (default 4)"),
     "rtol": (float, "rk45: relative tolerance (default 1e-5)"),
     "atol": (float, "rk45: absolute tolerance (default 1e-5)"),
@@ -34,7 +35,11 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50, help="number of sampling steps")
     p.add_argument("--grid", choices=GRID_NAMES, help="noise-level grid (default: respaced for ddpm, else karras)")
     for name, (kind, text) in SAMPLER_OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, dest=name, action="store_const", const=True, help=text)
+        else:
+            p.add_argument(flag, dest=name, type=kind, help=text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     stats: dict = {}
     samples = generate(
         model.denoiser, model.config.data.sample_shape, sigmas, seeds,
-        sampler=args.sampler, options=options, batch_size=args.batch_size, device=device, progress=True, stats=stats,
+        sampler=args.sampler, options=options, kernel=model.kernel, batch_size=args.batch_size, device=device, progress=True, stats=stats,
     )  # fmt: skip
     metadata = {"sampler": args.sampler, "steps": args.steps, "seed": args.seed, "n": args.n, **options}
     metadata |= {"grid": args.grid or "default", "checkpoint": str(model.checkpoint), "train_step": model.step}

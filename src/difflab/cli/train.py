@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from difflab.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
 from difflab.data import load_dataset
 from difflab.errors import DifflabError
 from difflab.models import MODEL_PRESETS, PROCESS_NAMES, PROCESS_PREDICTIONS, check_diffusion, model_config_for
+from difflab.pfgm import pfgm_config_for
 from difflab.precond import PREDICTIONS
 from difflab.schedules import SCHEDULE_NAMES
 from difflab.training.checkpoint import latest_checkpoint, load_config
@@ -21,6 +23,7 @@ from difflab.viz import save_loss_curve
 
 # Defaults that differ between low-dimensional points and images.
 DEFAULTS = {"points": {"batch_size": 256, "lr": 1e-3}, "images": {"batch_size": 128, "lr": 5e-4}}
+PFGM_CHARGES = 1024  # pfgm: data points per step whose empirical field is the target (the "large batch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,9 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--process",
         choices=PROCESS_NAMES,
         default="ddpm",
-        help="ddpm (discrete T steps), vp, subvp, ve (score SDEs) or edm (Karras et al. 2022)",
+        help="ddpm (discrete T steps), vp, subvp, ve (score SDEs), edm (Karras et al. 2022), pfgmpp (Poisson flow "
+        "with --aug-dim D extra dimensions, Xu et al. 2023) or pfgm (the original Poisson flow, Xu et al. 2022)",
     )
-    p.add_argument("--prediction", choices=tuple(PREDICTIONS), help="eps, x0, v (ddpm/vp), edm; default per process")
+    p.add_argument("--aug-dim", type=int, help="pfgmpp: the number D of extra dimensions (1 = PFGM, large = EDM)")
+    p.add_argument(
+        "--prediction", choices=(*PREDICTIONS, "field"), help="eps, x0, v (ddpm/vp), edm; default per process"
+    )
     p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="linear", help="ddpm beta schedule")
     p.add_argument("--timesteps", type=int, default=1000, help="ddpm: number of diffusion steps T")
     p.add_argument("--sigma-min", type=float, help="ve/edm: smallest noise level (default 0.01 / 0.002)")
@@ -60,16 +67,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def build_config(args: argparse.Namespace, kind: str, sample_shape: tuple[int, ...]) -> RunConfig:
-    """The RunConfig of a new run from the command line."""
+def build_config(
+    args: argparse.Namespace, kind: str, sample_shape: tuple[int, ...], data_norm: float | None = None
+) -> RunConfig:
+    """The RunConfig of a new run from the command line; pfgm derives its hyper-parameters from the data's
+    dimension and root-mean-square norm `data_norm`. Its network batch is the usual batch size, and the training
+    batch (the field's charges) is 1024 unless --batch-size says otherwise."""
     resolution = sample_shape[-1] if kind == "images" else None
     channels = sample_shape[0] if kind == "images" else 1
     data = DataConfig(args.data, kind, tuple(sample_shape), resolution, channels)
     defaults = DEFAULTS[kind]
+    pfgm = None
+    if args.process == "pfgm":
+        if data_norm is None:
+            raise ValueError("process 'pfgm' derives its hyper-parameters from the data norm; pass data_norm")
+        pfgm = pfgm_config_for(math.prod(sample_shape), data_norm, small_batch=defaults["batch_size"])
+    batch_size = args.batch_size or (PFGM_CHARGES if pfgm else defaults["batch_size"])
     train = TrainConfig(
         steps=args.steps if args.steps is not None or args.minutes is not None else 5000,
         minutes=args.minutes,
-        batch_size=args.batch_size or defaults["batch_size"],
+        batch_size=batch_size,
         lr=args.lr or defaults["lr"],
         warmup_steps=args.warmup,
         ema_decay=args.ema_decay,
@@ -79,9 +96,13 @@ def build_config(args: argparse.Namespace, kind: str, sample_shape: tuple[int, .
         checkpoint_every=args.checkpoint_every,
     )
     prediction = args.prediction or PROCESS_PREDICTIONS.get(args.process, ("eps",))[0]
-    diffusion = DiffusionConfig(args.process, args.schedule, args.timesteps, prediction, args.sigma_min, args.sigma_max)
+    diffusion = DiffusionConfig(
+        args.process, args.schedule, args.timesteps, prediction, args.sigma_min, args.sigma_max,
+        aug_dim=args.aug_dim, pfgm=pfgm,
+    )  # fmt: skip
     check_diffusion(diffusion)
-    return RunConfig(data, model_config_for(data, args.model, args.dropout), diffusion, train)
+    model = model_config_for(data, args.model, args.dropout, field=args.process == "pfgm")
+    return RunConfig(data, model, diffusion, train)
 
 
 def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
@@ -104,7 +125,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         if latest_checkpoint(out) is not None:
             raise DifflabError(f"'{out}' already holds a run; pass --resume latest to continue it, or a new --out")
         data = load_dataset(args.data, resolution=args.resolution, channels=args.channels)
-        config = build_config(args, data.kind, data.sample_shape)
+        data_norm = float(data.data.flatten(1).pow(2).sum(1).mean().sqrt())
+        config = build_config(args, data.kind, data.sample_shape, data_norm)
     device = resolve_device(args.device)
     torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
     trainer = Trainer(config, data.data, out, device)

@@ -16,6 +16,7 @@ class MLPConfig:
     hidden: int = 256
     num_blocks: int = 3
     embed_dim: int = 128
+    out_dim: int | None = None  # default data_dim
 
 
 class _Block(nn.Module):
@@ -32,7 +33,7 @@ class _Block(nn.Module):
 
 
 class MLP(nn.Module):
-    """F(x, c_noise): x (B, data_dim), c_noise (B,) -> (B, data_dim)."""
+    """F(x, c_noise): x (B, data_dim), c_noise (B,) -> (B, out_dim), out_dim = data_dim unless configured."""
 
     def __init__(self, config: MLPConfig):
         super().__init__()
@@ -40,7 +41,9 @@ class MLP(nn.Module):
         self.embed = NoiseEmbedding(config.embed_dim, config.hidden)
         self.inp = nn.Linear(config.data_dim, config.hidden)
         self.blocks = nn.ModuleList(_Block(config.hidden) for _ in range(config.num_blocks))
-        self.out = nn.Sequential(nn.LayerNorm(config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.data_dim))
+        self.out = nn.Sequential(
+            nn.LayerNorm(config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.out_dim or config.data_dim)
+        )
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: object = None) -> torch.Tensor:
         reject_cond(cond)

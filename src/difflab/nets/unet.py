@@ -23,6 +23,7 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32
     attention_heads: int = 1
+    out_channels: int | None = None  # default in_channels
 
 
 def _norm(groups: int, channels: int) -> nn.GroupNorm:
@@ -83,7 +84,7 @@ class _Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(x, c_noise): x (B, C, R, R), c_noise (B,) -> (B, C, R, R)."""
+    """F(x, c_noise): x (B, C, R, R), c_noise (B,) -> (B, C_out, R, R), C_out = C unless configured."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -125,7 +126,9 @@ class UNet(nn.Module):
                     nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
                 )
                 res *= 2
-        self.out = nn.Sequential(_norm(g, c), nn.SiLU(), _zero(nn.Conv2d(c, cfg.in_channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            _norm(g, c), nn.SiLU(), _zero(nn.Conv2d(c, cfg.out_channels or cfg.in_channels, 3, padding=1))
+        )
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: object = None) -> torch.Tensor:
         reject_cond(cond)

@@ -21,6 +21,14 @@ def _per_step(k: int) -> Cost:
     return lambda steps, options: k * steps
 
 
+def _zero_option(name: str, default: float) -> Callable[[dict[str, Any]], bool]:
+    return lambda options: options.get(name, default) == 0
+
+
+def _always(value: bool) -> Callable[[dict[str, Any]], bool]:
+    return lambda options: value
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     name: str
@@ -28,6 +36,9 @@ class SamplerSpec:
     summary: str
     options: tuple[str, ...] = ()  # keyword options the CLI may pass besides cond/noise/callback
     cost: Cost | None = field(default=_per_step(1))  # None: adaptive (the sampler reports its own count)
+    # whether it integrates the PF-ODE without drawing noise, given its options; only these suit a kernel other
+    # than the Gaussian (PFGM/PFGM++), whose reverse SDE is not the Gaussian one
+    deterministic: Callable[[dict[str, Any]], bool] = field(default=_always(True))
 
     def nfe(self, steps: int, options: dict[str, Any] | None = None) -> int:
         """Network evaluations used by `steps` steps on a grid that ends in sigma = 0."""
@@ -46,24 +57,31 @@ class SamplerSpec:
 SAMPLERS: dict[str, SamplerSpec] = {
     s.name: s
     for s in (
-        SamplerSpec("ddpm", sample_ddpm, "DDPM ancestral sampling (Ho et al. 2020, Alg. 2)", ("variance",)),
-        SamplerSpec("ddim", sample_ddim, "DDIM (Song et al. 2021, Eq. 12); eta 0 deterministic, 1 = DDPM", ("eta",)),
-        SamplerSpec("euler", sample_euler, "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1)"),
+        SamplerSpec("ddpm", sample_ddpm, "DDPM ancestral sampling (Ho et al. 2020, Alg. 2)", ("variance",),
+                    deterministic=_always(False)),
+        SamplerSpec("ddim", sample_ddim, "DDIM (Song et al. 2021, Eq. 12); eta 0 deterministic, 1 = DDPM", ("eta",),
+                    deterministic=_zero_option("eta", 0.0)),
+        SamplerSpec("euler", sample_euler, "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1); "
+                    "log_sigma: steps in log sigma (PFGM's log z)", ("log_sigma",)),
         SamplerSpec("heun", sample_heun, "Heun 2nd order (Karras et al. 2022, Alg. 2); s_churn > 0 adds noise",
-                    ("s_churn", "s_tmin", "s_tmax", "s_noise"), lambda steps, o: 2 * steps - 1),
+                    ("s_churn", "s_tmin", "s_tmax", "s_noise"), lambda steps, o: 2 * steps - 1,
+                    _zero_option("s_churn", 0.0)),
         SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), 2nd-order multistep"),
         SamplerSpec("lms", sample_lms, "linear multistep on the PF-ODE (order 4 by default)", ("order",)),
         SamplerSpec("rk45", sample_rk45, "adaptive Dormand-Prince RK45 on the PF-ODE; --steps sets only the range",
                     ("rtol", "atol"), None),
         SamplerSpec("euler_ancestral", sample_euler_ancestral, "Euler ancestral (k-diffusion); same map as ddim(eta)",
-                    ("eta",)),
-        SamplerSpec("euler_maruyama", sample_euler_maruyama, "Euler-Maruyama, reverse SDE (Song et al. 2021, Eq. 6)"),
+                    ("eta",), deterministic=_zero_option("eta", 1.0)),
+        SamplerSpec("euler_maruyama", sample_euler_maruyama, "Euler-Maruyama, reverse SDE (Song et al. 2021, Eq. 6)",
+                    deterministic=_always(False)),
         SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE (Lu et al. 2022b), midpoint",
-                    ("eta", "s_noise")),
+                    ("eta", "s_noise"), deterministic=_zero_option("eta", 1.0)),
         SamplerSpec("pc", sample_pc, "predictor-corrector (Song et al. 2021, Alg. 2): Langevin + reverse diffusion",
-                    ("snr", "corrector_steps"), lambda steps, o: (o.get("corrector_steps", 1) + 1) * steps),
+                    ("snr", "corrector_steps"), lambda steps, o: (o.get("corrector_steps", 1) + 1) * steps,
+                    _always(False)),
         SamplerSpec("ald", sample_ald, "annealed Langevin dynamics (Song & Ermon 2019, Alg. 1), final denoising",
-                    ("step_size", "n_steps_each"), lambda steps, o: o.get("n_steps_each", 5) * steps + 1),
+                    ("step_size", "n_steps_each"), lambda steps, o: o.get("n_steps_each", 5) * steps + 1,
+                    _always(False)),
     )
 }  # fmt: skip
 

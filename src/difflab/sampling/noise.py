@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from difflab.kernels import GAUSSIAN, Kernel
+
 
 class PerSampleNoise:
     """Standard normal noise where row i comes from its own CPU generator seeded with seeds[i].
@@ -29,9 +31,13 @@ class PerSampleNoise:
         rows = [torch.randn(like.shape[1:], generator=g) for g in self.generators]
         return torch.stack(rows).to(device=like.device, dtype=like.dtype)
 
-    def initial(self, shape: Sequence[int], sigma_max: float, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The starting state x ~ N(0, sigma_max^2 I), shape (B, *shape)."""
-        return sigma_max * self(torch.empty(len(self), *shape, device=device))
+    def initial(
+        self, shape: Sequence[int], sigma_max: float, device: torch.device | str = "cpu", kernel: Kernel = GAUSSIAN
+    ) -> torch.Tensor:
+        """The starting state, a draw of the prior kernel(x | 0) at sigma_max (default N(0, sigma_max^2 I)),
+        shape (B, *shape); row i from seeds[i]."""
+        rows = [kernel.noise((1, *shape), sigma_max, generator=g)[0] for g in self.generators]
+        return torch.stack(rows).to(device)
 
 
 class GeneratorNoise:

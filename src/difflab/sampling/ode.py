@@ -27,21 +27,29 @@ def sample_euler(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
+    log_sigma: bool = False,
     cond: Any = None,
     noise: NoiseFn | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Euler on the PF-ODE (Karras et al. 2022, Alg. 1 with Euler steps): x' = x + (sigma' - sigma)(x - D) / sigma.
 
-    x (B, *shape) at sigmas[0] -> sample at sigmas[-1]. A step to sigma' = 0 returns D itself. The same map as
-    DDIM with eta = 0 on the same grid.
+    With `log_sigma`, the step is taken in t = log sigma, where dx/dt = x - D: x' = x + log(sigma'/sigma)(x - D);
+    this is the original PFGM's forward Euler in t = log z (Xu et al. 2022, Sec. 3.3, with sigma = z).
+    x (B, *shape) at sigmas[0] -> sample at sigmas[-1]. A step to sigma' = 0 returns D itself. Without
+    `log_sigma`, the same map as DDIM with eta = 0 on the same grid.
     """
     check_grid(sigmas)
     ones = x.new_ones(x.shape[0])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoiser(x, sigma * ones, cond)
-        x_next = denoised if sigma_next == 0 else x + eps_from_denoised(x, denoised, sigma) * (sigma_next - sigma)
+        if sigma_next == 0:
+            x_next = denoised
+        elif log_sigma:
+            x_next = x + (x - denoised) * math.log(sigma_next / sigma)
+        else:
+            x_next = x + eps_from_denoised(x, denoised, sigma) * (sigma_next - sigma)
         if callback is not None:
             callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
         x = x_next

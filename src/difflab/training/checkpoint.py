@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
-from difflab.models import build_denoiser, build_network, sampling_sigmas
+from difflab.kernels import Kernel
+from difflab.models import build_denoiser, build_kernel, build_network, sampling_sigmas
 from difflab.precond import PreconditionedDenoiser
 
 CHECKPOINT_DIR = "checkpoints"
@@ -137,6 +138,11 @@ class LoadedModel:
     denoiser: PreconditionedDenoiser
     checkpoint: Path
     step: int
+
+    @property
+    def kernel(self) -> Kernel:
+        """The perturbation kernel whose draw at sigma_max starts sampling (Gaussian, or Poisson for PFGM++)."""
+        return build_kernel(self.config.diffusion)
 
     def sigmas(self, steps: int, grid: str | None = None) -> torch.Tensor:
         """The sampling grid for this model: `steps` noise levels then 0, (steps + 1,)."""

@@ -1,0 +1,121 @@
+"""Perturbation kernels p_sigma(x | y) (Xu et al. 2023, PFGM++, Eq. 4 and Sec. 4): Gaussian diffusion and Poisson flow.
+
+Training perturbs data with the kernel and sampling starts from it at sigma_max; everything else (denoiser,
+preconditioning, loss, every ODE sampler) is shared. The PFGM++ kernel with D extra dimensions is
+
+    p_r(x | y) ~ (||x - y||^2 + r^2)^(-(N + D) / 2),   r = sigma sqrt(D),   N = dim(x),
+
+sampled as x = y + R u with R = r sqrt(B / (1 - B)), B ~ Beta(N/2, D/2) and u uniform on the unit sphere. It is a
+multivariate Student-t with D degrees of freedom and scale sigma, so D -> inf gives N(y, sigma^2 I); D = 1 is the
+original PFGM's field on the hemisphere of radius r = z.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from difflab.errors import DifflabError
+from difflab.sigmas import append_dims
+
+
+def _per_sample(sigma: torch.Tensor | float, n: int, like: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    return sigma.expand(n) if sigma.ndim == 0 else sigma
+
+
+@dataclass(frozen=True)
+class GaussianKernel:
+    """x = y + sigma n, n ~ N(0, I) (Ho et al. 2020; Karras et al. 2022, Eq. 2): the D -> inf limit of PFGM++."""
+
+    name = "gaussian"
+
+    def noise(
+        self,
+        shape: tuple[int, ...],
+        sigma: torch.Tensor | float,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Draws of x - y, shape (B, *sample_shape) = `shape`; sigma a float or (B,)."""
+        n = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return append_dims(_per_sample(sigma, shape[0], n), n.ndim) * n
+
+    def log_kernel(self, sq_dist: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor:
+        """log p_sigma(x | y) up to a constant in x and y, from ||x - y||^2; sigma broadcasts against sq_dist."""
+        return -0.5 * sq_dist / sigma**2
+
+    def log_prob(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Normalised log p_sigma(x | 0) summed over the sample dims: (B, *shape) -> (B,)."""
+        n = x[0].numel()
+        sq = x.flatten(1).pow(2).sum(1)
+        return -0.5 * sq / sigma**2 - n * math.log(sigma) - 0.5 * n * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class PoissonKernel:
+    """The PFGM++ kernel with `aug_dim` = D extra dimensions (Xu et al. 2023, Eq. 4; App. B.1 for the sampler).
+
+    B ~ Beta(N/2, D/2) is drawn as B = |g|^2 / (|g|^2 + |h|^2) with g ~ N(0, I_N), h ~ N(0, I_D), and u = g / |g|
+    (the norm and direction of a Gaussian are independent), so x - y = r g / |h| without cancellation. Drawing g
+    first couples the kernel with the Gaussian one: for the same generator state the draw tends to sigma g as
+    D grows. `beta_clip` clips B into [c, 1 - c] (the PFGM++ training code uses 1e-3 to tame the heavy tail at
+    small D); `max_radius` clips R (the original PFGM prior clips it to its radius bound). Both default to off:
+    the exact kernel.
+    """
+
+    aug_dim: int
+    beta_clip: float = 0.0
+    max_radius: float | None = None
+    name = "poisson"
+
+    def __post_init__(self):
+        if not (isinstance(self.aug_dim, int) and self.aug_dim >= 1):
+            raise DifflabError(f"--aug-dim (PFGM++ extra dimensions D) must be an integer >= 1, got {self.aug_dim}")
+        if not 0 <= self.beta_clip < 0.5:
+            raise DifflabError(f"beta_clip must lie in [0, 0.5), got {self.beta_clip}")
+
+    def radius_scale(self, sigma: torch.Tensor | float) -> torch.Tensor | float:
+        """r = sigma sqrt(D): the augmented-space radius aligned with the Gaussian sigma (Xu et al. 2023, Sec. 4)."""
+        return sigma * math.sqrt(self.aug_dim)
+
+    def noise(
+        self,
+        shape: tuple[int, ...],
+        sigma: torch.Tensor | float,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Draws of x - y, shape (B, *sample_shape) = `shape`; sigma a float or (B,)."""
+        g = torch.randn(shape, generator=generator, device=device, dtype=torch.float64)
+        h = torch.randn(shape[0], self.aug_dim, generator=generator, device=device, dtype=torch.float64)
+        g2, h2 = g.flatten(1).pow(2).sum(1), h.pow(2).sum(1)
+        if self.beta_clip > 0:
+            beta = (g2 / (g2 + h2)).clamp(self.beta_clip, 1 - self.beta_clip)
+            ratio = beta / (1 - beta)
+        else:
+            ratio = g2 / h2
+        radius = self.radius_scale(_per_sample(sigma, shape[0], g)) * ratio.sqrt()
+        if self.max_radius is not None:
+            radius = radius.clamp(max=self.max_radius)
+        direction = g / append_dims(g2.sqrt(), g.ndim)
+        return (append_dims(radius, g.ndim) * direction).to(dtype)
+
+    def log_kernel(self, sq_dist: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor:
+        """log p_r(x | y) up to a constant in x and y: -(N + D)/2 log(||x - y||^2 + r^2), r = sigma sqrt(D)."""
+        return -0.5 * (dim + self.aug_dim) * torch.log(sq_dist + self.aug_dim * sigma**2)
+
+    def log_prob(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Normalised log p_r(x | 0): the multivariate Student-t with D dof and scale sigma. (B, *shape) -> (B,)."""
+        n, d = x[0].numel(), self.aug_dim
+        sq = x.flatten(1).pow(2).sum(1)
+        const = math.lgamma((n + d) / 2) - math.lgamma(d / 2) - 0.5 * n * math.log(math.pi * d * sigma**2)
+        return const - 0.5 * (n + d) * torch.log1p(sq / (d * sigma**2))
+
+
+Kernel = GaussianKernel | PoissonKernel
+GAUSSIAN = GaussianKernel()
