@@ -64,8 +64,8 @@ def _generate(model: LoadedModel, args: argparse.Namespace, steps: int, device: 
     sigmas = model.sigmas(steps, args.grid)
     seeds = [args.seed + i for i in range(args.n)]
     return generate(model.denoiser, model.config.data.sample_shape, sigmas, seeds, sampler=args.sampler,
-                    options=sampler_options(args.sampler, args), kernel=model.kernel, batch_size=args.batch_size, device=device,
-                    progress=True)  # fmt: skip
+                    options=sampler_options(args.sampler, args), kernel=model.kernel, batch_size=args.batch_size,
+                    device=device, progress=True)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     stats: dict = {}
     samples = generate(
         model.denoiser, model.config.data.sample_shape, sigmas, seeds,
-        sampler=args.sampler, options=options, kernel=model.kernel, batch_size=args.batch_size, device=device, progress=True, stats=stats,
+        sampler=args.sampler, options=options, kernel=model.kernel, batch_size=args.batch_size, device=device,
+        progress=True, stats=stats,
     )  # fmt: skip
     metadata = {"sampler": args.sampler, "steps": args.steps, "seed": args.seed, "n": args.n, **options}
     metadata |= {"grid": args.grid or "default", "checkpoint": str(model.checkpoint), "train_step": model.step}
