@@ -21,6 +21,14 @@ from difflab.errors import DifflabError
 from difflab.sigmas import append_dims
 
 
+def gaussian_prior_log_prob(x: torch.Tensor, prior_std: float | torch.Tensor) -> torch.Tensor:
+    """log N(x; 0, diag(prior_std^2)) summed over the sample dims: (B, *shape) -> (B,); prior_std a float or a
+    tensor broadcastable to shape."""
+    std = torch.as_tensor(prior_std, dtype=x.dtype, device=x.device)
+    per_dim = -0.5 * (x / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return per_dim.expand_as(x).flatten(1).sum(1)
+
+
 def _per_sample(sigma: torch.Tensor | float, n: int, like: torch.Tensor) -> torch.Tensor:
     sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
     return sigma.expand(n) if sigma.ndim == 0 else sigma
@@ -50,9 +58,7 @@ class GaussianKernel:
 
     def log_prob(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """Normalised log p_sigma(x | 0) summed over the sample dims: (B, *shape) -> (B,)."""
-        n = x[0].numel()
-        sq = x.flatten(1).pow(2).sum(1)
-        return -0.5 * sq / sigma**2 - n * math.log(sigma) - 0.5 * n * math.log(2 * math.pi)
+        return gaussian_prior_log_prob(x, sigma)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_model(args.ckpt, device=device)
     data_cfg, diffusion = model.config.data, model.config.diffusion
+    if diffusion.process == "pfgm":
+        raise DifflabError(
+            "difflab nll does not score original PFGM models: run forwards from the data, the flow leaves the "
+            "region their field network was trained on (it diverges); train with --process pfgmpp instead"
+        )
     name = args.data or data_cfg.name
     res = data_cfg.resolution if data_cfg.kind == "images" else None
     data = load_dataset(name, split="test", resolution=res, channels=data_cfg.channels).data[: args.n]
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     n_bins = DIGIT_LEVELS if name == "digits" else 256
     g = torch.Generator().manual_seed(args.seed)
     kw = dict(sigma_min=sigma_min, sigma_max=sigma_max, divergence=args.divergence, probe=args.probe, generator=g,
-              rtol=args.rtol, atol=args.atol)  # fmt: skip
+              rtol=args.rtol, atol=args.atol, kernel=model.kernel)  # fmt: skip
     bpd, nfe, vlb = [], 0, []
     for start in range(0, len(data), args.batch_size):
         batch = data[start : start + args.batch_size].to(device)
