@@ -79,7 +79,7 @@ class PoissonKernel:
     name = "poisson"
 
     def __post_init__(self):
-        if not (isinstance(self.aug_dim, int) and self.aug_dim >= 1):
+        if isinstance(self.aug_dim, bool) or not (isinstance(self.aug_dim, int) and self.aug_dim >= 1):
             raise DifflabError(f"--aug-dim (PFGM++ extra dimensions D) must be an integer >= 1, got {self.aug_dim}")
         if not 0 <= self.beta_clip < 0.5:
             raise DifflabError(f"beta_clip must lie in [0, 0.5), got {self.beta_clip}")
@@ -97,7 +97,7 @@ class PoissonKernel:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Draws of x - y, shape (B, *sample_shape) = `shape`; sigma a float or (B,)."""
-        g = torch.randn(shape, generator=generator, device=device, dtype=torch.float64)
+        g = torch.randn(shape, generator=generator, device=device, dtype=dtype).double()  # as GaussianKernel draws
         h = torch.randn(shape[0], self.aug_dim, generator=generator, device=device, dtype=torch.float64)
         g2, h2 = g.flatten(1).pow(2).sum(1), h.pow(2).sum(1)
         if self.beta_clip > 0:

@@ -31,7 +31,7 @@ def pfgm_config_for(data_dim: int, data_norm: float, **overrides: Any) -> PFGMCo
         z_max = sqrt(2/pi) sigma (1 + tau)^M      (the mean of |eps_z| (1 + tau)^M: the largest perturbed z)
         upper_norm = sqrt(N) sigma (1 + tau)^M    (the largest perturbed radius)
 
-    with sigma = sigma_end = 0.01 and tau = 0.03 (CIFAR-10: M = 287, z_max = 39, upper_norm = 2681; the paper
+    with sigma = sigma_end = 0.01 and tau = 0.03 (CIFAR-10: M = 287, z_max = 38.6, upper_norm = 2679; the paper
     ships 291, 40, 3000). z_exp scales with z_max as CIFAR-10's 1 at z_max = 40 (our choice). Keyword arguments
     override any field.
     """
@@ -55,8 +55,9 @@ def perturb_augmented(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training points around the data (Xu et al. 2022, Alg. 2 and App. B.1.1): y (B, *shape) -> x (B, *shape), z (B,).
 
-    m ~ U[0, M] (U[0, 0.7 M] where the seed z is below sigma_end / 2, with `restrict_m`), eps ~ N(0, sigma_end^2 I)
-    in N + 1 dims; x = y + ||eps_x|| (1 + tau)^m u with u uniform on the unit sphere, z = |eps_z| (1 + tau)^m.
+    m ~ U[0, M] (U[0, floor(0.7 M)] where the seed z is below sigma_end / 2, with `restrict_m`),
+    eps ~ N(0, sigma_end^2 I) in N + 1 dims; x = y + ||eps_x|| (1 + tau)^m u with u uniform on the unit sphere,
+    z = |eps_z| (1 + tau)^m.
     """
     b, dev = y.shape[0], y.device
     m = config.m_max * torch.rand(b, generator=generator, device=dev)
