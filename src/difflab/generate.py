@@ -23,6 +23,7 @@ def generate(
     sampler: str = "ddim",
     options: dict[str, Any] | None = None,
     kernel: Kernel = GAUSSIAN,
+    cond: torch.Tensor | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     callback: StepCallback | None = None,
@@ -33,7 +34,7 @@ def generate(
 
     The starting state is a draw of the model's prior `kernel` at sigmas[0] (Gaussian, or PFGM++'s Poisson kernel,
     which only deterministic ODE samplers suit). It and every later noise draw of sample i come from a generator
-    seeded with seeds[i].
+    seeded with seeds[i]. `cond` (len(seeds), ...), e.g. class labels, is split into batches with the seeds.
     The callback (if any) sees the steps of every batch in turn. If `stats` is a dict, stats["nfe"] receives the
     number of network evaluations per sample (summed over batches' calls / number of batches).
     """
@@ -42,6 +43,8 @@ def generate(
     unknown = set(options) - set(spec.options)
     if unknown:
         raise TypeError(f"sampler '{sampler}' does not take {', '.join(sorted(unknown))}")
+    if cond is not None and len(cond) != len(seeds):
+        raise DifflabError(f"cond holds {len(cond)} entries for {len(seeds)} seeds; give one per sample")
     if not isinstance(kernel, GaussianKernel) and not spec.deterministic(options):
         raise DifflabError(
             f"sampler '{sampler}' adds Gaussian noise, which does not reverse a {kernel.name}-kernel model; use an "
@@ -57,7 +60,8 @@ def generate(
     for start in tqdm(starts, desc=f"sample {sampler}", disable=not progress or len(starts) < 2):
         noise = PerSampleNoise(seeds[start : start + batch_size])
         x = noise.initial(tuple(sample_shape), float(sigmas[0]), device, kernel)
-        x = spec.fn(counted, x, sigmas.to(device), noise=noise, callback=callback, **options)
+        batch_cond = None if cond is None else cond[start : start + batch_size].to(device)
+        x = spec.fn(counted, x, sigmas.to(device), cond=batch_cond, noise=noise, callback=callback, **options)
         out.append(x.cpu())
     if stats is not None:
         stats["nfe"] = calls[0] / len(starts)

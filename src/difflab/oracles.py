@@ -40,6 +40,8 @@ class GaussianMixtureDenoiser:
     """x0 ~ sum_k w_k N(mu_k, s_k^2 I) in d dims: D(x, sigma) = sum_k r_k(x) [mu_k + s_k^2/(s_k^2 + sigma^2)(x - mu_k)],
     r_k = posterior weight of component k under the noisy marginal N(mu_k, (s_k^2 + sigma^2) I).
 
+    Labelled: cond (B,) int64 with the component index gives the conditional denoiser of that component (r = one-hot);
+    -1 (or cond None) gives the unconditional mixture, as a classifier-free-guidance model would.
     means: (K, d); stds: (K,); weights: (K,) summing to 1. x: (B, d).
     """
 
@@ -58,15 +60,23 @@ class GaussianMixtureDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
         self.calls += 1
         r = self.responsibilities(x, sigma)
+        if cond is not None:
+            labelled = cond >= 0
+            one_hot = torch.nn.functional.one_hot(cond.clamp(min=0), len(self.weights)).to(r.dtype)
+            r = torch.where(labelled[:, None], one_hot, r)
         shrink = self.stds[None] ** 2 / (self.stds[None] ** 2 + sigma[:, None] ** 2)  # (B, K)
         per_k = self.means[None] + shrink[..., None] * (x[:, None, :] - self.means[None])  # (B, K, d)
         return (r[..., None] * per_k).sum(1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n exact samples (n, d)."""
+        return self.sample_labelled(n, generator)[0]
+
+    def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n exact samples (n, d) and their component labels (n,)."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.means.shape[1], generator=generator, dtype=self.means.dtype)
-        return self.means[k] + self.stds[k, None] * z
+        return self.means[k] + self.stds[k, None] * z, k
 
 
 class PointSetDenoiser:

@@ -1,0 +1,149 @@
+"""Guidance as denoiser wrappers (Ho & Salimans 2022; Dhariwal & Nichol 2021; Song et al. 2021, App. I): each takes
+a sigma-space denoiser and returns one, so every sampler works with every kind of guidance.
+
+In sigma space the score of p_sigma is (D - x) / sigma^2, so adding s grad_x log f to the score is adding
+s sigma^2 grad_x log f to D. Class labels travel as `cond`, an int64 tensor (B,); NULL_LABEL (-1) asks a
+conditional network for its unconditional prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from difflab.errors import DifflabError
+from difflab.sigmas import append_dims
+from difflab.types import Denoiser
+
+NULL_LABEL = -1
+
+
+def _check_labels(cond: Any, what: str) -> torch.Tensor:
+    if not isinstance(cond, torch.Tensor) or cond.dtype != torch.long:
+        raise TypeError(f"{what} needs class labels: pass cond as an int64 tensor (B,), not {type(cond).__name__}")
+    return cond
+
+
+class ClassifierFreeGuidance:
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) in D-space: D = D_null + w (D_y - D_null).
+
+    D_y = D(x, sigma, y), D_null = D(x, sigma, null). Convention: w = 1 is the conditional model, w = 0 the
+    unconditional one, w > 1 extrapolates past the conditional. Ho & Salimans write
+    eps~ = (1 + w') eps(y) - w' eps(null): their w' is w - 1 here (D and eps are affine in each other at fixed x
+    and sigma, so the mix is the same in either space). Both branches go through the network in one batched
+    call. With `interval` = (lo, hi), guidance acts only for lo <= sigma <= hi (Kynkaanniemi et al. 2024) and
+    the conditional model alone elsewhere.
+    """
+
+    def __init__(self, denoiser: Denoiser, scale: float, interval: tuple[float, float] | None = None):
+        if interval is not None and not 0 <= interval[0] <= interval[1]:
+            raise DifflabError(f"guidance interval must satisfy 0 <= lo <= hi, got {interval}")
+        self.denoiser, self.scale, self.interval = denoiser, float(scale), interval
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        labels = _check_labels(cond, "classifier-free guidance")
+        active = torch.ones_like(sigma, dtype=torch.bool)
+        if self.interval is not None:
+            active = (sigma >= self.interval[0]) & (sigma <= self.interval[1])
+        if self.scale == 1.0 or not bool(active.any()):
+            return self.denoiser(x, sigma, labels)
+        both = self.denoiser(
+            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
+        )
+        conditional, unconditional = both.chunk(2)
+        guided = unconditional + self.scale * (conditional - unconditional)
+        return torch.where(append_dims(active, x.ndim), guided, conditional)
+
+
+class GradientGuidance:
+    """D'(x, sigma) = D(x, sigma) + s sigma^2 grad_x log f: s grad_x log f added to the score (Dhariwal & Nichol 2021,
+    Alg. 1 in its score form; Song et al. 2021, App. I.1).
+
+    `log_f(x, sigma, denoised, cond) -> (B,)` is differentiated with respect to x; with `through_denoiser` the
+    gradient also flows through D (for a score of the predicted x0, semantic guidance), otherwise D is evaluated
+    without a graph and only log_f's direct dependence on x counts (a noise-aware classifier). The inner denoiser
+    gets `cond` only with `condition_model` (a conditional model); an unconditional one gets None.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        log_f: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor],
+        scale: float,
+        *,
+        through_denoiser: bool = False,
+        condition_model: bool = False,
+    ):
+        self.denoiser, self.log_f, self.scale = denoiser, log_f, float(scale)
+        self.through_denoiser, self.condition_model = through_denoiser, condition_model
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        model_cond = cond if self.condition_model else None
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            if self.through_denoiser:
+                denoised = self.denoiser(x_in, sigma, model_cond)
+            else:
+                with torch.no_grad():
+                    denoised = self.denoiser(x, sigma, model_cond)
+            (grad,) = torch.autograd.grad(self.log_f(x_in, sigma, denoised, cond).sum(), x_in)
+        return denoised.detach() + self.scale * append_dims(sigma**2, x.ndim) * grad
+
+
+def classifier_guidance(
+    denoiser: Denoiser,
+    classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scale: float,
+    *,
+    condition_model: bool = False,
+) -> GradientGuidance:
+    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 1): D + s sigma^2 grad_x log p(y | x, sigma) with a
+    noise-aware classifier(x, sigma) -> logits (B, K) and y = cond, usable with an unconditional model."""
+
+    def log_p(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor, cond: Any) -> torch.Tensor:
+        labels = _check_labels(cond, "classifier guidance")
+        return torch.log_softmax(classifier(x, sigma), dim=1).gather(1, labels[:, None])[:, 0]
+
+    return GradientGuidance(denoiser, log_p, scale, condition_model=condition_model)
+
+
+def semantic_guidance(
+    denoiser: Denoiser,
+    score: Callable[[torch.Tensor], torch.Tensor],
+    scale: float,
+    *,
+    condition_model: bool = False,
+) -> GradientGuidance:
+    """Semantic guidance (Liu et al. 2023, "More Control for Free!", Sec. 3): D + s sigma^2 grad_x score(D(x, sigma))
+    for any differentiable scalar score (B, *shape) -> (B,) of the predicted x0, e.g. the similarity to a reference
+    image in some feature space; the gradient flows through the denoiser."""
+    return GradientGuidance(
+        denoiser, lambda x, sigma, denoised, cond: score(denoised), scale,
+        through_denoiser=True, condition_model=condition_model,
+    )  # fmt: skip
+
+
+class Inpainting:
+    """Inpainting without retraining (Song et al. 2021, App. I.2) as a denoiser: D's known region is the original y.
+
+    Every sampler's update then keeps the state's known region on a forward-noised original y + sigma n: Euler,
+    DDIM, Heun and the multistep solvers scale x - y by sigma'/sigma, and ancestral steps add fresh noise of the
+    right variance, so after each step the known region is exactly what score_sde substitutes, and the last step
+    returns y there. known: (B or 1, *shape) data; mask: (B or 1, *shape), 1 where known, 0 where to fill.
+    Start the sampler from `start(prior_noise)`, which puts y under the prior noise in the known region.
+    """
+
+    def __init__(self, denoiser: Denoiser, known: torch.Tensor, mask: torch.Tensor):
+        if known.shape[1:] != mask.shape[1:]:
+            raise DifflabError(f"mask of shape {tuple(mask.shape[1:])} does not fit images of {tuple(known.shape[1:])}")
+        self.denoiser, self.known, self.mask = denoiser, known, mask.to(known.dtype)
+
+    def start(self, prior_noise: torch.Tensor) -> torch.Tensor:
+        """The first state: y + sigma_max n in the known region, sigma_max n elsewhere."""
+        return prior_noise + self.mask * self.known
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        denoised = self.denoiser(x, sigma, cond)
+        return self.mask * self.known + (1 - self.mask) * denoised
