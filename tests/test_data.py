@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from difflab.data import DATA_NAMES, Dataset, load_dataset
 from difflab.data.digits import load_digits_split
 from difflab.data.folder import load_image_folder
-from difflab.data.toys import TOY_NAMES, sample_toy
+from difflab.data.toys import TOY_NAMES, sample_toy, sample_toy_labelled
 from difflab.errors import DifflabError
 
 # ---------------------------------------------------------------- toys
@@ -234,12 +234,31 @@ def test_folder_progress_bar_only_for_many_files(tmp_path, capsys) -> None:
 def test_load_dataset_toy_train_and_test() -> None:
     train = load_dataset("moons", toy_size=500, seed=2)
     test = load_dataset("moons", split="test", toy_size=500, seed=2)
-    assert train.kind == "points" and train.labels is None and train.sample_shape == (2,)
+    assert train.kind == "points" and train.sample_shape == (2,)
+    assert train.labels.shape == (500,) and set(train.labels.tolist()) == {0, 1}  # which moon
     assert train.data.shape == (500, 2)
     assert torch.equal(train.data, sample_toy("moons", 500, 2))
     assert torch.equal(test.data, sample_toy("moons", 500, 2 + 1_000_003))
     with pytest.raises(dataclasses.FrozenInstanceError):
         train.name = "other"  # type: ignore[misc]
+
+
+def test_toy_labels_name_the_mixture_component_of_each_point() -> None:
+    """Labels follow from the geometry: the nearest of the 8 centres, the nearest ring radius, the board square,
+    the upper (0) or lower (1) moon; the points are the unlabelled sampler's, draw for draw."""
+    points, labels = sample_toy_labelled("8gaussians", 2000, 3)
+    angles = torch.arange(8) * 2 * torch.pi / 8
+    centres = 0.8 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    assert torch.equal(torch.cdist(points, centres).argmin(1), labels)
+    points, labels = sample_toy_labelled("rings", 2000, 3)
+    assert torch.equal((points.norm(dim=1)[:, None] - torch.tensor([0.3, 0.6, 0.9])).abs().argmin(1), labels)
+    points, labels = sample_toy_labelled("checkerboard", 2000, 3)
+    row, col = ((points + 1) / 0.5).floor().long().unbind(1)[::-1]
+    assert torch.equal(2 * row + col // 2, labels)
+    points, labels = sample_toy_labelled("moons", 2000, 3)
+    assert points[labels == 0, 1].mean() > points[labels == 1, 1].mean() + 0.3
+    assert torch.equal(points, sample_toy("moons", 2000, 3))
+    assert sample_toy_labelled("heart", 10, 0)[1] is None and sample_toy_labelled("swissroll", 10, 0)[1] is None
 
 
 def test_load_dataset_digits_and_folder(image_folder) -> None:

@@ -74,6 +74,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     min_snr_gamma: float | None = None
+    label_dropout: float = 0.1  # conditional models: share of labels replaced by the null label (CFG training)
     mixed_precision: str = "no"
     seed: int = 0
     checkpoint_every: int = 1000

@@ -29,17 +29,27 @@ PROCESS_PREDICTIONS = {"ddpm": ("eps", "x0", "v"), "vp": ("eps", "x0", "v"), "su
 PFGMPP_BETA_CLIP = 1e-3  # the PFGM++ training code clips B ~ Beta(N/2, D/2) into [1e-3, 1 - 1e-3]
 
 
-def model_config_for(data: DataConfig, preset: str = "tiny", dropout: float = 0.0, field: bool = False) -> ModelConfig:
+def model_config_for(
+    data: DataConfig, preset: str = "tiny", dropout: float = 0.0, field: bool = False, num_classes: int | None = None
+) -> ModelConfig:
     """A U-Net preset for images, or the MLP (sized by preset) for low-dimensional points. `field`: one more output
-    (an extra channel for the U-Net) for the z component of PFGM's Poisson field."""
+    (an extra channel for the U-Net) for the z component of PFGM's Poisson field; `num_classes`: a
+    class-conditional network with a null label."""
     if data.kind == "images":
-        unet = unet_preset(preset, data.resolution, data.channels, dropout)
+        unet = replace(unet_preset(preset, data.resolution, data.channels, dropout), num_classes=num_classes)
         return ModelConfig("unet", preset, unet=replace(unet, out_channels=data.channels + 1) if field else unet)
     hidden = {"tiny": 128, "small": 256, "base": 512}
     if preset not in hidden:
         raise DifflabError(f"unknown model preset '{preset}': choose one of {', '.join(MODEL_PRESETS)}")
     dim = data.sample_shape[0]
-    return ModelConfig("mlp", preset, mlp=MLPConfig(data_dim=dim, hidden=hidden[preset], out_dim=dim + int(field)))
+    mlp = MLPConfig(data_dim=dim, hidden=hidden[preset], out_dim=dim + int(field), num_classes=num_classes)
+    return ModelConfig("mlp", preset, mlp=mlp)
+
+
+def config_num_classes(config: RunConfig) -> int | None:
+    """The number of classes of a class-conditional model, None for an unconditional one."""
+    settings = config.model.unet if config.model.kind == "unet" else config.model.mlp
+    return getattr(settings, "num_classes", None)
 
 
 def build_network(config: ModelConfig) -> nn.Module:

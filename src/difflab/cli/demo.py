@@ -1,4 +1,6 @@
-"""`difflab demo`: watch a DDPM learn to write digits on a CPU, then sample it with DDPM and DDIM."""
+"""`difflab demo`: watch a DDPM learn to write digits on a CPU, then sample it with DDPM and DDIM; or, with
+`--process pfgm --data heart` (any 2-D toy), a Poisson flow: the data as charges on a plane, their field lines to a
+hemisphere, and a trained model's backward flow."""
 
 from __future__ import annotations
 
@@ -11,21 +13,38 @@ import torch
 
 from difflab.cli import train as train_cmd
 from difflab.cli.common import resolve_device, upscale_for
-from difflab.eval.quality import digits_quality
+from difflab.data import TOY_NAMES, load_dataset
+from difflab.errors import DifflabError
+from difflab.eval.quality import digits_quality, toy_quality
 from difflab.generate import generate
+from difflab.pfgm_figures import (
+    field_lines,
+    sample_with_flow,
+    save_backward_flow_gif,
+    save_backward_flow_strip,
+    save_hemisphere_figure,
+    save_poisson_field_figure,
+)
 from difflab.sampling import PerSampleNoise, sample_ddpm
 from difflab.sigmas import vp_input_scale
 from difflab.training.checkpoint import LoadedModel, load_model
 from difflab.types import StepInfo
-from difflab.viz import save_denoising_figure, save_image_grid
+from difflab.viz import save_denoising_figure, save_image_grid, save_scatter
 
 SAMPLER_SETTINGS = {"ddpm": (100, {"variance": "small"}), "ddim": (50, {"eta": 0.0})}
 N_METRIC_SAMPLES = 450  # the size of the digits test split
 GRID = 64
+DEFAULT_MINUTES = {"digits": 5.0, "toy": 1.0}
+# pfgm: the exact field of CHARGES training points, LINES field lines to a hemisphere of radius FAR (the uniformity
+# check) drawn up to radius NEAR; FLOW_STEPS Euler steps in log z for FLOW_SAMPLES samples, FLOW_SHOWN of them animated
+CHARGES, LINES, FAR, NEAR = 500, 1000, 20.0, 3.0
+FLOW_STEPS, FLOW_SAMPLES, FLOW_SHOWN = 100, 1000, 400
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--minutes", type=float, default=5.0, help="training budget (default 5)")
+    p.add_argument("--data", help="digits (the default, for ddpm) or, with --process pfgm, a 2-D toy (default heart)")
+    p.add_argument("--process", default="ddpm", help="ddpm (default: the digits demo) or pfgm (Poisson flow on a toy)")
+    p.add_argument("--minutes", type=float, help="training budget (default 5 for the digits, 1 for a toy)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -53,22 +72,41 @@ def denoising_figure(model: LoadedModel, path: Path, seeds=(0, 1, 2, 3), steps: 
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    run_dir = out / "run"
+    if args.process not in ("ddpm", "pfgm"):
+        raise DifflabError(f"unknown --process '{args.process}': the demo runs ddpm (digits) or pfgm (a 2-D toy)")
+    data = args.data or ("digits" if args.process == "ddpm" else "heart")
+    if args.process == "ddpm" and data != "digits":
+        raise DifflabError(f"the ddpm demo trains on the digits, not '{data}'; for a 2-D toy run --process pfgm")
+    if args.process == "pfgm" and data not in TOY_NAMES:
+        raise DifflabError(f"--process pfgm draws the field of 2-D data: choose --data from {', '.join(TOY_NAMES)}")
+    if args.minutes is None:
+        args.minutes = DEFAULT_MINUTES["digits" if data == "digits" else "toy"]
+    return run_ddpm(args) if args.process == "ddpm" else run_pfgm(args, data)
+
+
+def train_run(args: argparse.Namespace, options: list[str]) -> tuple[Path, int]:
+    """Train into a fresh `out/run` with the demo's seed, device and budget; returns (run folder, steps trained)."""
+    run_dir = Path(args.out) / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns this folder; start fresh each time
     parser = argparse.ArgumentParser()
     train_cmd.add_arguments(parser)
     train_args = parser.parse_args(
-        ["--data", "digits", "--out", str(run_dir), "--minutes", str(args.minutes), "--batch-size", "128",
-         "--lr", "1e-3", "--model", "tiny", "--resolution", "8", "--seed", str(args.seed), "--device", args.device]
-        + (["--no-progress"] if args.no_progress else [])
+        [*options, "--out", str(run_dir), "--minutes", str(args.minutes), "--model", "tiny", "--seed", str(args.seed),
+         "--device", args.device] + (["--no-progress"] if args.no_progress else [])
     )  # fmt: skip
+    return run_dir, train_cmd.train(train_args).step
+
+
+def run_ddpm(args: argparse.Namespace) -> int:
+    out = Path(args.out)
     print(f"training a tiny U-Net on the 8x8 digits for {args.minutes:g} minutes ...")
-    result = train_cmd.train(train_args)
+    run_dir, train_steps = train_run(
+        args, ["--data", "digits", "--batch-size", "128", "--lr", "1e-3", "--resolution", "8"]
+    )
     device = resolve_device(args.device)
     model = load_model(run_dir, device=device)
     written = [run_dir / "loss.png"]
-    metrics = {"train_steps": result.step, "train_minutes": args.minutes, "samplers": {}}
+    metrics = {"train_steps": train_steps, "train_minutes": args.minutes, "samplers": {}}
     seeds = list(range(args.seed, args.seed + N_METRIC_SAMPLES))
     for name, (steps, options) in SAMPLER_SETTINGS.items():
         sigmas = model.sigmas(steps)
@@ -86,4 +124,46 @@ def run(args: argparse.Namespace) -> int:
             f"{name:>5} ({m['steps']} steps): Frechet distance {m['frechet']:.1f} (real-vs-real floor "
             f"{m['frechet_floor']:.1f}), classified with confidence >= 0.9: {100 * m['confident_share']:.1f}%"
         )
+    return 0
+
+
+def run_pfgm(args: argparse.Namespace, data: str) -> int:
+    """Train a PFGM field network on a 2-D toy, then draw the exact field of the data, its uniform ends on a
+    hemisphere, and the trained model's backward flow (Euler in log z from the prior at z_max)."""
+    out = Path(args.out)
+    print(f"training a tiny PFGM (an MLP field network) on the {data} toy for {args.minutes:g} minutes ...")
+    run_dir, train_steps = train_run(args, ["--data", data, "--process", "pfgm"])
+    device = resolve_device(args.device)
+    model = load_model(run_dir, device=device)
+    charges = load_dataset(data).data[:CHARGES]  # the training points
+    lines = field_lines(charges, LINES, FAR, seed=args.seed)
+    written = [run_dir / "loss.png"] if (run_dir / "loss.png").exists() else []  # none if stopped before a log entry
+    written.append(save_poisson_field_figure(lines.clipped(NEAR), out / "poisson_field.png"))
+    hemisphere, uniform = save_hemisphere_figure(lines, out / "hemisphere.png")
+    written.append(hemisphere)
+
+    seeds = list(range(args.seed, args.seed + FLOW_SAMPLES))
+    sampler = {"sampler": "euler", "steps": FLOW_STEPS, "log_sigma": True}
+    samples, flow = sample_with_flow(model.denoiser, model.kernel, model.sigmas(FLOW_STEPS), seeds, shown=FLOW_SHOWN,
+                                     options={"log_sigma": True}, device=device)  # fmt: skip
+    quality = toy_quality(samples, data)
+    reference = load_dataset(data, split="test").data[:FLOW_SAMPLES]
+    title = f"PFGM, Euler in log z ({FLOW_STEPS} steps): sliced W2 {quality['swd']:.3f}"
+    written.append(save_scatter(samples, out / "samples.png", reference=reference, title=title))
+    lim = 1.02 * model.config.diffusion.pfgm.upper_norm  # the prior clips the radius to upper_norm
+    written.append(save_backward_flow_gif(flow, reference, out / "backward_flow.gif", lim=lim))
+    written.append(save_backward_flow_strip(flow, reference, out / "backward_flow_strip.png"))
+    metrics = {"data": data, "process": "pfgm", "train_steps": train_steps, "train_minutes": args.minutes,
+               "sampler": {**sampler, **quality}, "field_lines": uniform}  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    written.append(out / "metrics.json")
+    print("wrote:\n  " + "\n  ".join(str(p) for p in written))
+    print(
+        f"field lines: {uniform['lines']} lines of the data's exact field end on the hemisphere r = {FAR:g}; KS "
+        f"distance of cos(polar angle) to uniform {uniform['cos_polar_ks']:.3f} (p = {uniform['cos_polar_p']:.2g})"
+    )
+    print(
+        f"samples: Euler in log z, {FLOW_STEPS} steps: sliced W2 to held-out data {quality['swd']:.3f} "
+        f"(real-vs-real floor {quality['swd_floor']:.3f})"
+    )
     return 0

@@ -56,6 +56,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, help="image size (digits: 8..64, multiple of 8; folders: default 32)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 = grey, 3 = RGB")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="class-conditional model (digits 0-9, or a labelled toy: moons, 8gaussians, checkerboard, rings)",
+    )
+    p.add_argument(
+        "--label-dropout",
+        type=float,
+        default=0.1,
+        help="conditional: share of labels dropped to the null label, for classifier-free guidance",
+    )
     p.add_argument("--min-snr-gamma", type=float, help="min-SNR-gamma loss weighting (e.g. 5)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
@@ -68,11 +79,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(
-    args: argparse.Namespace, kind: str, sample_shape: tuple[int, ...], data_norm: float | None = None
+    args: argparse.Namespace,
+    kind: str,
+    sample_shape: tuple[int, ...],
+    data_norm: float | None = None,
+    num_classes: int | None = None,
 ) -> RunConfig:
     """The RunConfig of a new run from the command line; pfgm derives its hyper-parameters from the data's
     dimension and root-mean-square norm `data_norm`. Its network batch is the usual batch size, and the training
-    batch (the field's charges) is 1024 unless --batch-size says otherwise."""
+    batch (the field's charges) is 1024 unless --batch-size says otherwise. `num_classes` makes the network
+    class-conditional."""
     resolution = sample_shape[-1] if kind == "images" else None
     channels = sample_shape[0] if kind == "images" else 1
     data = DataConfig(args.data, kind, tuple(sample_shape), resolution, channels)
@@ -91,6 +107,7 @@ def build_config(
         warmup_steps=args.warmup,
         ema_decay=args.ema_decay,
         min_snr_gamma=args.min_snr_gamma,
+        label_dropout=getattr(args, "label_dropout", 0.1),
         mixed_precision=args.mixed_precision,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
@@ -101,8 +118,22 @@ def build_config(
         aug_dim=args.aug_dim, pfgm=pfgm,
     )  # fmt: skip
     check_diffusion(diffusion)
-    model = model_config_for(data, args.model, args.dropout, field=args.process == "pfgm")
+    model = model_config_for(data, args.model, args.dropout, field=args.process == "pfgm", num_classes=num_classes)
     return RunConfig(data, model, diffusion, train)
+
+
+def _num_classes(args: argparse.Namespace, data) -> int | None:
+    """The number of classes for --conditional (labels 0..K-1 of the data), else None."""
+    if not getattr(args, "conditional", False):
+        return None
+    if data.labels is None:
+        raise DifflabError(
+            f"--conditional needs labelled data; '{args.data}' has no labels (use digits, moons, 8gaussians, "
+            "checkerboard or rings)"
+        )
+    if not 0 <= args.label_dropout < 1:
+        raise DifflabError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
+    return int(data.labels.max()) + 1
 
 
 def resumed_config(args: argparse.Namespace, out: Path) -> RunConfig:
@@ -126,10 +157,10 @@ def train(args: argparse.Namespace) -> TrainResult:
             raise DifflabError(f"'{out}' already holds a run; pass --resume latest to continue it, or a new --out")
         data = load_dataset(args.data, resolution=args.resolution, channels=args.channels)
         data_norm = float(data.data.flatten(1).pow(2).sum(1).mean().sqrt())
-        config = build_config(args, data.kind, data.sample_shape, data_norm)
+        config = build_config(args, data.kind, data.sample_shape, data_norm, _num_classes(args, data))
     device = resolve_device(args.device)
     torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
-    trainer = Trainer(config, data.data, out, device)
+    trainer = Trainer(config, data.data, out, device, labels=data.labels)
     if args.resume:
         trainer.resume()
     result = trainer.run(progress=not args.no_progress)

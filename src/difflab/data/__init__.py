@@ -10,7 +10,7 @@ import torch
 
 from difflab.data.digits import load_digits_split
 from difflab.data.folder import IMAGE_EXTENSIONS, load_image_folder
-from difflab.data.toys import TOY_NAMES, sample_toy
+from difflab.data.toys import TOY_NAMES, sample_toy, sample_toy_labelled
 from difflab.errors import DifflabError
 
 DATA_NAMES = TOY_NAMES + ("digits",)
@@ -25,6 +25,7 @@ __all__ = [
     "load_digits_split",
     "load_image_folder",
     "sample_toy",
+    "sample_toy_labelled",
 ]
 
 
@@ -65,7 +66,7 @@ def load_dataset(
         raise DifflabError(f"split must be 'train' or 'test', got {split!r}")
     if name_or_path in TOY_NAMES:
         toy_seed = seed + TOY_TEST_SEED_OFFSET if split == "test" else seed
-        return Dataset(name_or_path, "points", sample_toy(name_or_path, toy_size, toy_seed), None)
+        return Dataset(name_or_path, "points", *sample_toy_labelled(name_or_path, toy_size, toy_seed))
     if name_or_path == "digits":
         images, labels = load_digits_split(split, 8 if resolution is None else resolution)
         return Dataset("digits", "images", images, labels)

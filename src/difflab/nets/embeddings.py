@@ -32,6 +32,37 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(sinusoidal_embedding(c_noise, self.base_dim))
 
 
+class LabelEmbedding(nn.Module):
+    """Class labels (B,) int64 -> (B, dim): one learned vector per class plus one for the null label -1 (or
+    cond None), so one network is both conditional and unconditional (Ho & Salimans 2022, Sec. 3.2)."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if labels is None:
+            labels = torch.full((batch,), -1, dtype=torch.long, device=device)
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != (batch,):
+            raise TypeError(f"class labels must be an int64 tensor of shape ({batch},)")
+        if bool(((labels < -1) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"class labels must lie in 0..{self.num_classes - 1} (or -1 for none)")
+        return self.table(torch.where(labels < 0, self.num_classes, labels))
+
+
+def conditioning(
+    noise_embed: nn.Module, label_embed: LabelEmbedding | None, c_noise: torch.Tensor, cond: object
+) -> torch.Tensor:
+    """The embedding a block receives: noise-level features, plus the label's vector for a conditional network;
+    an unconditional network refuses a condition."""
+    emb = noise_embed(c_noise)
+    if label_embed is None:
+        reject_cond(cond)
+        return emb
+    return emb + label_embed(cond, c_noise.shape[0], c_noise.device)
+
+
 def reject_cond(cond: object) -> None:
     """Unconditional networks refuse a condition instead of silently ignoring it."""
     if cond is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from difflab.nets.embeddings import NoiseEmbedding, reject_cond
+from difflab.nets.embeddings import LabelEmbedding, NoiseEmbedding, conditioning
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class MLPConfig:
     num_blocks: int = 3
     embed_dim: int = 128
     out_dim: int | None = None  # default data_dim
+    num_classes: int | None = None  # class-conditional with a null label when set
 
 
 class _Block(nn.Module):
@@ -33,12 +34,14 @@ class _Block(nn.Module):
 
 
 class MLP(nn.Module):
-    """F(x, c_noise): x (B, data_dim), c_noise (B,) -> (B, out_dim), out_dim = data_dim unless configured."""
+    """F(x, c_noise, cond): x (B, data_dim), c_noise (B,) -> (B, out_dim), out_dim = data_dim unless configured; cond
+    holds class labels (B,) (-1 = none) for a conditional network and must be None otherwise."""
 
     def __init__(self, config: MLPConfig):
         super().__init__()
         self.config = config
         self.embed = NoiseEmbedding(config.embed_dim, config.hidden)
+        self.label_embed = LabelEmbedding(config.num_classes, config.hidden) if config.num_classes else None
         self.inp = nn.Linear(config.data_dim, config.hidden)
         self.blocks = nn.ModuleList(_Block(config.hidden) for _ in range(config.num_blocks))
         self.out = nn.Sequential(
@@ -46,8 +49,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: object = None) -> torch.Tensor:
-        reject_cond(cond)
-        emb = nn.functional.silu(self.embed(c_noise))
+        emb = nn.functional.silu(conditioning(self.embed, self.label_embed, c_noise, cond))
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from difflab.errors import DifflabError
-from difflab.nets.embeddings import NoiseEmbedding, reject_cond
+from difflab.nets.embeddings import LabelEmbedding, NoiseEmbedding, conditioning
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class UNetConfig:
     norm_groups: int = 32
     attention_heads: int = 1
     out_channels: int | None = None  # default in_channels
+    num_classes: int | None = None  # class-conditional with a null label when set
 
 
 def _norm(groups: int, channels: int) -> nn.GroupNorm:
@@ -84,7 +85,8 @@ class _Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(x, c_noise): x (B, C, R, R), c_noise (B,) -> (B, C_out, R, R), C_out = C unless configured."""
+    """F(x, c_noise, cond): x (B, C, R, R), c_noise (B,) -> (B, C_out, R, R), C_out = C unless configured; cond
+    holds class labels (B,) (-1 = none) for a conditional network and must be None otherwise."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -94,6 +96,7 @@ class UNet(nn.Module):
             raise DifflabError(f"resolution {cfg.resolution} must be divisible by 2^{levels - 1} for this U-Net")
         emb_dim, g = 4 * cfg.channels, cfg.norm_groups
         self.embed = NoiseEmbedding(cfg.channels, emb_dim)
+        self.label_embed = LabelEmbedding(cfg.num_classes, emb_dim) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
 
         def level(c_ins: list[int], c_out: int, res: int) -> _Level:
@@ -131,8 +134,7 @@ class UNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: object = None) -> torch.Tensor:
-        reject_cond(cond)
-        emb = nn.functional.silu(self.embed(c_noise))
+        emb = nn.functional.silu(conditioning(self.embed, self.label_embed, c_noise, cond))
         h = self.conv_in(x)
         hs = [h]
         for i, lvl in enumerate(self.down):

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
-from difflab.models import build_denoiser, build_loss
+from difflab.guidance import NULL_LABEL
+from difflab.models import build_denoiser, build_loss, config_num_classes
 from difflab.training.checkpoint import (
     latest_checkpoint,
     load_config,
@@ -52,15 +53,29 @@ def _autocast(device: torch.device, mixed_precision: str):
 
 
 class Trainer:
-    """Trains the denoiser of `config` on in-memory data (N, *sample_shape) in [-1, 1], writing to run_dir."""
+    """Trains the denoiser of `config` on in-memory data (N, *sample_shape) in [-1, 1], writing to run_dir; a
+    class-conditional network also needs `labels` (N,) int64, of which a share `label_dropout` is replaced by the
+    null label each step (Ho & Salimans 2022, Alg. 1)."""
 
-    def __init__(self, config: RunConfig, data: torch.Tensor, run_dir: Path, device: torch.device):
+    def __init__(
+        self,
+        config: RunConfig,
+        data: torch.Tensor,
+        run_dir: Path,
+        device: torch.device,
+        labels: torch.Tensor | None = None,
+    ):
         self.config, self.run_dir, self.device = config, Path(run_dir), device
         tc = config.train
         if tc.steps is None and tc.minutes is None:
             raise DifflabError("give a training budget: --steps N or --minutes M")
         _autocast(device, tc.mixed_precision)  # validate early
-        self.data = data
+        self.data, self.labels = data, labels
+        self.num_classes = config_num_classes(config)
+        if self.num_classes is not None and labels is None:
+            raise DifflabError("a class-conditional model needs labelled data (digits or a labelled toy)")
+        if self.num_classes is None:
+            self.labels = None
         self.denoiser = build_denoiser(config).to(device)
         self.loss_fn = build_loss(config.diffusion, tc.min_snr_gamma)
         self.optimizer = torch.optim.AdamW(self.denoiser.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -131,10 +146,15 @@ class Trainer:
         tc = self.config.train
         idx = torch.randint(0, len(self.data), (tc.batch_size,), generator=self.data_gen)
         x0 = self.data[idx].to(self.device, non_blocking=True)
+        cond = None
+        if self.labels is not None:
+            cond = self.labels[idx].to(self.device)
+            dropped = torch.rand(cond.shape, generator=self.noise_gen, device=self.device) < tc.label_dropout
+            cond = torch.where(dropped, NULL_LABEL, cond)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         with _autocast(self.device, tc.mixed_precision):
-            loss = self.loss_fn(self.denoiser, x0, self.noise_gen).mean()
+            loss = self.loss_fn(self.denoiser, x0, self.noise_gen, cond).mean()
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return loss.item()
@@ -148,6 +168,14 @@ class Trainer:
         return loss.item()
 
     # ---- the loop --------------------------------------------------------------------------------------
+    def _log(self, log, window: list[float]) -> float:
+        """Append one JSONL record: the mean loss of the steps since the last record; returns it."""
+        record = {"step": self.step, "loss": sum(window) / len(window), "lr": self.lr_at(self.step - 1)}
+        record |= {"elapsed_s": round(self.elapsed, 2), "skipped_steps": self.skipped}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        return record["loss"]
+
     def run(self, progress: bool = True) -> TrainResult:
         tc = self.config.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,18 +206,12 @@ class Trainer:
                 window.append(loss)
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == total:
-                    record = {
-                        "step": self.step,
-                        "loss": sum(window) / len(window),
-                        "lr": self.lr_at(self.step - 1),
-                    }
-                    record |= {"elapsed_s": round(self.elapsed, 2), "skipped_steps": self.skipped}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    bar.set_postfix(loss=f"{self._log(log, window):.4f}")
                     window = []
                 if self.step % tc.checkpoint_every == 0:
                     self.save()
+            if window:  # a time budget ended between log lines: record the partial window
+                self._log(log, window)
         bar.close()
         if latest_checkpoint(self.run_dir) != self.run_dir / "checkpoints" / f"step_{self.step:08d}":
             self.save()
