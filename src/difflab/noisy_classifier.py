@@ -1,0 +1,353 @@
+"""Noise-aware classifiers p(y | x, sigma) for classifier guidance (Dhariwal & Nichol 2021, Sec. 4): trained with
+cross-entropy on noised data x = x0 + sigma n, sigma log-uniform over a range covering every process's sampling
+grid, then used through `difflab.guidance.classifier_guidance`.
+
+The input is preconditioned like an EDM network (Karras et al. 2022, Table 1): c_in = 1/sqrt(sigma^2 + sigma_data^2)
+keeps the network's input at unit scale and c_noise = ln(sigma)/4 tells it the noise level, so one classifier
+serves any process (DDPM, VP, VE, EDM) in sigma space. A classifier folder has the layout of a run folder:
+OUT/checkpoints/step_N/{config.json, model.safetensors, ema.safetensors, training_state.json}, written atomically
+by `difflab.training.checkpoint.save_checkpoint`; config.json (format "difflab-noisy-classifier") is enough to
+rebuild the network, and weights are only ever read with safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from difflab.errors import DifflabError
+from difflab.nets.embeddings import NoiseEmbedding
+from difflab.nets.mlp import MLP, MLPConfig
+from difflab.nets.unet import ResBlock
+from difflab.sigmas import append_dims
+from difflab.training.checkpoint import WEIGHT_FILES, latest_checkpoint, load_tensors, save_checkpoint
+from difflab.training.ema import EMA
+
+FORMAT = "difflab-noisy-classifier"
+DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX = 0.002, 160.0  # covers DDPM (0.01..157), VP, VE (0.01..50) and EDM (0.002..80)
+# width: MLP hidden size / CNN base channels; depth: MLP residual blocks / CNN ResBlocks per resolution
+NET_DEFAULTS = {"points": {"width": 128, "depth": 3}, "images": {"width": 32, "depth": 1}}
+TRAIN_DEFAULTS = {"points": {"batch_size": 256, "lr": 1e-3}, "images": {"batch_size": 128, "lr": 1e-3}}
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Everything needed to rebuild a noise-aware classifier (saved as config.json beside its weights)."""
+
+    data: str  # the data set it was trained on (name or folder)
+    kind: str  # "points" (MLP) or "images" (CNN)
+    sample_shape: tuple[int, ...]
+    num_classes: int
+    width: int
+    depth: int
+    sigma_min: float = DEFAULT_SIGMA_MIN  # the training range; c_noise is clamped into it
+    sigma_max: float = DEFAULT_SIGMA_MAX
+    sigma_data: float = 0.5
+    format: str = FORMAT
+    version: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ClassifierConfig:
+        values = json.loads(text)
+        if not isinstance(values, dict) or values.get("format") != FORMAT:
+            kind = "a diffusion model" if isinstance(values, dict) and "diffusion" in values else "not a classifier"
+            raise ValueError(f"{kind}: format is not '{FORMAT}'")
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown fields {', '.join(sorted(unknown))}")
+        values["sample_shape"] = tuple(int(s) for s in values["sample_shape"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """Training settings: AdamW with linear warm-up, gradient clipping, EMA (ema_decay 0 = off), fixed seeds."""
+
+    steps: int | None = 2000
+    minutes: float | None = None  # stops at whichever of steps / minutes comes first
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 100
+
+
+class ConvTrunk(nn.Module):
+    """The U-Net's downsampling half as a classifier (Dhariwal & Nichol 2021, Sec. 4): conv, ResBlocks that add the
+    noise embedding, strided-conv downsampling (levels 1, 2, 2 x channels, kept while the resolution stays >= 4),
+    GroupNorm-SiLU, global average pool, linear head. x (B, C, R, R), c_noise (B,) -> (B, out_dim)."""
+
+    def __init__(self, in_channels: int, resolution: int, channels: int, num_res_blocks: int, out_dim: int):
+        super().__init__()
+        mult, groups = [1, 2, 2], 8
+        while len(mult) > 1 and resolution // 2 ** (len(mult) - 1) < 4:
+            mult.pop()
+        emb_dim = 4 * channels
+        self.embed = NoiseEmbedding(channels, emb_dim)
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.levels, self.downsample = nn.ModuleList(), nn.ModuleList()
+        c = channels
+        for i, m in enumerate(mult):
+            w = channels * m
+            self.levels.append(
+                nn.ModuleList(ResBlock(c if j == 0 else w, w, emb_dim, 0.0, groups) for j in range(num_res_blocks))
+            )
+            c = w
+            if i < len(mult) - 1:
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        self.head = nn.Sequential(nn.GroupNorm(min(groups, c), c), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(c, out_dim))  # fmt: skip
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        emb = F.silu(self.embed(c_noise))
+        h = self.conv_in(x)
+        for i, level in enumerate(self.levels):
+            for block in level:
+                h = block(h, emb)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        return self.head(h)
+
+
+class NoisyClassifier(nn.Module):
+    """classifier(x, sigma) -> logits (B, K) of p(y | x, sigma), x (B, *sample_shape) in sigma space
+    (x = x0 + sigma n, data in [-1, 1]), sigma (B,) or a scalar.
+
+    The network sees c_in x with c_in = 1/sqrt(sigma^2 + sigma_data^2) and c_noise = ln(sigma)/4, sigma clamped into
+    the training range for c_noise only (so sigma = 0 is defined; below sigma_min the posterior hardly changes).
+    Points go through the residual MLP, images through `ConvTrunk`. Inputs are cast to the weights' dtype.
+    """
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = cfg = config
+        if cfg.kind == "points":
+            dim = cfg.sample_shape[0]
+            mlp = MLPConfig(
+                data_dim=dim, hidden=cfg.width, num_blocks=cfg.depth, embed_dim=cfg.width, out_dim=cfg.num_classes
+            )
+            self.net: nn.Module = MLP(mlp)
+        elif cfg.kind == "images":
+            channels, resolution = cfg.sample_shape[0], cfg.sample_shape[-1]
+            self.net = ConvTrunk(channels, resolution, cfg.width, cfg.depth, cfg.num_classes)
+        else:
+            raise DifflabError(f"classifier kind must be 'points' or 'images', got '{cfg.kind}'")
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        dtype = next(self.parameters()).dtype
+        x = x.to(dtype)
+        sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device).expand(x.shape[0])
+        c_in = (sigma**2 + self.config.sigma_data**2).rsqrt()
+        c_noise = sigma.clamp(self.config.sigma_min, self.config.sigma_max).log() / 4
+        return self.net(append_dims(c_in, x.ndim) * x, c_noise)
+
+
+def build_classifier(config: ClassifierConfig, seed: int = 0) -> NoisyClassifier:
+    """A freshly initialised classifier (weights from `seed`), built without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return NoisyClassifier(config)
+
+
+def classifier_config_for(
+    dataset, num_classes: int | None = None, sigma_range: tuple[float, float] | None = None, **net: int
+) -> ClassifierConfig:
+    """The default classifier for a labelled `difflab.data.Dataset`: K = max label + 1 unless given; `net` may
+    override width / depth. Unlabelled data is a DifflabError."""
+    if dataset.labels is None:
+        raise DifflabError(
+            f"'{dataset.name}' has no labels to train a classifier on; use digits, moons, 8gaussians, checkerboard "
+            "or rings"
+        )
+    lo, hi = sigma_range or (DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX)
+    if not 0 < lo < hi:
+        raise DifflabError(f"the classifier's sigma range must satisfy 0 < sigma_min < sigma_max, got {lo}, {hi}")
+    k = num_classes or int(dataset.labels.max()) + 1
+    sizes = NET_DEFAULTS[dataset.kind] | net
+    return ClassifierConfig(dataset.name, dataset.kind, dataset.sample_shape, k, sizes["width"], sizes["depth"],
+                            float(lo), float(hi))  # fmt: skip
+
+
+@torch.no_grad()
+def accuracy(
+    classifier: nn.Module, data: torch.Tensor, labels: torch.Tensor, sigma: float, seed: int = 0, batch: int = 1024
+) -> float:
+    """Share of data (N, ...) classified correctly after adding noise of std sigma (seeded; sigma 0 = clean)."""
+    device = next(classifier.parameters()).device
+    gen, correct = torch.Generator().manual_seed(seed), 0
+    for i in range(0, len(data), batch):
+        x0 = data[i : i + batch]
+        x = x0 + sigma * torch.randn(x0.shape, generator=gen) if sigma > 0 else x0
+        sig = torch.full((len(x0),), float(sigma), device=device)
+        correct += int((classifier(x.to(device), sig).argmax(1).cpu() == labels[i : i + batch]).sum())
+    return correct / len(data)
+
+
+@dataclass
+class ClassifierResult:
+    checkpoint: Path
+    step: int
+    stopped_by: str  # "steps" or "minutes"
+    elapsed_s: float
+    test_accuracy: dict[str, float]  # sigma (as text; "clean" = x0 itself) -> accuracy on the test split
+
+
+def _step(model, opt, x0, labels, gen, config: ClassifierConfig, tc: ClassifierTrainConfig, lr: float) -> float:
+    """One AdamW step of cross-entropy on x = x0 + sigma n, ln sigma ~ U[ln sigma_min, ln sigma_max]."""
+    lo, hi = math.log(config.sigma_min), math.log(config.sigma_max)
+    sigma = (lo + (hi - lo) * torch.rand(len(x0), generator=gen, device=x0.device)).exp()
+    x = x0 + append_dims(sigma, x0.ndim) * torch.randn(x0.shape, generator=gen, device=x0.device)
+    loss = F.cross_entropy(model(x, sigma), labels)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def train_classifier(
+    config: ClassifierConfig,
+    tc: ClassifierTrainConfig,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    out: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    eval_sigmas: tuple[float, ...] = (0.1, 0.5, 1.0),
+    progress: bool = False,
+) -> ClassifierResult:
+    """Train `config`'s classifier on (data (N, *shape) in [-1, 1], labels (N,) int64) and save it to `out`.
+
+    Batch indices come from a generator seeded with tc.seed, sigma and noise from one seeded with tc.seed + 1, the
+    initial weights from tc.seed, so a run is reproducible on one machine. The saved weights are the EMA (if on) and
+    the raw ones; the test-split accuracy (clean, and at `eval_sigmas`) of the weights `load_classifier` returns is
+    stored in training_state.json and returned.
+    """
+    if tc.steps is None and tc.minutes is None:
+        raise DifflabError("give a training budget: --steps N or --minutes M")
+    if not 0 <= tc.ema_decay < 1:
+        raise DifflabError(f"--ema-decay must lie in [0, 1), got {tc.ema_decay}")
+    out, device = Path(out), torch.device(device)
+    data, labels = train
+    if int(labels.min()) < 0 or int(labels.max()) >= config.num_classes:
+        raise DifflabError(
+            f"labels must lie in 0..{config.num_classes - 1} for a {config.num_classes}-class classifier"
+        )
+    model = build_classifier(config, tc.seed).to(device).train()
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    data_gen, noise_gen = torch.Generator().manual_seed(tc.seed), torch.Generator(device).manual_seed(tc.seed + 1)
+    budget_s = tc.minutes * 60 if tc.minutes is not None else math.inf
+    step, stopped_by, window, start = 0, "steps", [], time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=tc.steps, disable=not progress, desc="train-classifier", dynamic_ncols=True)
+    with open(out / LOG_FILE, "a") as log:
+        while tc.steps is None or step < tc.steps:
+            if time.monotonic() - start >= budget_s:
+                stopped_by = "minutes"
+                break
+            idx = torch.randint(0, len(data), (tc.batch_size,), generator=data_gen)
+            lr = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
+            window.append(_step(model, opt, data[idx].to(device), labels[idx].to(device), noise_gen, config, tc, lr))
+            if ema is not None:
+                ema.update(model, step)
+            step += 1
+            bar.update(1)
+            if step % tc.log_every == 0:
+                log.write(json.dumps({"step": step, "loss": sum(window) / len(window)}) + "\n")
+                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
+                window = []
+    bar.close()
+    elapsed = time.monotonic() - start
+    final = build_classifier(config).to(device)
+    final.load_state_dict(ema.state_dict() if ema is not None else model.state_dict())
+    final.eval()
+    test_acc = {"clean": accuracy(final, *test, 0.0)}
+    test_acc |= {f"{s:g}": accuracy(final, *test, s) for s in eval_sigmas}
+    tensors = {"model": model.state_dict()} | ({"ema": ema.state_dict()} if ema is not None else {})
+    state = {"step": step, "stopped_by": stopped_by, "elapsed_s": round(elapsed, 2),
+             "train": dataclasses.asdict(tc), "test_accuracy": test_acc}  # fmt: skip
+    ckpt = save_checkpoint(out, step, config, tensors, state, keep=1)  # duck-typed: needs only config.to_json()
+    return ClassifierResult(ckpt, step, stopped_by, elapsed, test_acc)
+
+
+def save_classifier(classifier: NoisyClassifier, out: str | Path, step: int = 0, state: dict | None = None) -> Path:
+    """Write a classifier's weights and config to OUT/checkpoints/step_N atomically (keeping only that one)."""
+    state = {"step": step} | (state or {})
+    return save_checkpoint(Path(out), step, classifier.config, {"model": classifier.state_dict()}, state, keep=1)
+
+
+def _classifier_checkpoint(path: str | Path) -> Path:
+    """A classifier folder, one of its checkpoint folders or a weights file -> the checkpoint folder."""
+    p = Path(path)
+    if not p.exists():
+        raise DifflabError(
+            f"classifier '{p}' does not exist; train one with `difflab train-classifier --data NAME --out {p}`"
+        )
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise DifflabError(f"'{p}' is not a .safetensors file; difflab only loads safetensors weights")
+        p = p.parent
+    if (p / "config.json").is_file() and any((p / w).is_file() for w in WEIGHT_FILES):
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise DifflabError(f"'{p}' holds no classifier checkpoint; pass a folder written by `difflab train-classifier`")
+    return latest
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu", *, use_ema: bool = True) -> NoisyClassifier:
+    """The classifier saved by `train_classifier` (EMA weights if present), in eval mode on `device`."""
+    ckpt = _classifier_checkpoint(path)
+    try:
+        config = ClassifierConfig.from_json((ckpt / "config.json").read_text())
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise DifflabError(
+            f"'{ckpt}/config.json' is not a noise-aware classifier ({err}); train one with `difflab train-classifier`"
+        ) from None
+    name = "ema.safetensors" if use_ema and (ckpt / "ema.safetensors").is_file() else "model.safetensors"
+    model = NoisyClassifier(config)
+    try:
+        model.load_state_dict(load_tensors(ckpt / name))
+    except RuntimeError as err:
+        raise DifflabError(f"'{ckpt / name}' does not match its config.json ({str(err).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def check_fits(classifier: NoisyClassifier, sample_shape: tuple[int, ...], num_classes: int | None = None) -> None:
+    """Refuse a classifier for data of another shape, or with another class count than a conditional model."""
+    cfg = classifier.config
+    if tuple(cfg.sample_shape) != tuple(sample_shape):
+        raise DifflabError(
+            f"the classifier was trained on '{cfg.data}' samples of shape {tuple(cfg.sample_shape)}, but the model "
+            f"makes samples of shape {tuple(sample_shape)}; train a classifier on the model's data"
+        )
+    if num_classes is not None and num_classes != cfg.num_classes:
+        raise DifflabError(
+            f"the classifier knows {cfg.num_classes} classes but the conditional model {num_classes}; use one "
+            "trained on the same labels"
+        )
+
+
+def training_state(path: str | Path) -> dict[str, Any]:
+    """The training_state.json of a classifier (step, budget, settings, test accuracy)."""
+    return json.loads((_classifier_checkpoint(path) / "training_state.json").read_text())
