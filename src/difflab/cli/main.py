@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from difflab import __version__
-from difflab.cli import demo, evaluate, nll, sample, train
+from difflab.cli import demo, evaluate, nll, sample, train, train_classifier
+from difflab.cli.edit import IMG2IMG, INPAINT
 from difflab.errors import DifflabError
 from difflab.sampling import SAMPLERS
 
@@ -25,10 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "train": (train, "train a diffusion model"),
+        "train-classifier": (train_classifier, "train a noise-aware classifier for classifier guidance"),
         "sample": (sample, "draw samples from a checkpoint"),
         "demo": (demo, "train on the digits for a few minutes, then sample and evaluate"),
         "nll": (nll, "negative log-likelihood in bits/dim via the probability-flow ODE (and the DDPM bound)"),
         "eval": (evaluate, "score samples of a checkpoint (or a folder) with FID, IS, KID, precision/recall"),
+        "inpaint": (INPAINT, "regenerate the white region of a mask, keeping the rest of the image"),
+        "img2img": (IMG2IMG, "image-to-image (SDEdit): noise an image to a strength and denoise it"),
     }
     for name, (module, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
