@@ -5,7 +5,7 @@
 
 Model: --ckpt (default runs/demo/run, the model `difflab demo` trains); if it does not exist, one is trained with
 `difflab train --data digits --resolution 8 --minutes 3 --out CKPT`. Inputs: the 450 test digits (fixed split),
-digit i filled with seed i, in one batch, through `difflab.cli.edit.inpaint_images` (what `difflab inpaint` runs).
+digit i filled with seed i, in one batch, through `difflab.editing.inpaint` (what `difflab inpaint` runs).
 
 Masks (white = regenerate): left half (columns 0-3), right half (columns 4-7), top half (rows 0-3), centre 4x4
 (rows and columns 2-5). Rows per mask:
@@ -36,10 +36,9 @@ from pathlib import Path
 
 import torch
 
-from difflab.cli.edit import inpaint_images
 from difflab.cli.main import main as difflab_main
 from difflab.data.digits import load_digits_split
-from difflab.editing import repaint_sigmas
+from difflab.editing import inpaint, repaint_sigmas
 from difflab.eval.digits_classifier import classify, load_digits_classifier
 from difflab.training.checkpoint import load_model
 
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         for method, (grid, repaint) in methods.items():
             stats: dict = {}
             start = time.perf_counter()
-            filled = inpaint_images(model.denoiser, original, fill, grid, seeds, repaint=repaint, stats=stats)
+            filled = inpaint(model.denoiser, original, fill, grid, seeds, repaint=repaint, stats=stats)
             seconds = time.perf_counter() - start
             rows.append({"mask": mask_name, "method": method, "nfe": stats["nfe"], "seconds": seconds,
                          **scores(filled, *common)})  # fmt: skip

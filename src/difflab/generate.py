@@ -9,9 +9,20 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.errors import DifflabError
-from difflab.kernels import GAUSSIAN, GaussianKernel, Kernel
-from difflab.sampling import PerSampleNoise, get_sampler
+from difflab.kernels import GAUSSIAN, Kernel
+from difflab.sampling import PerSampleNoise, sampler_for_kernel
 from difflab.types import Denoiser, StepCallback
+
+
+class CountedDenoiser:
+    """A denoiser that counts its calls (network evaluations, NFE)."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        self.calls += 1
+        return self.denoiser(x, sigma, cond)
 
 
 def generate(
@@ -38,23 +49,14 @@ def generate(
     The callback (if any) sees the steps of every batch in turn. If `stats` is a dict, stats["nfe"] receives the
     number of network evaluations per sample (summed over batches' calls / number of batches).
     """
-    spec = get_sampler(sampler)
     options = dict(options or {})
+    spec = sampler_for_kernel(sampler, options, kernel.name)
     unknown = set(options) - set(spec.options)
     if unknown:
         raise TypeError(f"sampler '{sampler}' does not take {', '.join(sorted(unknown))}")
     if cond is not None and len(cond) != len(seeds):
         raise DifflabError(f"cond holds {len(cond)} entries for {len(seeds)} seeds; give one per sample")
-    if not isinstance(kernel, GaussianKernel) and not spec.deterministic(options):
-        raise DifflabError(
-            f"sampler '{sampler}' adds Gaussian noise, which does not reverse a {kernel.name}-kernel model; use an "
-            "ODE sampler: euler, heun, dpmpp_2m, lms, rk45 or ddim with eta 0"
-        )
-    out, calls = [], [0]
-
-    def counted(x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        calls[0] += 1
-        return denoiser(x, sigma, cond)
+    out, counted = [], CountedDenoiser(denoiser)
 
     starts = range(0, len(seeds), batch_size)
     for start in tqdm(starts, desc=f"sample {sampler}", disable=not progress or len(starts) < 2):
@@ -64,5 +66,5 @@ def generate(
         x = spec.fn(counted, x, sigmas.to(device), cond=batch_cond, noise=noise, callback=callback, **options)
         out.append(x.cpu())
     if stats is not None:
-        stats["nfe"] = calls[0] / len(starts)
+        stats["nfe"] = counted.calls / len(starts)
     return torch.cat(out)

@@ -11,7 +11,7 @@ scale of [-1, 1], not clamped).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,14 +20,12 @@ import torch
 
 from difflab.cli.common import resolve_device, upscale_for
 from difflab.cli.sample import add_sampler_arguments, sampler_options
-from difflab.editing import repaint_sigmas, sample_repaint, sdedit_start
+from difflab.editing import img2img, inpaint
 from difflab.errors import DifflabError
-from difflab.guidance import Inpainting
 from difflab.images import read_image, read_mask
-from difflab.kernels import GAUSSIAN, GaussianKernel, Kernel
-from difflab.sampling import PerSampleNoise, SamplerSpec, get_sampler
+from difflab.kernels import GaussianKernel, Kernel
+from difflab.sampling import get_sampler, sampler_for_kernel
 from difflab.training.checkpoint import LoadedModel, load_model
-from difflab.types import Denoiser
 from difflab.viz import save_image_grid
 
 GRID_COLUMNS = 8
@@ -87,94 +85,6 @@ def add_img2img_arguments(p: argparse.ArgumentParser) -> None:
         "SDEdit: noise --image to --strength and denoise it. The PNG grid shows the original, the noised input "
         "(seed S, scaled by 1/sqrt(1 + sigma^2) for display), then the n results."
     )
-
-
-def _counted(denoiser: Denoiser, calls: list[int]) -> Denoiser:
-    def counted(x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        calls[0] += 1
-        return denoiser(x, sigma, cond)
-
-    return counted
-
-
-def check_kernel(kernel: Kernel, sampler: str, options: dict[str, Any]) -> SamplerSpec:
-    """The sampler's spec; a stochastic sampler with a Poisson-kernel model is an error (as in `generate`)."""
-    spec = get_sampler(sampler)
-    if not isinstance(kernel, GaussianKernel) and not spec.deterministic(options):
-        raise DifflabError(
-            f"sampler '{sampler}' adds Gaussian noise, which does not reverse a {kernel.name}-kernel model; use an "
-            "ODE sampler: euler, heun, dpmpp_2m, lms, rk45 or ddim with eta 0"
-        )
-    return spec
-
-
-@torch.no_grad()
-def inpaint_images(
-    denoiser: Denoiser,
-    image: torch.Tensor,
-    fill: torch.Tensor,
-    sigmas: torch.Tensor,
-    seeds: Sequence[int],
-    *,
-    sampler: str = "ddpm",
-    options: dict[str, Any] | None = None,
-    repaint: tuple[int, int] | None = None,
-    kernel: Kernel = GAUSSIAN,
-    device: torch.device | str = "cpu",
-    stats: dict[str, Any] | None = None,
-) -> torch.Tensor:
-    """Fill the region `fill` = 1 of `image` once per seed; returns (len(seeds), *shape) on the CPU.
-
-    image: (1 or B, C, R, R) data; fill: (1 or B, 1 or C, R, R), 1 where to regenerate. Result i starts from the
-    prior kernel's draw of seed seeds[i] with the image under it in the known region (`Inpainting.start`), and
-    every later draw comes from the same seed. repaint = (jump, resamplings) follows RePaint's path with DDPM steps
-    instead of `sampler`. stats["nfe"] receives the network evaluations per result.
-    """
-    options = dict(options or {})
-    known = image.to(device)
-    mask = (1 - fill.to(device)).expand_as(known) if fill.shape[1] == 1 else 1 - fill.to(device)
-    calls = [0]
-    inpaint = Inpainting(_counted(denoiser, calls), known, mask)
-    noise = PerSampleNoise(seeds)
-    x = inpaint.start(noise.initial(tuple(image.shape[1:]), float(sigmas[0]), device, kernel))
-    if repaint is not None:
-        x = sample_repaint(inpaint, x, repaint_sigmas(sigmas, *repaint), noise=noise)
-    else:
-        x = check_kernel(kernel, sampler, options).fn(inpaint, x, sigmas.to(device), noise=noise, **options)
-    if stats is not None:
-        stats["nfe"] = calls[0]
-    return x.cpu()
-
-
-@torch.no_grad()
-def img2img_images(
-    denoiser: Denoiser,
-    image: torch.Tensor,
-    sigmas: torch.Tensor,
-    strength: float,
-    seeds: Sequence[int],
-    *,
-    sampler: str = "ddim",
-    options: dict[str, Any] | None = None,
-    kernel: Kernel = GAUSSIAN,
-    device: torch.device | str = "cpu",
-    stats: dict[str, Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDEdit (Meng et al. 2022, Alg. 1) once per seed: image (1, *shape) plus the kernel's draw at sigma_start =
-    sigmas[sdedit_start(sigmas, strength)], denoised along the rest of the grid. As `difflab.editing.img2img`, but
-    the starting noise is the model's kernel (Poisson for pfgm/pfgmpp). Returns (results, noised inputs), each
-    (len(seeds), *shape) on the CPU; stats["nfe"] and stats["sigma_start"] are filled in if given."""
-    options = dict(options or {})
-    spec = check_kernel(kernel, sampler, options)
-    start = sdedit_start(sigmas, strength)
-    sigma_start = float(sigmas[start])
-    noise = PerSampleNoise(seeds)
-    noised = image.to(device) + noise.initial(tuple(image.shape[1:]), sigma_start, device, kernel)
-    calls = [0]
-    x = spec.fn(_counted(denoiser, calls), noised, sigmas[start:].to(device), noise=noise, **options)
-    if stats is not None:
-        stats |= {"nfe": calls[0], "sigma_start": sigma_start}
-    return x.cpu(), noised.cpu()
 
 
 def _check_out(path: str) -> Path:
@@ -250,10 +160,10 @@ def run_inpaint(args: argparse.Namespace) -> int:
     fill = read_mask(args.mask, model.config.data.resolution)
     repaint = _repaint_setting(args, model.kernel, options)
     if repaint is None:
-        check_kernel(model.kernel, args.sampler, options)
+        sampler_for_kernel(args.sampler, options, model.kernel.name)
     stats: dict[str, Any] = {}
     seeds = [args.seed + i for i in range(args.n)]
-    results = inpaint_images(
+    results = inpaint(
         model.denoiser, image, fill, model.sigmas(args.steps, args.grid), seeds, sampler=args.sampler,
         options=options, repaint=repaint, kernel=model.kernel, device=device, stats=stats,
     )  # fmt: skip
@@ -270,10 +180,10 @@ def run_img2img(args: argparse.Namespace) -> int:
     if not 0 < args.strength <= 1:
         raise DifflabError(f"--strength must lie in (0, 1], got {args.strength}")
     model, image, device, options = _prepare(args, "ddim")
-    check_kernel(model.kernel, args.sampler, options)
+    sampler_for_kernel(args.sampler, options, model.kernel.name)
     stats: dict[str, Any] = {}
     seeds = [args.seed + i for i in range(args.n)]
-    results, noised = img2img_images(
+    results, noised = img2img(
         model.denoiser, image, model.sigmas(args.steps, args.grid), args.strength, seeds, sampler=args.sampler,
         options=options, kernel=model.kernel, device=device, stats=stats,
     )  # fmt: skip

@@ -86,6 +86,18 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }  # fmt: skip
 
 
+def sampler_for_kernel(name: str, options: dict[str, Any], kernel_name: str) -> SamplerSpec:
+    """The sampler called `name`, refused when it adds Gaussian noise to a model whose kernel is not Gaussian
+    (PFGM/PFGM++: the Gaussian reverse SDE does not reverse a Poisson kernel)."""
+    spec = get_sampler(name)
+    if kernel_name != "gaussian" and not spec.deterministic(options):
+        raise DifflabError(
+            f"sampler '{name}' adds Gaussian noise, which does not reverse a {kernel_name}-kernel model; use an "
+            "ODE sampler: euler, heun, dpmpp_2m, lms, rk45 or ddim with eta 0"
+        )
+    return spec
+
+
 def get_sampler(name: str) -> SamplerSpec:
     """The sampler called `name`, or a DifflabError listing the known ones."""
     if name not in SAMPLERS:
@@ -93,4 +105,4 @@ def get_sampler(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "SamplerSpec", "get_sampler", "PerSampleNoise", "GeneratorNoise"]
+__all__ = ["SAMPLERS", "SamplerSpec", "get_sampler", "sampler_for_kernel", "PerSampleNoise", "GeneratorNoise"]
