@@ -126,13 +126,13 @@ def test_poisson_coordinate_variance_is_the_student_t_variance():
 def test_beta_clip_bounds_the_radius_and_leaves_the_rest_alone():
     d, c = 1, 0.1
     r = SIGMA * math.sqrt(d)
-    lo, hi = r * math.sqrt(c / (1 - c)), r * math.sqrt((1 - c) / c)  # B in [c, 1 - c]  <=>  R in [lo, hi]
+    lo, hi = r * math.sqrt(c / (1 - c)), r * math.sqrt((1 - c) / c)  # B = c  <=>  R = lo;  B = 1 - c  <=>  R = hi
     clipped = _draws(PoissonKernel(d, beta_clip=c), 20_000, 2, seed=3).norm(dim=1)
     exact = _draws(PoissonKernel(d), 20_000, 2, seed=3).norm(dim=1)
-    assert float(clipped.min()) == pytest.approx(lo, rel=1e-9) and float(clipped.max()) == pytest.approx(hi, rel=1e-9)
-    # B ~ Beta(1, 1/2): P(B < 0.1) = 1 - 0.9^(1/2) = 5.1%, P(B > 0.9) = 0.1^(1/2) = 32%; those draws sit on the bounds
-    assert int((exact < lo).sum()) > 500 and int((exact > hi).sum()) > 5000
-    torch.testing.assert_close(clipped, exact.clamp(lo, hi), rtol=1e-9, atol=0)
+    assert float(clipped.max()) == pytest.approx(hi, rel=1e-9)
+    # B ~ Beta(1, 1/2): P(B > 0.9) = 0.1^(1/2) = 32% of draws sit on the upper bound; P(B < 0.1) = 5.1% stay short
+    assert int((exact > hi).sum()) > 5000 and int((clipped < lo).sum()) > 500
+    torch.testing.assert_close(clipped, exact.clamp(max=hi), rtol=1e-9, atol=0)
 
 
 def test_max_radius_clips_only_the_long_draws():
