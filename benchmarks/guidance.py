@@ -476,6 +476,17 @@ def plot_samples(grids: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def encode_images(x: torch.Tensor) -> list[str]:
+    """8x8 images (N, 1, 8, 8) in [-1, 1] -> one hex string of 64 grey levels (0..255) per image, for the JSON."""
+    levels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).flatten(1).numpy()
+    return [bytes(row).hex() for row in levels]
+
+
+def decode_images(rows: list[str]) -> torch.Tensor:
+    levels = np.stack([np.frombuffer(bytes.fromhex(r), dtype=np.uint8) for r in rows]).astype(np.float32)
+    return torch.from_numpy(levels / 127.5 - 1).reshape(-1, 1, 8, 8)
+
+
 def write_report(results, ref: Reference, info: dict, meta: dict, grids: dict, out: Path, prefix: str) -> None:
     v = verdict(results)
     ref_fd = v["reference_mean_class_fd"]
@@ -536,9 +547,7 @@ def write_report(results, ref: Reference, info: dict, meta: dict, grids: dict, o
         "floors": ref.floors,
         "settings": [asdict(s) for s in results],
         "verdict": v,
-        "grid_samples": [
-            {"method": m, "scale": sc, "images": x.round(decimals=3).tolist()} for (m, sc), x in grids.items()
-        ],
+        "grid_samples": [{"method": m, "scale": sc, "images": encode_images(x)} for (m, sc), x in grids.items()],
     }
     (out / f"{prefix}.json").write_text(json.dumps(payload, indent=1, default=lambda o: None))
     plot(results, ref, v, out / f"{prefix}.png")
@@ -583,7 +592,7 @@ def main() -> None:
         results = [Setting(**d) for d in payload["settings"]]
         ref = Reference(None, None, None, None, None, payload["evaluation_classifier"]["test_accuracy"],
                         payload["evaluation_classifier"]["test_confident"], payload["floors"])  # fmt: skip
-        grids = {(g["method"], g["scale"]): torch.tensor(g["images"]) for g in payload.get("grid_samples", [])}
+        grids = {(g["method"], g["scale"]): decode_images(g["images"]) for g in payload.get("grid_samples", [])}
         meta = {k: payload[k] for k in ("command", "machine", "date", "seconds", "per_class", "steps", "sampler")}
         meta["seed"] = payload.get("seed", 0)
         write_report(results, ref, payload["models"], meta, grids, out, prefix)
