@@ -13,11 +13,9 @@ digits), lr (1e-3), warm-up, EMA (0.999) and seed (0); each model's own objectiv
 * pfgm: the original Poisson flow (field regression, Alg. 2). Its network sees the same batch as the others
   (small_batch), but the target field of each step is the empirical field of 1,024 data points (the charges).
 * pfgmpp-D, D in {1, 8, 64, 2048}: PFGM++ (EDM's loss and preconditioning, Poisson kernel with D extra dims).
-  Workaround: the library trains PFGM++ with B ~ Beta(N/2, D/2) clipped into [1e-3, 1 - 1e-3] (the PFGM++ code's
-  value for CIFAR-10, N = 3072). In 2-D (N = 2) with D = 2048, B's mean is 1/1025 and the clip moves 64 % of the
-  draws to 1e-3, i.e. the noise radius to >= 1.43 sigma, and the model converges to a sliced W2 ten times EDM's.
-  Where the clip moves more than 1 % of the draws (toys: D = 64 and 2048) the model is trained with the exact
-  kernel instead (clip 0; run folder suffix -exact); --library-clip turns this off.
+  Needs the library's upper-only clip of B ~ Beta(N/2, D/2) (commit 510ec1b): the PFGM++ reference clips B into
+  [1e-3, 1 - 1e-3], and in 2-D with D = 2048 (B's mean 1/1025) the lower bound moved 64 % of the training draws
+  to radius >= 1.43 sigma; pfgmpp-2048 on heart then converged to a sliced W2 of 0.34 against EDM's 0.025.
 * edm: Karras et al. 2022 (Gaussian kernel, sigma 0.002..80).
 * vp: the VP SDE (Song et al. 2021), eps-prediction, continuous time.
 
@@ -72,7 +70,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import difflab.models as difflab_models
 from difflab.cli import train as train_cmd
 from difflab.data import TOY_NAMES, load_dataset, sample_toy
 from difflab.errors import DifflabError
@@ -103,7 +100,6 @@ BASELINES = [("vp", "ddpm"), ("vp", "euler_maruyama"), ("edm", "heun")]
 TOL = 0.5  # the target: excess over the floor at most 50 % above the baseline's converged excess
 SENSITIVITY = (0.2, 1.0)
 MIN_EXCESS = 0.05  # ... with the excess counted as at least 5 % of the floor
-MAX_CLIPPED = 0.01  # train PFGM++ with the exact kernel where the library's clip of B moves more than 1 % of draws
 PLOT_TOP = 50  # the plots show quality up to 50 x the floor
 CLAIM = 10  # the article's "10-20x fewer steps": holds where the ratio is >= 10
 LR = 1e-3
@@ -154,19 +150,9 @@ class Result:
 # ---- training ----------------------------------------------------------------------------------------------
 
 
-def clipped_share(data_dim: int, aug_dim: int) -> float:
-    """The share of PFGM++ training draws B ~ Beta(N/2, D/2) that the library's lower clip of B moves."""
-    from scipy.stats import beta
-
-    return float(beta.cdf(difflab_models.PFGMPP_BETA_CLIP, data_dim / 2, aug_dim / 2))
-
-
-def train_or_load(
-    data: str, key: str, process: str, aug_dim: int | None, steps: int, runs: Path, exact_kernel: bool = False
-) -> tuple:
-    """The EMA model of one (data, model) pair, trained unless a finished run exists; and its training summary.
-    exact_kernel: train PFGM++ without the library's clip of B (the workaround described in the docstring)."""
-    run_dir = runs / f"{data}_{key}{'-exact' if exact_kernel else ''}_{steps}"
+def train_or_load(data: str, key: str, process: str, aug_dim: int | None, steps: int, runs: Path) -> tuple:
+    """The EMA model of one (data, model) pair, trained unless a finished run exists; and its training summary."""
+    run_dir = runs / f"{data}_{key}_{steps}"
     ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
     seconds = math.nan
     if ckpt is None or ckpt.name != f"step_{steps:08d}":
@@ -181,18 +167,12 @@ def train_or_load(
         if data == "digits":
             argv += ["--resolution", "8"]
         start = time.perf_counter()
-        clip = difflab_models.PFGMPP_BETA_CLIP
-        difflab_models.PFGMPP_BETA_CLIP = 0.0 if exact_kernel else clip  # build_loss reads it when the run starts
-        try:
-            train_cmd.train(parser.parse_args(argv))
-        finally:
-            difflab_models.PFGMPP_BETA_CLIP = clip
+        train_cmd.train(parser.parse_args(argv))
         seconds = time.perf_counter() - start
     log = read_log(run_dir)
     tail = [r["loss"] for r in log[-8:]]
     summary = {
         "steps": steps,
-        "exact_kernel": exact_kernel,
         "final_loss": sum(tail) / len(tail) if tail else math.nan,
         "skipped_steps": log[-1].get("skipped_steps", 0) if log else 0,
         "train_seconds": seconds if math.isfinite(seconds) else (log[-1].get("elapsed_s") if log else None),
@@ -253,18 +233,9 @@ def run_data(data: str, args, log) -> Result:
     tols = RK45_TOLS if toy else DIGITS_RK45_TOLS
     if args.quick:
         ode_nfes, sde_nfes, tols = [4, 10, 35], [4, 10, 35, 100], (1e-2,)
-    data_dim = 2 if toy else 64
     for key, process, aug_dim in MODELS:
         t0 = time.perf_counter()
-        exact = False
-        if aug_dim is not None and (share := clipped_share(data_dim, aug_dim)) > MAX_CLIPPED and not args.library_clip:
-            exact = True
-            result.notes.append(
-                f"{key} trained with the exact Poisson kernel (no clip of B): the library's clip of B ~ Beta({data_dim}"
-                f"/2, {aug_dim}/2) into [{difflab_models.PFGMPP_BETA_CLIP:g}, 1 - {difflab_models.PFGMPP_BETA_CLIP:g}]"
-                f" would move {100 * share:.2g} % of the training draws up to its lower bound"
-            )
-        model, summary = train_or_load(data, key, process, aug_dim, steps, Path(args.runs), exact)
+        model, summary = train_or_load(data, key, process, aug_dim, steps, Path(args.runs))
         result.train[key] = summary
         log(f"  {key}: trained ({summary['final_loss']:.4g} final loss) in {time.perf_counter() - t0:.0f} s")
         t0 = time.perf_counter()
@@ -539,9 +510,6 @@ def main() -> None:
     parser.add_argument("--n-digits", type=int, default=450)
     parser.add_argument("--runs", default="runs/pfgm_bench", help="trained runs (reused when finished)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--library-clip", action="store_true", help="train every PFGM++ model with the library's clip of B (see notes)"
-    )
     parser.add_argument("--quick", action="store_true", help="300 / 60 training steps, 500 / 100 samples, 3 NFEs")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--from-json", help="rewrite the report and plots from a saved pfgm.json, without sampling")
