@@ -12,14 +12,6 @@ from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import UNet, unet_preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def one_line_error(capsys, code: int, *fragments: str) -> None:
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

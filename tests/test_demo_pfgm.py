@@ -17,15 +17,6 @@ CHARGES = sample_toy("heart", 60, seed=0)
 RADIUS = 30.0  # far enough that the ends' deviation from uniform, second order in (data size / radius), is invisible
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are loops over small tensors, where torch's thread pool costs more than it gives on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class WrongPower:
     """The Poisson field's weights with one power too many, ||(x, z) - (y, 0)||^-4 instead of ^-3: not a field whose
     flux is conserved in 3-D."""

@@ -14,15 +14,6 @@ from difflab.images import read_image, read_mask
 from difflab.viz import read_png_metadata
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: the tensors are tiny and the machine is shared (see tests/test_pfgm.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

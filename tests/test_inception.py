@@ -36,15 +36,6 @@ def _random_model(seed: int) -> FIDInceptionV3:
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads spin-wait and a forward takes seconds, not 0.1 s."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model() -> FIDInceptionV3:
     return _random_model(0)

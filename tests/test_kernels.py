@@ -20,16 +20,6 @@ SIGMA = 1.3
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: these tensors are tiny, and two threads on a busy 2-core machine mostly wait for each
-    other (the Heun test took 12 s instead of 0.9 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _draws(kernel, n, dim, seed, sigma=SIGMA):
     return kernel.noise((n, dim), sigma, generator=torch.Generator().manual_seed(seed), dtype=F64)
 

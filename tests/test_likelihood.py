@@ -24,15 +24,6 @@ SMIN, SMAX = 1e-3, 100.0
 TOL = dict(rtol=1e-7, atol=1e-7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add synchronisation, which stalls badly when the CPU is oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class FullCovGaussianDenoiser:
     """x0 ~ N(0, Q diag(lam) Q^T) in d dims: D(x, sigma) = Q diag(lam / (lam + sigma^2)) Q^T x."""
 

@@ -35,15 +35,6 @@ CENTRES = 0.8 * torch.stack([ANGLES.cos(), ANGLES.sin()], 1)
 MIXTURE = GaussianMixtureDenoiser(CENTRES, torch.full((8,), 0.06, dtype=F64), torch.full((8,), 1 / 8, dtype=F64))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: the networks are tiny and the 2-core machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -24,15 +24,6 @@ FIXED_STEP = [sample_euler, sample_heun, sample_dpmpp_2m, sample_lms]
 ALL = [*FIXED_STEP, sample_rk45]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: torch's intra-op threads only add overhead, and stall badly on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _karras(steps, to_zero=True):
     """Karras et al. 2022 grid (rho = 7) in float64; without the final step to 0 when to_zero is False."""
     grid = karras_sigmas(steps, SIGMA_MIN, SIGMA_MAX).double()

@@ -24,16 +24,6 @@ from difflab.training.checkpoint import load_model, save_checkpoint
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: these tensors are tiny, and two threads on a busy 2-core machine spend most of their
-    time waiting for each other (training here took 4-5x longer with two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -34,16 +34,6 @@ GAUSSIAN_CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These (20000, 2) tensors gain nothing from threads, and on a busy machine OpenMP's barriers make every
-    elementwise op wait for a descheduled thread (a 0.3 s run took 25-60 s with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(fn, denoiser, steps, n, seed, options, dtype=torch.float32):
     sigmas = karras_sigmas(steps, SIGMA_MIN, SIGMA_MAX).to(dtype)
     g = torch.Generator().manual_seed(seed)
