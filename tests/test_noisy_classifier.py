@@ -214,6 +214,8 @@ def test_sampling_errors(edm_run, clf, tmp_path, capsys):
     assert_one_line_error(*sample("--classifier", clf, "--class", 8)[::2], "integer in 0..7")
     assert_one_line_error(*sample("--classifier", clf, "--class", 2, "--guidance", 2)[::2], "--conditional")
     assert_one_line_error(*sample("--classifier", edm_run, "--class", 2)[::2], "is not a noise-aware classifier")
+    code, _, err = run_cli(capsys, "sample", "--ckpt", clf, "--n", 4, "--out", tmp_path / "x.npy", "--device", "cpu")
+    assert_one_line_error(code, err, "noise-aware classifier, not a diffusion model", "--classifier")
     digits = tmp_path / "digits_clf"
     save_classifier(build_classifier(ClassifierConfig("digits", "images", (1, 8, 8), 10, 8, 1)), digits)
     assert_one_line_error(*sample("--classifier", digits, "--class", 2)[::2], "shape (1, 8, 8)", "shape (2,)")

@@ -127,7 +127,12 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_config(ckpt_dir: Path) -> RunConfig:
     try:
-        return RunConfig.from_json((Path(ckpt_dir) / "config.json").read_text())
+        text = (Path(ckpt_dir) / "config.json").read_text()
+        if '"difflab-noisy-classifier"' in text:
+            raise DifflabError(
+                f"'{ckpt_dir}' holds a noise-aware classifier, not a diffusion model; pass it as --classifier"
+            )
+        return RunConfig.from_json(text)
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise DifflabError(f"'{ckpt_dir}/config.json' is not a valid difflab config ({err})") from None
 
