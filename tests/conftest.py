@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from difflab.cli.main import main
 from difflab.oracles import GaussianDenoiser, GaussianMixtureDenoiser
 
-__all__ = ["GaussianDenoiser", "GaussianMixtureDenoiser"]
+__all__ = ["GaussianDenoiser", "GaussianMixtureDenoiser", "assert_one_line_error", "run_cli"]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,3 +27,19 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_cli(capsys, *argv):
+    """Run `difflab ARGV` in-process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    """The CLI's contract for user errors: exit code 2, one line on stderr, no traceback, naming the fragments."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in lines[0], lines[0]

@@ -2,10 +2,12 @@
 `difflab sample --class/--guidance` end to end on a labelled toy."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error
 
 from difflab.cli.main import main
 from difflab.nets.mlp import MLP, MLPConfig
@@ -13,10 +15,7 @@ from difflab.nets.unet import UNet, unet_preset
 
 
 def one_line_error(capsys, code: int, *fragments: str) -> None:
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
+    assert_one_line_error(code, capsys.readouterr().err, *fragments)
 
 
 def test_label_embedding_distinguishes_classes_and_treats_none_as_the_null_label():
@@ -26,7 +25,7 @@ def test_label_embedding_distinguishes_classes_and_treats_none_as_the_null_label
     by_label = [net(x, c, torch.full((4,), k)) for k in (-1, 0, 1, 2)]
     assert all(not torch.allclose(a, b) for i, a in enumerate(by_label) for b in by_label[i + 1 :])
     torch.testing.assert_close(net(x, c, None), by_label[0])  # no labels = the null label
-    unet = UNet(unet_preset("tiny", 8, 1).__class__(**{**vars(unet_preset("tiny", 8, 1)), "num_classes": 10}))
+    unet = UNet(replace(unet_preset("tiny", 8, 1), num_classes=10))
     images = torch.randn(2, 1, 8, 8)
     assert unet(images, torch.zeros(2), torch.tensor([3, -1])).shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match=r"0\.\.2"):

@@ -5,6 +5,7 @@ SDEdit are tested against exact denoisers in tests/test_guidance.py; these tests
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 from PIL import Image
 
 from difflab.cli.main import main
@@ -12,20 +13,6 @@ from difflab.data.digits import load_digits_split
 from difflab.errors import DifflabError
 from difflab.images import read_image, read_mask
 from difflab.viz import read_png_metadata
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def save(array, path, mode):

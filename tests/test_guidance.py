@@ -57,7 +57,7 @@ def test_cfg_makes_one_batched_call_and_respects_its_interval():
     sigma = torch.tensor([0.1, 1.0, 3.0, 10.0], dtype=F64)
     cfg = ClassifierFreeGuidance(mixture, 4.0, interval=(0.5, 5.0))
     out = cfg(x, sigma, labels)
-    assert mixture.calls == 1 + 0  # one batched call for both branches
+    assert mixture.calls == 1  # one batched call for both branches
     inside = torch.tensor([False, True, True, False])
     torch.testing.assert_close(out[~inside], mixture(x, sigma, labels)[~inside])
     guided = ClassifierFreeGuidance(mixture, 4.0)(x, sigma, labels)

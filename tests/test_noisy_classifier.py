@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 
 from difflab.cli.main import main
 from difflab.cli.sample import guided
@@ -33,20 +34,6 @@ ANGLES = 2 * math.pi * torch.arange(8, dtype=F64) / 8
 CENTRES = 0.8 * torch.stack([ANGLES.cos(), ANGLES.sin()], 1)
 # The 8gaussians toy as an exact labelled mixture: its responsibilities are the Bayes posterior p(y | x, sigma).
 MIXTURE = GaussianMixtureDenoiser(CENTRES, torch.full((8,), 0.06, dtype=F64), torch.full((8,), 1 / 8, dtype=F64))
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 from scipy import special, stats
 from torch import nn
 
@@ -22,20 +23,6 @@ from difflab.schedules import log_snr_sigmas
 from difflab.training.checkpoint import load_model, save_checkpoint
 
 F64 = torch.float64
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def brute_field(x, z, charges):
