@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+import difflab
 from difflab.eval.quality import digits_quality
-from difflab.generate import generate
-from difflab.training.checkpoint import load_model
 
 SETTINGS = [
     ("ddpm", 50, {"variance": "small"}),
@@ -29,13 +28,11 @@ def main() -> None:
     parser.add_argument("--ckpt", default="runs/demo/run")
     parser.add_argument("--n", type=int, default=450)
     args = parser.parse_args()
-    model = load_model(args.ckpt)
-    print(f"checkpoint {model.checkpoint} (step {model.step})")
+    pipe = difflab.load(args.ckpt)
+    print(f"checkpoint {pipe.checkpoint} (step {pipe.step})")
     print("| sampler | steps | options | Frechet | floor | confident >= 0.9 |\n|---|---|---|---|---|---|")
     for sampler, steps, options in SETTINGS:
-        sigmas = model.sigmas(steps)
-        x = generate(model.denoiser, model.config.data.sample_shape, sigmas, list(range(args.n)), sampler=sampler,
-                     options=options)  # fmt: skip
+        x = pipe.sample(args.n, seed=0, sampler=sampler, steps=steps, **options)
         q = digits_quality(x)
         print(f"| {sampler} | {steps} | {options} | {q['frechet']:.1f} | {q['frechet_floor']:.1f} | "
               f"{100 * q['confident_share']:.1f} % |")  # fmt: skip

@@ -11,10 +11,11 @@ marker is an interrupted run and is trained again):
   (--no-reuse-demo turns that off); otherwise trained for --minutes (default 5, the demo's budget).
 * cond: class-conditional (`--conditional`, label dropout 0.1), trained for as many steps as uncond reached (an
   equal step budget that does not depend on the machine's load); --cond-minutes trains it for minutes instead.
-* clf: the noise-aware classifier of `difflab train-classifier --for <uncond>` (its sigma range, default 2,000
-  steps), used for classifier guidance only.
+* clf: the noise-aware classifier `difflab train-classifier --for <uncond>` trains (on the digits, over uncond's
+  sigma range, default 2,000 steps; here through `difflab.guidance.classifier_training.train_classifier`), used for
+  classifier guidance only.
 
-Settings, each through `difflab.cli.sample.guided` (the composition `difflab sample` uses):
+Settings, each through `Pipeline.sample` (the guidance composition `difflab sample` uses):
 
 * cfg: the conditional model under classifier-free guidance, w in {0, 1, 1.5, 2, 3, 5} (w = 1 is the plain
   conditional model, w = 0 its unconditional branch).
@@ -56,23 +57,26 @@ import platform
 import shutil
 import sys
 import time
-from argparse import Namespace
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from difflab.cli import train as train_cmd
-from difflab.cli import train_classifier as train_classifier_cmd
-from difflab.cli.sample import guidance_classifier, guided
+import difflab
+from difflab.config import RunConfig
+from difflab.data import load_dataset
 from difflab.data.digits import load_digits_split
 from difflab.eval.digits_classifier import classify, extract_features, load_digits_classifier
 from difflab.eval.frechet import frechet_distance_between
 from difflab.eval.quality import CONFIDENT_PROB
-from difflab.generate import generate
-from difflab.noisy_classifier import training_state
-from difflab.training.checkpoint import LoadedModel, latest_checkpoint, load_model
+from difflab.formulations import make_formulation
+from difflab.formulations.ddpm import DDPMConfig
+from difflab.guidance.classifier import classifier_config_for, load_classifier
+from difflab.guidance.classifier_training import classifier_train_config, train_classifier, training_state
+from difflab.pipeline import Pipeline
+from difflab.training.checkpoint import latest_checkpoint, load_config, resolve_checkpoint
+from difflab.training.run import run_config, train_run
 from difflab.training.trainer import read_log
 
 NUM_CLASSES = 10
@@ -96,15 +100,14 @@ GRID_SETTINGS = [("cfg", 0.0), ("cfg", 1.0), ("cfg", 3.0), ("cfg", 5.0), ("class
 # ---- models ------------------------------------------------------------------------------------------------
 
 
-def demo_settings(model: LoadedModel) -> bool:
+def demo_settings(c: RunConfig) -> bool:
     """Whether a run was trained with the demo's settings (unconditional tiny U-Net, DDPM eps linear, 8x8 digits,
     batch 128, lr 1e-3, seed 0)."""
-    c = model.config
+    f = c.formulation
     return (
-        c.data.name == "digits" and c.data.resolution == 8 and c.model.kind == "unet" and c.model.preset == "tiny"
-        and getattr(c.model.unet, "num_classes", None) is None and c.diffusion.process == "ddpm"
-        and c.diffusion.prediction == "eps" and c.diffusion.schedule == "linear" and c.train.batch_size == 128
-        and c.train.lr == 1e-3 and c.train.seed == 0
+        c.data.name == "digits" and c.data.resolution == 8 and c.model.backbone == "unet" and c.model.preset == "tiny"
+        and c.model.num_classes is None and isinstance(f, DDPMConfig) and f.prediction == "eps"
+        and f.schedule == "linear" and c.train.batch_size == 128 and c.train.lr == 1e-3 and c.train.seed == 0
     )  # fmt: skip
 
 
@@ -112,14 +115,27 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / MARKER).is_file() and latest_checkpoint(run_dir) is not None
 
 
-def train_diffusion(run_dir: Path, conditional: bool, steps: int | None, minutes: float | None) -> None:
-    parser = argparse.ArgumentParser()
-    train_cmd.add_arguments(parser)
-    argv = ["--data", "digits", "--resolution", "8", "--batch-size", "128", "--lr", "1e-3", "--model", "tiny",
-            "--seed", "0", "--device", "cpu", "--out", str(run_dir), "--no-progress"]  # fmt: skip
-    argv += ["--steps", str(steps)] if steps is not None else ["--minutes", str(minutes)]
-    argv += ["--conditional"] if conditional else []
-    train_cmd.train(parser.parse_args(argv))
+def train_diffusion(run_dir: Path, conditional: bool, steps: int | None, minutes: float | None) -> str | None:
+    """Train a DDPM (eps, linear) tiny U-Net on the 8x8 digits, for `steps` or else `minutes`; conditional: on the
+    class labels with label dropout 0.1. Returns the trainer's short-run warning, if any."""
+    data = load_dataset("digits", resolution=8)
+    config = run_config(data, process="ddpm", model="tiny", conditional=conditional, label_dropout=0.1,
+                        steps=steps, minutes=None if steps is not None else minutes, batch_size=128, lr=1e-3,
+                        seed=0)  # fmt: skip
+    return train_run(config, run_dir, data=data, device="cpu", progress=False).warning
+
+
+def train_guidance_classifier(uncond: Path, clf: Path, steps: int | None) -> None:
+    """`difflab train-classifier --for UNCOND`: a noise-aware classifier on uncond's data over the sigma range it
+    samples, with the library's classifier training settings (2,000 steps unless `steps`, seed 0)."""
+    config = load_config(resolve_checkpoint(uncond))
+    lo, hi = make_formulation(config.formulation).sigma_range()
+    train = load_dataset(config.data.name, resolution=config.data.resolution)
+    test = load_dataset(config.data.name, split="test", resolution=config.data.resolution)
+    classifier = classifier_config_for(train, sigma_range=(float(lo), float(hi)))
+    tc = classifier_train_config(train.kind, steps=2000 if steps is None else steps, seed=0)
+    train_classifier(classifier, tc, (train.data, train.labels), (test.data, test.labels), clf, device="cpu",
+                     progress=False)  # fmt: skip
 
 
 def prepare_models(args, log) -> dict:
@@ -133,7 +149,7 @@ def prepare_models(args, log) -> dict:
             not args.quick
             and args.reuse_demo
             and latest_checkpoint(DEMO_RUN) is not None
-            and demo_settings(load_model(DEMO_RUN))
+            and demo_settings(load_config(resolve_checkpoint(DEMO_RUN)))
         ):
             log(f"uncond: copying {DEMO_RUN} (trained with the demo's settings)")
             shutil.copytree(DEMO_RUN, uncond)
@@ -142,8 +158,10 @@ def prepare_models(args, log) -> dict:
             budget = f"{args.quick_steps} steps" if args.quick else f"{args.minutes:g} minutes"
             log(f"uncond: training ({budget}) ...")
             start = time.perf_counter()
-            train_diffusion(uncond, False, args.quick_steps if args.quick else None, args.minutes)
+            warning = train_diffusion(uncond, False, args.quick_steps if args.quick else None, args.minutes)
             source = f"trained here in {time.perf_counter() - start:.0f} s"
+            if warning:
+                log(f"uncond: {warning}")
         (uncond / MARKER).write_text(json.dumps({"source": source}))
     info["uncond"] = run_summary(uncond)
     uncond_steps = info["uncond"]["steps"]
@@ -152,18 +170,16 @@ def prepare_models(args, log) -> dict:
         steps = None if args.cond_minutes is not None else uncond_steps
         log(f"cond: training ({f'{steps} steps' if steps else f'{args.cond_minutes:g} minutes'}) ...")
         start = time.perf_counter()
-        train_diffusion(cond, True, steps, args.cond_minutes)
+        warning = train_diffusion(cond, True, steps, args.cond_minutes)
+        if warning:
+            log(f"cond: {warning}")
         (cond / MARKER).write_text(json.dumps({"source": f"trained here in {time.perf_counter() - start:.0f} s"}))
     info["cond"] = run_summary(cond)
     if not finished(clf):
         shutil.rmtree(clf, ignore_errors=True)
         log("clf: training the noise-aware classifier ...")
-        parser = argparse.ArgumentParser()
-        train_classifier_cmd.add_arguments(parser)
-        argv = ["--for", str(uncond), "--out", str(clf), "--device", "cpu", "--no-progress"]
-        argv += ["--steps", str(args.quick_steps)] if args.quick else []
         start = time.perf_counter()
-        train_classifier_cmd.run(parser.parse_args(argv))
+        train_guidance_classifier(uncond, clf, args.quick_steps if args.quick else None)
         (clf / MARKER).write_text(json.dumps({"source": f"trained here in {time.perf_counter() - start:.0f} s"}))
     state = training_state(clf)
     info["clf"] = {"path": str(clf), "steps": state["step"], "elapsed_s": state.get("elapsed_s"),
@@ -175,16 +191,17 @@ def prepare_models(args, log) -> dict:
 
 
 def run_summary(run_dir: Path) -> dict:
-    model = load_model(run_dir)
+    pipe = difflab.load(run_dir)
     log = read_log(run_dir)
     tail = [r["loss"] for r in log[-8:]]
+    label_dropout = next((s.dropout for s in pipe.config.conditioning if s.name == "class_label"), None)
     return {
         "path": str(run_dir),
-        "steps": model.step,
+        "steps": pipe.step,
         "elapsed_s": log[-1].get("elapsed_s") if log else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
-        "conditional": getattr(model.config.model.unet, "num_classes", None) is not None,
-        "label_dropout": model.config.train.label_dropout,
+        "conditional": pipe.num_classes is not None,
+        "label_dropout": label_dropout,  # None for the unconditional model
         "source": json.loads((run_dir / MARKER).read_text())["source"],
     }
 
@@ -277,25 +294,21 @@ class Setting:
     seconds: float = 0.0
 
 
-def denoiser_for(method: str, scale: float, models: dict, classifier, labels: torch.Tensor):
-    """(model, denoiser, cond) of one setting, built by `difflab.cli.sample.guided` as `difflab sample` does."""
+def setting_for(method: str, scale: float, pipes: dict, classifier, labels: torch.Tensor) -> tuple[Pipeline, dict]:
+    """(pipeline, its `sample` keyword arguments for cond and guidance) of one setting."""
+    cond = {"class_label": labels}
     if method == "cfg":
-        model = models["cond"]
-        return model, guided(model, Namespace(guidance=scale, guidance_interval=None), labels), labels
+        return pipes["cond"], {"cond": cond, "guidance": scale}
     if method == "classifier":
-        model = models["uncond"]
         if scale == 0:  # unguided: the unconditional network must not get labels
-            return model, model.denoiser, None
-        ns = Namespace(guidance=None, guidance_interval=None, classifier_scale=scale)
-        return model, guided(model, ns, labels, classifier), labels
-    model = models["cond"]
-    ns = Namespace(guidance=1.0, guidance_interval=None, classifier_scale=scale)
-    return model, guided(model, ns, labels, classifier), labels
+            return pipes["uncond"], {}
+        return pipes["uncond"], {"cond": cond, "classifier": classifier, "classifier_scale": scale}
+    return pipes["cond"], {"cond": cond, "guidance": 1.0, "classifier": classifier, "classifier_scale": scale}
 
 
 def run_settings(args, info: dict, ref: Reference, log) -> tuple[list[Setting], dict]:
-    models = {key: load_model(info[key]["path"]) for key in ("uncond", "cond")}
-    classifier = guidance_classifier(models["uncond"], Namespace(classifier=info["clf"]["path"]), torch.device("cpu"))
+    pipes = {key: difflab.load(info[key]["path"]) for key in ("uncond", "cond")}
+    classifier = load_classifier(info["clf"]["path"], "cpu")
     n = args.per_class * NUM_CLASSES
     labels = torch.arange(n) % NUM_CLASSES
     seeds = [args.seed + i for i in range(n)]
@@ -303,12 +316,11 @@ def run_settings(args, info: dict, ref: Reference, log) -> tuple[list[Setting], 
     results, grids = [], {}
     for method, (_, _, scales) in METHODS.items():
         for scale in QUICK_SCALES[method] if args.quick else scales:
-            model, denoiser, cond = denoiser_for(method, scale, models, classifier, labels)
+            pipe, guidance = setting_for(method, scale, pipes, classifier, labels)
             stats: dict = {}
             start = time.perf_counter()
-            x = generate(denoiser, model.config.data.sample_shape, model.sigmas(steps), seeds, sampler=SAMPLER,
-                         options=OPTIONS, kernel=model.kernel, cond=cond, batch_size=args.batch_size,
-                         stats=stats)  # fmt: skip
+            x = pipe.sample(seeds=seeds, sampler=SAMPLER, steps=steps, batch_size=args.batch_size, stats=stats,
+                            **guidance, **OPTIONS)  # fmt: skip
             setting = Setting(method, scale, evaluate(x, labels, ref), stats["nfe"], time.perf_counter() - start)
             results.append(setting)
             grids[(method, scale)] = x[: 2 * NUM_CLASSES]

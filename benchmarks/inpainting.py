@@ -3,9 +3,10 @@
     python benchmarks/inpainting.py                      # the demo's model (runs/demo/run), 450 test digits, ~20 min
     python benchmarks/inpainting.py --quick              # 50 digits, 20 steps, RePaint j2 r2: a smoke test (~30 s)
 
-Model: --ckpt (default runs/demo/run, the model `difflab demo` trains); if it does not exist, one is trained with
-`difflab train --data digits --resolution 8 --minutes 3 --out CKPT`. Inputs: the 450 test digits (fixed split),
-digit i filled with seed i, in one batch, through `difflab.editing.inpaint` (what `difflab inpaint` runs).
+Model: --ckpt (default runs/demo/run, the model `difflab demo` trains); if it does not exist, one is trained as
+`difflab train --data digits --resolution 8 --minutes 3 --out CKPT` does (`difflab.training.run.train_run`).
+Inputs: the 450 test digits (fixed split), digit i filled with seed i, in one batch, through
+`difflab.editing.inpaint` (what `difflab inpaint` runs).
 
 Masks (white = regenerate): left half (columns 0-3), right half (columns 4-7), top half (rows 0-3), centre 4x4
 (rows and columns 2-5). Rows per mask:
@@ -36,11 +37,12 @@ from pathlib import Path
 
 import torch
 
-from difflab.cli.main import main as difflab_main
+import difflab
 from difflab.data.digits import load_digits_split
-from difflab.editing import inpaint, repaint_sigmas
+from difflab.editing import inpaint
 from difflab.eval.digits_classifier import classify, load_digits_classifier
-from difflab.training.checkpoint import load_model
+from difflab.sampling import repaint_sigmas
+from difflab.training.run import train_run
 
 
 def masks() -> dict[str, torch.Tensor]:
@@ -70,22 +72,28 @@ def ensure_model(ckpt: Path) -> None:
     if ckpt.exists():
         return
     print(f"{ckpt} does not exist: training a digits model for 3 minutes", flush=True)
-    argv = ["train", "--data", "digits", "--resolution", "8", "--minutes", "3", "--out", str(ckpt), "--no-progress"]
-    if difflab_main(argv) != 0:
-        sys.exit(f"training {ckpt} failed")
+    data = difflab.load_dataset("digits", resolution=8)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CLI's --device auto
+    try:
+        outcome = train_run(difflab.run_config(data, minutes=3), ckpt, data=data, device=device, progress=False)
+    except difflab.DifflabError as err:
+        sys.exit(f"training {ckpt} failed: {err}")
+    print(f"trained {outcome.step} steps (stopped by {outcome.stopped_by}); run folder: {outcome.run_dir}")
+    if outcome.warning:
+        print(f"warning: {outcome.warning}")
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     ensure_model(args.ckpt)
-    model = load_model(args.ckpt)
-    if model.config.data.name != "digits" or model.config.data.resolution != 8:
+    pipe = difflab.load(args.ckpt)
+    if pipe.config.data.name != "digits" or pipe.config.data.resolution != 8:
         sys.exit(f"{args.ckpt} is not an 8x8 digits model")
     original, labels = load_digits_split("test", 8)
     original, labels = original[: args.n], labels[: args.n]
     classifier = load_digits_classifier()
     reference = classify(classifier, original).argmax(dim=1)
     seeds = list(range(len(original)))
-    sigmas = model.sigmas(args.steps)
+    sigmas = pipe.sigmas(args.steps)
     path = repaint_sigmas(sigmas, args.jump, args.resamplings)
     repaint_nfe = int((path[1:] < path[:-1]).sum())
     methods = {
@@ -94,7 +102,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             sigmas,
             (args.jump, args.resamplings),
         ),
-        f"replacement (ddpm {repaint_nfe}: RePaint's NFE)": (model.sigmas(repaint_nfe), None),
+        f"replacement (ddpm {repaint_nfe}: RePaint's NFE)": (pipe.sigmas(repaint_nfe), None),
     }
     rows = []
     for mask_name, fill in masks().items():
@@ -106,12 +114,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         for method, (grid, repaint) in methods.items():
             stats: dict = {}
             start = time.perf_counter()
-            filled = inpaint(model.denoiser, original, fill, grid, seeds, repaint=repaint, stats=stats)
+            filled = inpaint(pipe.denoiser, original, fill, grid, seeds, repaint=repaint, kernel=pipe.kernel,
+                             stats=stats)  # fmt: skip
             seconds = time.perf_counter() - start
             rows.append({"mask": mask_name, "method": method, "nfe": stats["nfe"], "seconds": seconds,
                          **scores(filled, *common)})  # fmt: skip
             print(f"{mask_name:<11} {method:<50} {rows[-1]['agree']:.3f} ({seconds:.0f} s)", flush=True)
-    info = {"checkpoint": str(model.checkpoint), "train_step": model.step, "n": len(original)}
+    info = {"checkpoint": str(pipe.checkpoint), "train_step": pipe.step, "n": len(original)}
     return rows, info
 
 

@@ -70,13 +70,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.cli import train as train_cmd
+import difflab
 from difflab.data import TOY_NAMES, load_dataset, sample_toy
 from difflab.errors import DifflabError
 from difflab.eval.toy_metrics import sliced_wasserstein
-from difflab.generate import generate
+from difflab.pipeline import Pipeline
 from difflab.sampling import SAMPLERS
-from difflab.training.checkpoint import LoadedModel, latest_checkpoint, load_model
+from difflab.training.checkpoint import latest_checkpoint
+from difflab.training.run import run_config, train_run
 from difflab.training.trainer import read_log
 
 # (key, process, aug_dim)
@@ -157,17 +158,12 @@ def train_or_load(data: str, key: str, process: str, aug_dim: int | None, steps:
     seconds = math.nan
     if ckpt is None or ckpt.name != f"step_{steps:08d}":
         shutil.rmtree(run_dir, ignore_errors=True)
-        parser = argparse.ArgumentParser()
-        train_cmd.add_arguments(parser)
-        argv = ["--data", data, "--out", str(run_dir), "--steps", str(steps), "--process", process, "--lr", str(LR),
-                "--model", "tiny", "--seed", "0", "--device", "cpu", "--checkpoint-every", str(10 * steps),
-                "--no-progress"]  # fmt: skip
-        if aug_dim is not None:
-            argv += ["--aug-dim", str(aug_dim)]
-        if data == "digits":
-            argv += ["--resolution", "8"]
         start = time.perf_counter()
-        train_cmd.train(parser.parse_args(argv))
+        dataset = load_dataset(data, resolution=8 if data == "digits" else None)
+        # the data kind's default batch (pfgm: 1,024 charges, its network batch the usual one); aug_dim: pfgmpp only
+        config = run_config(dataset, process=process, model="tiny", steps=steps, lr=LR, seed=0,
+                            checkpoint_every=10 * steps, aug_dim=aug_dim)  # fmt: skip
+        train_run(config, run_dir, data=dataset, device="cpu", progress=False)
         seconds = time.perf_counter() - start
     log = read_log(run_dir)
     tail = [r["loss"] for r in log[-8:]]
@@ -177,7 +173,7 @@ def train_or_load(data: str, key: str, process: str, aug_dim: int | None, steps:
         "skipped_steps": log[-1].get("skipped_steps", 0) if log else 0,
         "train_seconds": seconds if math.isfinite(seconds) else (log[-1].get("elapsed_s") if log else None),
     }
-    return load_model(run_dir), summary
+    return difflab.load(run_dir), summary
 
 
 # ---- sampling ----------------------------------------------------------------------------------------------
@@ -206,11 +202,10 @@ def quality_fn(data: str, n: int):
     return measure_toy, floor, "sliced W2 to the 20,000 test points"
 
 
-def sample_cell(model: LoadedModel, sampler: str, options: dict, steps: int, n: int, measure) -> Cell:
+def sample_cell(pipe: Pipeline, sampler: str, options: dict, steps: int, n: int, measure) -> Cell:
     stats: dict = {}
-    try:
-        x = generate(model.denoiser, model.config.data.sample_shape, model.sigmas(steps), list(range(n)),
-                     sampler=sampler, options=options, kernel=model.kernel, batch_size=n, stats=stats)  # fmt: skip
+    try:  # seeds 0..n-1, one batch, the model's default grid, starting from its prior kernel
+        x = pipe.sample(n, seed=0, sampler=sampler, steps=steps, batch_size=n, stats=stats, **options)
     except DifflabError as err:
         return Cell(stats.get("nfe", math.nan), math.nan, note=f"error: {err}")
     nfe = stats["nfe"]
@@ -235,7 +230,7 @@ def run_data(data: str, args, log) -> Result:
         ode_nfes, sde_nfes, tols = [4, 10, 35], [4, 10, 35, 100], (1e-2,)
     for key, process, aug_dim in MODELS:
         t0 = time.perf_counter()
-        model, summary = train_or_load(data, key, process, aug_dim, steps, Path(args.runs))
+        pipe, summary = train_or_load(data, key, process, aug_dim, steps, Path(args.runs))
         result.train[key] = summary
         log(f"  {key}: trained ({summary['final_loss']:.4g} final loss) in {time.perf_counter() - t0:.0f} s")
         t0 = time.perf_counter()
@@ -244,7 +239,7 @@ def run_data(data: str, args, log) -> Result:
             row = Row(key, sampler, label)
             if spec.cost is None:
                 for tol in tols:
-                    cell = sample_cell(model, sampler, {**options, "rtol": tol, "atol": tol}, 2, n, measure)
+                    cell = sample_cell(pipe, sampler, {**options, "rtol": tol, "atol": tol}, 2, n, measure)
                     cell.extra["rtol"] = tol
                     row.cells.append(cell)
             else:
@@ -254,7 +249,7 @@ def run_data(data: str, args, log) -> Result:
                     if steps_n in used:
                         continue
                     used.add(steps_n)
-                    cell = sample_cell(model, sampler, options, steps_n, n, measure)
+                    cell = sample_cell(pipe, sampler, options, steps_n, n, measure)
                     cell.target = target
                     row.cells.append(cell)
             for cell in row.cells:
@@ -265,10 +260,8 @@ def run_data(data: str, args, log) -> Result:
             sampler, target = SPREAD[key]
             steps_n = SAMPLERS[sampler].steps_for_nfe(target)
             values = []
-            shape, sigmas = model.config.data.sample_shape, model.sigmas(steps_n)
             for k in range(3):
-                seeds = list(range(k * n, (k + 1) * n))
-                x = generate(model.denoiser, shape, sigmas, seeds, sampler=sampler, kernel=model.kernel, batch_size=n)
+                x = pipe.sample(n, seed=k * n, sampler=sampler, steps=steps_n, batch_size=n)
                 values.append(measure(x)[0])
             result.spread[f"{key} {sampler} at {SAMPLERS[sampler].nfe(steps_n)} NFE"] = values
         log(f"  {key}: sampled in {time.perf_counter() - t0:.0f} s")

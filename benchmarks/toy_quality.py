@@ -11,17 +11,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
-import torch
-
-from difflab.config import DataConfig, RunConfig, TrainConfig
-from difflab.data import sample_toy
+import difflab
 from difflab.eval.quality import toy_quality
-from difflab.generate import generate
-from difflab.models import build_denoiser, model_config_for
-from difflab.training.checkpoint import load_model
-from difflab.training.trainer import Trainer
+from difflab.pipeline import Pipeline
+from difflab.training.run import run_config, train_run
 
 SETTINGS = [("ddpm", 100, {}), ("ddim", 50, {"eta": 0.0}), ("ddim", 100, {"eta": 0.0}), ("ddpm", 1000, {})]
 
@@ -33,26 +27,21 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--n", type=int, default=2000)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    data = DataConfig(args.data, "points", (2,))
-    config = RunConfig(
-        data, model_config_for(data, args.model), train=TrainConfig(steps=args.steps, batch_size=256, lr=1e-3)
-    )
+    data = difflab.load_dataset(args.data)  # 20,000 points, seed 0
+    config = run_config(data, process="ddpm", model=args.model, steps=args.steps, batch_size=256, lr=1e-3)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        Trainer(config, sample_toy(args.data, 20000, 0), Path(tmp), torch.device("cpu")).run(progress=False)
+        train_run(config, tmp, data=data, device="cpu", progress=False)  # seeds the global RNG with the config's 0
         print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s")
-        model = load_model(tmp)
-    untrained = build_denoiser(config).eval()
-    seeds = list(range(args.n))
+        model = difflab.load(tmp)
+    untrained = Pipeline(config)  # the same network, freshly initialised
     print("| sampler | steps | SW2 trained | SW2 untrained | floor |\n|---|---|---|---|---|")
     for sampler, steps, options in SETTINGS:
-        sigmas = model.sigmas(steps)
         figures = [
             toy_quality(
-                generate(d, (2,), sigmas, seeds, sampler=sampler, options=options, batch_size=args.n), args.data
-            )
-            for d in (model.denoiser, untrained)
+                pipe.sample(args.n, seed=0, sampler=sampler, steps=steps, batch_size=args.n, **options), args.data
+            )  # fmt: skip
+            for pipe in (model, untrained)
         ]
         print(f"| {sampler} {options or ''} | {steps} | {figures[0]['swd']:.4f} | {figures[1]['swd']:.3g} | "
               f"{figures[0]['swd_floor']:.4f} |")  # fmt: skip

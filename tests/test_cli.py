@@ -78,7 +78,11 @@ def test_png_outputs_scatter_and_image_grid_with_metadata(moons_run, tmp_path, c
     )  # fmt: skip
     assert code == 0
     meta = read_png_metadata(grid)
-    assert meta["sampler"] == "ddpm" and meta["steps"] == 5 and meta["seed"] == 3 and meta["variance"] == "large"
+    assert meta["sampler"] == "ddpm" and meta["steps"] == 5 and meta["seed"] == 3
+    assert meta["options"] == {"variance": "large"} and meta["grid"] is None  # None = the model's default grid
+    with Image.open(grid) as png:  # the AUTOMATIC1111 `parameters` chunk that image tools display
+        parameters = png.text["parameters"]
+    assert "Steps: 5, Sampler: ddpm, Seed: 3" in parameters and "Schedule type" not in parameters
     raw = tmp_path / "digits.npy"
     run_cli(capsys, "sample", "--ckpt", digits, "--sampler", "ddim", "--steps", 5, "--n", 3, "--out", raw)
     assert np.load(raw).shape == (3, 1, 8, 8)
@@ -109,6 +113,14 @@ def test_missing_and_empty_data_folders(tmp_path, capsys):
 def test_unknown_sampler(moons_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "sample", "--ckpt", moons_run, "--sampler", "plms", "--out", tmp_path / "x.png")
     assert_one_line_error(code, err, "unknown sampler 'plms'", "ddpm, ddim")
+
+
+def test_sample_needs_a_checkpoint_and_an_output(moons_run, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sample", "--ckpt", moons_run, "--sampler", "ddim")
+    assert_one_line_error(code, err, "give --out FILE (.png or .npy) or --out-dir FOLDER")
+    code, _, err = run_cli(capsys, "sample", "--sampler", "ddim", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "give --ckpt")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
@@ -173,7 +185,12 @@ def test_existing_run_is_not_overwritten_without_resume(moons_run, capsys):
     assert sorted(p.name for p in (moons_run / "checkpoints").iterdir()) == before
 
 
-def test_resume_without_a_checkpoint_and_fp16_on_cpu(tmp_path, capsys):
+@pytest.mark.parametrize("machine", ["idle", "busy"])
+def test_resume_without_a_checkpoint_and_fp16_on_cpu(machine, tmp_path, capsys, monkeypatch):
+    """The one-line contract holds whatever the load: `difflab train` warns on stderr when the machine is
+    oversubscribed, which must not turn a user error into two lines."""
+    busy = "the machine is oversubscribed (load 9.0 on 2 cores): training throughput is limited"
+    monkeypatch.setattr("difflab.training.run.oversubscription_warning", lambda: busy if machine == "busy" else None)
     code, _, err = run_cli(capsys, "train", "--data", "moons", "--out", tmp_path / "r", "--resume", "latest")
     assert_one_line_error(code, err, "holds no checkpoint")
     code, _, err = run_cli(

@@ -10,6 +10,7 @@ import torch
 from conftest import assert_one_line_error
 
 from difflab.cli.main import main
+from difflab.errors import DifflabError
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import UNet, unet_preset
 
@@ -25,6 +26,9 @@ def test_label_embedding_distinguishes_classes_and_treats_none_as_the_null_label
     by_label = [net(x, c, torch.full((4,), k)) for k in (-1, 0, 1, 2)]
     assert all(not torch.allclose(a, b) for i, a in enumerate(by_label) for b in by_label[i + 1 :])
     torch.testing.assert_close(net(x, c, None), by_label[0])  # no labels = the null label
+    # a bare label tensor is shorthand for the cond mapping {"class_label": labels}
+    torch.testing.assert_close(net(x, c, {"class_label": torch.full((4,), 2)}), by_label[3])
+    assert net.accepts == frozenset({"class_label"})
     unet = UNet(replace(unet_preset("tiny", 8, 1), num_classes=10))
     images = torch.randn(2, 1, 8, 8)
     assert unet(images, torch.zeros(2), torch.tensor([3, -1])).shape == (2, 1, 8, 8)
@@ -32,8 +36,11 @@ def test_label_embedding_distinguishes_classes_and_treats_none_as_the_null_label
         net(x, c, torch.full((4,), 3))
     with pytest.raises(TypeError, match="int64"):
         net(x, c, torch.zeros(4))
-    with pytest.raises(TypeError, match="unconditional"):
-        MLP(MLPConfig(data_dim=2, hidden=32))(x, c, torch.zeros(4, dtype=torch.long))
+    unconditional = MLP(MLPConfig(data_dim=2, hidden=32))
+    with pytest.raises(DifflabError, match="unconditional"):
+        unconditional(x, c, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(DifflabError, match="unconditional"):
+        unconditional(x, c, {"class_label": torch.zeros(4, dtype=torch.long)})
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +102,7 @@ def test_label_dropout_replaces_the_configured_share_of_labels(tmp_path):
 
     from difflab.cli import train as train_cmd
     from difflab.data import load_dataset
+    from difflab.training.tasks import DenoiserTask
     from difflab.training.trainer import Trainer
 
     parser = argparse.ArgumentParser()
@@ -103,14 +111,17 @@ def test_label_dropout_replaces_the_configured_share_of_labels(tmp_path):
         ["--data", "8gaussians", "--out", str(tmp_path), "--conditional", "--label-dropout", "0.3"]
     )
     data = load_dataset("8gaussians")
-    config = train_cmd.build_config(args, data.kind, data.sample_shape, 1.0, 8)
-    trainer = Trainer(config, data.data, tmp_path, torch.device("cpu"), labels=data.labels)
+    config = train_cmd.config_from_args(args, data)
+    assert [(s.name, s.dropout) for s in config.conditioning] == [("class_label", 0.3)]
+    trainer = Trainer(DenoiserTask(config), data.data, tmp_path, torch.device("cpu"),
+                      cond_data={"class_label": data.labels})  # fmt: skip
     seen = []
-    loss_fn = trainer.loss_fn
-    trainer.loss_fn = lambda denoiser, x0, gen, cond: (seen.append(cond), loss_fn(denoiser, x0, gen, cond))[1]
+    loss_fn = trainer.task.loss_fn
+    trainer.task.loss_fn = lambda denoiser, x0, gen, cond: (seen.append(cond), loss_fn(denoiser, x0, gen, cond))[1]
     for _ in range(20):
         trainer.train_step()
-    labels = torch.cat(seen)
+    assert all(set(cond) == {"class_label"} for cond in seen)
+    labels = torch.cat([cond["class_label"] for cond in seen])
     dropped = float((labels == -1).float().mean())
     assert abs(dropped - 0.3) < 4 * math.sqrt(0.3 * 0.7 / len(labels))
     assert set(labels[labels >= 0].tolist()) == set(range(8))

@@ -186,9 +186,25 @@ def test_folder_loads_crops_and_scales(image_folder) -> None:
     torch.testing.assert_close(images[2][0], images[2][2])  # grey converted to RGB
 
 
-def test_folder_grey_channel(image_folder) -> None:
+def test_folder_grey_channel(image_folder, tmp_path) -> None:
     images = load_image_folder(str(image_folder), resolution=8, channels=1)
     assert images.shape == (3, 1, 8, 8)
+    # c_red.WEBP (pure red) is grey level round(0.299 * 255) = 76 (ITU-R 601-2 luma), not the channel mean 85
+    torch.testing.assert_close(images[1], torch.full((1, 8, 8), 76 / 127.5 - 1), rtol=0, atol=1e-6)
+    # an 8 x 8 RGB image (no resizing at resolution 8) of primaries, greys and random colours
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    rgb[0, :4] = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+    rgb[1, :3] = [(0, 0, 0), (10, 200, 30), (128, 128, 128)]
+    folder = tmp_path / "colours"
+    folder.mkdir()
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    grey = load_image_folder(folder, resolution=8, channels=1)
+    assert grey.shape == (1, 1, 8, 8)
+    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # L = R 299/1000 + G 587/1000 + B 114/1000
+    expected = torch.from_numpy(luma / 127.5 - 1).float()
+    torch.testing.assert_close(grey[0, 0], expected, rtol=0, atol=0.51 / 127.5)  # PIL rounds to a level
+    pil_grey = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float64)
+    torch.testing.assert_close(grey[0, 0], torch.from_numpy(pil_grey / 127.5 - 1).float(), rtol=0, atol=1e-6)
 
 
 def test_folder_skips_corrupt_file_with_one_warning(image_folder) -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 from difflab.cli.main import main
 from difflab.data.toys import sample_toy
 from difflab.kernels import GaussianKernel
-from difflab.pfgm_figures import field_lines, uniformity
+from difflab.viz.pfgm import field_lines, uniformity
 
 CHARGES = sample_toy("heart", 60, seed=0)
 RADIUS = 30.0  # far enough that the ends' deviation from uniform, second order in (data size / radius), is invisible
@@ -76,8 +76,8 @@ def test_pfgm_demo_writes_the_field_figures_and_the_backward_flow(tmp_path, caps
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--process", "pfgm", "--data", "nonsense"], "choose --data from"),
-        (["--process", "pfgm", "--data", "digits"], "choose --data from"),
+        (["--process", "pfgm", "--data", "nonsense"], "the pfgm demo trains on moons, swissroll, 8gaussians"),
+        (["--process", "pfgm", "--data", "digits"], "the pfgm demo trains on moons, swissroll, 8gaussians"),
         (["--data", "heart"], "--process pfgm"),
         (["--process", "vp"], "unknown --process"),
     ],

@@ -11,9 +11,11 @@ from difflab.cli.evaluate import parse_sweep
 from difflab.cli.main import main
 from difflab.data import load_digits_split
 from difflab.errors import DifflabError
-from difflab.eval.extractors import PointFeatures, RandomCNNFeatures
-from difflab.eval.frechet import frechet_distance_between
-from difflab.eval.reference import reference_statistics
+from difflab.eval.evaluate import score_samples
+from difflab.eval.extractors import PointFeatures, RandomCNNFeatures, make_extractor
+from difflab.eval.frechet import feature_statistics, frechet_distance_between
+from difflab.eval.reference import ReferenceStats, reference_statistics
+from difflab.eval.report import write_report
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +153,81 @@ def test_nll_command_reports_bits_per_dim(toy_run, tmp_path, capsys):
     assert result["bits_per_dim"] < 0.3 and result["bits_per_dim_stderr"] < 0.1
     assert main(["nll", "--ckpt", str(toy_run), "--n", "8", "--vlb"]) == 2
     assert "--vlb needs a discrete (ddpm) model of image data" in capsys.readouterr().err
+
+
+class _Spy:
+    """Wraps an extractor and keeps what reaches it."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+        self.name, self.comparable = inner.name, inner.comparable
+
+    def features(self, images):
+        self.seen.append(images.clone())
+        return self.inner.features(images)
+
+    def probabilities(self, images):
+        return self.inner.probabilities(images)
+
+
+def _reference(extractor, data):
+    feats = extractor.features(data).numpy()
+    mu, sigma = feature_statistics(feats)
+    return ReferenceStats(feats, mu, sigma, "test reference")
+
+
+def _levels(n, seed):
+    return torch.randint(0, 256, (n, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def test_score_samples_quantises_images_to_8_bits_before_extraction(tmp_path):
+    levels = _levels(40, 0)
+    on_grid = levels.float() / 255 * 2 - 1
+    # between the levels: within 0.4 of a level (edge levels also reach below -1 and above 1, clamped back)
+    offsets = (torch.rand(on_grid.shape, generator=torch.Generator().manual_seed(1)) - 0.5) * 0.8 * (2 / 255)
+    between = on_grid + offsets
+    ext = RandomCNNFeatures(1, progress=False)
+    assert not torch.equal(ext.features(between), ext.features(on_grid))  # unquantised, the features differ
+    reference = _reference(ext, _levels(30, 2).float() / 255 * 2 - 1)
+    spy = _Spy(ext)
+    got = score_samples(between, reference, spy, kid_subsets=5)
+    want = score_samples(on_grid, reference, ext, kid_subsets=5)
+    assert got == want and got["fid"] > 0  # every metric exactly as for the quantised samples
+    # what reached the extractor is round((x + 1) / 2 * 255) / 255 * 2 - 1, computed here in float64
+    x = between.double().numpy()
+    expected = np.clip(np.round((np.clip(x, -1, 1) + 1) / 2 * 255), 0, 255) / 255 * 2 - 1
+    np.testing.assert_allclose(spy.seen[0].double().numpy(), expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.round((expected + 1) / 2 * 255), levels.numpy())
+    assert got["quantised_8bit"] is True
+    # KID uses min(kid_subset_size, n, n_reference) rows per subset: min(1000, 40, 30)
+    assert got["kid_subsets"] == 5 and got["kid_subset_size"] == 30
+    report = (write_report({"settings": {"source": "test"}, "rows": [got]}, tmp_path / "r")[1]).read_text()
+    assert "quantised to 8 bits (256 levels per channel" in report and "before feature extraction" in report
+    assert "mean and std over 5 random subsets of 30 samples per set" in report
+
+
+def test_score_samples_leaves_points_unquantised(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    points, ref_points = torch.randn(50, 2, generator=g) * 0.3, torch.randn(60, 2, generator=g) * 0.3
+    spy = _Spy(PointFeatures())
+    out = score_samples(points, _reference(PointFeatures(), ref_points), spy, kid_subsets=3, kid_subset_size=7)
+    assert torch.equal(spy.seen[0], points)  # off the 8-bit grid and passed on as they are
+    assert out["quantised_8bit"] is False and out["kid_subsets"] == 3 and out["kid_subset_size"] == 7
+    report = (write_report({"settings": {"source": "test"}, "rows": [out]}, tmp_path / "r")[1]).read_text()
+    assert "not quantised" in report and "quantised to 8 bits" not in report
+    assert "3 random subsets of 7 samples per set" in report
+
+
+def test_feature_extraction_shows_a_progress_bar_over_several_batches(capsys):
+    images = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    shown = RandomCNNFeatures(1, batch_size=4).features(images)  # progress on by default: 3 batches
+    err = capsys.readouterr().err
+    assert "random-cnn features" in err and "3/3" in err
+    hidden = RandomCNNFeatures(1, batch_size=4, progress=False).features(images)
+    assert capsys.readouterr().err == ""
+    one_batch = RandomCNNFeatures(1, batch_size=16).features(images)
+    assert capsys.readouterr().err == ""  # a single batch needs no bar
+    torch.testing.assert_close(shown, hidden, rtol=0, atol=0)
+    torch.testing.assert_close(shown, one_batch, rtol=1e-5, atol=1e-6)
+    assert make_extractor("images", "folder", 1).progress is True
+    assert make_extractor("images", "folder", 1, progress=False).progress is False

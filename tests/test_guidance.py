@@ -49,6 +49,8 @@ def test_cfg_scale_one_is_the_conditional_and_zero_the_unconditional_model():
     torch.testing.assert_close(ClassifierFreeGuidance(mixture, 0.0)(x, sigma, labels), unconditional)
     guided = ClassifierFreeGuidance(mixture, 3.0)(x, sigma, labels)
     torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional))
+    # the bare label tensor is shorthand for the cond mapping
+    torch.testing.assert_close(ClassifierFreeGuidance(mixture, 3.0)(x, sigma, {"class_label": labels}), guided)
 
 
 def test_cfg_makes_one_batched_call_and_respects_its_interval():
@@ -65,7 +67,7 @@ def test_cfg_makes_one_batched_call_and_respects_its_interval():
 
 
 def test_cfg_needs_labels():
-    with pytest.raises(TypeError, match="class labels"):
+    with pytest.raises(TypeError, match="classifier-free guidance needs a condition"):
         ClassifierFreeGuidance(two_component_mixture(), 2.0)(torch.zeros(2, 2), torch.ones(2), None)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from difflab.errors import DifflabError
-from difflab.likelihood import (
+from difflab.eval.likelihood import (
     ddpm_vlb_bits_per_dim,
     dequantized_bits_per_dim,
     discretized_gaussian_log_likelihood,
@@ -320,3 +320,19 @@ def test_vlb_rejects_off_grid_data():
         ddpm_vlb_bits_per_dim(_zeros, SCHEDULE, torch.full((1, 2), 0.5001, dtype=F64))
     with pytest.raises(DifflabError, match="timesteps"):
         ddpm_vlb_bits_per_dim(_zeros, SCHEDULE, _grid_data(1, 2, 0), timesteps=0)
+
+
+def test_vlb_progress_bar_counts_the_model_calls_and_changes_nothing(capsys):
+    mu, std = torch.zeros(3, dtype=F64), torch.full((3,), 0.5, dtype=F64)
+    x0 = _grid_data(8, 3, 16)
+    for timesteps, calls in ((None, T - 1), (4, 4)):
+        runs = []
+        for progress in (False, True):
+            g = torch.Generator().manual_seed(4)
+            out = ddpm_vlb_bits_per_dim(
+                GaussianDenoiser(mu, std), SCHEDULE, x0, timesteps=timesteps, generator=g, progress=progress
+            )
+            runs.append((out, capsys.readouterr().err))
+        (quiet, quiet_err), (loud, loud_err) = runs
+        assert quiet_err == "" and "ddpm bound" in loud_err and f"{calls}/{calls}" in loud_err
+        assert torch.equal(quiet["bits_per_dim"], loud["bits_per_dim"]) and quiet["nfe"] == loud["nfe"] == calls + 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from difflab.kernels import PoissonKernel
-from difflab.likelihood import pf_ode_log_likelihood
+from difflab.eval.likelihood import pf_ode_log_likelihood
 from difflab.oracles import PointSetDenoiser
 
 SMIN, SMAX = 0.3, 60.0

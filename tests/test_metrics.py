@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.eval.metrics import inception_score, kernel_inception_distance, precision_recall
+from difflab.eval.metrics import (
+    effective_kid_subset_size,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 
 # ---------------------------------------------------------------- Inception Score
 
@@ -132,6 +137,21 @@ def test_kid_subsets_follow_documented_sampling_protocol():
     assert std == pytest.approx(np.std(values), rel=1e-8)
     assert kernel_inception_distance(a, b, subsets=4, subset_size=5, seed=42) == (mean, std)
     assert kernel_inception_distance(a, b, subsets=4, subset_size=5, seed=7)[0] != mean
+
+
+def test_kid_subset_size_is_capped_by_the_smaller_set_as_reported():
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((9, 2)), rng.standard_normal((7, 2)) + 0.5
+    assert effective_kid_subset_size(100, 9, 7) == 7 and effective_kid_subset_size(5, 9, 7) == 5
+    assert effective_kid_subset_size(100, 6, 7) == 6
+    draw = np.random.default_rng(0)
+    values = []
+    for _ in range(3):  # what KID must do with subset_size = 100: subsets of m = 7 rows from each set
+        ia, ib = draw.choice(9, 7, replace=False), draw.choice(7, 7, replace=False)
+        values.append(_mmd2_brute_force(a[ia].tolist(), b[ib].tolist()))
+    mean, std = kernel_inception_distance(a, b, subsets=3, subset_size=100, seed=0)
+    assert mean == pytest.approx(np.mean(values), rel=1e-10)
+    assert std == pytest.approx(np.std(values), rel=1e-8)
 
 
 def test_kid_is_unbiased_under_the_null_while_v_statistic_is_not():

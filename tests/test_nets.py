@@ -46,8 +46,13 @@ def test_unet_configuration_errors():
         UNet(UNetConfig(1, 12, 16, (1, 2, 2, 2), 1, (), 0.0, 8))
     with pytest.raises(DifflabError, match="choose one of tiny, small, base"):
         unet_preset("huge", 32, 3)
-    with pytest.raises(TypeError, match="unconditional"):
-        UNet(unet_preset("tiny", 8, 1))(torch.zeros(1, 1, 8, 8), torch.zeros(1), cond=torch.tensor([3]))
+    unconditional = UNet(unet_preset("tiny", 8, 1))
+    assert unconditional.accepts == frozenset()
+    refusal = "this model was not trained on class_label; it takes no conditioning"
+    with pytest.raises(DifflabError, match=refusal):
+        unconditional(torch.zeros(1, 1, 8, 8), torch.zeros(1), cond=torch.tensor([3]))
+    with pytest.raises(DifflabError, match=refusal):
+        unconditional(torch.zeros(1, 1, 8, 8), torch.zeros(1), cond={"class_label": torch.tensor([3])})
 
 
 def test_mlp_maps_points_and_depends_on_the_noise_level():

@@ -17,7 +17,7 @@ from difflab.config import DataConfig, RunConfig
 from difflab.data import load_dataset
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.models import model_config_for
-from difflab.noisy_classifier import (
+from difflab.guidance.classifier import (
     ClassifierConfig,
     ClassifierTrainConfig,
     build_classifier,

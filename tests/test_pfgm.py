@@ -10,17 +10,19 @@ from conftest import assert_one_line_error, run_cli
 from scipy import special, stats
 from torch import nn
 
+import difflab
 from difflab.cli.main import main
-from difflab.config import DataConfig, DiffusionConfig, PFGMConfig, RunConfig
+from difflab.config import DataConfig, RunConfig
 from difflab.eval.quality import toy_quality
+from difflab.formulations import make_formulation
 from difflab.kernels import PoissonKernel
-from difflab.models import build_denoiser, model_config_for
+from difflab.nets import build_network, model_config_for
 from difflab.oracles import PointSetDenoiser
-from difflab.pfgm import PoissonFieldDenoiser, normalised_field, perturb_augmented, pfgm_config_for
+from difflab.pfgm import PFGMConfig, PoissonFieldDenoiser, normalised_field, perturb_augmented, pfgm_config_for
 from difflab.sampling import PerSampleNoise
 from difflab.sampling.ode import sample_euler, sample_rk45
 from difflab.schedules import log_snr_sigmas
-from difflab.training.checkpoint import load_model, save_checkpoint
+from difflab.training.checkpoint import latest_checkpoint, load_config, save_checkpoint
 
 F64 = torch.float64
 
@@ -304,16 +306,25 @@ def test_pfgmpp_trained_on_moons_samples_with_heun(trained, runs, tmp_path, caps
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (("--process", "pfgmpp"), "process 'pfgmpp' needs --aug-dim D"),
         (("--process", "pfgmpp", "--aug-dim", 0), "--aug-dim (PFGM++ extra dimensions D) must be an integer >= 1"),
-        (("--process", "edm", "--aug-dim", 8), "--aug-dim is for --process pfgmpp, not 'edm'"),
-        (("--process", "pfgm", "--aug-dim", 1), "--aug-dim is for --process pfgmpp, not 'pfgm'"),
+        (("--process", "edm", "--aug-dim", 8), "process 'edm' does not take --aug-dim"),
+        (("--process", "pfgm", "--aug-dim", 1), "process 'pfgm' does not take --aug-dim"),
     ],
 )
 def test_train_refuses_bad_aug_dim(argv, fragment, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--data", "moons", "--out", tmp_path / "run", "--steps", 1, *argv)
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_pfgmpp_aug_dim_defaults_to_128(tmp_path, capsys):
+    """--aug-dim used to be required for pfgmpp; it now defaults to D = 128 (Xu et al. 2023's choice)."""
+    code, _, err = run_cli(capsys, "train", "--data", "moons", "--process", "pfgmpp", "--out", tmp_path / "run",
+                           "--steps", 1, "--no-progress")  # fmt: skip
+    assert code == 0, err
+    config = load_config(latest_checkpoint(tmp_path / "run"))
+    assert config.process == "pfgmpp" and config.formulation.aug_dim == 128
+    assert make_formulation(config.formulation).kernel == PoissonKernel(128)
 
 
 @pytest.mark.parametrize("process", ["pfgm", "pfgmpp"])
@@ -338,17 +349,20 @@ def test_deterministic_ddim_is_accepted_for_poisson_models(runs, process, tmp_pa
     assert np.load(out).shape == (4, 2)
 
 
-def test_pfgm_config_round_trip_and_load_model(tmp_path):
+def test_pfgm_config_round_trip_and_load(tmp_path):
     data = DataConfig("heart", "points", (2,))
     pfgm = pfgm_config_for(2, 0.8, small_batch=64)
-    config = RunConfig(data, model_config_for(data, field=True), DiffusionConfig("pfgm", prediction="field", pfgm=pfgm))
+    formulation = make_formulation(pfgm)
+    assert formulation.name == "pfgm" and formulation.extra_outputs == 1  # the field's z component
+    model = model_config_for("points", (2,), extra_outputs=formulation.extra_outputs)
+    config = RunConfig(data, model, pfgm)
     again = RunConfig.from_json(config.to_json())
-    assert again == config and isinstance(again.diffusion.pfgm, PFGMConfig)
+    assert again == config and isinstance(again.formulation, PFGMConfig) and again.process == "pfgm"
     torch.manual_seed(0)
-    denoiser = build_denoiser(config)
+    denoiser = formulation.denoiser(build_network(config.model))
     assert isinstance(denoiser, PoissonFieldDenoiser)
     save_checkpoint(tmp_path, 1, config, {"model": denoiser.net.state_dict()}, {"step": 1})
-    loaded = load_model(tmp_path)
+    loaded = difflab.load(tmp_path)
     assert loaded.config == config and isinstance(loaded.denoiser, PoissonFieldDenoiser)
     assert (loaded.denoiser.gamma, loaded.denoiser.z_exp) == (pfgm.gamma, pfgm.z_exp)
     assert loaded.kernel == PoissonKernel(1, max_radius=pfgm.upper_norm)

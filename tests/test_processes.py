@@ -10,11 +10,12 @@ from scipy.integrate import quad
 from difflab.cli.main import main
 from difflab.errors import DifflabError
 from difflab.eval.quality import toy_quality
+from difflab.formulations.edm import EDMConfig
 from difflab.generate import generate
-from difflab.precond import PreconditionedDenoiser, make_prediction, network_target
+from difflab.pipeline import load
+from difflab.precond import EDMPrediction, PreconditionedDenoiser, make_prediction, network_target
 from difflab.processes import VESDE, VPSDE, EDMProcess, SubVPSDE, make_process, uniform_t_sigmas
 from difflab.sampling import SAMPLERS
-from difflab.training.checkpoint import load_model
 
 T = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
 
@@ -106,15 +107,16 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_edm_training_with_heun_reaches_the_floor_in_20_steps(runs, tmp_path):
-    model = load_model(runs["edm"])
-    assert model.config.diffusion.process == "edm" and model.config.diffusion.prediction == "edm"
+    model = load(runs["edm"])
+    assert model.config.process == "edm" and model.formulation.name == "edm"
+    assert model.config.formulation == EDMConfig() and isinstance(model.denoiser.prediction, EDMPrediction)
     samples = generate(model.denoiser, (2,), model.sigmas(20), list(range(1000)), sampler="heun")
     q = toy_quality(samples, "moons")
     assert q["swd"] < q["swd_floor"] + 0.04, q
     untrained_dir = tmp_path / "untrained"
     assert main(["train", "--data", "moons", "--process", "edm", "--out", str(untrained_dir), "--steps", "1",
                  "--lr", "1e-12", "--no-progress"]) == 0  # fmt: skip
-    untrained = load_model(untrained_dir)
+    untrained = load(untrained_dir)
     bad = generate(untrained.denoiser, (2,), untrained.sigmas(20), list(range(1000)), sampler="heun")
     assert toy_quality(bad, "moons")["swd"] > q["swd_floor"] + 0.04
 
@@ -122,7 +124,7 @@ def test_edm_training_with_heun_reaches_the_floor_in_20_steps(runs, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("process", ["ddpm", "edm"])
 def test_every_sampler_runs_on_every_model(runs, process):
-    model = load_model(runs[process])
+    model = load(runs[process])
     for name in SAMPLERS:
         steps = 100 if name in ("euler_maruyama", "pc", "ald") else 20
         stats = {}
@@ -134,12 +136,18 @@ def test_every_sampler_runs_on_every_model(runs, process):
         assert toy_quality(samples, "moons")["swd"] < {"ddpm": 0.3, "edm": 0.12}[process], (process, name)
 
 
-def test_process_and_prediction_must_match(tmp_path, capsys):
-    code = main(
-        ["train", "--data", "moons", "--process", "edm", "--prediction", "v", "--out", str(tmp_path), "--steps", "1"]
-    )
+@pytest.mark.parametrize(
+    ("process", "prediction", "fragment"),
+    [
+        ("edm", "v", "process 'edm' does not take --prediction"),  # EDM's preconditioning is its only prediction
+        ("ddpm", "edm", "formulation 'ddpm' trains with prediction eps or x0 or v, not 'edm'"),
+    ],
+)
+def test_process_and_prediction_must_match(process, prediction, fragment, tmp_path, capsys):
+    code = main(["train", "--data", "moons", "--process", process, "--prediction", prediction, "--out", str(tmp_path),
+                 "--steps", "1"])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "process 'edm' trains with prediction edm" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
     assert not np.any([p.name == "checkpoints" for p in tmp_path.iterdir()])
 
 
@@ -160,7 +168,7 @@ def test_score_sde_processes_train_and_sample(process, tmp_path):
         "--no-progress",
     ]
     assert main(argv) == 0
-    model = load_model(tmp_path)
+    model = load(tmp_path)
     samples = generate(model.denoiser, (2,), model.sigmas(100), list(range(1000)), sampler="euler_maruyama")
     q = toy_quality(samples, "moons")
     assert q["swd"] < 0.06, (process, q)  # untrained models of these processes score SW2 > 70

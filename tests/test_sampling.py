@@ -66,12 +66,33 @@ def test_stochastic_samplers_reach_the_true_gaussian(sampler, kwargs):
     torch.testing.assert_close(out.std(0), STD, rtol=0.03, atol=0)
 
 
-def test_ddpm_large_variance_differs_from_small_variance():
-    schedule = DiscreteSchedule.from_name("linear")
-    sigmas, _, x = _start(schedule, 10, n=4)
-    a = sample_ddpm(GaussianDenoiser(MU, STD), x, sigmas, variance="small", noise=PerSampleNoise(range(4)))
-    b = sample_ddpm(GaussianDenoiser(MU, STD), x, sigmas, variance="large", noise=PerSampleNoise(range(4)))
-    assert not torch.allclose(a, b)
+@pytest.mark.parametrize("variance", ["small", "large"])
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_ddpm_step_has_the_posterior_mean_and_the_chosen_variance(schedule_name, variance):
+    """One DDPM step from t to t-1 (repo indices k, k-1), in VP coordinates x_t = sqrt(abar_t) x (Ho et al. 2020,
+    Eq. 6-7 and Sec. 3.2): mean c1 x0_hat + c2 x_t, added variance beta_t ('large') or beta-tilde_t =
+    beta_t (1 - abar_{t-1}) / (1 - abar_t) ('small'). Expected values come from the schedule's float64 tables."""
+    schedule = DiscreteSchedule.from_name(schedule_name)
+    betas, abars = schedule.betas, schedule.alpha_bars
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    x0_hat = torch.randn(64, 3, generator=g, dtype=torch.float64)  # what the denoiser returns, whatever x is
+    z = torch.randn(64, 3, generator=g, dtype=torch.float64)  # the step's noise, fixed
+
+    def denoiser(x, sigma, cond=None):
+        return x0_hat
+
+    for k in (1, 2, 10, 300, 700, 999):
+        beta, abar, abar_prev = betas[k], abars[k], abars[k - 1]
+        sigmas = torch.stack([schedule.sigmas[k], schedule.sigmas[k - 1]])  # sigma = sqrt((1 - abar) / abar)
+        step = [sample_ddpm(denoiser, x, sigmas, variance=variance, noise=fn) for fn in (torch.zeros_like, lambda _: z)]
+        mean_vp, noisy_vp = (abar_prev.sqrt() * out for out in step)  # back to VP coordinates at t - 1
+        c1 = abar_prev.sqrt() * beta / (1 - abar)
+        c2 = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)
+        torch.testing.assert_close(mean_vp, c1 * x0_hat + c2 * abar.sqrt() * x, rtol=1e-9, atol=1e-12)
+        expected_var = beta if variance == "large" else beta * (1 - abar_prev) / (1 - abar)
+        std = (noisy_vp - mean_vp) / z
+        torch.testing.assert_close(std, expected_var.sqrt().expand_as(std), rtol=1e-8, atol=0)
 
 
 def test_image_i_of_a_batch_equals_its_seed_alone():

@@ -4,14 +4,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from difflab.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
+from difflab.config import DataConfig, RunConfig, TrainConfig
 from difflab.data import sample_toy
 from difflab.data.digits import load_digits_split
 from difflab.errors import DifflabError
-from difflab.models import model_config_for
+from difflab.formulations.ddpm import DDPMConfig
+from difflab.nets import ModelConfig, model_config_for
 from difflab.nets.mlp import MLPConfig
+from difflab.pipeline import load
 from difflab.training import checkpoint as ckpt_mod
-from difflab.training.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from difflab.training.checkpoint import latest_checkpoint, list_checkpoints
+from difflab.training.tasks import DenoiserTask
 from difflab.training.trainer import Trainer, TrainingDiverged
 
 CPU = torch.device("cpu")
@@ -19,11 +22,9 @@ CPU = torch.device("cpu")
 
 def _points_config(steps=40, **train):
     data = DataConfig("moons", "points", (2,))
-    model = ModelConfig("mlp", "custom", mlp=MLPConfig(data_dim=2, hidden=32, num_blocks=1, embed_dim=16))
+    model = ModelConfig("mlp", MLPConfig(data_dim=2, hidden=32, num_blocks=1, embed_dim=16), "custom")
     kw = dict(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, checkpoint_every=10, log_every=5) | train
-    return RunConfig(
-        data, model, DiffusionConfig(schedule="linear", num_steps=100, prediction="eps"), TrainConfig(**kw)
-    )
+    return RunConfig(data, model, DDPMConfig(schedule="linear", timesteps=100, prediction="eps"), TrainConfig(**kw))
 
 
 def _digits_config(steps, **train):
@@ -31,15 +32,15 @@ def _digits_config(steps, **train):
     kw = dict(steps=steps, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, log_every=1) | train
     return RunConfig(
         data,
-        model_config_for(data, "tiny", dropout=0.1),
-        DiffusionConfig(schedule="cosine", num_steps=50, prediction="v"),
+        model_config_for(data.kind, data.sample_shape, "tiny", dropout=0.1),
+        DDPMConfig(schedule="cosine", timesteps=50, prediction="v"),
         TrainConfig(**kw),
     )
 
 
 def _train(config, data, run_dir, resume=False):
     torch.manual_seed(config.train.seed)
-    trainer = Trainer(config, data, run_dir, CPU)
+    trainer = Trainer(DenoiserTask(config), data, run_dir, CPU)
     if resume:
         trainer.resume()
     trainer.run(progress=False)
@@ -64,26 +65,27 @@ def test_resume_is_bit_identical(tmp_path, kind):
     _train(make(n // 2), data, tmp_path / "split")
     resumed = _train(make(n), data, tmp_path / "split", resume=True)
     assert resumed.step == straight.step == n
-    _assert_same_state(straight.denoiser.net.state_dict(), resumed.denoiser.net.state_dict())
+    _assert_same_state(straight.task.denoiser.net.state_dict(), resumed.task.denoiser.net.state_dict())
     _assert_same_state(straight.ema.state_dict(), resumed.ema.state_dict())
     # the half-way run must differ from the end point, or the comparison above proves nothing
-    half = load_model(list_checkpoints(tmp_path / "split")[0], use_ema=False)
+    half = load(list_checkpoints(tmp_path / "split")[0], use_ema=False)
     key = "inp.weight" if kind == "points" else "conv_in.weight"
-    assert not torch.equal(half.denoiser.net.state_dict()[key], resumed.denoiser.net.state_dict()[key])
+    assert not torch.equal(half.denoiser.net.state_dict()[key], resumed.task.denoiser.net.state_dict()[key])
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_denoiser(tmp_path):
     trainer = _train(_points_config(20), sample_toy("moons", 256, 0), tmp_path)
     x, sigma = torch.randn(5, 2), torch.tensor([0.1, 0.5, 1.0, 5.0, 50.0])
-    raw = {k: v.clone() for k, v in trainer.denoiser.net.state_dict().items()}
+    raw = {k: v.clone() for k, v in trainer.task.denoiser.net.state_dict().items()}
     for use_ema in (True, False):
-        loaded = load_model(tmp_path, use_ema=use_ema)
+        loaded = load(tmp_path, use_ema=use_ema)
         assert loaded.step == 20 and loaded.config == _points_config(20)
         reference = raw if not use_ema else trainer.ema.state_dict()
         _assert_same_state(reference, loaded.denoiser.net.state_dict())
         with torch.no_grad():
-            trainer.denoiser.net.load_state_dict(reference)
-            torch.testing.assert_close(loaded.denoiser(x, sigma), trainer.denoiser.eval()(x, sigma), rtol=0, atol=0)
+            trainer.task.denoiser.net.load_state_dict(reference)
+            expected = trainer.task.denoiser.eval()(x, sigma)
+            torch.testing.assert_close(loaded.denoiser(x, sigma), expected, rtol=0, atol=0)
 
 
 def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -106,25 +108,25 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypa
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == good
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]  # no half-written folder left
-    assert load_model(tmp_path).step == 10
+    assert load(tmp_path).step == 10
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
-    trainer = Trainer(_points_config(30), sample_toy("moons", 256, 0), tmp_path, CPU)
-    real_loss, calls = trainer.loss_fn, {"n": 0}
+    trainer = Trainer(DenoiserTask(_points_config(30)), sample_toy("moons", 256, 0), tmp_path, CPU)
+    real_loss, calls = trainer.task.loss_fn, {"n": 0}
 
     def flaky(denoiser, x0, generator=None, cond=None):
         calls["n"] += 1
         loss = real_loss(denoiser, x0, generator, cond)
         return loss * math.nan if calls["n"] in (3, 4, 5) else loss
 
-    trainer.loss_fn = flaky
+    trainer.task.loss_fn = flaky
     trainer.run(progress=False)
     assert trainer.step == 30 and trainer.skipped == 3
-    assert all(torch.isfinite(p).all() for p in trainer.denoiser.net.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.task.denoiser.net.parameters())
 
-    broken = Trainer(_points_config(30), sample_toy("moons", 256, 0), tmp_path / "b", CPU)
-    broken.loss_fn = lambda d, x0, g=None, c=None: real_loss(d, x0, g, c) * math.inf
+    broken = Trainer(DenoiserTask(_points_config(30)), sample_toy("moons", 256, 0), tmp_path / "b", CPU)
+    broken.task.loss_fn = lambda d, x0, g=None, c=None: real_loss(d, x0, g, c) * math.inf
     with pytest.raises(TrainingDiverged, match="not finite for 10 steps in a row"):
         broken.run(progress=False)
     assert broken.skipped == 10 and broken.step == 0
@@ -132,9 +134,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
 
 def test_mixed_precision_choices(tmp_path):
     with pytest.raises(DifflabError, match="fp16 needs a CUDA device"):
-        Trainer(_points_config(2, mixed_precision="fp16"), sample_toy("moons", 64, 0), tmp_path, CPU)
+        Trainer(DenoiserTask(_points_config(2, mixed_precision="fp16")), sample_toy("moons", 64, 0), tmp_path, CPU)
     trainer = _train(_points_config(3, mixed_precision="bf16"), sample_toy("moons", 64, 0), tmp_path / "bf16")
-    assert trainer.step == 3 and all(torch.isfinite(p).all() for p in trainer.denoiser.net.parameters())
+    assert trainer.step == 3 and all(torch.isfinite(p).all() for p in trainer.task.denoiser.net.parameters())
 
 
 def test_minutes_budget_stops_the_run(tmp_path):

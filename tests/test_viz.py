@@ -12,7 +12,6 @@ from PIL import Image
 
 from difflab.errors import DifflabError
 from difflab.viz import (
-    _ema,
     images_to_uint8,
     make_grid,
     read_png_metadata,
@@ -21,6 +20,7 @@ from difflab.viz import (
     save_loss_curve,
     save_scatter,
 )
+from difflab.viz.figures import _ema
 
 
 def test_images_to_uint8_values_and_clamp() -> None:

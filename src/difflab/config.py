@@ -1,4 +1,12 @@
-"""Run configuration: frozen dataclasses saved as config.json beside every checkpoint, enough to rebuild it."""
+"""Run configuration: frozen dataclasses saved as config.json beside every checkpoint, enough to rebuild the run.
+
+    RunConfig(data, model, formulation, train, conditioning)
+
+`model` names a network backbone with its settings (`difflab.nets.ModelConfig`), `formulation` is the settings
+dataclass of one formulation (`difflab.formulations`: DDPMConfig, EDMConfig, ...), and `conditioning` lists the
+signals the model is trained on, each with its training dropout. Version 1 files (a flat `diffusion` block with a
+`process` name) are migrated on load (`migrate_v1`).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difflab.nets.mlp import MLPConfig
-from difflab.nets.unet import UNetConfig
+from difflab.formulations import config_from_dict, config_to_dict
+from difflab.formulations.ddpm import DDPMConfig
+from difflab.nets import ModelConfig
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -26,41 +35,11 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class PFGMConfig:
-    """Original PFGM hyper-parameters (Xu et al. 2022, App. B); `difflab.pfgm.pfgm_config_for` derives M, z_max and
-    upper_norm from the data dimension and norm."""
+class SignalConfig:
+    """A conditioning signal the model is trained on, and the share of rows nulled in training (for CFG)."""
 
-    m_max: int = 291  # M: training perturbations scale by (1 + tau)^m, m ~ U[0, M]
-    z_max: float = 40.0  # the hemisphere the prior lives on; sampling starts at z = z_max
-    upper_norm: float = 3000.0  # the prior's radius bound
-    sigma_end: float = 0.01  # the smallest perturbation (std of the Gaussian seed of each perturbation)
-    tau: float = 0.03
-    z_min: float = 1e-3  # sampling ends at z = z_min
-    gamma: float = 5.0  # the field is normalised as sqrt(N) E / (||E|| + gamma)
-    z_exp: float = 1.0  # below this z, E_z is taken from the normalisation instead of the network (App. B.2)
-    restrict_m: bool = True  # perturbations with small z get m ~ U[0, 0.7 M] (App. B.1.1)
-    small_batch: int = 128  # points perturbed per step; the whole training batch is the field's charges
-
-
-@dataclass(frozen=True)
-class DiffusionConfig:
-    process: str = "ddpm"  # ddpm (discrete), vp, subvp, ve, edm, pfgmpp, pfgm
-    schedule: str = "linear"  # ddpm only
-    num_steps: int = 1000  # ddpm only: T
-    prediction: str = "eps"  # eps, x0, v (ddpm, vp), edm (edm, pfgmpp), field (pfgm)
-    sigma_min: float | None = None  # ve/edm: None = the paper's value
-    sigma_max: float | None = None
-    sigma_data: float = 0.5  # edm/pfgmpp preconditioning
-    aug_dim: int | None = None  # pfgmpp: the number D of extra dimensions of the Poisson kernel
-    pfgm: PFGMConfig | None = None  # pfgm: the original Poisson flow's hyper-parameters
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    kind: str  # "unet" or "mlp"
-    preset: str = "custom"
-    unet: UNetConfig | None = None
-    mlp: MLPConfig | None = None
+    name: str  # class_label, text_tokens, text_pooled, image_embed, low_res, mask, masked_image
+    dropout: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -74,34 +53,110 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     min_snr_gamma: float | None = None
-    label_dropout: float = 0.1  # conditional models: share of labels replaced by the null label (CFG training)
     mixed_precision: str = "no"
     seed: int = 0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 25
+    preview_every: int | None = None  # write a sample grid every N steps (RUN/previews/)
+    tensorboard: bool = False  # also log to RUN/tensorboard through torch.utils.tensorboard
 
 
 @dataclass(frozen=True)
 class RunConfig:
     data: DataConfig
     model: ModelConfig
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    formulation: Any = field(default_factory=DDPMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    conditioning: tuple[SignalConfig, ...] = ()
     version: int = CONFIG_VERSION
 
+    @property
+    def process(self) -> str:
+        """The formulation's registered name (for display; code asks the formulation object, not the name)."""
+        from difflab.formulations import name_of_config
+
+        return name_of_config(self.formulation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "data": dataclasses.asdict(self.data),
+            "model": self.model.to_dict(),
+            "formulation": config_to_dict(self.formulation),
+            "train": dataclasses.asdict(self.train),
+            "conditioning": [dataclasses.asdict(s) for s in self.conditioning],
+        }
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"expected an object, got {type(values).__name__}")
+        if values.get("version", 1) == 1:
+            values = migrate_v1(values)
+        if values.get("version") != CONFIG_VERSION:
+            raise ValueError(f"config version {values.get('version')} is newer than this difflab reads; upgrade")
+        unknown = set(values) - {"version", "data", "model", "formulation", "train", "conditioning"}
+        if unknown:
+            raise ValueError(f"unknown RunConfig fields: {', '.join(sorted(unknown))}")
+        return cls(
+            data=dataclass_from_dict(DataConfig, values["data"]),
+            model=ModelConfig.from_dict(values["model"]),
+            formulation=config_from_dict(values["formulation"]),
+            train=dataclass_from_dict(TrainConfig, values.get("train", {})),
+            conditioning=tuple(dataclass_from_dict(SignalConfig, s) for s in values.get("conditioning", [])),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
-        return _from_dict(cls, json.loads(text))
+        return cls.from_dict(json.loads(text))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(self.to_json())
 
 
-def _from_dict(cls: type, values: dict[str, Any]) -> Any:
+_V1_FORMULATION_FIELDS = {
+    "ddpm": {"schedule": "schedule", "num_steps": "timesteps", "prediction": "prediction"},
+    "vp": {"prediction": "prediction"},
+    "subvp": {},
+    "ve": {"sigma_min": "sigma_min", "sigma_max": "sigma_max"},
+    "edm": {"sigma_min": "sigma_min", "sigma_max": "sigma_max", "sigma_data": "sigma_data"},
+    "pfgmpp": {"sigma_min": "sigma_min", "sigma_max": "sigma_max", "sigma_data": "sigma_data", "aug_dim": "aug_dim"},
+    "pfgm": {},
+}
+
+
+def migrate_v1(values: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 config (difflab 0.1 run folders: a flat `diffusion` block switched on `process`, `model` with
+    `kind` + `unet`/`mlp`, `train.label_dropout`) in the version 2 layout."""
+    values = json.loads(json.dumps(values))  # a deep copy
+    diffusion = values.pop("diffusion", {}) or {}
+    process = diffusion.get("process", "ddpm")
+    formulation = {"name": process, **(diffusion.get("pfgm") or {})}  # pfgm kept its settings in a nested block
+    renames = _V1_FORMULATION_FIELDS.get(process, {})
+    formulation |= {new: diffusion[old] for old, new in renames.items() if diffusion.get(old) is not None}
+    model = values.pop("model")
+    kind = model.get("kind")
+    settings = model.get(kind)
+    if settings is None:
+        raise ValueError(f"model config names kind '{kind}' without its settings")
+    train = values.get("train", {})
+    label_dropout = train.pop("label_dropout", 0.1)
+    conditioning = [{"name": "class_label", "dropout": label_dropout}] if settings.get("num_classes") else []
+    return {
+        "version": CONFIG_VERSION,
+        "data": values["data"],
+        "model": {"backbone": kind, "preset": model.get("preset", "custom"), "settings": settings},
+        "formulation": formulation,
+        "train": train,
+        "conditioning": conditioning,
+    }
+
+
+def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
     """Rebuild a (nested) frozen dataclass from its asdict() form; unknown keys are an error."""
     if not isinstance(values, dict):
         raise ValueError(f"expected an object for {cls.__name__}, got {type(values).__name__}")
@@ -121,7 +176,7 @@ def _convert(hint: Any, value: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value) if len(inner) == 1 else value
     if dataclasses.is_dataclass(hint):
-        return _from_dict(hint, value)
+        return dataclass_from_dict(hint, value)
     if origin is tuple:
         return tuple(value)
     return value

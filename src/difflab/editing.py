@@ -14,56 +14,8 @@ from difflab.generate import CountedDenoiser
 from difflab.guidance import Inpainting
 from difflab.kernels import GAUSSIAN, Kernel
 from difflab.sampling import PerSampleNoise, sampler_for_kernel
-from difflab.sampling.ancestral import ddim_noise_levels
-from difflab.sampling.common import NoiseFn, noise_or_default
-from difflab.types import Denoiser, StepCallback, StepInfo
-
-
-def repaint_sigmas(sigmas: torch.Tensor, jump_length: int = 10, resamplings: int = 10) -> torch.Tensor:
-    """RePaint's schedule (Lugmayr et al. 2022, Alg. 1 and Sec. 4.2): walk down the grid; after every `jump_length`
-    steps jump back up by `jump_length` and walk down again, `resamplings - 1` times; the last block (ending at
-    sigma = 0) is not resampled. sigmas: a decreasing grid ending in 0; returns the visited noise levels."""
-    if jump_length < 1 or resamplings < 1:
-        raise DifflabError(f"need --jump-length >= 1 and --resamplings >= 1, got {jump_length} and {resamplings}")
-    levels = [float(s) for s in sigmas]
-    path = [levels[0]]
-    for start in range(0, len(levels) - 1, jump_length):
-        stop = min(start + jump_length, len(levels) - 1)
-        block = levels[start + 1 : stop + 1]
-        path += block
-        if levels[stop] > 0:
-            for _ in range(resamplings - 1):
-                path += levels[start : stop + 1][::-1][1:] + block  # up to sigmas[start], then down again
-    return torch.tensor(path, dtype=sigmas.dtype)
-
-
-@torch.no_grad()
-def sample_repaint(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    path: torch.Tensor,
-    *,
-    cond: Any = None,
-    noise: NoiseFn | None = None,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """Follow a RePaint path: a DDPM ancestral step (eta = 1) where sigma falls, forward noising
-    x + sqrt(sigma'^2 - sigma^2) z where it rises. Wrap the denoiser in `Inpainting` to keep the known region."""
-    noise = noise_or_default(noise)
-    ones = x.new_ones(x.shape[0])
-    for i in range(len(path) - 1):
-        sigma, sigma_next = float(path[i]), float(path[i + 1])
-        if sigma_next > sigma:
-            x = x + (sigma_next**2 - sigma**2) ** 0.5 * noise(x)
-            continue
-        denoised = denoiser(x, sigma * ones, cond)
-        sigma_down, sigma_up = ddim_noise_levels(sigma, sigma_next, eta=1.0)
-        x = denoised + (x - denoised) * (sigma_down / sigma)
-        if sigma_up > 0:
-            x = x + sigma_up * noise(x)
-        if callback is not None:
-            callback(StepInfo(i, sigma, sigma_next, x, denoised))
-    return x
+from difflab.sampling.repaint import repaint_sigmas, sample_repaint
+from difflab.types import Denoiser
 
 
 def sdedit_start(sigmas: torch.Tensor, strength: float) -> int:
@@ -87,6 +39,7 @@ def inpaint(
     options: dict[str, Any] | None = None,
     repaint: tuple[int, int] | None = None,
     kernel: Kernel = GAUSSIAN,
+    cond: Any = None,
     device: torch.device | str = "cpu",
     stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
@@ -95,7 +48,8 @@ def inpaint(
     image: (1 or B, C, R, R) data; fill: (1 or B, 1 or C, R, R), 1 where to regenerate. Result i starts from the
     prior kernel's draw of seed seeds[i] with the image under it in the known region (`Inpainting.start`), and
     every later draw comes from the same seed. repaint = (jump, resamplings) follows RePaint's path with DDPM steps
-    instead of `sampler`. stats["nfe"] receives the network evaluations per result.
+    instead of `sampler`. `cond` (len(seeds) rows per signal) conditions a conditional or guided denoiser.
+    stats["nfe"] receives the network evaluations per result.
     """
     options = dict(options or {})
     known = image.to(device)
@@ -105,10 +59,10 @@ def inpaint(
     noise = PerSampleNoise(seeds)
     x = inpainting.start(noise.initial(tuple(image.shape[1:]), float(sigmas[0]), device, kernel))
     if repaint is not None:
-        x = sample_repaint(inpainting, x, repaint_sigmas(sigmas, *repaint), noise=noise)
+        x = sample_repaint(inpainting, x, repaint_sigmas(sigmas, *repaint), cond=cond, noise=noise)
     else:
-        spec = sampler_for_kernel(sampler, options, kernel.name)
-        x = spec.fn(inpainting, x, sigmas.to(device), noise=noise, **options)
+        spec = sampler_for_kernel(sampler, options, kernel)
+        x = spec.fn(inpainting, x, sigmas.to(device), cond=cond, noise=noise, **options)
     if stats is not None:
         stats["nfe"] = counted.calls
     return x.cpu()
@@ -134,7 +88,7 @@ def img2img(
     Returns (results, noised inputs), each (len(seeds), *shape) on the CPU; stats["nfe"] and
     stats["sigma_start"] are filled in if given."""
     options = dict(options or {})
-    spec = sampler_for_kernel(sampler, options, kernel.name)
+    spec = sampler_for_kernel(sampler, options, kernel)
     start = sdedit_start(sigmas, strength)
     sigma_start = float(sigmas[start])
     noise = PerSampleNoise(seeds)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from difflab.conditioning import as_cond, cond_batch_size, slice_cond
 from difflab.errors import DifflabError
 from difflab.kernels import GAUSSIAN, Kernel
 from difflab.sampling import PerSampleNoise, sampler_for_kernel
@@ -34,7 +35,7 @@ def generate(
     sampler: str = "ddim",
     options: dict[str, Any] | None = None,
     kernel: Kernel = GAUSSIAN,
-    cond: torch.Tensor | None = None,
+    cond: Any = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     callback: StepCallback | None = None,
@@ -45,24 +46,27 @@ def generate(
 
     The starting state is a draw of the model's prior `kernel` at sigmas[0] (Gaussian, or PFGM++'s Poisson kernel,
     which only deterministic ODE samplers suit). It and every later noise draw of sample i come from a generator
-    seeded with seeds[i]. `cond` (len(seeds), ...), e.g. class labels, is split into batches with the seeds.
+    seeded with seeds[i]. `cond`, a mapping of signals with len(seeds) rows each (e.g. {"class_label": (N,)}), is
+    split into batches with the seeds.
     The callback (if any) sees the steps of every batch in turn. If `stats` is a dict, stats["nfe"] receives the
     number of network evaluations per sample (summed over batches' calls / number of batches).
     """
     options = dict(options or {})
-    spec = sampler_for_kernel(sampler, options, kernel.name)
+    spec = sampler_for_kernel(sampler, options, kernel)
     unknown = set(options) - set(spec.options)
     if unknown:
         raise TypeError(f"sampler '{sampler}' does not take {', '.join(sorted(unknown))}")
-    if cond is not None and len(cond) != len(seeds):
-        raise DifflabError(f"cond holds {len(cond)} entries for {len(seeds)} seeds; give one per sample")
+    cond = as_cond(cond)
+    rows = cond_batch_size(cond)
+    if rows is not None and rows != len(seeds):
+        raise DifflabError(f"cond holds {rows} rows for {len(seeds)} seeds; give one per sample")
     out, counted = [], CountedDenoiser(denoiser)
 
     starts = range(0, len(seeds), batch_size)
     for start in tqdm(starts, desc=f"sample {sampler}", disable=not progress or len(starts) < 2):
         noise = PerSampleNoise(seeds[start : start + batch_size])
         x = noise.initial(tuple(sample_shape), float(sigmas[0]), device, kernel)
-        batch_cond = None if cond is None else cond[start : start + batch_size].to(device)
+        batch_cond = slice_cond(cond, start, start + batch_size, device)
         x = spec.fn(counted, x, sigmas.to(device), cond=batch_cond, noise=noise, callback=callback, **options)
         out.append(x.cpu())
     if stats is not None:

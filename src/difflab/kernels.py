@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -39,6 +40,7 @@ class GaussianKernel:
     """x = y + sigma n, n ~ N(0, I) (Ho et al. 2020; Karras et al. 2022, Eq. 2): the D -> inf limit of PFGM++."""
 
     name = "gaussian"
+    is_gaussian = True
 
     def noise(
         self,
@@ -79,6 +81,7 @@ class PoissonKernel:
     beta_clip: float = 0.0
     max_radius: float | None = None
     name = "poisson"
+    is_gaussian = False
 
     def __post_init__(self):
         if isinstance(self.aug_dim, bool) or not (isinstance(self.aug_dim, int) and self.aug_dim >= 1):
@@ -125,5 +128,25 @@ class PoissonKernel:
         return const - 0.5 * (n + d) * torch.log1p(sq / (d * sigma**2))
 
 
-Kernel = GaussianKernel | PoissonKernel
+class Kernel(Protocol):
+    """A perturbation kernel p_sigma(x | y): the training perturbation and, at sigma_max, the prior. `is_gaussian` is
+    the one way to ask whether the Gaussian reverse SDE (and the sigma^2 score form of guidance) applies."""
+
+    name: str
+    is_gaussian: bool
+
+    def noise(
+        self,
+        shape: tuple[int, ...],
+        sigma: torch.Tensor | float,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor: ...
+
+    def log_kernel(self, sq_dist: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+    def log_prob(self, x: torch.Tensor, sigma: float) -> torch.Tensor: ...
+
+
 GAUSSIAN = GaussianKernel()

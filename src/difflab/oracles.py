@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from difflab.conditioning import as_cond
 from difflab.kernels import GAUSSIAN, Kernel
 from difflab.sigmas import append_dims
 
@@ -60,6 +61,7 @@ class GaussianMixtureDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
         self.calls += 1
         r = self.responsibilities(x, sigma)
+        cond = (as_cond(cond) or {}).get("class_label")
         if cond is not None:
             labelled = cond >= 0
             one_hot = torch.nn.functional.one_hot(cond.clamp(min=0), len(self.weights)).to(r.dtype)

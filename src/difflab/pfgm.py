@@ -17,10 +17,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflab.config import PFGMConfig
 from difflab.kernels import PoissonKernel
 from difflab.oracles import PointSetDenoiser
 from difflab.sigmas import append_dims
+
+
+@dataclass(frozen=True)
+class PFGMConfig:
+    """Original PFGM hyper-parameters (Xu et al. 2022, App. B); `difflab.pfgm.pfgm_config_for` derives M, z_max and
+    upper_norm from the data dimension and norm."""
+
+    m_max: int = 291  # M: training perturbations scale by (1 + tau)^m, m ~ U[0, M]
+    z_max: float = 40.0  # the hemisphere the prior lives on; sampling starts at z = z_max
+    upper_norm: float = 3000.0  # the prior's radius bound
+    sigma_end: float = 0.01  # the smallest perturbation (std of the Gaussian seed of each perturbation)
+    tau: float = 0.03
+    z_min: float = 1e-3  # sampling ends at z = z_min
+    gamma: float = 5.0  # the field is normalised as sqrt(N) E / (||E|| + gamma)
+    z_exp: float = 1.0  # below this z, E_z is taken from the normalisation instead of the network (App. B.2)
+    restrict_m: bool = True  # perturbations with small z get m ~ U[0, 0.7 M] (App. B.1.1)
+    small_batch: int = 128  # points perturbed per step; the whole training batch is the field's charges
 
 
 def pfgm_config_for(data_dim: int, data_norm: float, **overrides: Any) -> PFGMConfig:

@@ -1,19 +1,24 @@
-"""Helpers shared by the CLI commands: devices, writing samples, the sampling grid."""
+"""What the CLI commands share: the device and thread flags, and the sampler and guidance argument groups (their
+option names, types and defaults are read from the sampler registry, where the samplers' signatures define them)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
 from typing import Any
 
-import numpy as np
-import torch
-
 from difflab.errors import DifflabError
-from difflab.viz import save_image_grid, save_scatter
 
 
-def resolve_device(name: str) -> torch.device:
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("runtime")
+    group.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu or cuda")
+    group.add_argument("--threads", type=int, help="CPU threads for torch (default: the physical cores available)")
+
+
+def resolve_device(name: str):
     """'auto' -> CUDA if available, else CPU; 'cuda' without a GPU is a clear error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -23,22 +28,106 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def upscale_for(resolution: int) -> int:
-    """Nearest-neighbour enlargement so small images stay visible in grids (8x8 digits -> 32x32)."""
-    return max(1, 32 // resolution)
+def setup_runtime(args: argparse.Namespace):
+    """Set torch's threads (--threads, default the physical cores) and return the device."""
+    from difflab.training.threads import set_threads
+
+    set_threads(getattr(args, "threads", None))
+    return resolve_device(args.device)
 
 
-def write_samples(samples: torch.Tensor, kind: str, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write samples (N, ...) in data space: .png grid or scatter plot, or .npy raw array."""
-    path = Path(path)
-    if path.suffix not in (".png", ".npy"):
-        raise DifflabError(f"--out '{path}' must end in .png (image grid or scatter plot) or .npy (raw samples)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npy":
-        np.save(path, samples.numpy())
-    elif kind == "images":
-        save_image_grid(samples, path, metadata=metadata, upscale=upscale_for(samples.shape[-1]))
-    else:
-        title = f"{metadata.get('sampler')} {metadata.get('steps')} steps, n={len(samples)}"
-        save_scatter(samples, path, title=title)
-    return path
+def add_sampler_arguments(p: argparse.ArgumentParser, default_sampler: str | None = "ddim") -> None:
+    from difflab.sampling import GRID_NAMES, SAMPLERS, all_sampler_options
+
+    group = p.add_argument_group("sampler", "the sampler, its grid of noise levels and its options")
+    group.add_argument("--sampler", default=default_sampler,
+                       help=f"{', '.join(SAMPLERS)}, or a name from another tool ('DPM++ 2M Karras'; see "
+                       "`difflab samplers`)")  # fmt: skip
+    group.add_argument("--steps", type=int, default=50, help="number of sampling steps")
+    group.add_argument("--grid", help=f"noise levels: {', '.join(GRID_NAMES)} (or exponential = log_snr); "
+                       "default: the model's (respaced for ddpm, log_snr for pfgm, else karras)")  # fmt: skip
+    for option in all_sampler_options().values():
+        flag = "--" + option.name.replace("_", "-")
+        text = option.help if option.default is None else f"{option.help} (default: {option.default})"
+        if option.type is bool:
+            group.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=option.name, type=option.type, help=text)
+
+
+def sampler_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The options of sampler `name` the user set on the command line; an option it does not take is an error."""
+    from difflab.sampling import all_sampler_options, get_sampler
+
+    spec = get_sampler(name)
+    given = {k: getattr(args, k) for k in all_sampler_options() if getattr(args, k, None) is not None}
+    foreign = sorted(set(given) - set(spec.options))
+    if foreign:
+        flags = ", ".join("--" + f.replace("_", "-") for f in foreign)
+        raise DifflabError(f"sampler '{name}' does not take {flags}; see `difflab samplers`")
+    return given
+
+
+def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("conditioning and guidance")
+    group.add_argument("--class", dest="label",
+                       help="conditional models or --classifier: a class index, or 'all' to cycle 0..K-1")  # fmt: skip
+    group.add_argument("--guidance", type=float,
+                       help="classifier-free guidance scale w: 1 = the conditional model, 0 = unconditional, > 1 "
+                       "stronger")  # fmt: skip
+    group.add_argument("--negative-class", type=int, metavar="K",
+                       help="with --guidance: the class to steer away from (replaces the unconditional branch, "
+                       "as a negative prompt does)")  # fmt: skip
+    group.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                       help="apply guidance only for LO <= sigma <= HI")  # fmt: skip
+    group.add_argument("--classifier", metavar="DIR",
+                       help="classifier guidance with a noise-aware classifier from `difflab train-classifier` (any "
+                       "model, also unconditional; applied on top of --guidance)")  # fmt: skip
+    group.add_argument(
+        "--classifier-scale",
+        type=float,
+        metavar="S",
+        help="classifier guidance scale s: adds s sigma^2 grad_x log p(y | x, sigma) (default 1)",
+    )
+
+
+def class_labels(label: str | None, n: int, num_classes: int | None, has_classifier: bool = False):
+    """Labels (n,) for --class K (all K) or --class all (0, 1, ..., K-1, 0, ...); None without --class."""
+    import torch
+
+    if label is None:
+        return None
+    if num_classes is None:
+        raise DifflabError(
+            "--class needs a model trained with --conditional or a noise-aware --classifier DIR; this model is "
+            "unconditional"
+        )
+    if label == "all":
+        return torch.arange(n) % num_classes
+    if not label.isdigit() or int(label) >= num_classes:
+        raise DifflabError(f"--class must be 'all' or an integer in 0..{num_classes - 1}, got '{label}'")
+    return torch.full((n,), int(label), dtype=torch.long)
+
+
+def guidance_settings(args: argparse.Namespace, pipe, n: int) -> tuple[Any, dict[str, Any]]:
+    """(cond, sample() keyword arguments for guidance) from the guidance flags, for a loaded pipeline."""
+    classifier = None
+    if args.classifier is not None and pipe.kernel.is_gaussian:
+        from difflab.guidance.classifier import load_classifier
+
+        classifier = load_classifier(args.classifier, pipe.device)
+    elif args.classifier is not None:
+        classifier = args.classifier  # the pipeline refuses it with the kernel's reason
+    num_classes = pipe.num_classes or getattr(getattr(classifier, "config", None), "num_classes", None)
+    labels = class_labels(args.label, n, num_classes)
+    negative = getattr(args, "negative_class", None)
+    if negative is not None and (num_classes is None or not 0 <= negative < num_classes):
+        raise DifflabError(f"--negative-class needs a conditional model and a class in 0..{(num_classes or 1) - 1}")
+    kwargs = {
+        "guidance": args.guidance,
+        "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
+        "negative_cond": {"class_label": negative} if negative is not None else None,
+        "classifier": classifier,
+        "classifier_scale": args.classifier_scale,
+    }
+    return (None if labels is None else {"class_label": labels}), kwargs

@@ -11,13 +11,19 @@ from pathlib import Path
 
 import torch
 
-from difflab.cli import train as train_cmd
-from difflab.cli.common import resolve_device, upscale_for
+from difflab.cli.common import add_runtime_arguments, setup_runtime
 from difflab.data import TOY_NAMES, load_dataset
 from difflab.errors import DifflabError
 from difflab.eval.quality import digits_quality, toy_quality
 from difflab.generate import generate
-from difflab.pfgm_figures import (
+from difflab.outputs import upscale_for
+from difflab.pipeline import Pipeline, load
+from difflab.sampling import PerSampleNoise, sample_ddpm
+from difflab.sigmas import vp_input_scale
+from difflab.training.run import run_config, train_run
+from difflab.types import StepInfo
+from difflab.viz import save_denoising_figure, save_image_grid, save_scatter
+from difflab.viz.pfgm import (
     field_lines,
     sample_with_flow,
     save_backward_flow_gif,
@@ -25,16 +31,11 @@ from difflab.pfgm_figures import (
     save_hemisphere_figure,
     save_poisson_field_figure,
 )
-from difflab.sampling import PerSampleNoise, sample_ddpm
-from difflab.sigmas import vp_input_scale
-from difflab.training.checkpoint import LoadedModel, load_model
-from difflab.types import StepInfo
-from difflab.viz import save_denoising_figure, save_image_grid, save_scatter
 
 SAMPLER_SETTINGS = {"ddpm": (100, {"variance": "small"}), "ddim": (50, {"eta": 0.0})}
 N_METRIC_SAMPLES = 450  # the size of the digits test split
 GRID = 64
-DEFAULT_MINUTES = {"digits": 5.0, "toy": 1.0}
+DEFAULT_STEPS = 4000  # the same model on every machine of a platform: ~4-5 minutes of a laptop CPU core
 # pfgm: the exact field of CHARGES training points, LINES field lines to a hemisphere of radius FAR (the uniformity
 # check) drawn up to radius NEAR; FLOW_STEPS Euler steps in log z for FLOW_SAMPLES samples, FLOW_SHOWN of them animated
 CHARGES, LINES, FAR, NEAR = 500, 1000, 20.0, 3.0
@@ -44,14 +45,15 @@ FLOW_STEPS, FLOW_SAMPLES, FLOW_SHOWN = 100, 1000, 400
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="digits (the default, for ddpm) or, with --process pfgm, a 2-D toy (default heart)")
     p.add_argument("--process", default="ddpm", help="ddpm (default: the digits demo) or pfgm (Poisson flow on a toy)")
-    p.add_argument("--minutes", type=float, help="training budget (default 5 for the digits, 1 for a toy)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
+    p.add_argument("--minutes", type=float, help="a wall-clock budget instead (stops at whichever comes first)")
+    p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    add_runtime_arguments(p)
 
 
-def denoising_figure(model: LoadedModel, path: Path, seeds=(0, 1, 2, 3), steps: int = 50, frames: int = 10) -> Path:
+def denoising_figure(model: Pipeline, path: Path, seeds=(0, 1, 2, 3), steps: int = 50, frames: int = 10) -> Path:
     """x_t and the predicted x0 at `frames` points of a `steps`-step DDPM trajectory, one row pair per seed."""
     sigmas = model.sigmas(steps)
     keep = set(torch.linspace(0, steps - 1, frames).round().long().tolist())
@@ -72,39 +74,37 @@ def denoising_figure(model: LoadedModel, path: Path, seeds=(0, 1, 2, 3), steps: 
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.process not in ("ddpm", "pfgm"):
+    demo = DEMOS.get(args.process)
+    if demo is None:
         raise DifflabError(f"unknown --process '{args.process}': the demo runs ddpm (digits) or pfgm (a 2-D toy)")
-    data = args.data or ("digits" if args.process == "ddpm" else "heart")
-    if args.process == "ddpm" and data != "digits":
-        raise DifflabError(f"the ddpm demo trains on the digits, not '{data}'; for a 2-D toy run --process pfgm")
-    if args.process == "pfgm" and data not in TOY_NAMES:
-        raise DifflabError(f"--process pfgm draws the field of 2-D data: choose --data from {', '.join(TOY_NAMES)}")
-    if args.minutes is None:
-        args.minutes = DEFAULT_MINUTES["digits" if data == "digits" else "toy"]
-    return run_ddpm(args) if args.process == "ddpm" else run_pfgm(args, data)
+    runner, data_names = demo
+    data = args.data or data_names[0]
+    if data not in data_names:
+        hint = "; for a 2-D toy run --process pfgm" if data in TOY_NAMES else ""
+        raise DifflabError(f"the {args.process} demo trains on {', '.join(data_names)}, not '{data}'{hint}")
+    return runner(args, data)
 
 
-def train_run(args: argparse.Namespace, options: list[str]) -> tuple[Path, int]:
-    """Train into a fresh `out/run` with the demo's seed, device and budget; returns (run folder, steps trained)."""
+def train_demo(args: argparse.Namespace, data: str, **settings) -> tuple[Path, int]:
+    """Train a tiny model into a fresh `out/run` with the demo's seed, steps (or minutes) and device; returns
+    (run folder, steps trained) and says so when a time budget stopped it far short of what the data needs."""
     run_dir = Path(args.out) / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns this folder; start fresh each time
-    parser = argparse.ArgumentParser()
-    train_cmd.add_arguments(parser)
-    train_args = parser.parse_args(
-        [*options, "--out", str(run_dir), "--minutes", str(args.minutes), "--model", "tiny", "--seed", str(args.seed),
-         "--device", args.device] + (["--no-progress"] if args.no_progress else [])
-    )  # fmt: skip
-    return run_dir, train_cmd.train(train_args).step
+    device = setup_runtime(args)
+    dataset = load_dataset(data)
+    config = run_config(dataset, model="tiny", seed=args.seed, steps=args.steps, minutes=args.minutes, **settings)
+    outcome = train_run(config, run_dir, data=dataset, device=device, progress=not args.no_progress)
+    if outcome.warning:
+        print(f"warning: {outcome.warning}")
+    return run_dir, outcome.step
 
 
-def run_ddpm(args: argparse.Namespace) -> int:
+def run_ddpm(args: argparse.Namespace, data: str) -> int:
     out = Path(args.out)
-    print(f"training a tiny U-Net on the 8x8 digits for {args.minutes:g} minutes ...")
-    run_dir, train_steps = train_run(
-        args, ["--data", "digits", "--batch-size", "128", "--lr", "1e-3", "--resolution", "8"]
-    )
-    device = resolve_device(args.device)
-    model = load_model(run_dir, device=device)
+    print(f"training a tiny U-Net on the 8x8 digits for {_budget(args)} ...")
+    run_dir, train_steps = train_demo(args, data, batch_size=128, lr=1e-3)
+    device = setup_runtime(args)
+    model = load(run_dir, device=device)
     written = [run_dir / "loss.png"]
     metrics = {"train_steps": train_steps, "train_minutes": args.minutes, "samplers": {}}
     seeds = list(range(args.seed, args.seed + N_METRIC_SAMPLES))
@@ -131,10 +131,10 @@ def run_pfgm(args: argparse.Namespace, data: str) -> int:
     """Train a PFGM field network on a 2-D toy, then draw the exact field of the data, its uniform ends on a
     hemisphere, and the trained model's backward flow (Euler in log z from the prior at z_max)."""
     out = Path(args.out)
-    print(f"training a tiny PFGM (an MLP field network) on the {data} toy for {args.minutes:g} minutes ...")
-    run_dir, train_steps = train_run(args, ["--data", data, "--process", "pfgm"])
-    device = resolve_device(args.device)
-    model = load_model(run_dir, device=device)
+    print(f"training a tiny PFGM (an MLP field network) on the {data} toy for {_budget(args)} ...")
+    run_dir, train_steps = train_demo(args, data, process="pfgm")
+    device = setup_runtime(args)
+    model = load(run_dir, device=device)
     charges = load_dataset(data).data[:CHARGES]  # the training points
     lines = field_lines(charges, LINES, FAR, seed=args.seed)
     written = [run_dir / "loss.png"] if (run_dir / "loss.png").exists() else []  # none if stopped before a log entry
@@ -150,7 +150,7 @@ def run_pfgm(args: argparse.Namespace, data: str) -> int:
     reference = load_dataset(data, split="test").data[:FLOW_SAMPLES]
     title = f"PFGM, Euler in log z ({FLOW_STEPS} steps): sliced W2 {quality['swd']:.3f}"
     written.append(save_scatter(samples, out / "samples.png", reference=reference, title=title))
-    lim = 1.02 * model.config.diffusion.pfgm.upper_norm  # the prior clips the radius to upper_norm
+    lim = 1.02 * model.formulation.config.upper_norm  # the prior clips the radius to upper_norm
     written.append(save_backward_flow_gif(flow, reference, out / "backward_flow.gif", lim=lim))
     written.append(save_backward_flow_strip(flow, reference, out / "backward_flow_strip.png"))
     metrics = {"data": data, "process": "pfgm", "train_steps": train_steps, "train_minutes": args.minutes,
@@ -167,3 +167,10 @@ def run_pfgm(args: argparse.Namespace, data: str) -> int:
         f"(real-vs-real floor {quality['swd_floor']:.3f})"
     )
     return 0
+
+
+def _budget(args: argparse.Namespace) -> str:
+    return f"{args.steps} steps" + (f" or {args.minutes:g} minutes" if args.minutes is not None else "")
+
+
+DEMOS = {"ddpm": (run_ddpm, ("digits",)), "pfgm": (run_pfgm, TOY_NAMES)}

@@ -1,49 +1,74 @@
-"""The `difflab` command: train, sample, demo, samplers. User errors print one line and exit with code 2."""
+"""The `difflab` command: a front that parses, calls the library and prints. A command's module is imported only when
+that command runs, so `difflab --help` starts without importing torch. User errors print one line and exit with 2."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from difflab import __version__
-from difflab.cli import demo, evaluate, nll, sample, train, train_classifier
-from difflab.cli.edit import IMG2IMG, INPAINT
-from difflab.errors import DifflabError
-from difflab.sampling import SAMPLERS
 
 EXIT_USAGE = 2
+# name -> (module with add_arguments(parser) and run(args), one-line help, an example)
+COMMANDS = {
+    "train": ("difflab.cli.train", "train a diffusion or Poisson-flow model",
+              "difflab train --data moons --out runs/moons --steps 4000"),
+    "sample": ("difflab.cli.sample", "draw samples from a run or checkpoint",
+               "difflab sample --ckpt runs/digits --sampler dpmpp_2m --steps 20 --n 64 --out digits.png"),
+    "demo": ("difflab.cli.demo", "train on the digits (or PFGM on a toy), then sample and evaluate",
+             "difflab demo --steps 2000"),
+    "eval": ("difflab.cli.evaluate", "score samples of a checkpoint (or a folder) with FID, IS, KID, precision/recall",
+             "difflab eval --ckpt runs/digits --sweep nfe=5,10,20"),
+    "nll": ("difflab.cli.nll", "negative log-likelihood in bits/dim via the probability-flow ODE (and the DDPM bound)",
+            "difflab nll --ckpt runs/moons --n 256"),
+    "inpaint": ("difflab.cli.inpaint", "regenerate the white region of a mask, keeping the rest of the image",
+                "difflab inpaint --ckpt runs/digits --image digit.png --mask mask.png --out filled.png"),
+    "img2img": ("difflab.cli.img2img", "image-to-image (SDEdit): noise an image to a strength and denoise it",
+                "difflab img2img --ckpt runs/digits --image digit.png --strength 0.6 --out edited.png"),
+    "train-classifier": ("difflab.cli.train_classifier", "train a noise-aware classifier for classifier guidance",
+                         "difflab train-classifier --data digits --out runs/clf --for runs/digits"),
+    "info": ("difflab.cli.info", "show what a run folder, a checkpoint or a generated PNG holds",
+             "difflab info runs/digits"),
+    "samplers": ("difflab.cli.samplers", "list the samplers, their options and the names other tools use",
+                 "difflab samplers"),
+}  # fmt: skip
 
 
-def list_samplers(args: argparse.Namespace) -> int:
-    for spec in SAMPLERS.values():
-        print(f"{spec.name:<16} {spec.summary}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="difflab", description="Diffusion models from a laptop CPU to many GPUs.")
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s arguments are added (its module imported), the others are names and help."""
+    parser = argparse.ArgumentParser(
+        prog="difflab",
+        description="Diffusion and Poisson-flow generative models, from a laptop CPU to many GPUs.",
+        epilog="Run `difflab COMMAND --help` for a command's options and an example.",
+    )
     parser.add_argument("--version", action="version", version=f"difflab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands = {
-        "train": (train, "train a diffusion model"),
-        "train-classifier": (train_classifier, "train a noise-aware classifier for classifier guidance"),
-        "sample": (sample, "draw samples from a checkpoint"),
-        "demo": (demo, "train on the digits for a few minutes, then sample and evaluate"),
-        "nll": (nll, "negative log-likelihood in bits/dim via the probability-flow ODE (and the DDPM bound)"),
-        "eval": (evaluate, "score samples of a checkpoint (or a folder) with FID, IS, KID, precision/recall"),
-        "inpaint": (INPAINT, "regenerate the white region of a mask, keeping the rest of the image"),
-        "img2img": (IMG2IMG, "image-to-image (SDEdit): noise an image to a strength and denoise it"),
-    }
-    for name, (module, help_text) in commands.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
-    sub.add_parser("samplers", help="list the samplers").set_defaults(func=list_samplers)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text, example) in COMMANDS.items():
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+            formatter_class=HelpFormatter,
+        )  # fmt: skip
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(func=module.run)
     return parser
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help; descriptions and examples keep their line breaks."""
+
+
+def _command_of(argv: list[str]) -> str | None:
+    return next((a for a in argv if a in COMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
+    from difflab.errors import DifflabError
+
     try:
         return args.func(args)
     except DifflabError as err:

@@ -7,14 +7,8 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
-from difflab.cli.common import resolve_device
-from difflab.data import TOY_NAMES, load_dataset
+from difflab.cli.common import add_runtime_arguments, setup_runtime
 from difflab.errors import DifflabError
-from difflab.likelihood import ddpm_vlb_bits_per_dim, dequantized_bits_per_dim, pf_ode_log_likelihood
-from difflab.models import build_schedule, sigma_range
-from difflab.training.checkpoint import load_model
 
 DIGIT_LEVELS = 17  # scikit-learn's digits hold 17 grey levels (0..16)
 
@@ -32,41 +26,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the figures as JSON here")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_runtime_arguments(p)
 
 
-def _integer_levels(images: torch.Tensor, n_bins: int) -> torch.Tensor:
+def _integer_levels(images, n_bins: int):
     """Images in [-1, 1] stored on a grid of n_bins levels -> integer levels (N, ...)."""
     return ((images + 1) / 2 * (n_bins - 1)).round().long().clamp(0, n_bins - 1)
 
 
-def _mean_and_error(values: torch.Tensor) -> tuple[float, float]:
+def _mean_and_error(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise DifflabError(f"--n must be at least 1, got {args.n}")
-    device = resolve_device(args.device)
-    model = load_model(args.ckpt, device=device)
-    data_cfg, diffusion = model.config.data, model.config.diffusion
-    if diffusion.process == "pfgm":
-        raise DifflabError(
-            "difflab nll does not score original PFGM models: run forwards from the data, the flow leaves the "
-            "region their field network was trained on (it diverges); train with --process pfgmpp instead"
-        )
+    import torch
+    from tqdm.auto import tqdm
+
+    from difflab.data import TOY_NAMES, load_dataset
+    from difflab.eval.likelihood import ddpm_vlb_bits_per_dim, dequantized_bits_per_dim, pf_ode_log_likelihood
+    from difflab.pipeline import load
+
+    device = setup_runtime(args)
+    model = load(args.ckpt, device=device)
+    data_cfg, formulation = model.config.data, model.formulation
+    if formulation.nll_refusal:
+        raise DifflabError(formulation.nll_refusal)
     name = args.data or data_cfg.name
     res = data_cfg.resolution if data_cfg.kind == "images" else None
     data = load_dataset(name, split="test", resolution=res, channels=data_cfg.channels).data[: args.n]
     if tuple(data.shape[1:]) != tuple(data_cfg.sample_shape):
         raise DifflabError(f"data of shape {tuple(data.shape[1:])} do not fit a model of {data_cfg.sample_shape}")
-    sigma_min, sigma_max = sigma_range(diffusion)
+    sigma_min, sigma_max = formulation.sigma_range()
     n_bins = DIGIT_LEVELS if name == "digits" else 256
     g = torch.Generator().manual_seed(args.seed)
     kw = dict(sigma_min=sigma_min, sigma_max=sigma_max, divergence=args.divergence, probe=args.probe, generator=g,
               rtol=args.rtol, atol=args.atol, kernel=model.kernel)  # fmt: skip
     bpd, nfe, vlb = [], 0, []
-    for start in range(0, len(data), args.batch_size):
+    starts = range(0, len(data), args.batch_size)
+    for start in tqdm(starts, desc="nll", disable=args.no_progress, dynamic_ncols=True):
         batch = data[start : start + args.batch_size].to(device)
         if name in TOY_NAMES:
             out = pf_ode_log_likelihood(model.denoiser, batch, **kw)
@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
         bpd.append(out["bits_per_dim"].cpu())
         nfe += out["nfe"]
         if args.vlb:
-            if diffusion.process != "ddpm" or name in TOY_NAMES:
+            schedule = formulation.discrete_schedule
+            if schedule is None or name in TOY_NAMES:
                 raise DifflabError("--vlb needs a discrete (ddpm) model of image data (its decoder is discrete)")
-            schedule = build_schedule(diffusion)
             vlb.append(
                 ddpm_vlb_bits_per_dim(model.denoiser, schedule, batch, n_bins=n_bins, generator=g)["bits_per_dim"]
             )

@@ -1,193 +1,133 @@
-"""`difflab sample`: draw samples from a trained checkpoint with any registered sampler."""
+"""`difflab sample`: draw samples from a run or checkpoint with any registered sampler, guided or not; reproduce an
+image from the parameters stored in its PNG (`--from-png`)."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-import torch
-
-from difflab.cli.common import resolve_device, write_samples
+from difflab.cli.common import (
+    add_guidance_arguments,
+    add_runtime_arguments,
+    add_sampler_arguments,
+    guidance_settings,
+    sampler_options,
+    setup_runtime,
+)
 from difflab.errors import DifflabError
-from difflab.generate import generate
-from difflab.guidance import ClassifierFreeGuidance, classifier_guidance
-from difflab.kernels import GaussianKernel
-from difflab.models import GRID_NAMES, config_num_classes
-from difflab.noisy_classifier import NoisyClassifier, check_fits, load_classifier
-from difflab.sampling import SAMPLERS, get_sampler
-from difflab.training.checkpoint import LoadedModel, load_model
-from difflab.types import Denoiser
-
-# Every sampler option the CLI knows: name -> (type, help). A sampler receives the ones it lists and the user set.
-SAMPLER_OPTIONS = {
-    "eta": (float, "ddim / euler_ancestral / dpmpp_2m_sde: ancestral noise (ddim: 0 deterministic, 1 = DDPM)"),
-    "variance": (str, "ddpm: small (beta-tilde) or large (beta)"),
-    "s_churn": (float, "heun: churn (Karras et al. 2022, Alg. 2); 0 = deterministic"),
-    "s_tmin": (float, "heun: lowest sigma that gets churn"),
-    "s_tmax": (float, "heun: highest sigma that gets churn"),
-    "s_noise": (float, "heun: noise inflation of the churn"),
-    "log_sigma": (bool, "euler: step in log sigma (PFGM's log z) instead of sigma"),
-    "order": (int, "lms: multistep order (default 4)"),
-    "rtol": (float, "rk45: relative tolerance (default 1e-5)"),
-    "atol": (float, "rk45: absolute tolerance (default 1e-5)"),
-    "snr": (float, "pc: Langevin corrector signal-to-noise ratio (default 0.16)"),
-    "corrector_steps": (int, "pc: corrector steps per noise level (default 1)"),
-    "step_size": (float, "ald: step size epsilon at the smallest sigma (default 2e-5)"),
-    "n_steps_each": (int, "ald: Langevin steps per noise level (default 5)"),
-}
-
-
-def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)} (see `difflab samplers`)")
-    p.add_argument("--steps", type=int, default=50, help="number of sampling steps")
-    p.add_argument("--grid", choices=GRID_NAMES, help="noise-level grid (default: respaced for ddpm, else karras)")
-    for name, (kind, text) in SAMPLER_OPTIONS.items():
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, dest=name, action="store_const", const=True, help=text)
-        else:
-            p.add_argument(flag, dest=name, type=kind, help=text)
-
-
-def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--class", dest="label", help="conditional models or --classifier: a class index, or 'all' to cycle 0..K-1"
-    )
-    p.add_argument(
-        "--guidance",
-        type=float,
-        help="classifier-free guidance scale w: 1 = the conditional model, 0 = unconditional, > 1 stronger",
-    )
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="apply guidance only for LO <= sigma <= HI")  # fmt: skip
-    p.add_argument(
-        "--classifier",
-        metavar="DIR",
-        help="classifier guidance with a noise-aware classifier from `difflab train-classifier` (any model, also "
-        "unconditional; applied on top of --guidance)",
-    )
-    p.add_argument(
-        "--classifier-scale",
-        type=float,
-        metavar="S",
-        help="classifier guidance scale s: adds s sigma^2 grad_x log p(y | x, sigma) to the denoiser (default 1)",
-    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or its .safetensors weights")
+    io = p.add_argument_group("model and output")
+    io.add_argument("--ckpt", help="run folder, checkpoint folder or its .safetensors weights")
+    io.add_argument("--out", help=".png (grid or scatter) or .npy (raw samples, parameters in OUT.json)")
+    io.add_argument("--out-dir", help="a folder: one PNG per sample, named by its seed, each with its parameters")
+    io.add_argument("--from-png", metavar="FILE",
+                    help="reproduce the image FILE holds (a PNG from --out-dir or a one-sample --out), bit for bit "
+                    "on the same platform; writes it to --out")  # fmt: skip
+    io.add_argument("--n", type=int, default=64, help="number of samples")
+    io.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i")
+    io.add_argument("--batch-size", type=int, default=256)
+    io.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     add_sampler_arguments(p)
     add_guidance_arguments(p)
-    p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i")
-    p.add_argument("--out", required=True, help=".png (grid or scatter) or .npy (raw samples)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_runtime_arguments(p)
 
 
-def sampler_options(name: str, args: argparse.Namespace) -> dict:
-    """The options of sampler `name` the user set on the command line; an option it does not take is an error."""
-    spec = get_sampler(name)
-    given = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k, None) is not None}
-    foreign = sorted(set(given) - set(spec.options))
-    if foreign:
-        flags = ", ".join("--" + f.replace("_", "-") for f in foreign)
-        raise DifflabError(f"sampler '{name}' does not take {flags}; see `difflab samplers`")
-    return given
-
-
-def class_labels(
-    model: LoadedModel, label: str | None, n: int, classifier: NoisyClassifier | None = None
-) -> torch.Tensor | None:
-    """Labels (n,) for --class K (all K) or --class all (0, 1, ..., K-1, 0, ...); None without --class. K is the
-    conditional model's class count, else the classifier's."""
-    num_classes = config_num_classes(model.config)
-    if label is None:
-        return None
-    if num_classes is None and classifier is None:
-        raise DifflabError(
-            "--class needs a model trained with --conditional or a noise-aware --classifier DIR; this model is "
-            "unconditional"
-        )
-    num_classes = num_classes if num_classes is not None else classifier.config.num_classes
-    if label == "all":
-        return torch.arange(n) % num_classes
-    if not label.isdigit() or int(label) >= num_classes:
-        raise DifflabError(f"--class must be 'all' or an integer in 0..{num_classes - 1}, got '{label}'")
-    return torch.full((n,), int(label), dtype=torch.long)
-
-
-def guidance_classifier(model: LoadedModel, args: argparse.Namespace, device: torch.device) -> NoisyClassifier | None:
-    """The --classifier, checked against the model (sample shape, class count, a Gaussian kernel); None without."""
-    if args.classifier is None:
-        return None
-    if not isinstance(model.kernel, GaussianKernel):
-        raise DifflabError(
-            f"classifier guidance adds sigma^2 grad log p(y | x, sigma) to a Gaussian-noise denoiser; process "
-            f"'{model.config.diffusion.process}' uses a {model.kernel.name} kernel"
-        )
-    classifier = load_classifier(args.classifier, device)
-    check_fits(classifier, tuple(model.config.data.sample_shape), config_num_classes(model.config))
-    return classifier
-
-
-def guided(
-    model: LoadedModel,
-    args: argparse.Namespace,
-    labels: torch.Tensor | None,
-    classifier: NoisyClassifier | None = None,
-) -> Denoiser:
-    """The model's denoiser, wrapped in classifier-free guidance when --guidance is given, then in classifier
-    guidance (Dhariwal & Nichol 2021) when a classifier is: D_cfg + s sigma^2 grad_x log p(y | x, sigma). A
-    conditional model's inner denoiser gets the labels; an unconditional one gets none."""
-    conditional = config_num_classes(model.config) is not None
-    denoiser = model.denoiser
-    if args.guidance is None:
-        if args.guidance_interval is not None:
-            raise DifflabError("--guidance-interval needs --guidance W")
-    else:
-        if labels is None or not conditional:
-            raise DifflabError("--guidance needs --class K (or --class all) and a model trained with --conditional")
-        interval = tuple(args.guidance_interval) if args.guidance_interval is not None else None
-        denoiser = ClassifierFreeGuidance(model.denoiser, args.guidance, interval)
-    if classifier is None:
-        return denoiser
-    if labels is None:
-        raise DifflabError("--classifier needs --class K (or --class all): the class to guide the samples towards")
-    return classifier_guidance(denoiser, classifier, guided_scale(args), condition_model=conditional)
-
-
-def guided_scale(args: argparse.Namespace) -> float:
-    """The classifier guidance scale: --classifier-scale, 1 by default."""
-    return 1.0 if args.classifier_scale is None else args.classifier_scale
+def _check_args(args: argparse.Namespace) -> None:
+    if args.from_png is None and args.ckpt is None:
+        raise DifflabError("give --ckpt (a run folder or checkpoint), or --from-png FILE to reproduce an image")
+    if args.out is None and args.out_dir is None:
+        raise DifflabError("give --out FILE (.png or .npy) or --out-dir FOLDER (one PNG per sample)")
+    if args.n < 1:
+        raise DifflabError(f"--n must be at least 1, got {args.n}")
 
 
 def run(args: argparse.Namespace) -> int:
-    options = sampler_options(args.sampler, args)  # fail fast on an unknown name, before loading anything
-    if args.n < 1:
-        raise DifflabError(f"--n must be at least 1, got {args.n}")
-    if args.classifier_scale is not None and args.classifier is None:
-        raise DifflabError("--classifier-scale needs --classifier DIR (a classifier from `difflab train-classifier`)")
-    device = resolve_device(args.device)
-    model = load_model(args.ckpt, use_ema=not args.no_ema, device=device)
-    sigmas = model.sigmas(args.steps, args.grid)
-    seeds = [args.seed + i for i in range(args.n)]
-    classifier = guidance_classifier(model, args, device)
-    labels = class_labels(model, args.label, args.n, classifier)
-    denoiser = guided(model, args, labels, classifier)
-    stats: dict = {}
-    samples = generate(
-        denoiser, model.config.data.sample_shape, sigmas, seeds,
-        sampler=args.sampler, options=options, kernel=model.kernel, cond=labels, batch_size=args.batch_size,
-        device=device, progress=True, stats=stats,
+    _check_args(args)
+    if args.from_png is not None:
+        return reproduce(args)
+    from difflab.sampling import resolve_sampler
+
+    spec, _ = resolve_sampler(args.sampler)  # fail fast on an unknown name, before loading anything
+    options = sampler_options(spec.name, args)
+    device = setup_runtime(args)
+    from difflab.pipeline import load
+
+    pipe = load(args.ckpt, use_ema=not args.no_ema, device=device)
+    cond, guidance = guidance_settings(args, pipe, args.n)
+    settings = {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "batch_size": args.batch_size}
+    stats: dict[str, Any] = {}
+    samples = pipe.sample(args.n, seed=args.seed, cond=cond, progress=True, stats=stats, **settings, **guidance,
+                          **options)  # fmt: skip
+    meta = generation_metadata(pipe, args, options)
+    meta["nfe"] = stats["nfe"]
+    written = write(samples, pipe, args, meta, cond)
+    print(f"wrote {args.n} samples to {written} ({stats['nfe']:g} network evaluations per sample)")
+    return 0
+
+
+def generation_metadata(pipe, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """Everything `--from-png` needs to draw a sample again, and what A1111-style readers show."""
+    shape = pipe.sample_shape
+    meta = {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "seed": args.seed, "n": args.n,
+            "options": options, "batch_size": args.batch_size, "batch_first_seed": args.seed,
+            "checkpoint": str(pipe.checkpoint), "use_ema": not args.no_ema, "train_step": pipe.step,
+            "model_hash": pipe.weights_hash(),
+            "size": f"{shape[-1]}x{shape[-2]}" if len(shape) == 3 else None}  # fmt: skip
+    meta |= {k: getattr(args, k) for k in ("guidance", "guidance_interval", "classifier", "classifier_scale")}
+    meta |= {"negative_class": args.negative_class, "class": args.label}
+    return meta
+
+
+def write(samples, pipe, args: argparse.Namespace, meta: dict[str, Any], cond) -> str:
+    from difflab.outputs import write_per_sample, write_samples
+
+    written = []
+    if args.out is not None:
+        written.append(str(write_samples(samples, pipe.config.data.kind, args.out, meta)))
+    if args.out_dir is not None:
+        if pipe.config.data.kind != "images":
+            raise DifflabError("--out-dir writes one PNG per image; this model makes points: use --out FILE.npy")
+        seeds = [args.seed + i for i in range(args.n)]
+        batch = args.batch_size
+        labels = cond["class_label"].tolist() if cond is not None else [None] * args.n
+        per_sample = [{"class": labels[i], "batch_first_seed": args.seed + (i // batch) * batch,
+                       "batch_n": min(batch, args.n - (i // batch) * batch)} for i in range(args.n)]  # fmt: skip
+        write_per_sample(samples, args.out_dir, meta, seeds, per_sample)
+        written.append(f"{args.out_dir}/ ({args.n} PNGs)")
+    return " and ".join(written)
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    """Draw the sample a PNG records again: the same checkpoint, sampler, guidance and seed, inside the same batch
+    of seeds as when it was made (batched matmuls round by batch size), so the pixels match bit for bit."""
+    from difflab.outputs import read_generation_parameters, write_samples
+    from difflab.pipeline import load
+
+    meta = read_generation_parameters(args.from_png)
+    if args.out is None:
+        raise DifflabError("--from-png writes the reproduced image to --out FILE.png")
+    device = setup_runtime(args)
+    pipe = load(args.ckpt or meta["checkpoint"], use_ema=meta.get("use_ema", True), device=device)
+    if meta.get("model_hash") not in (None, pipe.weights_hash()):
+        raise DifflabError(f"the weights of '{pipe.checkpoint}' are not the ones that made '{args.from_png}' "
+                           f"(hash {pipe.weights_hash()} != {meta['model_hash']}); pass the right --ckpt")  # fmt: skip
+    first, count = meta.get("batch_first_seed", meta["seed"]), meta.get("batch_n", meta.get("n", 1))
+    seeds = [first + i for i in range(count)]
+    label = meta.get("class")
+    cond = None if label is None else {"class_label": [int(label)] * count if str(label).isdigit() else None}
+    if cond is not None and cond["class_label"] is None:
+        raise DifflabError(f"'{args.from_png}' is a grid of several classes; reproduce a PNG from --out-dir instead")
+    negative = meta.get("negative_class")
+    samples = pipe.sample(
+        seeds=seeds, sampler=meta["sampler"], steps=meta["steps"], grid=meta.get("grid"), cond=cond,
+        guidance=meta.get("guidance"), guidance_interval=meta.get("guidance_interval"),
+        negative_cond=None if negative is None else {"class_label": negative}, classifier=meta.get("classifier"),
+        classifier_scale=meta.get("classifier_scale"), batch_size=len(seeds), **meta.get("options", {}),
     )  # fmt: skip
-    metadata = {"sampler": args.sampler, "steps": args.steps, "seed": args.seed, "n": args.n, **options}
-    if labels is not None:
-        metadata |= {"class": args.label, "guidance": args.guidance, "guidance_interval": args.guidance_interval}
-    if classifier is not None:
-        metadata |= {"classifier": args.classifier, "classifier_scale": guided_scale(args)}
-    metadata |= {"grid": args.grid or "default", "checkpoint": str(model.checkpoint), "train_step": model.step}
-    metadata["nfe"] = stats["nfe"]
-    path = write_samples(samples, model.config.data.kind, args.out, metadata)
-    print(f"wrote {args.n} samples to {path} ({stats['nfe']:g} network evaluations per sample)")
+    index = seeds.index(meta["seed"]) if meta.get("n", 1) == 1 else slice(None)
+    chosen = samples[index][None] if isinstance(index, int) else samples
+    written = write_samples(chosen, pipe.config.data.kind, args.out, meta)
+    print(f"reproduced seed {meta['seed']} of '{args.from_png}' into {written}")
     return 0

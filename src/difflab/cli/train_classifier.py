@@ -6,21 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from difflab.cli.common import resolve_device
-from difflab.data import load_dataset
+from difflab.cli.common import add_runtime_arguments, setup_runtime
 from difflab.errors import DifflabError
-from difflab.models import sigma_range
-from difflab.noisy_classifier import (
-    DEFAULT_SIGMA_MAX,
-    DEFAULT_SIGMA_MIN,
-    TRAIN_DEFAULTS,
-    ClassifierTrainConfig,
-    classifier_config_for,
-    train_classifier,
-)
-from difflab.training.checkpoint import latest_checkpoint, load_config, resolve_checkpoint
+from difflab.guidance.classifier import DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,19 +31,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, help="digits: image size (default 8, or --for's)")
     p.add_argument("--width", type=int, help="MLP hidden size / CNN base channels (default 128 / 32)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights; 0 turns it off")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_runtime_arguments(p)
 
 
 def _target(args: argparse.Namespace) -> tuple[str, int | None, tuple[float, float], tuple[int, ...] | None]:
     """Data name, resolution, sigma range and the sample shape to match: from the flags, defaulting to --for's
     diffusion run if given (its data, resolution and the sigma range it samples over)."""
+    from difflab.formulations import make_formulation
+    from difflab.training.checkpoint import load_config, resolve_checkpoint
+
     name, resolution, (lo, hi), shape = args.data, args.resolution, (DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX), None
     if args.for_ckpt is not None:
         config = load_config(resolve_checkpoint(args.for_ckpt))
         name = name or config.data.name
         resolution = resolution or config.data.resolution
-        lo, hi = sigma_range(config.diffusion)
+        lo, hi = make_formulation(config.formulation).sigma_range()
         shape = tuple(config.data.sample_shape)
     if name is None:
         raise DifflabError("give the labelled data to train on: --data NAME (or --for a diffusion run)")
@@ -65,6 +56,11 @@ def _target(args: argparse.Namespace) -> tuple[str, int | None, tuple[float, flo
 
 
 def run(args: argparse.Namespace) -> int:
+    from difflab.data import load_dataset
+    from difflab.guidance.classifier import classifier_config_for
+    from difflab.guidance.classifier_training import classifier_train_config, train_classifier
+    from difflab.training.checkpoint import latest_checkpoint
+
     out = Path(args.out)
     if latest_checkpoint(out) is not None:
         raise DifflabError(f"'{out}' already holds a checkpoint; pass a new --out")
@@ -76,19 +72,20 @@ def run(args: argparse.Namespace) -> int:
         raise DifflabError(
             f"--for's model makes samples of shape {shape}, '{name}' has {config.sample_shape}; train on its data"
         )
-    defaults = TRAIN_DEFAULTS[train.kind]
-    tc = ClassifierTrainConfig(
+    overrides = {"batch_size": args.batch_size, "lr": args.lr}
+    tc = classifier_train_config(
+        train.kind,
         steps=args.steps if args.steps is not None or args.minutes is not None else 2000,
         minutes=args.minutes,
-        batch_size=args.batch_size or defaults["batch_size"],
-        lr=args.lr or defaults["lr"],
         ema_decay=args.ema_decay,
         seed=args.seed,
+        **{k: v for k, v in overrides.items() if v is not None},
     )
+    if not 0 <= tc.ema_decay < 1:
+        raise DifflabError(f"--ema-decay must lie in [0, 1), got {tc.ema_decay}")
     if tc.batch_size < 1 or (tc.steps is not None and tc.steps < 1):
         raise DifflabError("--steps and --batch-size must be positive")
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
+    device = setup_runtime(args)
     result = train_classifier(
         config, tc, (train.data, train.labels), (test.data, test.labels), out, device=device,
         progress=not args.no_progress,

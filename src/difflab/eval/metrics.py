@@ -112,6 +112,11 @@ def _mmd2_unbiased(a: np.ndarray, b: np.ndarray) -> float:
     return float((sum_aa + sum_bb) / (m * (m - 1)) - 2.0 * k_ab.sum() / (m * m))
 
 
+def effective_kid_subset_size(subset_size: int, n_a: int, n_b: int) -> int:
+    """The rows per set and subset that `kernel_inception_distance` uses: m = min(subset_size, N, M)."""
+    return min(int(subset_size), int(n_a), int(n_b))
+
+
 def kernel_inception_distance(
     features_a: np.ndarray | torch.Tensor,
     features_b: np.ndarray | torch.Tensor,
@@ -138,7 +143,7 @@ def kernel_inception_distance(
     _check_same_dim(a, b, "features_a", "features_b")
     subsets = _check_positive_int(subsets, "subsets")
     subset_size = _check_positive_int(subset_size, "subset_size")
-    m = min(subset_size, a.shape[0], b.shape[0])
+    m = effective_kid_subset_size(subset_size, a.shape[0], b.shape[0])
     if m < 2:
         raise DifflabError(f"subset_size must be at least 2 for the unbiased MMD^2 estimate, got {subset_size}")
     rng = np.random.default_rng(seed)

@@ -27,6 +27,23 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _method_lines(row: dict[str, Any]) -> list[str]:
+    """How the numbers were computed: preprocessing of the samples, KID subsets, precision/recall's k."""
+    lines = []
+    if "quantised_8bit" in row:
+        lines.append(
+            "- preprocessing: samples were clipped to [-1, 1] and quantised to 8 bits (256 levels per channel, as "
+            "when saved as uint8 PNG) before feature extraction, as the published FID protocols (pytorch-fid, "
+            "clean-fid) do"
+            if row["quantised_8bit"]
+            else "- preprocessing: none (points are scored as they are, not quantised)"
+        )
+    kid = "- KID: unbiased MMD^2, cubic polynomial kernel"
+    if "kid_subset_size" in row:
+        kid += f"; mean and std over {row['kid_subsets']} random subsets of {row['kid_subset_size']} samples per set"
+    return [*lines, kid, f"- precision/recall: k = {row['pr_k']} nearest neighbours"]
+
+
 def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write eval.json, report.md and, for sweeps, quality_vs_nfe.png; returns the paths written.
 
@@ -45,7 +62,7 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
         f"- samples per setting: {first['n']}; reference: {first['reference']} ({first['n_reference']} items)",
         f"- feature extractor: {first['extractor']}"
         + ("" if first["comparable_with_papers"] else " (not comparable with published numbers)"),
-        f"- KID: unbiased, cubic polynomial kernel; precision/recall: k = {first['pr_k']} nearest neighbours",
+        *_method_lines(first),
         "",
         *_table(rows),
     ]

@@ -1,0 +1,112 @@
+"""Network backbones by name: pure architecture F(x, c_noise, cond), no diffusion maths. Each backbone is a row of
+`BACKBONES`: its settings dataclass, its module class and a preset function that sizes it for data of a shape.
+Adding a backbone = a module in nets/ + a row here + tests. A network declares the conditioning signals it accepts
+in its `accepts` attribute."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from difflab.errors import DifflabError
+from difflab.nets.mlp import MLP, MLPConfig
+from difflab.nets.unet import UNet, UNetConfig, unet_preset
+
+PRESETS = ("tiny", "small", "base")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    config_cls: type
+    module_cls: type[nn.Module]
+    # (preset, sample_shape, dropout, extra_outputs, num_classes) -> settings
+    preset: Callable[..., Any]
+    kinds: tuple[str, ...]  # data kinds it suits: "images", "points"
+
+
+def _unet(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None):
+    channels, resolution = sample_shape[0], sample_shape[-1]
+    unet = replace(unet_preset(preset, resolution, channels, dropout), num_classes=num_classes)
+    return replace(unet, out_channels=channels + extra_outputs) if extra_outputs else unet
+
+
+def _mlp(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None):
+    hidden = {"tiny": 128, "small": 256, "base": 512}
+    if preset not in hidden:
+        raise DifflabError(f"unknown model preset '{preset}': choose one of {', '.join(hidden)}")
+    dim = sample_shape[0]
+    return MLPConfig(data_dim=dim, hidden=hidden[preset], out_dim=dim + extra_outputs, num_classes=num_classes)
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("unet", UNetConfig, UNet, _unet, ("images",)),
+        Backbone("mlp", MLPConfig, MLP, _mlp, ("points",)),
+    )
+}
+DEFAULT_BACKBONE = {"images": "unet", "points": "mlp"}
+
+
+def backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise DifflabError(f"unknown network backbone '{name}': choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A backbone by name with its settings (the backbone's own config dataclass)."""
+
+    backbone: str
+    settings: Any
+    preset: str = "custom"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "preset": self.preset, "settings": dataclasses.asdict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        from difflab.config import dataclass_from_dict
+
+        unknown = set(values) - {"backbone", "preset", "settings"}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {', '.join(sorted(unknown))}")
+        spec = backbone(values["backbone"])
+        settings = dataclass_from_dict(spec.config_cls, values["settings"])
+        return cls(spec.name, settings, values.get("preset", "custom"))
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class count of a class-conditional network, None otherwise."""
+        return getattr(self.settings, "num_classes", None)
+
+
+def model_config_for(
+    kind: str,
+    sample_shape: tuple[int, ...],
+    preset: str = "tiny",
+    dropout: float = 0.0,
+    extra_outputs: int = 0,
+    num_classes: int | None = None,
+    backbone_name: str | None = None,
+) -> ModelConfig:
+    """A preset network for data of this kind and shape (U-Net for images, MLP for points unless `backbone_name`);
+    `extra_outputs` adds output channels (PFGM's z component); `num_classes` makes it class-conditional."""
+    spec = backbone(backbone_name or DEFAULT_BACKBONE[kind])
+    if kind not in spec.kinds:
+        raise DifflabError(f"backbone '{spec.name}' does not suit {kind}; use {DEFAULT_BACKBONE[kind]}")
+    return ModelConfig(spec.name, spec.preset(preset, tuple(sample_shape), dropout, extra_outputs, num_classes), preset)
+
+
+def build_network(config: ModelConfig) -> nn.Module:
+    """The raw network F described by `config`."""
+    return backbone(config.backbone).module_cls(config.settings)
+
+
+__all__ = ["BACKBONES", "PRESETS", "ModelConfig", "backbone", "build_network", "model_config_for"]

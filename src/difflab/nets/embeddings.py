@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
+
+from difflab.conditioning import NULL_LABEL, as_cond, check_cond
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -43,7 +46,7 @@ class LabelEmbedding(nn.Module):
 
     def forward(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         if labels is None:
-            labels = torch.full((batch,), -1, dtype=torch.long, device=device)
+            labels = torch.full((batch,), NULL_LABEL, dtype=torch.long, device=device)
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != (batch,):
             raise TypeError(f"class labels must be an int64 tensor of shape ({batch},)")
         if bool(((labels < -1) | (labels >= self.num_classes)).any()):
@@ -52,18 +55,14 @@ class LabelEmbedding(nn.Module):
 
 
 def conditioning(
-    noise_embed: nn.Module, label_embed: LabelEmbedding | None, c_noise: torch.Tensor, cond: object
+    noise_embed: nn.Module, label_embed: LabelEmbedding | None, c_noise: torch.Tensor, cond: Any
 ) -> torch.Tensor:
-    """The embedding a block receives: noise-level features, plus the label's vector for a conditional network;
-    an unconditional network refuses a condition."""
+    """The embedding a block receives: noise-level features, plus the class label's vector for a conditional network
+    (cond {"class_label": (B,)}; missing = the null label). A signal the network does not accept is refused."""
+    cond = as_cond(cond)
+    check_cond(cond, frozenset({"class_label"}) if label_embed is not None else frozenset())
     emb = noise_embed(c_noise)
     if label_embed is None:
-        reject_cond(cond)
         return emb
-    return emb + label_embed(cond, c_noise.shape[0], c_noise.device)
-
-
-def reject_cond(cond: object) -> None:
-    """Unconditional networks refuse a condition instead of silently ignoring it."""
-    if cond is not None:
-        raise TypeError("this network is unconditional; pass cond=None or train a conditional model")
+    labels = cond.get("class_label") if cond else None
+    return emb + label_embed(labels, c_noise.shape[0], c_noise.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,20 +36,21 @@ class _Block(nn.Module):
 
 class MLP(nn.Module):
     """F(x, c_noise, cond): x (B, data_dim), c_noise (B,) -> (B, out_dim), out_dim = data_dim unless configured; cond
-    holds class labels (B,) (-1 = none) for a conditional network and must be None otherwise."""
+    is {"class_label": (B,) int64} (-1 = none) for a conditional network and None otherwise."""
 
     def __init__(self, config: MLPConfig):
         super().__init__()
         self.config = config
         self.embed = NoiseEmbedding(config.embed_dim, config.hidden)
         self.label_embed = LabelEmbedding(config.num_classes, config.hidden) if config.num_classes else None
+        self.accepts = frozenset({"class_label"}) if config.num_classes else frozenset()
         self.inp = nn.Linear(config.data_dim, config.hidden)
         self.blocks = nn.ModuleList(_Block(config.hidden) for _ in range(config.num_blocks))
         self.out = nn.Sequential(
             nn.LayerNorm(config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.out_dim or config.data_dim)
         )
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: object = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
         emb = nn.functional.silu(conditioning(self.embed, self.label_embed, c_noise, cond))
         h = self.inp(x)
         for block in self.blocks:

@@ -4,6 +4,7 @@ skip connections and a noise-level embedding. Pure architecture: no diffusion ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,8 +86,8 @@ class _Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(x, c_noise, cond): x (B, C, R, R), c_noise (B,) -> (B, C_out, R, R), C_out = C unless configured; cond
-    holds class labels (B,) (-1 = none) for a conditional network and must be None otherwise."""
+    """F(x, c_noise, cond): x (B, C, R, R), c_noise (B,) -> (B, C_out, R, R), C_out = C unless configured; cond is
+    {"class_label": (B,) int64} (-1 = none) for a conditional network and None otherwise."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -97,6 +98,7 @@ class UNet(nn.Module):
         emb_dim, g = 4 * cfg.channels, cfg.norm_groups
         self.embed = NoiseEmbedding(cfg.channels, emb_dim)
         self.label_embed = LabelEmbedding(cfg.num_classes, emb_dim) if cfg.num_classes else None
+        self.accepts = frozenset({"class_label"}) if cfg.num_classes else frozenset()
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
 
         def level(c_ins: list[int], c_out: int, res: int) -> _Level:
@@ -133,7 +135,7 @@ class UNet(nn.Module):
             _norm(g, c), nn.SiLU(), _zero(nn.Conv2d(c, cfg.out_channels or cfg.in_channels, 3, padding=1))
         )
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: object = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
         emb = nn.functional.silu(conditioning(self.embed, self.label_embed, c_noise, cond))
         h = self.conv_in(x)
         hs = [h]

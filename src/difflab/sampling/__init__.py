@@ -1,50 +1,223 @@
 """Samplers by name: a typed registry that the CLI and configs use. A sampler is a function
-(denoiser, x, sigmas, *, cond, noise, callback, **options) -> x that owns its loop."""
+(denoiser, x, sigmas, *, cond, noise, callback, **options) -> x that owns its loop; its options (names, defaults,
+types) are the keyword parameters of that function, read from its signature, and their help texts live in
+OPTION_HELP. Names from other tools (A1111, diffusers, k-diffusion) resolve through `resolve_sampler`.
+
+The registry imports no sampler module (and so not torch): a spec names its function as "module:function" and
+reads the options from the function's signature in the module's source (`ast`), so `difflab samplers` and the CLI's
+help start fast; `spec.fn` imports the function when a sampler runs, and the sampler functions themselves are
+importable from here as before (loaded on first use).
+"""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
+import inspect
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from difflab.errors import DifflabError
-from difflab.sampling.ancestral import sample_ddim, sample_ddpm
-from difflab.sampling.langevin import sample_ald, sample_pc
-from difflab.sampling.noise import GeneratorNoise, PerSampleNoise
-from difflab.sampling.ode import sample_dpmpp_2m, sample_euler, sample_heun, sample_lms, sample_rk45
-from difflab.sampling.sde import sample_dpmpp_2m_sde, sample_euler_ancestral, sample_euler_maruyama
+from difflab.sampling.aliases import (
+    GRID_ALIASES,
+    GRID_NAMES,
+    SAMPLER_ALIASES,
+    lookup_sampler_alias,
+    normalize_name,
+    resolve_grid,
+)
 
-Cost = Callable[[int, dict[str, Any]], int]  # (steps, options) -> network evaluations on a grid ending in 0
+# where the lazily imported names live
+_LAZY = {
+    "sample_ddim": "ancestral", "sample_ddpm": "ancestral", "sample_ald": "langevin", "sample_pc": "langevin",
+    "GeneratorNoise": "noise", "PerSampleNoise": "noise", "sample_dpmpp_2m": "ode", "sample_euler": "ode",
+    "sample_heun": "ode", "sample_lms": "ode", "sample_rk45": "ode", "repaint_sigmas": "repaint",
+    "sample_repaint": "repaint", "sample_dpmpp_2m_sde": "sde", "sample_euler_ancestral": "sde",
+    "sample_euler_maruyama": "sde",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"difflab.sampling.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'difflab.sampling' has no attribute '{name}'")
+
+
+# Keyword parameters of a sampler that are not user options: what `generate` passes itself (cond, noise,
+# callback) and rk45's `info`, a dict it fills with its evaluation count.
+NOT_OPTIONS = frozenset({"cond", "noise", "callback", "info"})
+
+# One short line per option name, shared by every sampler that takes it; where the default is None, what None means.
+OPTION_HELP: dict[str, str] = {
+    "variance": "DDPM step variance: small (beta-tilde, the true posterior) or large (beta)",
+    "eta": "ancestral noise: 0 deterministic, 1 = DDPM (the reverse SDE)",
+    "log_sigma": "step in log sigma (PFGM's log z) instead of sigma",
+    "s_churn": "churn (Karras et al. 2022, Alg. 2): noise added per step; 0 = deterministic",
+    "s_tmin": "lowest sigma that gets churn",
+    "s_tmax": "highest sigma that gets churn",
+    "s_noise": "scale of the added noise (1 = as derived)",
+    "order": "multistep order: how many past derivatives each step uses",
+    "rtol": "relative tolerance of the adaptive step size",
+    "atol": "absolute tolerance of the adaptive step size",
+    "snr": "Langevin corrector signal-to-noise ratio",
+    "corrector_steps": "Langevin corrector steps per noise level (0 = predictor only)",
+    "norm_scope": "corrector step-size norms: batch (score_sde; couples the batch) or sample (batch-independent)",
+    "step_size": "Langevin step size at the smallest sigma (default 0.2 sigma_min^2, NCSN's relative step)",
+    "n_steps_each": "Langevin steps per noise level",
+    "denoise_last": "end with one denoising step at the smallest sigma (Jolicoeur-Martineau et al. 2021)",
+}
+
+OPTION_TYPES = (bool, int, float, str)
+Cost = Callable[[int, dict[str, Any]], int]  # (steps, options with defaults) -> NFE on a grid ending in 0
+Condition = Callable[[dict[str, Any]], bool]  # options with defaults -> bool
+
+
+def format_default(value: Any) -> str:
+    """A default as a user reads it: 1e-05, inf, on/off, small; None (computed by the sampler) as "auto"."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class SamplerOption:
+    """One keyword option of a sampler: its name, type (bool, int, float or str), default and a one-line help."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        """The command-line spelling: --s-churn for s_churn."""
+        return "--" + self.name.replace("_", "-")
+
+
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _option_type(where: str, name: str, annotation: ast.expr | None) -> type:
+    """bool, int, float or str from an annotation like `float` or `float | None`; a TypeError for anything else."""
+    text = ast.unparse(annotation) if annotation is not None else ""
+    kinds = [t.strip() for t in text.split("|") if t.strip() != "None"]
+    if len(kinds) != 1 or kinds[0] not in _TYPES:
+        raise TypeError(f"{where}: option '{name}' must be annotated as one of bool, int, float, str, got {text!r}")
+    return _TYPES[kinds[0]]
+
+
+def _default(where: str, name: str, node: ast.expr) -> Any:
+    """A default written as a literal, or as float("inf")."""
+    if isinstance(node, ast.Call) and ast.unparse(node.func) == "float" and len(node.args) == 1:
+        return float(ast.literal_eval(node.args[0]))
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise TypeError(f"{where}: option '{name}' needs a literal default, got {ast.unparse(node)}") from None
+
+
+Target = str | Callable  # "module:function" (module relative to difflab.sampling, or absolute), or the function
+
+
+def _module_and_function(target: str) -> tuple[str, str]:
+    module, _, function = target.partition(":")
+    return (module if "." in module else f"difflab.sampling.{module}"), function
+
+
+@cache
+def _function_def(target: Target) -> ast.FunctionDef:
+    """The function's definition, parsed from its source (the module file for a name: nothing is imported)."""
+    if callable(target):
+        source, function = textwrap.dedent(inspect.getsource(target)), target.__name__
+    else:
+        module, function = _module_and_function(target)
+        with open(importlib.util.find_spec(module).origin, encoding="utf-8") as f:
+            source = f.read()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            return node
+    raise TypeError(f"{target}: no such function")
+
+
+def options_from_signature(target: Target) -> tuple[SamplerOption, ...]:
+    """The options of sampler `target`: its keyword-only parameters except NOT_OPTIONS, in signature order, each
+    with the signature's default, the annotated type and OPTION_HELP's text ("" where it has none); read from the
+    source, so a registered name's module is not imported."""
+    node = _function_def(target)
+    target = node.name
+    options = []
+    for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults, strict=True):
+        if arg.arg in NOT_OPTIONS:
+            continue
+        if default is None:
+            raise TypeError(f"{target}: option '{arg.arg}' needs a default")
+        kind = _option_type(target, arg.arg, arg.annotation)
+        options.append(SamplerOption(arg.arg, kind, _default(target, arg.arg, default), OPTION_HELP.get(arg.arg, "")))
+    return tuple(options)
 
 
 def _per_step(k: int) -> Cost:
     return lambda steps, options: k * steps
 
 
-def _zero_option(name: str, default: float) -> Callable[[dict[str, Any]], bool]:
-    return lambda options: options.get(name, default) == 0
+def _is_zero(name: str) -> Condition:
+    return lambda options: options[name] == 0
 
 
-def _always(value: bool) -> Callable[[dict[str, Any]], bool]:
+def _always(value: bool) -> Condition:
     return lambda options: value
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
+    """A registered sampler: `target` "module:function" names its function (imported by `fn` on first use). Its
+    options come from that function's signature (`option_specs`); `cost` and `deterministic_if` receive the options
+    with the signature's defaults filled in."""
+
     name: str
-    fn: Callable
+    target: Target
     summary: str
-    options: tuple[str, ...] = ()  # keyword options the CLI may pass besides cond/noise/callback
     cost: Cost | None = field(default=_per_step(1))  # None: adaptive (the sampler reports its own count)
     # whether it integrates the PF-ODE without drawing noise, given its options; only these suit a kernel other
     # than the Gaussian (PFGM/PFGM++), whose reverse SDE is not the Gaussian one
-    deterministic: Callable[[dict[str, Any]], bool] = field(default=_always(True))
+    deterministic_if: Condition = field(default=_always(True))
+    option_specs: tuple[SamplerOption, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "option_specs", options_from_signature(self.target))
+
+    @property
+    def fn(self) -> Callable:
+        """The sampler function (its module is imported on first use)."""
+        if callable(self.target):
+            return self.target
+        module, function = _module_and_function(self.target)
+        return getattr(importlib.import_module(module), function)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The names of the keyword options a caller may pass besides cond/noise/callback."""
+        return tuple(o.name for o in self.option_specs)
+
+    def with_defaults(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`options` completed with the signature's defaults of the options not given."""
+        return {o.name: o.default for o in self.option_specs} | dict(options or {})
+
+    def deterministic(self, options: dict[str, Any] | None = None) -> bool:
+        """Whether the sampler with these options draws no noise (so it suits a non-Gaussian kernel)."""
+        return self.deterministic_if(self.with_defaults(options))
 
     def nfe(self, steps: int, options: dict[str, Any] | None = None) -> int:
         """Network evaluations used by `steps` steps on a grid that ends in sigma = 0."""
         if self.cost is None:
             raise DifflabError(f"sampler '{self.name}' is adaptive: its NFE follows from rtol/atol, not from steps")
-        return self.cost(steps, options or {})
+        return self.cost(steps, self.with_defaults(options))
 
     def steps_for_nfe(self, nfe: int, options: dict[str, Any] | None = None) -> int:
         """The most steps whose cost fits in `nfe` network evaluations (at least 1)."""
@@ -53,44 +226,118 @@ class SamplerSpec:
             steps += 1
         return steps
 
+    def describe(self) -> str:
+        """The summary line, then one line per option: flag, default, help (for `difflab samplers`)."""
+        lines = [f"{self.name:<16} {self.summary}"]
+        lines += [f"    {o.flag:<18} {format_default(o.default):<7} {o.help}" for o in self.option_specs]
+        return "\n".join(lines)
+
 
 SAMPLERS: dict[str, SamplerSpec] = {
     s.name: s
     for s in (
-        SamplerSpec("ddpm", sample_ddpm, "DDPM ancestral sampling (Ho et al. 2020, Alg. 2)", ("variance",),
-                    deterministic=_always(False)),
-        SamplerSpec("ddim", sample_ddim, "DDIM (Song et al. 2021, Eq. 12); eta 0 deterministic, 1 = DDPM", ("eta",),
-                    deterministic=_zero_option("eta", 0.0)),
-        SamplerSpec("euler", sample_euler, "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1); "
-                    "log_sigma: steps in log sigma (PFGM's log z)", ("log_sigma",)),
-        SamplerSpec("heun", sample_heun, "Heun 2nd order (Karras et al. 2022, Alg. 2); s_churn > 0 adds noise",
-                    ("s_churn", "s_tmin", "s_tmax", "s_noise"), lambda steps, o: 2 * steps - 1,
-                    _zero_option("s_churn", 0.0)),
-        SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), 2nd-order multistep"),
-        SamplerSpec("lms", sample_lms, "linear multistep on the PF-ODE (order 4 by default)", ("order",)),
-        SamplerSpec("rk45", sample_rk45, "adaptive Dormand-Prince RK45 on the PF-ODE; --steps sets only the range",
-                    ("rtol", "atol"), None),
-        SamplerSpec("euler_ancestral", sample_euler_ancestral, "Euler ancestral (k-diffusion); same map as ddim(eta)",
-                    ("eta",), deterministic=_zero_option("eta", 1.0)),
-        SamplerSpec("euler_maruyama", sample_euler_maruyama, "Euler-Maruyama, reverse SDE (Song et al. 2021, Eq. 6)",
-                    deterministic=_always(False)),
-        SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE (Lu et al. 2022b), midpoint",
-                    ("eta", "s_noise"), deterministic=_zero_option("eta", 1.0)),
-        SamplerSpec("pc", sample_pc, "predictor-corrector (Song et al. 2021, Alg. 2): Langevin + reverse diffusion",
-                    ("snr", "corrector_steps"), lambda steps, o: (o.get("corrector_steps", 1) + 1) * steps,
-                    _always(False)),
-        SamplerSpec("ald", sample_ald, "annealed Langevin dynamics (Song & Ermon 2019, Alg. 1), final denoising",
-                    ("step_size", "n_steps_each"), lambda steps, o: o.get("n_steps_each", 5) * steps + 1,
-                    _always(False)),
+        SamplerSpec("ddpm", "ancestral:sample_ddpm",
+                    "DDPM ancestral sampling (Ho et al. 2020, Alg. 2)",
+                    deterministic_if=_always(False)),
+        SamplerSpec("ddim", "ancestral:sample_ddim",
+                    "DDIM (Song et al. 2021, Eq. 12); eta 0 deterministic, 1 = DDPM",
+                    deterministic_if=_is_zero("eta")),
+        SamplerSpec("euler", "ode:sample_euler",
+                    "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1)"),
+        SamplerSpec("heun", "ode:sample_heun",
+                    "Heun 2nd order (Karras et al. 2022, Alg. 2); s_churn > 0 adds noise",
+                    lambda steps, o: 2 * steps - 1, _is_zero("s_churn")),
+        SamplerSpec("dpmpp_2m", "ode:sample_dpmpp_2m",
+                    "DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), 2nd-order multistep"),
+        SamplerSpec("lms", "ode:sample_lms",
+                    "linear multistep (Adams-Bashforth) on the PF-ODE"),
+        SamplerSpec("rk45", "ode:sample_rk45",
+                    "adaptive Dormand-Prince RK45 on the PF-ODE; --steps sets only the range",
+                    None),
+        SamplerSpec("euler_ancestral", "sde:sample_euler_ancestral",
+                    "Euler ancestral (k-diffusion); same map as ddim(eta)",
+                    deterministic_if=_is_zero("eta")),
+        SamplerSpec("euler_maruyama", "sde:sample_euler_maruyama",
+                    "Euler-Maruyama, reverse SDE (Song et al. 2021, Eq. 6)",
+                    deterministic_if=_always(False)),
+        SamplerSpec("dpmpp_2m_sde", "sde:sample_dpmpp_2m_sde",
+                    "DPM-Solver++(2M) SDE (Lu et al. 2022b), midpoint",
+                    deterministic_if=_is_zero("eta")),
+        SamplerSpec("pc", "langevin:sample_pc",
+                    "predictor-corrector (Song et al. 2021, Alg. 2): Langevin + reverse diffusion",
+                    lambda steps, o: (o["corrector_steps"] + 1) * steps, _always(False)),
+        SamplerSpec("ald", "langevin:sample_ald",
+                    "annealed Langevin dynamics (Song & Ermon 2019, Alg. 1), final denoising",
+                    lambda steps, o: o["n_steps_each"] * steps + int(bool(o["denoise_last"])), _always(False)),
     )
 }  # fmt: skip
 
 
-def sampler_for_kernel(name: str, options: dict[str, Any], kernel_name: str) -> SamplerSpec:
-    """The sampler called `name`, refused when it adds Gaussian noise to a model whose kernel is not Gaussian
-    (PFGM/PFGM++: the Gaussian reverse SDE does not reverse a Poisson kernel)."""
+def all_sampler_options() -> dict[str, SamplerOption]:
+    """Every option of every sampler, once per name (first-seen order), for a CLI that adds one flag per option.
+
+    The help ends with the samplers that take it and the default, "[heun, dpmpp_2m_sde; default 1]", or, where
+    their defaults differ, "[default depends on the sampler: ddim 0, euler_ancestral 1, dpmpp_2m_sde 1]" with
+    `default` None (each spec's `option_specs` keeps its own). A TypeError if two samplers type one name differently.
+    """
+    uses: dict[str, list[tuple[str, SamplerOption]]] = {}
+    for spec in SAMPLERS.values():
+        for option in spec.option_specs:
+            uses.setdefault(option.name, []).append((spec.name, option))
+    union = {}
+    for name, pairs in uses.items():
+        kinds = {o.type for _, o in pairs}
+        if len(kinds) > 1:
+            raise TypeError(f"option '{name}' has different types across samplers: {kinds}")
+        samplers = ", ".join(s for s, _ in pairs)
+        first = pairs[0][1].default
+        if all(o.default == first for _, o in pairs):  # a None default is explained by the help itself
+            default, where = first, samplers if first is None else f"{samplers}; default {format_default(first)}"
+        else:
+            default = None
+            where = "default depends on the sampler: " + ", ".join(f"{s} {format_default(o.default)}" for s, o in pairs)
+        union[name] = SamplerOption(name, kinds.pop(), default, f"{OPTION_HELP.get(name, '')} [{where}]")
+    return union
+
+
+def resolve_sampler(name: str) -> tuple[SamplerSpec, str | None]:
+    """The sampler called `name` (a registered name or an alias of another tool, case-insensitive) and the grid the
+    alias implies ("DPM++ 2M Karras" -> karras; None: the model's default); a one-line DifflabError if unknown."""
+    key = normalize_name(name)
+    if key in SAMPLERS:
+        return SAMPLERS[key], None
+    alias = lookup_sampler_alias(key)
+    if alias is None:
+        raise DifflabError(
+            f"unknown sampler '{name}': choose one of {', '.join(SAMPLERS)} or a name from A1111, diffusers or "
+            "k-diffusion (see `difflab samplers`)"
+        )
+    canonical, grid = alias
+    return SAMPLERS[canonical], grid
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """The sampler called `name` or an alias of it (the alias's grid is dropped: see `resolve_sampler`), or a
+    DifflabError listing the registered names."""
+    return resolve_sampler(name)[0]
+
+
+def sampler_aliases() -> dict[str, tuple[str, str | None]]:
+    """Every alias of another tool -> (registered sampler, implied grid or None), for `difflab samplers`."""
+    return dict(SAMPLER_ALIASES)
+
+
+def sampler_for_kernel(name: str, options: dict[str, Any], kernel: Any) -> SamplerSpec:
+    """The sampler called `name` (or an alias), refused when it adds Gaussian noise to a model whose kernel is not
+    Gaussian (PFGM/PFGM++: the Gaussian reverse SDE does not reverse a Poisson kernel). kernel: a Kernel (its
+    `is_gaussian`, else its name) or a kernel name."""
     spec = get_sampler(name)
-    if kernel_name != "gaussian" and not spec.deterministic(options):
+    if isinstance(kernel, str):
+        kernel_name, gaussian = kernel, kernel == "gaussian"
+    else:
+        kernel_name = kernel.name
+        gaussian = getattr(kernel, "is_gaussian", kernel_name == "gaussian")
+    if not gaussian and not spec.deterministic(options):
         raise DifflabError(
             f"sampler '{name}' adds Gaussian noise, which does not reverse a {kernel_name}-kernel model; use an "
             "ODE sampler: euler, heun, dpmpp_2m, lms, rk45 or ddim with eta 0"
@@ -98,11 +345,33 @@ def sampler_for_kernel(name: str, options: dict[str, Any], kernel_name: str) -> 
     return spec
 
 
-def get_sampler(name: str) -> SamplerSpec:
-    """The sampler called `name`, or a DifflabError listing the known ones."""
-    if name not in SAMPLERS:
-        raise DifflabError(f"unknown sampler '{name}': choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
-
-
-__all__ = ["SAMPLERS", "SamplerSpec", "get_sampler", "sampler_for_kernel", "PerSampleNoise", "GeneratorNoise"]
+__all__ = [
+    "GRID_ALIASES",
+    "GRID_NAMES",
+    "OPTION_HELP",
+    "SAMPLERS",
+    "GeneratorNoise",
+    "PerSampleNoise",
+    "SamplerOption",
+    "SamplerSpec",
+    "all_sampler_options",
+    "get_sampler",
+    "repaint_sigmas",
+    "resolve_grid",
+    "resolve_sampler",
+    "sample_ald",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_euler_maruyama",
+    "sample_heun",
+    "sample_lms",
+    "sample_pc",
+    "sample_repaint",
+    "sample_rk45",
+    "sampler_aliases",
+    "sampler_for_kernel",
+]

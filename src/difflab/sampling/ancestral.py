@@ -32,6 +32,29 @@ def ddpm_large_variance_std(sigma: float, sigma_next: float) -> float:
     return ((sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)) ** 0.5
 
 
+def ancestral_step(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigma: float,
+    sigma_down: float,
+    sigma_up: float,
+    *,
+    noise: NoiseFn,
+    cond: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral step (Song et al. 2021, Eq. 12 in sigma space): x' = x0_hat + sigma_down eps_hat + sigma_up z.
+
+    x: (B, *shape) at noise level sigma; x0_hat = D(x, sigma), eps_hat = (x - x0_hat) / sigma, z = noise(x), drawn
+    only when sigma_up > 0. (sigma_down, sigma_up) come from `ddim_noise_levels` (DDPM with beta-tilde is eta = 1).
+    Returns (x', x0_hat), both (B, *shape).
+    """
+    denoised = denoiser(x, sigma * x.new_ones(x.shape[0]), cond)
+    x_next = denoised + sigma_down * eps_from_denoised(x, denoised, sigma)
+    if sigma_up > 0:
+        x_next = x_next + sigma_up * noise(x)
+    return x_next, denoised
+
+
 def _step_loop(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -41,17 +64,11 @@ def _step_loop(
     noise: NoiseFn | None,
     callback: StepCallback | None,
 ) -> torch.Tensor:
-    """x' = x0_hat + sigma_down * eps_hat + sigma_up * z along the grid; levels(sigma, sigma_next) -> (down, up)."""
+    """`ancestral_step` along the grid; levels(sigma, sigma_next) -> (sigma_down, sigma_up)."""
     noise = noise_or_default(noise)
-    ones = x.new_ones(x.shape[0])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, sigma * ones, cond)
-        sigma_down, sigma_up = levels(sigma, sigma_next)
-        eps = eps_from_denoised(x, denoised, sigma)
-        x_next = denoised + sigma_down * eps
-        if sigma_up > 0:
-            x_next = x_next + sigma_up * noise(x)
+        x_next, denoised = ancestral_step(denoiser, x, sigma, *levels(sigma, sigma_next), noise=noise, cond=cond)
         if callback is not None:
             callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
         x = x_next

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
-from difflab.kernels import Kernel
-from difflab.models import build_denoiser, build_kernel, build_network, sampling_sigmas
-from difflab.precond import PreconditionedDenoiser
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -95,11 +91,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder, a checkpoint folder or a weights file inside one -> the checkpoint folder."""
+def resolve_checkpoint(path: str | Path, hint: str = "pass a run folder written by 'difflab train'") -> Path:
+    """A run folder, a checkpoint folder or a weights file inside one -> the checkpoint folder; `hint` says what to
+    do when there is none."""
     p = Path(path)
     if not p.exists():
-        raise DifflabError(f"checkpoint '{p}' does not exist; pass a run folder written by 'difflab train'")
+        raise DifflabError(f"checkpoint '{p}' does not exist; {hint}")
     if p.is_file():
         if p.suffix != ".safetensors":
             raise DifflabError(
@@ -110,7 +107,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     latest = latest_checkpoint(p)
     if latest is None:
-        raise DifflabError(f"'{p}' holds no difflab checkpoint (config.json + model.safetensors); pass a run folder")
+        raise DifflabError(f"'{p}' holds no difflab checkpoint (config.json + model.safetensors); {hint}")
     return latest
 
 
@@ -137,40 +134,10 @@ def load_config(ckpt_dir: Path) -> RunConfig:
         raise DifflabError(f"'{ckpt_dir}/config.json' is not a valid difflab config ({err})") from None
 
 
-@dataclass
-class LoadedModel:
-    config: RunConfig
-    denoiser: PreconditionedDenoiser
-    checkpoint: Path
-    step: int
-
-    @property
-    def kernel(self) -> Kernel:
-        """The perturbation kernel whose draw at sigma_max starts sampling (Gaussian, or Poisson for PFGM++)."""
-        return build_kernel(self.config.diffusion)
-
-    def sigmas(self, steps: int, grid: str | None = None) -> torch.Tensor:
-        """The sampling grid for this model: `steps` noise levels then 0, (steps + 1,)."""
-        return sampling_sigmas(self.config.diffusion, steps, grid)
-
-
-def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the denoiser of a checkpoint (EMA weights by default), in eval mode on `device`."""
-    ckpt = resolve_checkpoint(path)
-    config = load_config(ckpt)
-    weights = ckpt / ("ema.safetensors" if use_ema and (ckpt / "ema.safetensors").exists() else "model.safetensors")
-    net = build_network(config.model)
-    try:
-        net.load_state_dict(load_tensors(weights))
-    except RuntimeError as err:
-        raise DifflabError(f"'{weights}' does not match its config.json ({str(err).splitlines()[0]})") from None
-    step = (
-        int(json.loads((ckpt / "training_state.json").read_text()).get("step", 0))
-        if (ckpt / "training_state.json").exists()
-        else 0
-    )
-    denoiser = build_denoiser(config, net).to(device).eval()
-    return LoadedModel(config, denoiser, ckpt, step)
+def checkpoint_step(ckpt_dir: Path) -> int:
+    """The training step a checkpoint folder was written at (0 if it records none)."""
+    state = Path(ckpt_dir) / "training_state.json"
+    return int(json.loads(state.read_text()).get("step", 0)) if state.exists() else 0
 
 
 def optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

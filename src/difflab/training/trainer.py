@@ -1,5 +1,6 @@
 """The training loop (Ho et al. 2020, Algorithm 1): AdamW with warm-up, EMA, clipping, mixed precision,
-non-finite-loss guard, JSONL log, atomic checkpoints and exact resume."""
+non-finite-loss guard, JSONL log, atomic checkpoints and exact resume. What is trained is a task
+(`difflab.training.tasks`): a formulation's denoiser, or a noise-aware classifier; the loop is the same."""
 
 from __future__ import annotations
 
@@ -12,13 +13,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difflab.config import RunConfig
+from difflab.conditioning import drop_signals
 from difflab.errors import DifflabError
-from difflab.guidance import NULL_LABEL
-from difflab.models import build_denoiser, build_loss, config_num_classes
 from difflab.training.checkpoint import (
     latest_checkpoint,
-    load_config,
     load_tensors,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -53,39 +51,45 @@ def _autocast(device: torch.device, mixed_precision: str):
 
 
 class Trainer:
-    """Trains the denoiser of `config` on in-memory data (N, *sample_shape) in [-1, 1], writing to run_dir; a
-    class-conditional network also needs `labels` (N,) int64, of which a share `label_dropout` is replaced by the
-    null label each step (Ho & Salimans 2022, Alg. 1)."""
+    """Trains `task.module` on in-memory data (N, *sample_shape) in [-1, 1], writing to run_dir. `cond_data` maps
+    signal names to row-aligned tensors (e.g. {"class_label": (N,) int64}); each step hands the task the batch's rows
+    of the signals it trains on, a share of each nulled by its dropout (Ho & Salimans 2022, Alg. 1)."""
 
     def __init__(
         self,
-        config: RunConfig,
+        task,
         data: torch.Tensor,
         run_dir: Path,
         device: torch.device,
-        labels: torch.Tensor | None = None,
+        cond_data: dict[str, torch.Tensor] | None = None,
     ):
-        self.config, self.run_dir, self.device = config, Path(run_dir), device
-        tc = config.train
+        self.task, self.config, self.run_dir, self.device = task, task.config, Path(run_dir), device
+        self.train_config = tc = task.config.train
         if tc.steps is None and tc.minutes is None:
             raise DifflabError("give a training budget: --steps N or --minutes M")
         _autocast(device, tc.mixed_precision)  # validate early
-        self.data, self.labels = data, labels
-        self.num_classes = config_num_classes(config)
-        if self.num_classes is not None and labels is None:
-            raise DifflabError("a class-conditional model needs labelled data (digits or a labelled toy)")
-        if self.num_classes is None:
-            self.labels = None
-        self.denoiser = build_denoiser(config).to(device)
-        self.loss_fn = build_loss(config.diffusion, tc.min_snr_gamma)
-        self.optimizer = torch.optim.AdamW(self.denoiser.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.data = data
+        missing = [name for name in task.signals if name not in (cond_data or {})]
+        if missing:
+            raise DifflabError(
+                f"the model is conditioned on {', '.join(missing)} but the data carry none; use labelled data "
+                "(digits or a labelled toy) or train without --conditional"
+            )
+        self.cond_data = {name: cond_data[name] for name in task.signals} if task.signals else None
+        task.to(device)
+        self.module = task.module
+        params = self.module.parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
-        self.ema = EMA(self.denoiser.net, tc.ema_decay)
+        self.ema = EMA(self.module, tc.ema_decay)
         self.data_gen = torch.Generator().manual_seed(tc.seed)
         self.noise_gen = torch.Generator(device).manual_seed(tc.seed + 1)
         self.step = 0
         self.skipped = 0
         self.elapsed = 0.0
+        self.last_loss = math.nan
+        self.extra_state: dict = {}  # JSON-able figures saved with the next checkpoint (e.g. test accuracy)
+        self.hooks: list = []  # callables hook(trainer) run after every step (previews, TensorBoard)
 
     # ---- state -----------------------------------------------------------------------------------------
     def _rng_tensors(self) -> dict[str, torch.Tensor]:
@@ -105,22 +109,21 @@ class Trainer:
             "optimizer": opt_meta,
         }
         meta["grad_scaler"] = self.scaler.state_dict() if self.scaler.is_enabled() else None
+        meta |= self.extra_state
         tensors = {
-            "model": self.denoiser.net.state_dict(),
+            "model": self.module.state_dict(),
             "ema": self.ema.state_dict(),
             "training_state": state_tensors,
         }
-        return save_checkpoint(self.run_dir, self.step, self.config, tensors, meta, self.config.train.keep_checkpoints)
+        return save_checkpoint(self.run_dir, self.step, self.config, tensors, meta, self.train_config.keep_checkpoints)
 
     def resume(self) -> None:
         """Continue from the latest checkpoint in run_dir (model, EMA, optimizer, step, every RNG)."""
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise DifflabError(f"--resume latest: no checkpoint in '{self.run_dir}'; start without --resume")
-        saved = load_config(ckpt)
-        if saved.model != self.config.model or saved.diffusion != self.config.diffusion:
-            raise DifflabError(f"'{ckpt}' was trained with another model or diffusion config; use a new --out")
-        self.denoiser.net.load_state_dict(load_tensors(ckpt / "model.safetensors"))
+        self.task.check_resume(ckpt)
+        self.module.load_state_dict(load_tensors(ckpt / "model.safetensors"))
         self.ema.load_state_dict(load_tensors(ckpt / "ema.safetensors"))
         state = load_tensors(ckpt / "training_state.safetensors")
         meta = json.loads((ckpt / "training_state.json").read_text())
@@ -138,33 +141,32 @@ class Trainer:
     # ---- one step --------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         """Linear warm-up to the base learning rate, then constant."""
-        tc = self.config.train
+        tc = self.train_config
         return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
 
     def train_step(self) -> float:
         """One optimisation step; returns the loss (NaN/inf if the step was skipped)."""
-        tc = self.config.train
+        tc = self.train_config
         idx = torch.randint(0, len(self.data), (tc.batch_size,), generator=self.data_gen)
         x0 = self.data[idx].to(self.device, non_blocking=True)
         cond = None
-        if self.labels is not None:
-            cond = self.labels[idx].to(self.device)
-            dropped = torch.rand(cond.shape, generator=self.noise_gen, device=self.device) < tc.label_dropout
-            cond = torch.where(dropped, NULL_LABEL, cond)
+        if self.cond_data is not None:
+            cond = {k: v[idx].to(self.device) for k, v in self.cond_data.items()}
+            cond = drop_signals(cond, self.task.dropout, self.noise_gen)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         with _autocast(self.device, tc.mixed_precision):
-            loss = self.loss_fn(self.denoiser, x0, self.noise_gen, cond).mean()
+            loss = self.task.loss(x0, cond, self.noise_gen).mean()
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.denoiser.net.parameters(), tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.ema.update(self.denoiser.net, self.step)
+        self.ema.update(self.module, self.step)
         return loss.item()
 
     # ---- the loop --------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ class Trainer:
         return record["loss"]
 
     def run(self, progress: bool = True) -> TrainResult:
-        tc = self.config.train
+        tc = self.train_config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(self.run_dir / "config.json")
         total = tc.steps if tc.steps is not None else None
@@ -185,7 +187,7 @@ class Trainer:
         start, start_elapsed = time.monotonic(), self.elapsed
         bar = tqdm(total=total, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         in_a_row, window, stopped_by = 0, [], "steps"
-        self.denoiser.train()
+        self.module.train()
         with open(self.run_dir / LOG_FILE, "a") as log:
             while total is None or self.step < total:
                 self.elapsed = start_elapsed + time.monotonic() - start
@@ -204,12 +206,15 @@ class Trainer:
                 in_a_row = 0
                 self.step += 1
                 window.append(loss)
+                self.last_loss = loss
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == total:
                     bar.set_postfix(loss=f"{self._log(log, window):.4f}")
                     window = []
                 if self.step % tc.checkpoint_every == 0:
                     self.save()
+                for hook in self.hooks:
+                    hook(self)
             if window:  # a time budget ended between log lines: record the partial window
                 self._log(log, window)
         bar.close()

@@ -27,7 +27,7 @@ from difflab.kernels import Kernel, PoissonKernel
 from difflab.oracles import PointSetDenoiser
 from difflab.sampling import PerSampleNoise
 from difflab.types import Denoiser, StepInfo
-from difflab.viz import _new_figure, _points_2d, _prepare_path, _save_figure
+from difflab.viz.figures import new_figure, points_2d, prepare_path, save_figure
 
 __all__ = [
     "FieldLines",
@@ -114,7 +114,7 @@ def field_lines(
     hemisphere. `kernel` replaces the field's weights (to check that a wrong field gives non-uniform ends); default
     PoissonKernel(1), the empirical field PFGM trains on.
     """
-    y = torch.as_tensor(_points_2d(charges, "charges"))  # float64
+    y = torch.as_tensor(points_2d(charges, "charges"))  # float64
     lowest = start_radius if start_height is None else start_height
     if n_lines < 1 or not radius > 0 or not 0 < lowest < radius or not step > 0:
         raise DifflabError(f"field_lines needs n_lines >= 1, radius > start radius or height > 0, step > 0; got "
@@ -209,7 +209,7 @@ def save_poisson_field_figure(lines: FieldLines, path, *, shown: int = 150, titl
     """The charges on the z = 0 plane, `shown` of the field lines (coloured by where on the data they start) and
     every line's endpoint on the hemisphere, drawn as a faint wireframe; returns the path."""
     r = lines.radius
-    fig = _new_figure(7.5, 6.5)
+    fig = new_figure(7.5, 6.5)
     ax = _axes3d(fig, fig.add_gridspec(1, 1)[0], r, r, elev=28)
     ax.computed_zorder = False  # drawn in this order: the data stay visible under the lines
     _hemisphere_wireframe(ax, r)
@@ -224,7 +224,7 @@ def save_poisson_field_figure(lines: FieldLines, path, *, shown: int = 150, titl
     ax.legend(loc="upper left", fontsize=8, markerscale=3)
     ax.set_title(title or f"{len(c)} data points as charges on z = 0, their field lines to the hemisphere r = {r:g}")
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def save_hemisphere_figure(lines: FieldLines, path) -> tuple[Path, dict[str, float]]:
@@ -234,7 +234,7 @@ def save_hemisphere_figure(lines: FieldLines, path) -> tuple[Path, dict[str, flo
     stats = uniformity(lines)
     cos, az = lines.cos_polar, lines.azimuth
     rho = np.sqrt(2 * (1 - cos))  # Lambert's azimuthal equal-area projection of the unit hemisphere
-    fig = _new_figure(13.0, 4.4)
+    fig = new_figure(13.0, 4.4)
     ax = fig.add_subplot(1, 3, 1)
     ring = np.linspace(0, 2 * math.pi, 200)
     ax.plot(math.sqrt(2) * np.cos(ring), math.sqrt(2) * np.sin(ring), color="0.5", lw=0.8)
@@ -258,7 +258,7 @@ def save_hemisphere_figure(lines: FieldLines, path) -> tuple[Path, dict[str, flo
         f"hemisphere of radius {lines.radius:g}"
     )
     fig.tight_layout()
-    return _save_figure(fig, path), stats
+    return save_figure(fig, path), stats
 
 
 @dataclass(frozen=True)
@@ -325,9 +325,9 @@ def _flow_panels(fig, flow: Flow, j: int, reference: np.ndarray, lim: float, zoo
 def save_backward_flow_gif(flow: Flow, reference, path, *, lim: float, zoom: float = 1.5, fps: int = 8) -> Path:
     """An animated GIF of the flow: per frame the points in (x1, x2, z) (x limited to [-lim, lim]) beside the x
     plane around the data ([-zoom, zoom]); the last frame (the samples) is held for a second. Returns the path."""
-    ref = _points_2d(reference, "reference")
-    p = _prepare_path(path)
-    fig = _new_figure(11.0, 5.0)
+    ref = points_2d(reference, "reference")
+    p = prepare_path(path)
+    fig = new_figure(11.0, 5.0)
     writer = animation.PillowWriter(fps=fps)
     order = list(range(len(flow.z))) + [len(flow.z) - 1] * fps
     try:
@@ -344,9 +344,9 @@ def save_backward_flow_gif(flow: Flow, reference, path, *, lim: float, zoom: flo
 
 def save_backward_flow_strip(flow: Flow, reference, path, *, frames: int = 8, zoom: float = 1.5) -> Path:
     """`frames` frames of the flow, evenly spaced from z_max to 0, each the x plane titled with its z."""
-    ref = _points_2d(reference, "reference")
+    ref = points_2d(reference, "reference")
     picks = np.linspace(0, len(flow.z) - 1, frames).round().astype(int)
-    fig = _new_figure(2.3 * frames, 2.7)
+    fig = new_figure(2.3 * frames, 2.7)
     for k, j in enumerate(picks):
         ax = fig.add_subplot(1, frames, k + 1)
         ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.75", linewidths=0)
@@ -359,4 +359,4 @@ def save_backward_flow_strip(flow: Flow, reference, path, *, frames: int = 8, zo
         ax.set_title(f"z = {flow.z[j]:.3g}", fontsize=10)
     fig.suptitle("backward flow, x plane (grey: data)", fontsize=10)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -13,6 +13,7 @@ import numbers
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from difflab.errors import DifflabError
 from difflab.kernels import GAUSSIAN, GaussianKernel, Kernel, gaussian_prior_log_prob
@@ -265,6 +266,7 @@ def ddpm_vlb_bits_per_dim(
     generator: torch.Generator | None = None,
     n_bins: int = 256,
     cond: Any = None,
+    progress: bool = False,
 ) -> dict:
     """The discrete DDPM variational bound in bits/dim (Ho et al. 2020, Eq. 5; Nichol & Dhariwal 2021, Sec. 2):
     L = L_T + sum_{t=2}^T L_{t-1} + L_0, for the model sampled with the beta-tilde posterior variance.
@@ -280,8 +282,9 @@ def ddpm_vlb_bits_per_dim(
       beta-tilde choice is degenerate at t = 1). x0 must lie on the n_bins-level grid -1 + 2k/(n_bins - 1).
     timesteps=None sums all T - 1 KL terms (T model calls per batch with the decoder). timesteps=n instead draws n
     t ~ U{2..T} per sample (with replacement) and scales their sum by (T - 1) / n: an unbiased estimate of the sum;
-    the decoder (1 call) and the prior are always exact. Returns {"bits_per_dim", "prior_bpd", "decoder_bpd",
-    "terms_bpd"} (each (B,), bits_per_dim their sum) and "nfe".
+    the decoder (1 call) and the prior are always exact. progress: a tqdm bar over the KL terms (one per model
+    call). Returns {"bits_per_dim", "prior_bpd", "decoder_bpd", "terms_bpd"} (each (B,), bits_per_dim their sum)
+    and "nfe".
     """
     _check_vlb_args(schedule, x0, n_bins, timesteps)
     T, B, dim = schedule.num_steps, x0.shape[0], x0[0].numel()
@@ -291,15 +294,14 @@ def ddpm_vlb_bits_per_dim(
     prior = 0.5 * (abar_T * x0d**2 + (1 - abar_T) - 1 - math.log(1 - abar_T)).flatten(1).sum(1)
     terms = x0d.new_zeros(B)
     if timesteps is None:
-        for k in range(1, T):
-            terms += _kl_terms(denoiser, schedule, x0, torch.full((B,), k, device=x0.device), generator, cond)
-        nfe = T - 1
+        rows = [torch.full((B,), k, device=x0.device) for k in range(1, T)]
     else:
-        ks = torch.randint(1, T, (timesteps, B), generator=generator, device=x0.device)
-        for row in ks:
-            terms += _kl_terms(denoiser, schedule, x0, row, generator, cond)
+        rows = list(torch.randint(1, T, (timesteps, B), generator=generator, device=x0.device))
+    for row in tqdm(rows, desc="ddpm bound", unit="step", disable=not progress or len(rows) < 2, dynamic_ncols=True):
+        terms += _kl_terms(denoiser, schedule, x0, row, generator, cond)
+    nfe = len(rows)
+    if timesteps is not None:
         terms *= (T - 1) / timesteps
-        nfe = timesteps
     sigma_1 = schedule.sigmas[0].to(x0.dtype)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     x0_hat = denoiser(x0 + sigma_1 * noise, sigma_1.expand(B).to(x0.device), cond)

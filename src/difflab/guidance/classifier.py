@@ -14,31 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from difflab.errors import DifflabError
 from difflab.nets.embeddings import NoiseEmbedding
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import ResBlock
 from difflab.sigmas import append_dims
-from difflab.training.checkpoint import WEIGHT_FILES, latest_checkpoint, load_tensors, save_checkpoint
-from difflab.training.ema import EMA
+from difflab.training.checkpoint import load_tensors, resolve_checkpoint, save_checkpoint
 
 FORMAT = "difflab-noisy-classifier"
 DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX = 0.002, 160.0  # covers DDPM (0.01..157), VP, VE (0.01..50) and EDM (0.002..80)
 # width: MLP hidden size / CNN base channels; depth: MLP residual blocks / CNN ResBlocks per resolution
 NET_DEFAULTS = {"points": {"width": 128, "depth": 3}, "images": {"width": 32, "depth": 1}}
-TRAIN_DEFAULTS = {"points": {"batch_size": 256, "lr": 1e-3}, "images": {"batch_size": 128, "lr": 1e-3}}
-LOG_FILE = "train_log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -62,31 +55,17 @@ class ClassifierConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ClassifierConfig:
+        """The classifier's config from config.json (the training settings saved beside it are skipped)."""
         values = json.loads(text)
         if not isinstance(values, dict) or values.get("format") != FORMAT:
-            kind = "a diffusion model" if isinstance(values, dict) and "diffusion" in values else "not a classifier"
+            kind = "a diffusion model" if isinstance(values, dict) and "formulation" in values else "not a classifier"
             raise ValueError(f"{kind}: format is not '{FORMAT}'")
+        values.pop("train", None)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown fields {', '.join(sorted(unknown))}")
         values["sample_shape"] = tuple(int(s) for s in values["sample_shape"])
         return cls(**values)
-
-
-@dataclass(frozen=True)
-class ClassifierTrainConfig:
-    """Training settings: AdamW with linear warm-up, gradient clipping, EMA (ema_decay 0 = off), fixed seeds."""
-
-    steps: int | None = 2000
-    minutes: float | None = None  # stops at whichever of steps / minutes comes first
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 100
 
 
 class ConvTrunk(nn.Module):
@@ -185,111 +164,6 @@ def classifier_config_for(
                             float(lo), float(hi))  # fmt: skip
 
 
-@torch.no_grad()
-def accuracy(
-    classifier: nn.Module, data: torch.Tensor, labels: torch.Tensor, sigma: float, seed: int = 0, batch: int = 1024
-) -> float:
-    """Share of data (N, ...) classified correctly after adding noise of std sigma (seeded; sigma 0 = clean)."""
-    device = next(classifier.parameters()).device
-    gen, correct = torch.Generator().manual_seed(seed), 0
-    for i in range(0, len(data), batch):
-        x0 = data[i : i + batch]
-        x = x0 + sigma * torch.randn(x0.shape, generator=gen) if sigma > 0 else x0
-        sig = torch.full((len(x0),), float(sigma), device=device)
-        correct += int((classifier(x.to(device), sig).argmax(1).cpu() == labels[i : i + batch]).sum())
-    return correct / len(data)
-
-
-@dataclass
-class ClassifierResult:
-    checkpoint: Path
-    step: int
-    stopped_by: str  # "steps" or "minutes"
-    elapsed_s: float
-    test_accuracy: dict[str, float]  # sigma (as text; "clean" = x0 itself) -> accuracy on the test split
-
-
-def _step(model, opt, x0, labels, gen, config: ClassifierConfig, tc: ClassifierTrainConfig, lr: float) -> float:
-    """One AdamW step of cross-entropy on x = x0 + sigma n, ln sigma ~ U[ln sigma_min, ln sigma_max]."""
-    lo, hi = math.log(config.sigma_min), math.log(config.sigma_max)
-    sigma = (lo + (hi - lo) * torch.rand(len(x0), generator=gen, device=x0.device)).exp()
-    x = x0 + append_dims(sigma, x0.ndim) * torch.randn(x0.shape, generator=gen, device=x0.device)
-    loss = F.cross_entropy(model(x, sigma), labels)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-    opt.step()
-    return loss.item()
-
-
-def train_classifier(
-    config: ClassifierConfig,
-    tc: ClassifierTrainConfig,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    out: str | Path,
-    *,
-    device: torch.device | str = "cpu",
-    eval_sigmas: tuple[float, ...] = (0.1, 0.5, 1.0),
-    progress: bool = False,
-) -> ClassifierResult:
-    """Train `config`'s classifier on (data (N, *shape) in [-1, 1], labels (N,) int64) and save it to `out`.
-
-    Batch indices come from a generator seeded with tc.seed, sigma and noise from one seeded with tc.seed + 1, the
-    initial weights from tc.seed, so a run is reproducible on one machine. The saved weights are the EMA (if on) and
-    the raw ones; the test-split accuracy (clean, and at `eval_sigmas`) of the weights `load_classifier` returns is
-    stored in training_state.json and returned.
-    """
-    if tc.steps is None and tc.minutes is None:
-        raise DifflabError("give a training budget: --steps N or --minutes M")
-    if not 0 <= tc.ema_decay < 1:
-        raise DifflabError(f"--ema-decay must lie in [0, 1), got {tc.ema_decay}")
-    out, device = Path(out), torch.device(device)
-    data, labels = train
-    if int(labels.min()) < 0 or int(labels.max()) >= config.num_classes:
-        raise DifflabError(
-            f"labels must lie in 0..{config.num_classes - 1} for a {config.num_classes}-class classifier"
-        )
-    model = build_classifier(config, tc.seed).to(device).train()
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    data_gen, noise_gen = torch.Generator().manual_seed(tc.seed), torch.Generator(device).manual_seed(tc.seed + 1)
-    budget_s = tc.minutes * 60 if tc.minutes is not None else math.inf
-    step, stopped_by, window, start = 0, "steps", [], time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=tc.steps, disable=not progress, desc="train-classifier", dynamic_ncols=True)
-    with open(out / LOG_FILE, "a") as log:
-        while tc.steps is None or step < tc.steps:
-            if time.monotonic() - start >= budget_s:
-                stopped_by = "minutes"
-                break
-            idx = torch.randint(0, len(data), (tc.batch_size,), generator=data_gen)
-            lr = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
-            window.append(_step(model, opt, data[idx].to(device), labels[idx].to(device), noise_gen, config, tc, lr))
-            if ema is not None:
-                ema.update(model, step)
-            step += 1
-            bar.update(1)
-            if step % tc.log_every == 0:
-                log.write(json.dumps({"step": step, "loss": sum(window) / len(window)}) + "\n")
-                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
-                window = []
-    bar.close()
-    elapsed = time.monotonic() - start
-    final = build_classifier(config).to(device)
-    final.load_state_dict(ema.state_dict() if ema is not None else model.state_dict())
-    final.eval()
-    test_acc = {"clean": accuracy(final, *test, 0.0)}
-    test_acc |= {f"{s:g}": accuracy(final, *test, s) for s in eval_sigmas}
-    tensors = {"model": model.state_dict()} | ({"ema": ema.state_dict()} if ema is not None else {})
-    state = {"step": step, "stopped_by": stopped_by, "elapsed_s": round(elapsed, 2),
-             "train": dataclasses.asdict(tc), "test_accuracy": test_acc}  # fmt: skip
-    ckpt = save_checkpoint(out, step, config, tensors, state, keep=1)  # duck-typed: needs only config.to_json()
-    return ClassifierResult(ckpt, step, stopped_by, elapsed, test_acc)
-
-
 def save_classifier(classifier: NoisyClassifier, out: str | Path, step: int = 0, state: dict | None = None) -> Path:
     """Write a classifier's weights and config to OUT/checkpoints/step_N atomically (keeping only that one)."""
     state = {"step": step} | (state or {})
@@ -298,21 +172,7 @@ def save_classifier(classifier: NoisyClassifier, out: str | Path, step: int = 0,
 
 def _classifier_checkpoint(path: str | Path) -> Path:
     """A classifier folder, one of its checkpoint folders or a weights file -> the checkpoint folder."""
-    p = Path(path)
-    if not p.exists():
-        raise DifflabError(
-            f"classifier '{p}' does not exist; train one with `difflab train-classifier --data NAME --out {p}`"
-        )
-    if p.is_file():
-        if p.suffix != ".safetensors":
-            raise DifflabError(f"'{p}' is not a .safetensors file; difflab only loads safetensors weights")
-        p = p.parent
-    if (p / "config.json").is_file() and any((p / w).is_file() for w in WEIGHT_FILES):
-        return p
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise DifflabError(f"'{p}' holds no classifier checkpoint; pass a folder written by `difflab train-classifier`")
-    return latest
+    return resolve_checkpoint(path, f"train one with `difflab train-classifier --data NAME --out {path}`")
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu", *, use_ema: bool = True) -> NoisyClassifier:
@@ -346,8 +206,3 @@ def check_fits(classifier: NoisyClassifier, sample_shape: tuple[int, ...], num_c
             f"the classifier knows {cfg.num_classes} classes but the conditional model {num_classes}; use one "
             "trained on the same labels"
         )
-
-
-def training_state(path: str | Path) -> dict[str, Any]:
-    """The training_state.json of a classifier (step, budget, settings, test accuracy)."""
-    return json.loads((_classifier_checkpoint(path) / "training_state.json").read_text())

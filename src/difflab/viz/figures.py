@@ -85,8 +85,9 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1, p
     return grid
 
 
-def _png_info(metadata: dict[str, Any]) -> PngInfo:
-    """Build PNG text chunks: ``difflab`` = sorted JSON of ``metadata``, plus one chunk per key."""
+def _png_info(metadata: dict[str, Any], parameters: str | None = None) -> PngInfo:
+    """Build PNG text chunks: ``difflab`` = sorted JSON of ``metadata``, one chunk per key, and ``parameters`` (the
+    AUTOMATIC1111 convention) when given."""
     if not isinstance(metadata, dict):
         raise DifflabError(f"metadata must be a dict, got {type(metadata).__name__}")
     try:
@@ -102,10 +103,12 @@ def _png_info(metadata: dict[str, Any]) -> PngInfo:
         if not 1 <= len(k) <= 79:
             raise DifflabError(f"metadata key {k!r} must be 1-79 characters (PNG text chunk keyword)")
         info.add_text(k, str(value))
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     return info
 
 
-def _prepare_path(path: str | Path) -> Path:
+def prepare_path(path: str | Path) -> Path:
     """Return ``path`` as a Path after creating its parent directories."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +122,8 @@ def save_image_grid(
     nrow: int | None = None,
     metadata: dict[str, Any] | None = None,
     upscale: int = 1,
+    parameters: str | None = None,
+    padding: int = 1,
 ) -> Path:
     """Write images (N, C, H, W) in [-1, 1] as one PNG grid (see ``make_grid``); returns the path.
 
@@ -129,13 +134,13 @@ def save_image_grid(
     """
     if not isinstance(upscale, int) or upscale < 1:
         raise DifflabError(f"upscale must be an integer >= 1, got {upscale!r}")
-    info = _png_info(metadata) if metadata is not None else None
-    grid = make_grid(images, nrow=nrow)
+    info = _png_info(metadata, parameters) if metadata is not None else None
+    grid = make_grid(images, nrow=nrow, padding=padding)
     if upscale > 1:
         grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
     # uint8 (H, W) becomes mode "L" and uint8 (H, W, 3) mode "RGB".
     img = Image.fromarray(np.ascontiguousarray(grid[:, :, 0] if grid.shape[2] == 1 else grid))
-    p = _prepare_path(path)
+    p = prepare_path(path)
     img.save(p, format="PNG", pnginfo=info)
     return p
 
@@ -163,16 +168,16 @@ def read_png_metadata(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _new_figure(width_in: float, height_in: float) -> Figure:
+def new_figure(width_in: float, height_in: float) -> Figure:
     """Return a Figure with an Agg canvas attached (never shown on screen)."""
     fig = Figure(figsize=(width_in, height_in), dpi=_DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save_figure(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as PNG to ``path`` (parents created), then clear it to release its artists."""
-    p = _prepare_path(path)
+    p = prepare_path(path)
     try:
         fig.savefig(p, format="png", dpi=_DPI)
     finally:
@@ -180,7 +185,7 @@ def _save_figure(fig: Figure, path: str | Path) -> Path:
     return p
 
 
-def _points_2d(points: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
+def points_2d(points: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
     """Return ``points`` as a float64 numpy array of shape (N, 2), or raise DifflabError."""
     if isinstance(points, torch.Tensor):
         points = points.detach().to("cpu", torch.float64).numpy()
@@ -202,11 +207,11 @@ def save_scatter(
 
     Equal aspect, both axes limited to [-lim, lim]; small translucent markers.
     """
-    pts = _points_2d(points, "points")
-    ref = _points_2d(reference, "reference") if reference is not None else None
+    pts = points_2d(points, "points")
+    ref = points_2d(reference, "reference") if reference is not None else None
     if not lim > 0:
         raise DifflabError(f"lim must be > 0, got {lim}")
-    fig = _new_figure(5.0, 5.0)
+    fig = new_figure(5.0, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     if ref is not None:
         ax.scatter(ref[:, 0], ref[:, 1], s=3, c="0.7", alpha=0.4, linewidths=0, label="reference")
@@ -219,7 +224,7 @@ def save_scatter(
     if ref is not None:
         ax.legend(loc="upper right", markerscale=4, fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _ema(values: np.ndarray, span: int) -> np.ndarray:
@@ -249,7 +254,7 @@ def save_loss_curve(
     x, y = x[keep], y[keep]
     if x.size == 0:
         raise DifflabError("no finite loss values to plot")
-    fig = _new_figure(6.0, 4.0)
+    fig = new_figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(x, y, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
     ax.plot(x, _ema(y, max(1, y.size // 20)), color="tab:blue", linewidth=1.8, label="moving average")
@@ -261,7 +266,7 @@ def save_loss_curve(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _check_frames(
@@ -305,7 +310,7 @@ def save_denoising_figure(
     k, h, w, c = xt[0].shape
     ncols = len(xt)
     cell_in = max(64, upscale * max(h, w)) / _DPI
-    fig = _new_figure(ncols * cell_in + 1.2, 2 * k * cell_in + 0.5)
+    fig = new_figure(ncols * cell_in + 1.2, 2 * k * cell_in + 0.5)
     axes = fig.subplots(2 * k, ncols, squeeze=False)
     for j in range(ncols):
         for s in range(k):
@@ -322,7 +327,7 @@ def save_denoising_figure(
                     ax.set_ylabel(label, fontsize=8)
         axes[0, j].set_title(f"σ={float(sigmas[j]):.3g}", fontsize=8)
     fig.tight_layout(pad=0.3)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def save_quality_vs_nfe(
@@ -331,7 +336,7 @@ def save_quality_vs_nfe(
     """One line per sampler: metric against network evaluations (log-log); series maps name -> [(nfe, value)]."""
     if not series or not any(series.values()):
         raise DifflabError("nothing to plot: no (nfe, value) pairs were given")
-    fig = _new_figure(6.0, 4.0)
+    fig = new_figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for name, points in series.items():
         nfe, value = zip(*sorted(points), strict=True)
@@ -345,4 +350,4 @@ def save_quality_vs_nfe(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -2,8 +2,9 @@
 a sigma-space denoiser and returns one, so every sampler works with every kind of guidance.
 
 In sigma space the score of p_sigma is (D - x) / sigma^2, so adding s grad_x log f to the score is adding
-s sigma^2 grad_x log f to D. Class labels travel as `cond`, an int64 tensor (B,); NULL_LABEL (-1) asks a
-conditional network for its unconditional prediction.
+s sigma^2 grad_x log f to D. Conditions travel as `cond`, a mapping of named signals (`difflab.conditioning`; a bare
+int64 tensor (B,) is shorthand for {"class_label": labels}); each signal's null asks a conditional network for its
+unconditional prediction.
 """
 
 from __future__ import annotations
@@ -13,23 +14,40 @@ from typing import Any
 
 import torch
 
+from difflab.conditioning import Cond, as_cond, cat_cond, null_cond
 from difflab.errors import DifflabError
 from difflab.sigmas import append_dims
 from difflab.types import Denoiser
 
-NULL_LABEL = -1
-
 
 def _check_labels(cond: Any, what: str) -> torch.Tensor:
-    if not isinstance(cond, torch.Tensor) or cond.dtype != torch.long:
-        raise TypeError(f"{what} needs class labels: pass cond as an int64 tensor (B,), not {type(cond).__name__}")
-    return cond
+    labels = (as_cond(cond) or {}).get("class_label")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long:
+        raise TypeError(f"{what} needs class labels: pass cond {{'class_label': int64 tensor (B,)}}")
+    return labels
+
+
+def _unconditional(cond: dict[str, torch.Tensor], negative: Cond | None) -> dict[str, torch.Tensor]:
+    """The other branch of CFG: every signal null, except those the negative condition sets (1 row or B rows)."""
+    out = null_cond(cond)
+    for name, value in (negative or {}).items():
+        if name not in cond:
+            raise DifflabError(f"the negative condition sets '{name}', which the condition does not carry")
+        batch = cond[name].shape[0]
+        if value.shape[0] not in (1, batch):
+            raise DifflabError(
+                f"negative '{name}' holds {value.shape[0]} rows for a batch of {batch}; give 1 or {batch}"
+            )
+        out[name] = value.to(cond[name].device).expand_as(cond[name]).clone()
+    return out
 
 
 class ClassifierFreeGuidance:
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) in D-space: D = D_null + w (D_y - D_null).
 
-    D_y = D(x, sigma, y), D_null = D(x, sigma, null). Convention: w = 1 is the conditional model, w = 0 the
+    D_y = D(x, sigma, y), D_null = D(x, sigma, null) with every signal of y at its null, or, given a `negative`
+    condition (a mapping of signals with 1 or B rows), D(x, sigma, negative): what Stable Diffusion UIs call a
+    negative prompt. Convention: w = 1 is the conditional model, w = 0 the
     unconditional one, w > 1 extrapolates past the conditional. Ho & Salimans write
     eps~ = (1 + w') eps(y) - w' eps(null): their w' is w - 1 here (D and eps are affine in each other at fixed x
     and sigma, so the mix is the same in either space). Both branches go through the network in one batched
@@ -37,21 +55,29 @@ class ClassifierFreeGuidance:
     the conditional model alone elsewhere.
     """
 
-    def __init__(self, denoiser: Denoiser, scale: float, interval: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        scale: float,
+        interval: tuple[float, float] | None = None,
+        negative: Cond | None = None,
+    ):
         if interval is not None and not 0 <= interval[0] <= interval[1]:
             raise DifflabError(f"guidance interval must satisfy 0 <= lo <= hi, got {interval}")
         self.denoiser, self.scale, self.interval = denoiser, float(scale), interval
+        self.negative = as_cond(negative)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        labels = _check_labels(cond, "classifier-free guidance")
+        cond = as_cond(cond)
+        if not cond:
+            raise TypeError("classifier-free guidance needs a condition: pass cond, e.g. {'class_label': labels}")
         active = torch.ones_like(sigma, dtype=torch.bool)
         if self.interval is not None:
             active = (sigma >= self.interval[0]) & (sigma <= self.interval[1])
         if self.scale == 1.0 or not bool(active.any()):
-            return self.denoiser(x, sigma, labels)
-        both = self.denoiser(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
-        )
+            return self.denoiser(x, sigma, cond)
+        both_cond = cat_cond([cond, _unconditional(cond, self.negative)])
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), both_cond)
         conditional, unconditional = both.chunk(2)
         guided = unconditional + self.scale * (conditional - unconditional)
         return torch.where(append_dims(active, x.ndim), guided, conditional)

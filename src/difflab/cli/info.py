@@ -1,0 +1,66 @@
+"""`difflab info PATH`: what a run folder, a checkpoint or a generated PNG (or .npy sidecar) holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a run folder, a checkpoint folder, a PNG written by difflab, or a .npy output")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from difflab.errors import DifflabError
+
+    path = Path(args.path)
+    if not path.exists():
+        raise DifflabError(f"'{path}' does not exist; pass a run folder, a checkpoint folder or a PNG")
+    if path.is_file() and path.suffix in (".png", ".npy", ".json"):
+        return _show_outputs(path, args.json)
+    return _show_run(path, args.json)
+
+
+def _show_outputs(path: Path, raw: bool) -> int:
+    from difflab.outputs import read_generation_parameters
+
+    meta = read_generation_parameters(path)
+    if raw:
+        print(json.dumps(meta, indent=2, sort_keys=True))
+        return 0
+    print(f"{path}: made by difflab {meta.get('difflab_version', '?')} from {meta.get('checkpoint')} "
+          f"(weights hash {meta.get('model_hash', '?')}, training step {meta.get('train_step', '?')})")  # fmt: skip
+    keys = ("sampler", "steps", "grid", "options", "seed", "n", "class", "guidance", "negative_class",
+            "guidance_interval", "classifier", "classifier_scale", "nfe")  # fmt: skip
+    for key in keys:
+        if meta.get(key) not in (None, {}, ""):
+            print(f"  {key:<18} {meta[key]}")
+    print(f"reproduce: difflab sample --from-png {path} --out again.png")
+    return 0
+
+
+def _show_run(path: Path, raw: bool) -> int:
+    from difflab.training.checkpoint import checkpoint_step, list_checkpoints, load_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    config = load_config(ckpt)
+    if raw:
+        print(config.to_json())
+        return 0
+    settings = config.model.settings
+    print(f"{ckpt}: step {checkpoint_step(ckpt)}")
+    print(f"  formulation   {config.process}: {config.formulation}")
+    print(f"  network       {config.model.backbone} '{config.model.preset}': {settings}")
+    print(f"  data          {config.data.name} ({config.data.kind}, shape {tuple(config.data.sample_shape)})")
+    signals = ", ".join(f"{s.name} (dropout {s.dropout:g})" for s in config.conditioning) or "none"
+    print(f"  conditioning  {signals}")
+    t = config.train
+    print(f"  training      batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay:g}, seed {t.seed}, "
+          f"mixed precision {t.mixed_precision}")  # fmt: skip
+    run_dir = ckpt.parent.parent
+    found = list_checkpoints(run_dir)
+    if found:
+        print(f"  checkpoints   {', '.join(p.name for p in found)} in {run_dir}")
+    return 0

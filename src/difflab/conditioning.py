@@ -1,0 +1,127 @@
+"""Conditioning signals (Ho & Salimans 2022, Sec. 3.2; Stability's GeneralConditioner): `cond` is a mapping of
+named tensors, each with a batch dimension first, e.g. {"class_label": (B,) int64}.
+
+Every signal has one null value, the "no condition" a network learns through training dropout and the
+unconditional branch of classifier-free guidance uses:
+
+    class_label   -1 (the label embedding's extra row)
+    text_tokens   0 (padding tokens)
+    text_pooled, image_embed, low_res, mask, masked_image   zeros
+
+`null_cond` replaces every signal by its null at once; `drop_signals` nulls each signal independently with its own
+probability in training. Networks declare the signals they accept (`accepted_signals`); `check_cond` refuses any
+other with a one-line error. The null conventions live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from difflab.errors import DifflabError
+
+Cond = Mapping[str, torch.Tensor]
+NULL_LABEL = -1
+NULL_VALUES: dict[str, float | int] = {
+    "class_label": NULL_LABEL,
+    "text_tokens": 0,
+    "text_pooled": 0.0,
+    "image_embed": 0.0,
+    "low_res": 0.0,
+    "mask": 0.0,
+    "masked_image": 0.0,
+}
+SIGNAL_NAMES = tuple(NULL_VALUES)
+
+
+def as_cond(cond: Any) -> dict[str, torch.Tensor] | None:
+    """A cond mapping from what users pass: None, a mapping of signals, or a bare int64 tensor (B,) of class labels
+    (shorthand for {"class_label": labels})."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return {"class_label": cond}
+    if isinstance(cond, Mapping):
+        unknown = set(cond) - set(NULL_VALUES)
+        if unknown:
+            raise DifflabError(
+                f"unknown conditioning signal {', '.join(sorted(unknown))}; known: {', '.join(SIGNAL_NAMES)}"
+            )
+        return dict(cond)
+    raise TypeError(f"cond must be a mapping of signal name -> tensor, got {type(cond).__name__}")
+
+
+def null_like(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The null of signal `name` with the shape, dtype and device of `value`."""
+    return torch.full_like(value, NULL_VALUES[name])
+
+
+def null_cond(cond: Cond | None) -> dict[str, torch.Tensor] | None:
+    """Every signal replaced by its null: the unconditional branch of classifier-free guidance."""
+    return None if cond is None else {k: null_like(k, v) for k, v in cond.items()}
+
+
+def drop_signals(
+    cond: Cond | None, dropout: Mapping[str, float], generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor] | None:
+    """Training dropout (Ho & Salimans 2022, Alg. 1): each row of signal k is nulled with probability dropout[k],
+    independently per signal; signals without a probability are kept. Draws one uniform per row per signal, in the
+    order of `cond`'s keys, from `generator`."""
+    if cond is None:
+        return None
+    out = {}
+    for name, value in cond.items():
+        p = dropout.get(name, 0.0)
+        if p <= 0:
+            out[name] = value
+            continue
+        dropped = torch.rand(value.shape[0], generator=generator, device=value.device) < p
+        out[name] = torch.where(_rows(dropped, value), null_like(name, value), value)
+    return out
+
+
+def _rows(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return flags.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def cat_cond(conds: Sequence[Cond | None]) -> dict[str, torch.Tensor] | None:
+    """Concatenate cond mappings along the batch (all None, or all with the same signals)."""
+    if all(c is None for c in conds):
+        return None
+    if any(c is None for c in conds) or len({frozenset(c) for c in conds}) != 1:
+        raise DifflabError("conditions to batch together must carry the same signals")
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def slice_cond(cond: Cond | None, start: int, stop: int, device: torch.device | str | None = None) -> Cond | None:
+    """Rows start:stop of every signal (moved to `device` if given)."""
+    if cond is None:
+        return None
+    return {k: (v[start:stop] if device is None else v[start:stop].to(device)) for k, v in cond.items()}
+
+
+def cond_batch_size(cond: Cond | None) -> int | None:
+    """The common batch size of the signals (None for no cond); signals of different lengths are an error."""
+    if not cond:
+        return None
+    sizes = {int(v.shape[0]) for v in cond.values()}
+    if len(sizes) != 1:
+        raise DifflabError(f"conditioning signals hold different numbers of rows: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def check_cond(cond: Cond | None, accepted: frozenset[str] | set[str]) -> None:
+    """Refuse signals the network was not trained on, in one line naming what it accepts."""
+    if not cond:
+        return
+    foreign = sorted(set(cond) - set(accepted))
+    if foreign:
+        takes = ", ".join(sorted(accepted)) if accepted else "no conditioning (it is unconditional)"
+        raise DifflabError(f"this model was not trained on {', '.join(foreign)}; it takes {takes}")
+
+
+def accepted_signals(net: Any) -> frozenset[str]:
+    """The conditioning signals a network declares (its `accepts` attribute; none by default)."""
+    return frozenset(getattr(net, "accepts", frozenset()))

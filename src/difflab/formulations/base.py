@@ -1,0 +1,96 @@
+"""What every formulation shares (Karras et al. 2022, Sec. 2 and Table 1, taken one step further): a formulation turns
+a raw network F into a sigma-space denoiser, owns its training loss and prior kernel, its sigma range, its default
+sampling grid, and says which samplers it admits. Subclasses override only what differs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from difflab.errors import DifflabError
+from difflab.kernels import GAUSSIAN, Kernel
+from difflab.schedules import DiscreteSchedule, karras_sigmas, log_snr_sigmas
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a formulation may derive its settings from: the sample shape and the RMS data norm (PFGM)."""
+
+    sample_shape: tuple[int, ...]
+    data_norm: float | None = None
+    batch_size: int = 128
+
+
+class Formulation:
+    """A process (ddpm, vp, subvp, ve, edm, pfgmpp, pfgm) as an object. `config` is its frozen settings dataclass
+    (`Config`), saved in config.json under "formulation"."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    kernel: Kernel = GAUSSIAN  # the training perturbation and, at sigma_max, the prior
+    extra_outputs: ClassVar[int] = 0  # network outputs beyond the data's channels (PFGM's z component: 1)
+    default_grid: ClassVar[str] = "karras"
+    nll_refusal: ClassVar[str | None] = None  # why the PF-ODE likelihood does not apply, if it does not
+    discrete_schedule: DiscreteSchedule | None = None  # a discrete-time model's schedule (the DDPM bound needs it)
+
+    def __init__(self, config: Any):
+        if not isinstance(config, self.Config):
+            raise TypeError(f"formulation '{self.name}' takes a {self.Config.__name__}, not {type(config).__name__}")
+        self.config = config
+
+    @classmethod
+    def make_config(cls, data: DataInfo | None = None, **settings: Any) -> Any:
+        """The config from user settings (None = the paper's default); `data` for formulations that derive
+        hyper-parameters from the data."""
+        return cls.Config(**{k: v for k, v in settings.items() if v is not None})
+
+    def default_batch_size(self, usual: int) -> int:
+        """The training batch for a data kind whose usual batch is `usual`."""
+        return usual
+
+    def denoiser(self, net: nn.Module) -> nn.Module:
+        """The sigma-space denoiser D(x, sigma, cond) of network F (an nn.Module holding it as `.net`)."""
+        raise NotImplementedError
+
+    def loss(self, min_snr_gamma: float | None = None):
+        """The training objective: loss(denoiser, x0, generator, cond) -> per-sample losses (B,)."""
+        raise NotImplementedError
+
+    def sigma_range(self) -> tuple[float, float]:
+        """The (sigma_min, sigma_max) a model is trained on and sampled over."""
+        raise NotImplementedError
+
+    # ---- sampling grids ---------------------------------------------------------------------------------
+    def uniform_t_sigmas(self, steps: int) -> torch.Tensor:
+        raise DifflabError(f"--grid uniform_t needs a diffusion process; for {self.name} use karras or log_snr")
+
+    def respaced_sigmas(self, steps: int) -> torch.Tensor:
+        raise DifflabError("--grid respaced needs a discrete (ddpm) model; use karras, uniform_t or log_snr")
+
+    def sigmas(self, steps: int, grid: str | None = None) -> torch.Tensor:
+        """A decreasing grid of `steps` noise levels ending in 0, (steps + 1,): Karras (rho = 7), uniform in
+        log-SNR (= k-diffusion's exponential), uniform in the process's t, or the respaced DDPM timesteps."""
+        from difflab.sampling import resolve_grid  # the grid names and their aliases live with the samplers
+
+        grid = resolve_grid(grid) if grid else self.default_grid
+        if steps < 1:
+            raise DifflabError(f"--steps must be at least 1, got {steps}")
+        if grid == "respaced":
+            return self.respaced_sigmas(steps)
+        if grid == "uniform_t":
+            return self.uniform_t_sigmas(steps)
+        sigma_min, sigma_max = self.sigma_range()
+        return (karras_sigmas if grid == "karras" else log_snr_sigmas)(steps, sigma_min, sigma_max)
+
+    def sampler(self, name: str, options: dict[str, Any] | None = None):
+        """The sampler called `name` (or an alias), refused when it adds Gaussian noise to a model whose kernel is
+        not Gaussian (PFGM/PFGM++: the Gaussian reverse SDE does not reverse a Poisson kernel)."""
+        from difflab.sampling import sampler_for_kernel
+
+        return sampler_for_kernel(name, dict(options or {}), self.kernel)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"

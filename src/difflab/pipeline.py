@@ -1,0 +1,228 @@
+"""The Python API: a loaded model as a pipeline (diffusers' pipelines are the anchor), `load(path)` to get one.
+
+    pipe = difflab.load("runs/digits")
+    images = pipe.sample(16, sampler="dpmpp_2m", steps=20, seed=0, guidance=3.0, cond={"class_label": 7})
+    pipe.to_pil(images)[0].save("seven.png")
+
+A pipeline holds the run's config, its formulation and the denoiser built from them; sampling composes guidance
+(`difflab.guidance.compose`) and runs any registered sampler with per-sample seeds (`difflab.generate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difflab.conditioning import as_cond, check_cond
+from difflab.config import RunConfig
+from difflab.errors import DifflabError
+from difflab.formulations import Formulation, make_formulation
+from difflab.generate import generate
+from difflab.guidance.compose import Guidance, guide
+from difflab.kernels import Kernel
+from difflab.nets import build_network
+from difflab.training.checkpoint import checkpoint_step, load_config, load_tensors, resolve_checkpoint
+from difflab.types import Denoiser, StepCallback
+
+
+class Pipeline:
+    """A model ready to sample: `config` (RunConfig), `formulation`, `denoiser` (network + preconditioning, in eval
+    mode), and where it came from (`checkpoint` folder, training `step`, `weights` file)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        denoiser: nn.Module | None = None,
+        *,
+        checkpoint: Path | None = None,
+        step: int = 0,
+        weights: Path | None = None,
+    ):
+        self.config = config
+        self.formulation: Formulation = make_formulation(config.formulation)
+        self.denoiser = denoiser if denoiser is not None else self.formulation.denoiser(build_network(config.model))
+        self.denoiser.eval()
+        self.checkpoint, self.step, self.weights = checkpoint, step, weights
+
+    # ---- what the model is ------------------------------------------------------------------------------
+    @property
+    def kernel(self) -> Kernel:
+        """The perturbation kernel whose draw at sigma_max starts sampling (Gaussian, or Poisson for PFGM/PFGM++)."""
+        return self.formulation.kernel
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.config.data.sample_shape)
+
+    @property
+    def accepts(self) -> frozenset[str]:
+        """The conditioning signals the network was trained on."""
+        return frozenset(getattr(self.denoiser.net, "accepts", frozenset()))
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.config.model.num_classes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def to(self, device: torch.device | str) -> Pipeline:
+        self.denoiser.to(device)
+        return self
+
+    def sigmas(self, steps: int, grid: str | None = None) -> torch.Tensor:
+        """The sampling grid: `steps` noise levels then 0, (steps + 1,); the formulation's default grid if None."""
+        return self.formulation.sigmas(steps, grid)
+
+    def weights_hash(self) -> str:
+        """The first 10 hex digits of the SHA-256 of the weights file (AUTOMATIC1111's "Model hash")."""
+        if self.weights is None:
+            return "none"
+        return hashlib.sha256(Path(self.weights).read_bytes()).hexdigest()[:10]
+
+    # ---- conditioning and guidance ----------------------------------------------------------------------
+    def make_cond(self, cond: Any, n: int, also: frozenset[str] = frozenset()) -> dict[str, torch.Tensor] | None:
+        """A cond mapping with n rows: scalars and 1-row values are repeated; a class label must be in 0..K-1; a
+        signal the model was not trained on (nor in `also`, e.g. a classifier's label) is refused."""
+        if cond is None:
+            return None
+        if isinstance(cond, Mapping):
+            cond = {k: _rows(k, v, n) for k, v in cond.items()}
+        cond = as_cond(cond)
+        check_cond(cond, self.accepts | also)
+        labels = cond.get("class_label")
+        k = self.num_classes
+        if labels is not None and k is not None and bool(((labels < 0) | (labels >= k)).any()):
+            raise DifflabError(f"class labels must lie in 0..{k - 1}")
+        return cond
+
+    def guided_denoiser(self, guidance: Guidance | None, cond: Any) -> Denoiser:
+        """The denoiser with classifier-free and/or classifier guidance composed around it."""
+        guidance = guidance or Guidance()
+        if guidance.classifier is not None:
+            guidance = _with_loaded_classifier(guidance, self)
+        return guide(self.denoiser, guidance, conditional=bool(self.accepts), has_cond=cond is not None,
+                     kernel=self.kernel)  # fmt: skip
+
+    # ---- sampling ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int | None = None,
+        *,
+        seed: int = 0,
+        seeds: Sequence[int] | None = None,
+        sampler: str = "ddim",
+        steps: int = 50,
+        grid: str | None = None,
+        cond: Any = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        negative_cond: Any = None,
+        classifier: Any = None,
+        classifier_scale: float | None = None,
+        batch_size: int = 256,
+        progress: bool = False,
+        callback: StepCallback | None = None,
+        stats: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """n samples (n, *sample_shape) in data space on the CPU; sample i uses seed `seed + i` (or seeds[i]).
+
+        sampler: a registered name or an alias ("DPM++ 2M Karras" also picks the karras grid); options: the
+        sampler's own keyword options (eta, s_churn, ...). cond: {"class_label": 7} or per-sample tensors;
+        guidance: CFG scale w; negative_cond replaces the unconditional branch; classifier: a noise-aware classifier
+        (module or folder) with classifier_scale. stats["nfe"] receives the network evaluations per sample.
+        """
+        from difflab.sampling import resolve_sampler
+
+        seeds = _seeds(n, seed, seeds)
+        spec, implied_grid = resolve_sampler(sampler)
+        self.formulation.sampler(spec.name, options)
+        cond = self.make_cond(cond, len(seeds), frozenset({"class_label"}) if classifier is not None else frozenset())
+        negative = self.make_cond(negative_cond, 1) if negative_cond is not None else None
+        plan = Guidance(guidance, guidance_interval, negative, classifier, classifier_scale)
+        denoiser = self.guided_denoiser(plan, cond)
+        sigmas = self.sigmas(steps, grid or implied_grid)
+        return generate(
+            denoiser, self.sample_shape, sigmas, seeds, sampler=spec.name, options=options, kernel=self.kernel,
+            cond=cond, batch_size=batch_size, device=self.device, callback=callback, progress=progress, stats=stats,
+        )  # fmt: skip
+
+    def to_pil(self, images: torch.Tensor) -> list:
+        """Images (N, C, H, W) in [-1, 1] as PIL images (8-bit, L or RGB)."""
+        from PIL import Image
+
+        from difflab.viz import images_to_uint8
+
+        if self.config.data.kind != "images":
+            raise DifflabError(f"this model makes {self.config.data.kind}, not images; plot them with save_scatter")
+        arrays = images_to_uint8(images)
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+
+    def __repr__(self) -> str:
+        return (f"Pipeline({self.formulation.name}, {self.config.model.backbone} '{self.config.model.preset}', "
+                f"data {self.config.data.name} {self.sample_shape}, step {self.step})")  # fmt: skip
+
+
+def _seeds(n: int | None, seed: int, seeds: Sequence[int] | None) -> list[int]:
+    if seeds is not None:
+        if n is not None and n != len(seeds):
+            raise DifflabError(f"n = {n} but {len(seeds)} seeds given; pass one of them")
+        return [int(s) for s in seeds]
+    if n is None or n < 1:
+        raise DifflabError(f"the number of samples must be at least 1, got {n}")
+    return [seed + i for i in range(n)]
+
+
+def _rows(name: str, value: Any, n: int) -> torch.Tensor:
+    """A signal value as n rows: an int (a class label), a 0-d tensor or a 1-row tensor are repeated."""
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value)
+    if name == "class_label":
+        value = value.long()
+    if value.ndim == 0:
+        return value.expand(n).clone()
+    if value.shape[0] == 1 and n != 1:
+        return value.expand(n, *value.shape[1:]).clone()
+    if value.shape[0] != n:
+        raise DifflabError(f"cond '{name}' holds {value.shape[0]} rows for {n} samples; give 1 or {n}")
+    return value
+
+
+def _with_loaded_classifier(guidance: Guidance, pipe: Pipeline) -> Guidance:
+    """Load a classifier given as a path and check that it fits the model (shape, class count)."""
+    from dataclasses import replace
+
+    from difflab.guidance.classifier import check_fits, load_classifier
+
+    classifier = guidance.classifier
+    if isinstance(classifier, (str, Path)):
+        if not pipe.kernel.is_gaussian:  # refuse before loading anything
+            return guidance
+        classifier = load_classifier(classifier, pipe.device)
+    if hasattr(classifier, "config"):
+        check_fits(classifier, pipe.sample_shape, pipe.num_classes)
+    return replace(guidance, classifier=classifier)
+
+
+def load(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
+    """The pipeline of a run folder, a checkpoint folder or its .safetensors weights (EMA weights by default), on
+    `device`. Weights are only read with safetensors; version 1 configs are migrated."""
+    ckpt = resolve_checkpoint(path)
+    config = load_config(ckpt)
+    weights = ckpt / ("ema.safetensors" if use_ema and (ckpt / "ema.safetensors").exists() else "model.safetensors")
+    net = build_network(config.model)
+    try:
+        net.load_state_dict(load_tensors(weights))
+    except RuntimeError as err:
+        raise DifflabError(f"'{weights}' does not match its config.json ({str(err).splitlines()[0]})") from None
+    formulation = make_formulation(config.formulation)
+    denoiser = formulation.denoiser(net).to(device)
+    return Pipeline(config, denoiser, checkpoint=ckpt, step=checkpoint_step(ckpt), weights=weights)

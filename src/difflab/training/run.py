@@ -1,0 +1,248 @@
+"""Training as a library call: `run_config(...)` builds a RunConfig from the settings a user names, `train(config, out)`
+trains it (or continues it) and returns the run folder. The CLI's `difflab train` only parses and calls these."""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.config import DataConfig, RunConfig, SignalConfig, TrainConfig
+from difflab.data import Dataset, load_dataset
+from difflab.errors import DifflabError
+from difflab.formulations import DataInfo, formulation_class, make_config
+from difflab.nets import model_config_for
+from difflab.training.checkpoint import latest_checkpoint, load_config
+from difflab.training.tasks import DenoiserTask
+from difflab.training.threads import oversubscription_warning
+from difflab.training.trainer import Trainer, TrainResult, read_log
+
+# Defaults that differ between low-dimensional points and images.
+DEFAULTS = {"points": {"batch_size": 256, "lr": 1e-3}, "images": {"batch_size": 128, "lr": 5e-4}}
+# Steps below which a time-budgeted run is reported as stopped far short of what its data needs (measured: the
+# digits demo's FD reaches its plateau after ~3,000 steps; the 2-D toys after ~1,000).
+USEFUL_STEPS = {"points": 1000, "images": 3000}
+
+
+def run_config(
+    data: Dataset,
+    *,
+    process: str = "ddpm",
+    model: str = "tiny",
+    backbone: str | None = None,
+    dropout: float = 0.0,
+    conditional: bool = False,
+    label_dropout: float = 0.1,
+    steps: int | None = None,
+    minutes: float | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    warmup: int = 200,
+    ema_decay: float = 0.999,
+    min_snr_gamma: float | None = None,
+    mixed_precision: str = "no",
+    seed: int = 0,
+    checkpoint_every: int = 1000,
+    preview_every: int | None = None,
+    tensorboard: bool = False,
+    **formulation_settings: Any,
+) -> RunConfig:
+    """The RunConfig of a new run on `data` (a loaded `difflab.data.Dataset`). `process` names the formulation
+    (ddpm, vp, subvp, ve, edm, pfgmpp, pfgm) and `formulation_settings` its settings (schedule, timesteps,
+    prediction, sigma_min, sigma_max, aug_dim, ...; None = the paper's value). `conditional` trains on the data's
+    class labels with `label_dropout` of them nulled. Steps default to 5000 unless `minutes` is given."""
+    defaults = DEFAULTS[data.kind]
+    norm = float(data.data.flatten(1).pow(2).sum(1).mean().sqrt())
+    info = DataInfo(data.sample_shape, norm, defaults["batch_size"])
+    formulation = make_config(process, info, **formulation_settings)
+    klass = formulation_class(process)
+    num_classes = _num_classes(data, conditional, label_dropout)
+    resolution = data.sample_shape[-1] if data.kind == "images" else None
+    channels = data.sample_shape[0] if data.kind == "images" else 1
+    data_config = DataConfig(data.name, data.kind, tuple(data.sample_shape), resolution, channels)
+    model_config = model_config_for(data.kind, data.sample_shape, model, dropout, klass.extra_outputs, num_classes,
+                                    backbone)  # fmt: skip
+    train = TrainConfig(
+        steps=steps if steps is not None or minutes is not None else 5000,
+        minutes=minutes,
+        batch_size=batch_size or klass(formulation).default_batch_size(defaults["batch_size"]),
+        lr=lr or defaults["lr"],
+        warmup_steps=warmup,
+        ema_decay=ema_decay,
+        min_snr_gamma=min_snr_gamma,
+        mixed_precision=mixed_precision,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        preview_every=preview_every,
+        tensorboard=tensorboard,
+    )
+    conditioning = (SignalConfig("class_label", label_dropout),) if num_classes else ()
+    config = RunConfig(data_config, model_config, formulation, train, conditioning)
+    klass(formulation).loss(min_snr_gamma)  # refuse settings the loss cannot take now, not at the first step
+    return config
+
+
+def _num_classes(data: Dataset, conditional: bool, label_dropout: float) -> int | None:
+    """The number of classes for a conditional model (labels 0..K-1 of the data), else None."""
+    if not conditional:
+        return None
+    if data.labels is None:
+        raise DifflabError(
+            f"--conditional needs labelled data; '{data.name}' has no labels (use digits, moons, 8gaussians, "
+            "checkerboard or rings)"
+        )
+    if not 0 <= label_dropout < 1:
+        raise DifflabError(f"--label-dropout must lie in [0, 1), got {label_dropout}")
+    return int(data.labels.max()) + 1
+
+
+def load_training_data(config: RunConfig) -> Dataset:
+    """The data set a config names (built-in name or folder), at its resolution and channels."""
+    return load_dataset(config.data.name, resolution=config.data.resolution, channels=config.data.channels)
+
+
+@dataclass
+class TrainOutcome(TrainResult):
+    warning: str | None = None  # a time-budgeted run that stopped far short of what its data needs
+
+
+def train(
+    config: RunConfig | None = None,
+    out: str | Path | None = None,
+    *,
+    data: Dataset | None = None,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    steps: int | None = None,
+    minutes: float | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train `config` into the run folder `out` (default runs/<data>-<process>) and return the folder.
+
+    With `resume`, continue the run in `out` from its latest checkpoint (the config is read from there; `steps` /
+    `minutes` replace its budget). The global RNG is seeded with the config's seed (dropout) and restored exactly on
+    resume. Writes config.json, train_log.jsonl, loss.png and checkpoints/step_N/."""
+    return train_run(config, out, data=data, device=device, resume=resume, steps=steps, minutes=minutes,
+                     progress=progress).run_dir  # fmt: skip
+
+
+def train_run(
+    config: RunConfig | None,
+    out: str | Path | None,
+    *,
+    data: Dataset | None = None,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    steps: int | None = None,
+    minutes: float | None = None,
+    progress: bool = True,
+) -> TrainOutcome:
+    """`train`, returning the outcome (steps done, what stopped it, skipped steps, a short-run warning)."""
+    if out is None:
+        if config is None:
+            raise DifflabError("give a config or a run folder to resume")
+        out = Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(config.data.name).name}-{config.process}")
+    out = Path(out)
+    if resume:
+        config = _resumed_config(out, steps, minutes)
+    else:
+        if config is None:
+            raise DifflabError("give the RunConfig to train (see difflab.run_config)")
+        if latest_checkpoint(out) is not None:
+            raise DifflabError(f"'{out}' already holds a run; pass --resume latest to continue it, or a new --out")
+    data = data if data is not None else load_training_data(config)
+    warning = oversubscription_warning()
+    if warning:
+        print(f"difflab train: {warning}", file=sys.stderr)
+    torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
+    cond_data = {"class_label": data.labels} if data.labels is not None else None
+    trainer = Trainer(DenoiserTask(config), data.data, out, torch.device(device), cond_data=cond_data)
+    if resume:
+        trainer.resume()
+    _add_hooks(trainer, config, out)
+    result = trainer.run(progress=progress)
+    _save_loss_curve(out)
+    outcome = TrainOutcome(result.run_dir, result.step, result.skipped_steps, result.stopped_by)
+    need = USEFUL_STEPS[config.data.kind]
+    if result.stopped_by == "minutes" and result.step < need:
+        outcome.warning = (
+            f"the time budget ended after {result.step} steps, far short of the ~{need} this data needs to sample "
+            "well (the machine may be busy); expect poor samples, or train a fixed number with --steps"
+        )
+    return outcome
+
+
+def _resumed_config(out: Path, steps: int | None, minutes: float | None) -> RunConfig:
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise DifflabError(f"--resume latest: '{out}' holds no checkpoint; start the run without --resume")
+    config = load_config(ckpt)
+    if steps is not None or minutes is not None:
+        config = replace(config, train=replace(config.train, steps=steps, minutes=minutes))
+    return config
+
+
+def _save_loss_curve(out: Path) -> None:
+    from difflab.viz import save_loss_curve
+
+    log = read_log(out)
+    if log:
+        save_loss_curve([r["step"] for r in log], [r["loss"] for r in log], out / "loss.png")
+
+
+def _add_hooks(trainer: Trainer, config: RunConfig, out: Path) -> None:
+    if config.train.preview_every:
+        trainer.hooks.append(PreviewHook(config, out / "previews", config.train.preview_every))
+    if config.train.tensorboard:
+        trainer.hooks.append(TensorBoardHook(out / "tensorboard", config.train.log_every))
+
+
+class PreviewHook:
+    """Every `every` steps, a grid of samples from the EMA weights (16 fixed seeds, the formulation's default
+    sampler settings: 25 ddim steps, or euler for Poisson-kernel models) in folder/step_N.png, as diffusers' and
+    k-diffusion's training scripts do. Uses its own seeded generators: training's RNG streams are untouched."""
+
+    def __init__(self, config: RunConfig, folder: Path, every: int, n: int = 16, steps: int = 25):
+        self.config, self.folder, self.every, self.n, self.steps = config, folder, every, n, steps
+
+    def __call__(self, trainer: Trainer) -> None:
+        if trainer.step % self.every:
+            return
+        from difflab.pipeline import Pipeline
+        from difflab.viz import save_image_grid, save_scatter
+
+        net = copy.deepcopy(trainer.module)
+        net.load_state_dict(trainer.ema.state_dict())
+        pipe = Pipeline(self.config, trainer.task.formulation.denoiser(net))
+        sampler = "ddim" if pipe.kernel.is_gaussian else "euler"
+        n = self.n if self.config.data.kind == "images" else 1000
+        samples = pipe.sample(n, seed=0, sampler=sampler, steps=self.steps)
+        path = self.folder / f"step_{trainer.step:08d}.png"
+        if self.config.data.kind == "images":
+            save_image_grid(samples, path, metadata={"train_step": trainer.step, "sampler": sampler},
+                            upscale=max(1, 32 // samples.shape[-1]))  # fmt: skip
+        else:
+            save_scatter(samples, path, title=f"step {trainer.step}: {sampler} {self.steps} steps")
+        trainer.module.train()
+
+
+class TensorBoardHook:
+    """Loss and learning rate to TensorBoard every `every` steps (torch.utils.tensorboard; needs `tensorboard`)."""
+
+    def __init__(self, folder: Path, every: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise DifflabError("--tensorboard needs TensorBoard: pip install 'difflab[tensorboard]'") from None
+        self.writer, self.every = SummaryWriter(str(folder)), every
+
+    def __call__(self, trainer: Trainer) -> None:
+        if trainer.step % self.every == 0:
+            self.writer.add_scalar("train/loss", trainer.last_loss, trainer.step)
+            self.writer.add_scalar("train/lr", trainer.lr_at(trainer.step - 1), trainer.step)
+            self.writer.flush()

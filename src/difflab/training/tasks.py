@@ -1,0 +1,44 @@
+"""What the shared `Trainer` trains: a task holds the module whose weights are optimised, its config (saved with
+every checkpoint) and its per-sample loss. A formulation's denoiser and a noise-aware classifier are both tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.config import RunConfig
+from difflab.errors import DifflabError
+from difflab.formulations import make_formulation
+from difflab.nets import build_network
+
+
+class DenoiserTask:
+    """Train the network F of a formulation's denoiser with the formulation's loss (Ho et al. 2020, Alg. 1;
+    Karras et al. 2022, Eq. 2). Signals of `config.conditioning` are dropped to their nulls with their dropouts."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.formulation = make_formulation(config.formulation)
+        self.denoiser = self.formulation.denoiser(build_network(config.model))
+        self.module = self.denoiser.net
+        self.loss_fn = self.formulation.loss(config.train.min_snr_gamma)
+        self.signals = tuple(s.name for s in config.conditioning)
+        self.dropout = {s.name: s.dropout for s in config.conditioning}
+
+    def to(self, device: torch.device) -> None:
+        self.denoiser.to(device)
+
+    def loss(self, x0: torch.Tensor, cond: Any, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample losses (B,) of clean data x0 (B, *shape)."""
+        return self.loss_fn(self.denoiser, x0, generator, cond)
+
+    def check_resume(self, ckpt: Path) -> None:
+        """Refuse to continue a checkpoint of another model, formulation or conditioning."""
+        from difflab.training.checkpoint import load_config
+
+        saved = load_config(ckpt)
+        same = (saved.model, saved.formulation, saved.conditioning)
+        if same != (self.config.model, self.config.formulation, self.config.conditioning):
+            raise DifflabError(f"'{ckpt}' was trained with another model or formulation config; use a new --out")
