@@ -20,14 +20,6 @@ def _private_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _one_cli_thread():
-    """The commands set torch's threads themselves (--threads, default the physical cores): keep them at one too."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIFFLAB_THREADS", "1")
-        yield
-
-
-@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """One intra-op torch thread for the whole suite: the tensors are tiny, and on a busy 2-core machine two threads
     mostly wait for each other (a Heun test took 12 s instead of 0.9 s, a small network trained 10x slower)."""

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 from PIL import Image
 
-from conftest import assert_one_line_error, run_cli
 from difflab.training import threads
 
 
@@ -122,3 +122,21 @@ def test_previews_tensorboard_and_a_short_time_budget(tmp_path, capsys):
     code, out, err = run_cli(capsys, "train", "--data", "moons", "--minutes", "0.0001", "--out", tmp_path / "short",
                              "--no-progress")  # fmt: skip
     assert code == 0 and "stopped by minutes" in out and "far short of the ~1000 this data needs" in out
+
+
+def test_sampler_flags_and_their_help_come_from_the_samplers_signatures():
+    """One flag per option of any sampler; its help is the registry's, whose defaults are the signatures'."""
+    from difflab.cli.main import build_parser
+    from difflab.sampling import SAMPLERS, all_sampler_options, format_default
+
+    parser = build_parser("sample")
+    sample = next(a for a in parser._actions if a.dest == "command").choices["sample"]
+    actions = {a.dest: a for a in sample._actions}
+    for name, option in all_sampler_options().items():
+        assert actions[name].help == option.help and actions[name].default is None  # unset: the sampler's default
+    for spec in SAMPLERS.values():
+        for option in spec.option_specs:
+            shared = all_sampler_options()[option.name]
+            if shared.default is not None:
+                assert f"default {format_default(option.default)}" in shared.help
+    assert "0.2 sigma_min^2" in actions["step_size"].help

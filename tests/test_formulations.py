@@ -122,3 +122,46 @@ def test_process_names_are_compared_only_in_the_registry():
     found = subprocess.run(["git", "grep", "-nE", pattern, "--", "src/difflab"], cwd=ROOT, capture_output=True,
                            text=True).stdout  # fmt: skip
     assert found == "", found
+
+
+def test_a_new_formulation_and_a_new_backbone_need_only_their_module_and_a_registry_row(tmp_path, monkeypatch):
+    """What BENCHMARKS.md counts: a formulation = its class + a FORMULATIONS row; a backbone = its module + a
+    BACKBONES row. Both then train, save, load and sample through the unchanged library."""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    import difflab
+    from difflab import formulations, nets
+    from difflab.formulations.edm import EDM
+
+    @dataclass(frozen=True)
+    class WideEDMConfig(EDMConfig):
+        sigma_max: float = 20.0
+
+    class WideEDM(EDM):  # EDM over another sigma range: a formulation defined outside the library
+        name = "wide_edm"
+        Config = WideEDMConfig
+
+    @dataclass(frozen=True)
+    class LinearNetConfig:
+        dim: int = 2
+
+    class LinearNet(nn.Module):  # the smallest backbone: F(x, c_noise, cond) = A x + b c_noise
+        accepts = frozenset()
+
+        def __init__(self, config: LinearNetConfig):
+            super().__init__()
+            self.config, self.lin, self.noise = config, nn.Linear(config.dim, config.dim), nn.Linear(1, config.dim)
+
+        def forward(self, x, c_noise, cond=None):
+            return self.lin(x) + self.noise(c_noise[:, None])
+
+    monkeypatch.setitem(formulations.FORMULATIONS, "wide_edm", WideEDM)
+    backbone = nets.Backbone("linear", LinearNetConfig, LinearNet, lambda *a: LinearNetConfig(), ("points",))
+    monkeypatch.setitem(nets.BACKBONES, "linear", backbone)
+    data = difflab.load_dataset("moons")
+    config = difflab.run_config(data, process="wide_edm", backbone="linear", steps=5)
+    pipe = difflab.load(difflab.train(config, tmp_path / "run", data=data, progress=False))
+    assert pipe.formulation.name == "wide_edm" and pipe.formulation.sigma_range() == (0.002, 20.0)
+    assert isinstance(pipe.denoiser.net, LinearNet) and pipe.sample(4, sampler="heun", steps=3).shape == (4, 2)

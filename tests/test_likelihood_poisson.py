@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from difflab.kernels import PoissonKernel
 from difflab.eval.likelihood import pf_ode_log_likelihood
+from difflab.kernels import PoissonKernel
 from difflab.oracles import PointSetDenoiser
 
 SMIN, SMAX = 0.3, 60.0

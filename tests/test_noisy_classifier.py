@@ -3,8 +3,6 @@ exact Bayes posterior of the mixture, save/load, an unconditional EDM model guid
 CLI, the composition with classifier-free guidance, and every bad-input case (one line, exit code 2)."""
 
 import math
-from argparse import Namespace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,21 +10,17 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 from difflab.cli.main import main
-from difflab.cli.sample import guided
-from difflab.config import DataConfig, RunConfig
 from difflab.data import load_dataset
-from difflab.guidance import ClassifierFreeGuidance
-from difflab.models import model_config_for
+from difflab.guidance import ClassifierFreeGuidance, Guidance, guide
 from difflab.guidance.classifier import (
     ClassifierConfig,
-    ClassifierTrainConfig,
     build_classifier,
     classifier_config_for,
     load_classifier,
     save_classifier,
-    train_classifier,
-    training_state,
 )
+from difflab.guidance.classifier_training import classifier_train_config, train_classifier, training_state
+from difflab.kernels import GAUSSIAN
 from difflab.oracles import GaussianMixtureDenoiser
 
 F64 = torch.float64
@@ -121,8 +115,9 @@ def test_save_load_round_trip_and_seeded_training(tmp_path):
         assert loaded(x, sigma).shape == (16, config.num_classes)
     data = load_dataset("moons", toy_size=500)
     config = classifier_config_for(data, width=32)
-    runs = [train_classifier(config, ClassifierTrainConfig(steps=20, batch_size=64, seed=1), (data.data, data.labels),
-                             (data.data, data.labels), tmp_path / f"run{i}") for i in range(2)]  # fmt: skip
+    tc = classifier_train_config(data.kind, steps=20, batch_size=64, seed=1)
+    runs = [train_classifier(config, tc, (data.data, data.labels), (data.data, data.labels), tmp_path / f"run{i}")
+            for i in range(2)]  # fmt: skip
     weights = [load_classifier(r.checkpoint).state_dict() for r in runs]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not torch.equal(
@@ -159,15 +154,12 @@ def test_classifier_guidance_puts_an_unconditional_model_s_samples_in_the_class(
 def test_classifier_guidance_composes_on_top_of_classifier_free_guidance():
     """CFG first, then + s sigma^2 grad log p with the labels passed to the conditional model; checked against the
     closed form with the exact mixture (a conditional model) and its exact classifier."""
-    data = DataConfig("8gaussians", "points", (2,))
-    config = RunConfig(data, model_config_for(data, num_classes=8))
-    model = SimpleNamespace(config=config, denoiser=MIXTURE)
-    args = Namespace(guidance=2.0, guidance_interval=None, classifier_scale=0.5)
     exact = lambda x, sigma: MIXTURE.responsibilities(x, sigma).log()  # noqa: E731
     x, labels, _ = noisy_test_points(0.5)
     x, labels = x[:64], labels[:64]
     sigma = torch.linspace(0.1, 3, 64, dtype=F64)
-    out = guided(model, args, labels, exact)
+    plan = Guidance(scale=2.0, classifier=exact, classifier_scale=0.5)
+    out = guide(MIXTURE, plan, conditional=True, has_cond=True, kernel=GAUSSIAN)
     x_in = x.clone().requires_grad_(True)
     log_p = MIXTURE.responsibilities(x_in, sigma).log().gather(1, labels[:, None]).sum()
     (grad,) = torch.autograd.grad(log_p, x_in)

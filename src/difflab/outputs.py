@@ -49,8 +49,9 @@ def write_png(images: torch.Tensor, path: Path, meta: dict[str, Any], nrow: int 
     (padded, small images enlarged so they stay visible)."""
     meta = {**meta, "difflab_version": __version__}
     single = len(images) == 1
+    upscale = 1 if single else upscale_for(images.shape[-1])
     return save_image_grid(images, path, nrow=nrow, metadata=meta, parameters=a1111_parameters(meta),
-                           upscale=1 if single else upscale_for(images.shape[-1]), padding=0 if single else 1)  # fmt: skip
+                           upscale=upscale, padding=0 if single else 1)  # fmt: skip
 
 
 def write_samples(samples: torch.Tensor, kind: str, path: str | Path, meta: dict[str, Any]) -> Path:

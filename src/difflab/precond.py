@@ -84,6 +84,11 @@ class EDMPrediction:
         return Scalings(sd2 / (sigma**2 + sd2), sigma * self.sigma_data / root, 1 / root)
 
 
+def edm_noise_conditioning(sigma: torch.Tensor) -> torch.Tensor:
+    """c_noise = ln(sigma) / 4 (Karras et al. 2022, Table 1)."""
+    return sigma.log() / 4
+
+
 PREDICTIONS = {p.name: p for p in (EpsPrediction, X0Prediction, VPrediction, EDMPrediction)}
 
 

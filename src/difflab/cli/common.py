@@ -48,11 +48,11 @@ def add_sampler_arguments(p: argparse.ArgumentParser, default_sampler: str | Non
                        "default: the model's (respaced for ddpm, log_snr for pfgm, else karras)")  # fmt: skip
     for option in all_sampler_options().values():
         flag = "--" + option.name.replace("_", "-")
-        text = option.help if option.default is None else f"{option.help} (default: {option.default})"
         if option.type is bool:
-            group.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=option.help)  # fmt: skip
         else:
-            group.add_argument(flag, dest=option.name, type=option.type, help=text)
+            group.add_argument(flag, dest=option.name, type=option.type, help=option.help)
 
 
 def sampler_options(name: str, args: argparse.Namespace) -> dict[str, Any]:

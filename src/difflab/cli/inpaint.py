@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def repaint_setting(args: argparse.Namespace, kernel, options: dict) -> tuple[int, int] | None:
     """(jump, resamplings) when either RePaint flag is given (the other defaults to 10), else None."""
-    from difflab.sampling import get_sampler
+    from difflab.sampling import SAMPLERS, get_sampler
 
     if args.repaint_jump is None and args.repaint_resamplings is None:
         return None
@@ -48,7 +48,7 @@ def repaint_setting(args: argparse.Namespace, kernel, options: dict) -> tuple[in
             f"RePaint resamples with fresh noise, which the deterministic sampler '{args.sampler}' does not draw; "
             "use --sampler ddpm"
         )
-    if get_sampler(args.sampler).name != "ddpm" or options:
+    if get_sampler(args.sampler) is not SAMPLERS["ddpm"] or options:
         raise DifflabError("RePaint takes its own DDPM steps (beta-tilde variance); use --sampler ddpm, no options")
     return jump, resamplings
 

@@ -56,8 +56,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each option's help; descriptions and examples keep their line breaks."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Real defaults shown after each option's help (none for unset options and flags); descriptions and examples
+    keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        shown = not unset and "default" not in text
+        return f"{text} (default: %(default)s)" if shown and action.option_strings else text
 
 
 def _command_of(argv: list[str]) -> str | None:

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "on the same platform; writes it to --out")  # fmt: skip
     io.add_argument("--n", type=int, default=64, help="number of samples")
     io.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i")
-    io.add_argument("--batch-size", type=int, default=256)
+    io.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
     io.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     add_sampler_arguments(p)
     add_guidance_arguments(p)

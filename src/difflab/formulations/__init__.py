@@ -9,10 +9,11 @@ from typing import Any
 
 from difflab.errors import DifflabError
 from difflab.formulations.base import DataInfo, Formulation
-from difflab.formulations.ddpm import DDPM
-from difflab.formulations.edm import EDM, PFGMPP
+from difflab.formulations.ddpm import DDPM, DDPMConfig
+from difflab.formulations.edm import EDM, PFGMPP, EDMConfig, PFGMPPConfig
 from difflab.formulations.pfgm import PFGM
-from difflab.formulations.score_sde import VE, VP, SubVP
+from difflab.formulations.score_sde import VE, VP, SubVP, SubVPConfig, VEConfig, VPConfig
+from difflab.pfgm import PFGMConfig
 
 FORMULATIONS: dict[str, type[Formulation]] = {f.name: f for f in (DDPM, VP, SubVP, VE, EDM, PFGMPP, PFGM)}
 FORMULATION_NAMES = tuple(FORMULATIONS)
@@ -63,4 +64,7 @@ def config_from_dict(values: dict[str, Any]) -> Any:
     return cls.Config(**values)
 
 
-__all__ = ["FORMULATIONS", "FORMULATION_NAMES", "DataInfo", "Formulation", "make_config", "make_formulation"]
+__all__ = [
+    "FORMULATIONS", "FORMULATION_NAMES", "DDPMConfig", "DataInfo", "EDMConfig", "Formulation", "PFGMConfig",
+    "PFGMPPConfig", "SubVPConfig", "VEConfig", "VPConfig", "make_config", "make_formulation",
+]  # fmt: skip

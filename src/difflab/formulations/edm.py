@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from difflab.formulations.base import Formulation
 from difflab.kernels import PoissonKernel
 from difflab.losses import DenoisingLoss, LogNormalSigma
-from difflab.precond import PreconditionedDenoiser, make_prediction
+from difflab.precond import PreconditionedDenoiser, edm_noise_conditioning, make_prediction
 
 PFGMPP_BETA_CLIP = 1e-3  # the PFGM++ training code caps B ~ Beta(N/2, D/2) at 1 - 1e-3 (see PoissonKernel)
 
@@ -33,10 +32,6 @@ class PFGMPPConfig(EDMConfig):
         PoissonKernel(self.aug_dim)  # validates D
 
 
-def _quarter_log(sigma: torch.Tensor) -> torch.Tensor:
-    return sigma.log() / 4
-
-
 class EDM(Formulation):
     """c_skip, c_out, c_in from sigma_data, c_noise = ln(sigma)/4, log-normal training sigma, Gaussian kernel."""
 
@@ -44,7 +39,9 @@ class EDM(Formulation):
     Config = EDMConfig
 
     def denoiser(self, net: nn.Module) -> PreconditionedDenoiser:
-        return PreconditionedDenoiser(net, make_prediction("edm", sigma_data=self.config.sigma_data), _quarter_log)
+        return PreconditionedDenoiser(
+            net, make_prediction("edm", sigma_data=self.config.sigma_data), edm_noise_conditioning
+        )
 
     def loss(self, min_snr_gamma: float | None = None) -> DenoisingLoss:
         levels = LogNormalSigma(self.config.p_mean, self.config.p_std)

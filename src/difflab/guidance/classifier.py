@@ -25,6 +25,7 @@ from difflab.errors import DifflabError
 from difflab.nets.embeddings import NoiseEmbedding
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import ResBlock
+from difflab.precond import EDMPrediction, edm_noise_conditioning
 from difflab.sigmas import append_dims
 from difflab.training.checkpoint import load_tensors, resolve_checkpoint, save_checkpoint
 
@@ -133,8 +134,8 @@ class NoisyClassifier(nn.Module):
         dtype = next(self.parameters()).dtype
         x = x.to(dtype)
         sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device).expand(x.shape[0])
-        c_in = (sigma**2 + self.config.sigma_data**2).rsqrt()
-        c_noise = sigma.clamp(self.config.sigma_min, self.config.sigma_max).log() / 4
+        c_in = EDMPrediction(self.config.sigma_data).scalings(sigma).c_in
+        c_noise = edm_noise_conditioning(sigma.clamp(self.config.sigma_min, self.config.sigma_max))
         return self.net(append_dims(c_in, x.ndim) * x, c_noise)
 
 

@@ -156,14 +156,14 @@ def train_run(
         if latest_checkpoint(out) is not None:
             raise DifflabError(f"'{out}' already holds a run; pass --resume latest to continue it, or a new --out")
     data = data if data is not None else load_training_data(config)
-    warning = oversubscription_warning()
-    if warning:
-        print(f"difflab train: {warning}", file=sys.stderr)
     torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
     cond_data = {"class_label": data.labels} if data.labels is not None else None
     trainer = Trainer(DenoiserTask(config), data.data, out, torch.device(device), cond_data=cond_data)
     if resume:
         trainer.resume()
+    warning = oversubscription_warning()  # once the settings are known to be valid: errors stay one line
+    if warning:
+        print(f"difflab train: {warning}", file=sys.stderr)
     _add_hooks(trainer, config, out)
     result = trainer.run(progress=progress)
     _save_loss_curve(out)

@@ -56,7 +56,7 @@ def oversubscription_warning() -> str | None:
     cores = len(available_cpus())
     if load <= cores:
         return None
-    return (
-        f"the machine is oversubscribed (load {load:.1f} on {cores} cores): training throughput is limited; "
-        "--threads 1 often helps on a busy machine"
-    )
+    import torch
+
+    hint = "; --threads 1 often helps on a busy machine" if torch.get_num_threads() > 1 else ""
+    return f"the machine is oversubscribed (load {load:.1f} on {cores} cores): training throughput is limited{hint}"

@@ -181,7 +181,7 @@ class Trainer:
     def run(self, progress: bool = True) -> TrainResult:
         tc = self.train_config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config.save(self.run_dir / "config.json")
+        (self.run_dir / "config.json").write_text(self.config.to_json())
         total = tc.steps if tc.steps is not None else None
         budget_s = tc.minutes * 60 if tc.minutes is not None else math.inf
         start, start_elapsed = time.monotonic(), self.elapsed
