@@ -61,20 +61,28 @@ def test_out_dir_writes_one_png_per_seed_with_both_metadata_formats(digits_run, 
     for fragment in ("Steps: 6", "Sampler: DPM++ 2M Karras", "CFG scale: 2.0", "Seed: 42", "Size: 8x8",
                      "Model hash: ", "Version: difflab "):  # fmt: skip
         assert fragment in params.splitlines()[1], params
-    assert meta["seed"] == 42 and meta["class"] == 2 and meta["batch_first_seed"] == 42 and meta["batch_n"] == 2
+    assert meta["seed"] == 42 and meta["label"] == 2 and meta["batch_first_seed"] == 42 and meta["batch_n"] == 2
+    last = json.loads(Image.open(out_dir / "seed_00000044.png").text["difflab"])  # the partial last batch
+    assert (last["label"], last["batch_first_seed"], last["batch_n"], last["batch_size"]) == (4, 44, 1, 2)
 
 
-def test_from_png_reproduces_the_image_bit_for_bit(digits_run, tmp_path, capsys):
+def test_from_png_reproduces_the_image_bit_for_bit(digits_run, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "pngs"
-    run_cli(capsys, "sample", "--ckpt", digits_run, "--n", 3, "--seed", 7, "--class", "4", "--guidance", 1.5,
-            "--sampler", "euler_ancestral", "--eta", 0.7, "--steps", 5, "--out-dir", out_dir)  # fmt: skip
-    source = out_dir / "seed_00000008.png"
+    run_cli(capsys, "sample", "--ckpt", digits_run, "--n", 5, "--seed", 7, "--class", "all", "--guidance", 1.5,
+            "--sampler", "euler_ancestral", "--eta", 0.7, "--steps", 5, "--batch-size", 2, "--out-dir", out_dir,
+            "--out", tmp_path / "grid.png")  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # the recorded checkpoint path is absolute
+    source = out_dir / "seed_00000008.png"  # the second of the batch (7, 8), class 1
     code, out, err = run_cli(capsys, "sample", "--from-png", source, "--out", tmp_path / "again.png")
     assert code == 0, err
     original, again = (np.asarray(Image.open(p)) for p in (source, tmp_path / "again.png"))
     assert original.shape == (8, 8) and np.array_equal(original, again)
     other = np.asarray(Image.open(out_dir / "seed_00000009.png"))
     assert not np.array_equal(original, other)  # a different seed gives a different image
+    # a grid of 5 drawn in batches of 2 with classes 0..4 comes back whole
+    code, out, err = run_cli(capsys, "sample", "--from-png", tmp_path / "grid.png", "--out", tmp_path / "grid2.png")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "grid.png")), np.asarray(Image.open(tmp_path / "grid2.png")))
 
 
 def test_npy_outputs_get_a_json_sidecar_and_info_reads_everything(digits_run, tmp_path, capsys):
@@ -91,20 +99,29 @@ def test_npy_outputs_get_a_json_sidecar_and_info_reads_everything(digits_run, tm
 
 
 def test_eval_takes_guidance(tmp_path, capsys):
-    """`difflab eval --class/--guidance` on a labelled toy model; the report records the guidance settings."""
+    """`difflab eval --class/--guidance` on a labelled toy model: the guided samples score differently from the
+    unguided ones of the same seeds, and the report records the guidance settings."""
     run = tmp_path / "moons"
     run_cli(capsys, "train", "--data", "moons", "--process", "edm", "--conditional", "--steps", 60, "--out", run,
             "--no-progress")  # fmt: skip
     code, out, err = run_cli(capsys, "eval", "--ckpt", run, "--n", 200, "--steps", 5, "--sampler", "heun",
                              "--class", "1", "--guidance", 2, "--out", tmp_path / "eval")  # fmt: skip
     assert code == 0, err
-    settings = json.loads((tmp_path / "eval" / "eval.json").read_text())["settings"]
-    assert settings["guidance"] == 2.0 and settings["label"] == "1"
+    guided = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert guided["settings"]["guidance"] == 2.0 and guided["settings"]["label"] == "1"
+    run_cli(capsys, "eval", "--ckpt", run, "--n", 200, "--steps", 5, "--sampler", "heun", "--class", "1",
+            "--out", tmp_path / "plain")  # fmt: skip
+    plain = json.loads((tmp_path / "plain" / "eval.json").read_text())
+    assert guided["rows"][0]["fid"] != plain["rows"][0]["fid"]
 
 
 def test_threads_flag_and_oversubscription_warning(tmp_path, capsys, monkeypatch):
-    run_cli(capsys, "sample", "--ckpt", "missing-run", "--threads", "1", "--out", tmp_path / "x.png")
-    assert torch.get_num_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        run_cli(capsys, "sample", "--ckpt", "missing-run", "--threads", "2", "--out", tmp_path / "x.png")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     assert "oversubscribed (load 9.0" in threads.oversubscription_warning()
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.1, 0.1, 0.1))

@@ -98,3 +98,29 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).flatten()
     expected = ((images[0].clamp(-1, 1) + 1) * 127.5).round().flatten()
     torch.testing.assert_close(pixels, expected, rtol=0, atol=1.0)
+
+
+def test_a_negative_condition_is_cfg_with_that_branch(moons_run):
+    pipe = difflab.load(moons_run)
+    got = pipe.sample(4, seed=5, sampler="heun", steps=6, cond={"class_label": 1}, guidance=3.0,
+                      negative_cond={"class_label": 0})  # fmt: skip
+    guided = ClassifierFreeGuidance(pipe.denoiser, 3.0, negative={"class_label": torch.tensor([0])})
+    ones = torch.ones(4, dtype=torch.long)
+    wanted = generate(guided, (2,), pipe.sigmas(6), [5, 6, 7, 8], sampler="heun", cond={"class_label": ones})
+    torch.testing.assert_close(got, wanted, rtol=0, atol=0)
+
+
+def test_classifier_labels_are_checked_against_the_classifier(tmp_path):
+    """An unconditional model guided by a 2-class classifier: labels outside 0..1 are a one-line error, not an
+    index error inside the classifier."""
+    from difflab.guidance.classifier import ClassifierConfig, build_classifier
+
+    data = difflab.load_dataset("moons")
+    run = difflab.train(difflab.run_config(data, process="edm", steps=5), tmp_path / "run", data=data, progress=False)
+    pipe = difflab.load(run)
+    classifier = build_classifier(ClassifierConfig("moons", "points", (2,), 2, 16, 1))
+    assert pipe.sample(2, steps=3, cond={"class_label": 1}, classifier=classifier).shape == (2, 2)
+    with pytest.raises(DifflabError, match=r"class labels must lie in 0\.\.1"):
+        pipe.sample(2, steps=3, cond={"class_label": 5}, classifier=classifier)
+    with pytest.raises(DifflabError, match="not trained on class_label"):
+        pipe.sample(2, steps=3, cond={"class_label": 1})  # without the classifier the label has no taker

@@ -8,13 +8,12 @@ import torch
 from scipy.integrate import quad
 
 from difflab.cli.main import main
-from difflab.errors import DifflabError
 from difflab.eval.quality import toy_quality
 from difflab.formulations.edm import EDMConfig
 from difflab.generate import generate
 from difflab.pipeline import load
 from difflab.precond import EDMPrediction, PreconditionedDenoiser, make_prediction, network_target
-from difflab.processes import VESDE, VPSDE, EDMProcess, SubVPSDE, make_process, uniform_t_sigmas
+from difflab.processes import VESDE, VPSDE, EDMProcess, SubVPSDE, uniform_t_sigmas
 from difflab.sampling import SAMPLERS
 
 T = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
@@ -55,8 +54,6 @@ def test_ve_is_geometric_and_edm_is_identity():
     assert (EDMProcess().sigma_min, EDMProcess().sigma_max) == (0.002, 80.0)
     grid = uniform_t_sigmas(VPSDE(), 5)
     assert len(grid) == 6 and grid[-1] == 0 and grid[0].item() == pytest.approx(VPSDE().sigma_max, rel=1e-5)
-    with pytest.raises(DifflabError, match="choose one of ddpm, vp, subvp, ve, edm"):
-        make_process("cld")
 
 
 def test_edm_preconditioning_matches_karras_table_1():

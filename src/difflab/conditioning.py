@@ -102,6 +102,12 @@ def slice_cond(cond: Cond | None, start: int, stop: int, device: torch.device | 
     return {k: (v[start:stop] if device is None else v[start:stop].to(device)) for k, v in cond.items()}
 
 
+def move_cond(cond: Any, device: torch.device | str) -> dict[str, torch.Tensor] | None:
+    """Every signal of a cond (any form `as_cond` takes) on `device`."""
+    cond = as_cond(cond)
+    return None if cond is None else {k: v.to(device) for k, v in cond.items()}
+
+
 def cond_batch_size(cond: Cond | None) -> int | None:
     """The common batch size of the signals (None for no cond); signals of different lengths are an error."""
     if not cond:

@@ -15,7 +15,6 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from difflab.formulations import config_from_dict, config_to_dict
@@ -113,9 +112,6 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
         return cls.from_dict(json.loads(text))
-
-    def save(self, path: Path) -> None:
-        Path(path).write_text(self.to_json())
 
 
 _V1_FORMULATION_FIELDS = {

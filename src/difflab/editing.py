@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from difflab.conditioning import move_cond
 from difflab.errors import DifflabError
 from difflab.generate import CountedDenoiser
 from difflab.guidance import Inpainting
@@ -52,6 +53,7 @@ def inpaint(
     stats["nfe"] receives the network evaluations per result.
     """
     options = dict(options or {})
+    cond = move_cond(cond, device)
     known = image.to(device)
     mask = (1 - fill.to(device)).expand_as(known) if fill.shape[1] == 1 else 1 - fill.to(device)
     counted = CountedDenoiser(denoiser)
@@ -88,6 +90,7 @@ def img2img(
     Returns (results, noised inputs), each (len(seeds), *shape) on the CPU; stats["nfe"] and
     stats["sigma_start"] are filled in if given."""
     options = dict(options or {})
+    cond = move_cond(cond, device)
     spec = sampler_for_kernel(sampler, options, kernel)
     start = sdedit_start(sigmas, strength)
     sigma_start = float(sigmas[start])

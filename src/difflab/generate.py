@@ -55,7 +55,7 @@ def generate(
     spec = sampler_for_kernel(sampler, options, kernel)
     unknown = set(options) - set(spec.options)
     if unknown:
-        raise TypeError(f"sampler '{sampler}' does not take {', '.join(sorted(unknown))}")
+        raise DifflabError(f"sampler '{sampler}' does not take {', '.join(sorted(unknown))}; see `difflab samplers`")
     cond = as_cond(cond)
     rows = cond_batch_size(cond)
     if rows is not None and rows != len(seeds):

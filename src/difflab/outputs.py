@@ -25,7 +25,8 @@ def upscale_for(resolution: int) -> int:
 def a1111_parameters(meta: dict[str, Any]) -> str:
     """The generation parameters as AUTOMATIC1111 writes them: a prompt line (here the condition), an optional
     "Negative prompt:" line, then "Key: value" pairs."""
-    prompt = f"class {meta['class']}" if meta.get("class") is not None else ""
+    label = meta.get("label", meta.get("class"))  # a per-sample PNG's own label, else --class
+    prompt = f"class {label}" if label is not None else ""
     lines = [prompt]
     if meta.get("negative_class") is not None:
         lines.append(f"Negative prompt: class {meta['negative_class']}")

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflab.conditioning import as_cond, check_cond
+from difflab.conditioning import accepted_signals, as_cond, check_cond
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
 from difflab.formulations import Formulation, make_formulation
 from difflab.generate import generate
-from difflab.guidance.compose import Guidance, guide
+from difflab.guidance.compose import Guidance, check_classifier_kernel, guide
 from difflab.kernels import Kernel
 from difflab.nets import build_network
 from difflab.training.checkpoint import checkpoint_step, load_config, load_tensors, resolve_checkpoint
@@ -62,7 +62,7 @@ class Pipeline:
     @property
     def accepts(self) -> frozenset[str]:
         """The conditioning signals the network was trained on."""
-        return frozenset(getattr(self.denoiser.net, "accepts", frozenset()))
+        return accepted_signals(self.denoiser.net)
 
     @property
     def num_classes(self) -> int | None:
@@ -87,9 +87,12 @@ class Pipeline:
         return hashlib.sha256(Path(self.weights).read_bytes()).hexdigest()[:10]
 
     # ---- conditioning and guidance ----------------------------------------------------------------------
-    def make_cond(self, cond: Any, n: int, also: frozenset[str] = frozenset()) -> dict[str, torch.Tensor] | None:
-        """A cond mapping with n rows: scalars and 1-row values are repeated; a class label must be in 0..K-1; a
-        signal the model was not trained on (nor in `also`, e.g. a classifier's label) is refused."""
+    def make_cond(
+        self, cond: Any, n: int, also: frozenset[str] = frozenset(), num_classes: int | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """A cond mapping with n rows: scalars and 1-row values are repeated; a class label must be in 0..K-1 (K the
+        model's classes, or `num_classes`); a signal the model was not trained on (nor in `also`, e.g. a classifier's
+        label) is refused."""
         if cond is None:
             return None
         if isinstance(cond, Mapping):
@@ -97,18 +100,50 @@ class Pipeline:
         cond = as_cond(cond)
         check_cond(cond, self.accepts | also)
         labels = cond.get("class_label")
-        k = self.num_classes
+        k = num_classes or self.num_classes
         if labels is not None and k is not None and bool(((labels < 0) | (labels >= k)).any()):
             raise DifflabError(f"class labels must lie in 0..{k - 1}")
         return cond
 
     def guided_denoiser(self, guidance: Guidance | None, cond: Any) -> Denoiser:
-        """The denoiser with classifier-free and/or classifier guidance composed around it."""
+        """The denoiser with classifier-free and/or classifier guidance composed around it (cond already made)."""
         guidance = guidance or Guidance()
-        if guidance.classifier is not None:
-            guidance = _with_loaded_classifier(guidance, self)
         return guide(self.denoiser, guidance, conditional=bool(self.accepts), has_cond=cond is not None,
                      kernel=self.kernel)  # fmt: skip
+
+    def prepare(
+        self,
+        n: int,
+        *,
+        cond: Any = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        negative_cond: Any = None,
+        classifier: Any = None,
+        classifier_scale: float | None = None,
+    ) -> tuple[dict[str, torch.Tensor] | None, Denoiser]:
+        """(cond with n rows, guided denoiser) for `sample`, inpainting and img2img. classifier: a noise-aware
+        classifier module or its folder, checked against the model (kernel, shape, class count); negative_cond: one
+        row, used for every sample."""
+        if classifier is not None:
+            check_classifier_kernel(self.kernel)
+            classifier = self.load_classifier(classifier)
+        num_classes = self.num_classes or getattr(getattr(classifier, "config", None), "num_classes", None)
+        also = frozenset({"class_label"}) if classifier is not None else frozenset()
+        cond = self.make_cond(cond, n, also, num_classes)
+        negative = self.make_cond(negative_cond, 1, num_classes=num_classes) if negative_cond is not None else None
+        plan = Guidance(guidance, guidance_interval, negative, classifier, classifier_scale)
+        return cond, self.guided_denoiser(plan, cond)
+
+    def load_classifier(self, classifier: Any) -> Any:
+        """A noise-aware classifier given as a module or a folder, checked to fit the model (shape, class count)."""
+        from difflab.guidance.classifier import check_fits, load_classifier
+
+        if isinstance(classifier, (str, Path)):
+            classifier = load_classifier(classifier, self.device)
+        if hasattr(classifier, "config"):
+            check_fits(classifier, self.sample_shape, self.num_classes)
+        return classifier
 
     # ---- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -137,18 +172,18 @@ class Pipeline:
 
         sampler: a registered name or an alias ("DPM++ 2M Karras" also picks the karras grid); options: the
         sampler's own keyword options (eta, s_churn, ...). cond: {"class_label": 7} or per-sample tensors;
-        guidance: CFG scale w; negative_cond replaces the unconditional branch; classifier: a noise-aware classifier
-        (module or folder) with classifier_scale. stats["nfe"] receives the network evaluations per sample.
+        guidance: CFG scale w; negative_cond (one row, for every sample) replaces the unconditional branch;
+        classifier: a noise-aware classifier (module or folder) with classifier_scale. stats["nfe"] receives the
+        network evaluations per sample.
         """
         from difflab.sampling import resolve_sampler
 
         seeds = _seeds(n, seed, seeds)
         spec, implied_grid = resolve_sampler(sampler)
         self.formulation.sampler(spec.name, options)
-        cond = self.make_cond(cond, len(seeds), frozenset({"class_label"}) if classifier is not None else frozenset())
-        negative = self.make_cond(negative_cond, 1) if negative_cond is not None else None
-        plan = Guidance(guidance, guidance_interval, negative, classifier, classifier_scale)
-        denoiser = self.guided_denoiser(plan, cond)
+        cond, denoiser = self.prepare(len(seeds), cond=cond, guidance=guidance, guidance_interval=guidance_interval,
+                                      negative_cond=negative_cond, classifier=classifier,
+                                      classifier_scale=classifier_scale)  # fmt: skip
         sigmas = self.sigmas(steps, grid or implied_grid)
         return generate(
             denoiser, self.sample_shape, sigmas, seeds, sampler=spec.name, options=options, kernel=self.kernel,
@@ -194,22 +229,6 @@ def _rows(name: str, value: Any, n: int) -> torch.Tensor:
     if value.shape[0] != n:
         raise DifflabError(f"cond '{name}' holds {value.shape[0]} rows for {n} samples; give 1 or {n}")
     return value
-
-
-def _with_loaded_classifier(guidance: Guidance, pipe: Pipeline) -> Guidance:
-    """Load a classifier given as a path and check that it fits the model (shape, class count)."""
-    from dataclasses import replace
-
-    from difflab.guidance.classifier import check_fits, load_classifier
-
-    classifier = guidance.classifier
-    if isinstance(classifier, (str, Path)):
-        if not pipe.kernel.is_gaussian:  # refuse before loading anything
-            return guidance
-        classifier = load_classifier(classifier, pipe.device)
-    if hasattr(classifier, "config"):
-        check_fits(classifier, pipe.sample_shape, pipe.num_classes)
-    return replace(guidance, classifier=classifier)
 
 
 def load(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:

@@ -146,16 +146,6 @@ class EDMProcess:
         return torch.ones_like(sigma)
 
 
-PROCESSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "edm": EDMProcess}
-
-
-def make_process(name: str, **kwargs) -> VPSDE | SubVPSDE | VESDE | EDMProcess:
-    """The continuous process called `name` (vp, subvp, ve, edm) with its paper defaults unless overridden."""
-    if name not in PROCESSES:
-        raise DifflabError(f"unknown process '{name}': choose one of ddpm, {', '.join(PROCESSES)}")
-    return PROCESSES[name](**{k: v for k, v in kwargs.items() if v is not None})
-
-
 def uniform_t_sigmas(process, steps: int, t_max: float = 1.0, t_min: float | None = None) -> torch.Tensor:
     """Grid uniform in the process's time t, from t_max down to t_min, then sigma = 0: (steps + 1,) float32."""
     if steps < 1:

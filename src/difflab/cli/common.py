@@ -91,7 +91,7 @@ def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def class_labels(label: str | None, n: int, num_classes: int | None, has_classifier: bool = False):
+def class_labels(label: str | None, n: int, num_classes: int | None):
     """Labels (n,) for --class K (all K) or --class all (0, 1, ..., K-1, 0, ...); None without --class."""
     import torch
 
@@ -112,12 +112,11 @@ def class_labels(label: str | None, n: int, num_classes: int | None, has_classif
 def guidance_settings(args: argparse.Namespace, pipe, n: int) -> tuple[Any, dict[str, Any]]:
     """(cond, sample() keyword arguments for guidance) from the guidance flags, for a loaded pipeline."""
     classifier = None
-    if args.classifier is not None and pipe.kernel.is_gaussian:
-        from difflab.guidance.classifier import load_classifier
+    if args.classifier is not None:
+        from difflab.guidance.compose import check_classifier_kernel
 
-        classifier = load_classifier(args.classifier, pipe.device)
-    elif args.classifier is not None:
-        classifier = args.classifier  # the pipeline refuses it with the kernel's reason
+        check_classifier_kernel(pipe.kernel)  # before the labels: the kernel is the reason it cannot work
+        classifier = pipe.load_classifier(args.classifier)
     num_classes = pipe.num_classes or getattr(getattr(classifier, "config", None), "num_classes", None)
     labels = class_labels(args.label, n, num_classes)
     negative = getattr(args, "negative_class", None)

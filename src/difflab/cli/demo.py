@@ -58,7 +58,7 @@ def denoising_figure(model: Pipeline, path: Path, seeds=(0, 1, 2, 3), steps: int
     sigmas = model.sigmas(steps)
     keep = set(torch.linspace(0, steps - 1, frames).round().long().tolist())
     noise = PerSampleNoise(seeds)
-    x = noise.initial(model.config.data.sample_shape, float(sigmas[0]))
+    x = noise.initial(model.config.data.sample_shape, float(sigmas[0]), model.device)
     state = {"prev": x}
     xt, x0, shown = [], [], []
 

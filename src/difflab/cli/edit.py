@@ -75,19 +75,13 @@ def prepare(args: argparse.Namespace, default: str):
         raise DifflabError(f"'{args.ckpt}' is a model of {data.kind} ({data.name}); editing needs an image model")
     if args.sampler is None:
         args.sampler = default if pipe.kernel.is_gaussian else "ddim"
-    args.sampler = resolve_sampler(args.sampler)[0].name
+    spec, implied_grid = resolve_sampler(args.sampler)
+    args.sampler, args.grid = spec.name, args.grid or implied_grid
     options = sampler_options(args.sampler, args)
     image = read_image(args.image, data.resolution, data.channels)
     cond, guidance = guidance_settings(args, pipe, args.n)
-    from difflab.guidance.compose import Guidance
-
-    cond = pipe.make_cond(
-        cond, args.n, frozenset({"class_label"}) if guidance["classifier"] is not None else frozenset()
-    )
-    negative = pipe.make_cond(guidance["negative_cond"], 1) if guidance["negative_cond"] else None
-    plan = Guidance(guidance["guidance"], guidance["guidance_interval"], negative, guidance["classifier"],
-                    guidance["classifier_scale"])  # fmt: skip
-    return pipe, image, options, cond, pipe.guided_denoiser(plan, cond)
+    cond, denoiser = pipe.prepare(args.n, cond=cond, **guidance)
+    return pipe, image, options, cond, denoiser
 
 
 def write(out: str, grid, results, metadata: dict[str, Any]) -> Path:

@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from difflab.pipeline import load
     from difflab.sampling import resolve_sampler
 
-    spec = resolve_sampler(args.sampler)[0]
-    args.sampler = spec.name
+    spec, implied_grid = resolve_sampler(args.sampler)
+    args.sampler, args.grid = spec.name, args.grid or implied_grid
     device = setup_runtime(args)
     settings: dict[str, Any] = {"seed": args.seed}
     if args.images is not None:

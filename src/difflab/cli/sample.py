@@ -4,6 +4,7 @@ image from the parameters stored in its PNG (`--from-png`)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from difflab.cli.common import (
@@ -68,12 +69,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def generation_metadata(pipe, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
-    """Everything `--from-png` needs to draw a sample again, and what A1111-style readers show."""
+    """Everything `--from-png` needs to draw the samples again (the run's seeds, batches, condition and guidance),
+    and what A1111-style readers show."""
     shape = pipe.sample_shape
     meta = {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "seed": args.seed, "n": args.n,
-            "options": options, "batch_size": args.batch_size, "batch_first_seed": args.seed,
-            "checkpoint": str(pipe.checkpoint), "use_ema": not args.no_ema, "train_step": pipe.step,
-            "model_hash": pipe.weights_hash(),
+            "options": options, "first_seed": args.seed, "batch_size": args.batch_size,
+            "batch_first_seed": args.seed, "batch_n": args.n, "checkpoint": str(Path(pipe.checkpoint).resolve()),
+            "use_ema": not args.no_ema, "train_step": pipe.step, "model_hash": pipe.weights_hash(),
             "size": f"{shape[-1]}x{shape[-2]}" if len(shape) == 3 else None}  # fmt: skip
     meta |= {k: getattr(args, k) for k in ("guidance", "guidance_interval", "classifier", "classifier_scale")}
     meta |= {"negative_class": args.negative_class, "class": args.label}
@@ -89,10 +91,9 @@ def write(samples, pipe, args: argparse.Namespace, meta: dict[str, Any], cond) -
     if args.out_dir is not None:
         if pipe.config.data.kind != "images":
             raise DifflabError("--out-dir writes one PNG per image; this model makes points: use --out FILE.npy")
-        seeds = [args.seed + i for i in range(args.n)]
-        batch = args.batch_size
+        seeds, batch = [args.seed + i for i in range(args.n)], args.batch_size
         labels = cond["class_label"].tolist() if cond is not None else [None] * args.n
-        per_sample = [{"class": labels[i], "batch_first_seed": args.seed + (i // batch) * batch,
+        per_sample = [{"label": labels[i], "batch_first_seed": args.seed + (i // batch) * batch,
                        "batch_n": min(batch, args.n - (i // batch) * batch)} for i in range(args.n)]  # fmt: skip
         write_per_sample(samples, args.out_dir, meta, seeds, per_sample)
         written.append(f"{args.out_dir}/ ({args.n} PNGs)")
@@ -100,8 +101,9 @@ def write(samples, pipe, args: argparse.Namespace, meta: dict[str, Any], cond) -
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    """Draw the sample a PNG records again: the same checkpoint, sampler, guidance and seed, inside the same batch
-    of seeds as when it was made (batched matmuls round by batch size), so the pixels match bit for bit."""
+    """Draw what a PNG (or .npy sidecar) records again: the same checkpoint, sampler, condition and guidance, and
+    the same batches of seeds as when it was made (batched matmuls round by batch size), so the pixels match bit
+    for bit. A one-image PNG from --out-dir gives that image; a grid gives the grid."""
     from difflab.outputs import read_generation_parameters, write_samples
     from difflab.pipeline import load
 
@@ -113,21 +115,30 @@ def reproduce(args: argparse.Namespace) -> int:
     if meta.get("model_hash") not in (None, pipe.weights_hash()):
         raise DifflabError(f"the weights of '{pipe.checkpoint}' are not the ones that made '{args.from_png}' "
                            f"(hash {pipe.weights_hash()} != {meta['model_hash']}); pass the right --ckpt")  # fmt: skip
-    first, count = meta.get("batch_first_seed", meta["seed"]), meta.get("batch_n", meta.get("n", 1))
-    seeds = [first + i for i in range(count)]
-    label = meta.get("class")
-    cond = None if label is None else {"class_label": [int(label)] * count if str(label).isdigit() else None}
-    if cond is not None and cond["class_label"] is None:
-        raise DifflabError(f"'{args.from_png}' is a grid of several classes; reproduce a PNG from --out-dir instead")
+    first = meta.get("batch_first_seed", meta["seed"])
+    seeds = [first + i for i in range(meta.get("batch_n", meta.get("n", 1)))]
     negative = meta.get("negative_class")
+    classifier = meta.get("classifier")
     samples = pipe.sample(
-        seeds=seeds, sampler=meta["sampler"], steps=meta["steps"], grid=meta.get("grid"), cond=cond,
-        guidance=meta.get("guidance"), guidance_interval=meta.get("guidance_interval"),
-        negative_cond=None if negative is None else {"class_label": negative}, classifier=meta.get("classifier"),
-        classifier_scale=meta.get("classifier_scale"), batch_size=len(seeds), **meta.get("options", {}),
+        seeds=seeds, sampler=meta["sampler"], steps=meta["steps"], grid=meta.get("grid"),
+        cond=_recorded_labels(meta, seeds, pipe, classifier), guidance=meta.get("guidance"),
+        guidance_interval=meta.get("guidance_interval"), classifier=classifier,
+        negative_cond=None if negative is None else {"class_label": negative},
+        classifier_scale=meta.get("classifier_scale"), batch_size=meta.get("batch_size", len(seeds)),
+        **meta.get("options", {}),
     )  # fmt: skip
-    index = seeds.index(meta["seed"]) if meta.get("n", 1) == 1 else slice(None)
-    chosen = samples[index][None] if isinstance(index, int) else samples
+    chosen = samples[seeds.index(meta["seed"])][None] if meta.get("n") == 1 and len(seeds) > 1 else samples
     written = write_samples(chosen, pipe.config.data.kind, args.out, meta)
-    print(f"reproduced seed {meta['seed']} of '{args.from_png}' into {written}")
+    print(f"reproduced '{args.from_png}' (seed {meta['seed']}, n {len(chosen)}) into {written}")
     return 0
+
+
+def _recorded_labels(meta: dict[str, Any], seeds: list[int], pipe, classifier) -> dict | None:
+    """The class labels the seeds were drawn with: --class K for all, or --class all's cycle from the first seed."""
+    spec = meta.get("class")
+    if spec is None:
+        return None
+    if spec != "all":
+        return {"class_label": [int(spec)] * len(seeds)}
+    k = pipe.num_classes or pipe.load_classifier(classifier).config.num_classes
+    return {"class_label": [(s - meta.get("first_seed", seeds[0])) % k for s in seeds]}

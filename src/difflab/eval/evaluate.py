@@ -12,6 +12,7 @@ from difflab.eval.frechet import feature_statistics, frechet_distance
 from difflab.eval.metrics import effective_kid_subset_size, inception_score, kernel_inception_distance, precision_recall
 from difflab.eval.reference import ReferenceStats
 from difflab.eval.toy_metrics import sliced_wasserstein
+from difflab.viz.figures import uint8_levels
 
 
 def quantise_8bit(images: torch.Tensor) -> torch.Tensor:
@@ -21,8 +22,7 @@ def quantise_8bit(images: torch.Tensor) -> torch.Tensor:
     x = level / 255 * 2 - 1. This is what published FID/IS protocols see (pytorch-fid and clean-fid read samples
     back from uint8 PNG files), so scores of float samples match scores of the same samples saved as images.
     """
-    levels = ((images + 1) / 2 * 255).round().clamp(0, 255)
-    return levels / 255 * 2 - 1
+    return uint8_levels(images) / 127.5 - 1
 
 
 def score_samples(

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.errors import DifflabError
-from difflab.kernels import GAUSSIAN, GaussianKernel, Kernel, gaussian_prior_log_prob
+from difflab.kernels import GAUSSIAN, Kernel, gaussian_prior_log_prob
 from difflab.schedules import DiscreteSchedule
 from difflab.sigmas import append_dims
 from difflab.types import Denoiser
@@ -130,7 +130,7 @@ def pf_ode_log_likelihood(
     "nfe": denoiser evaluations, "divergence": "exact" | "hutchinson", "prior_log_prob": (B,), "x_end": x(sigma_max)}.
     """
     _check_ode_args(x0, sigma_min, sigma_max, prior_std, divergence, probe, rtol, atol)
-    if prior_std is not None and not isinstance(kernel, GaussianKernel):
+    if prior_std is not None and not kernel.is_gaussian:
         raise DifflabError("prior_std sets a Gaussian prior; a Poisson kernel's prior is its own draw at sigma_max")
     try:
         from torchdiffeq import odeint

@@ -16,7 +16,6 @@ from difflab.formulations.score_sde import VE, VP, SubVP, SubVPConfig, VEConfig,
 from difflab.pfgm import PFGMConfig
 
 FORMULATIONS: dict[str, type[Formulation]] = {f.name: f for f in (DDPM, VP, SubVP, VE, EDM, PFGMPP, PFGM)}
-FORMULATION_NAMES = tuple(FORMULATIONS)
 
 
 def formulation_class(name: str) -> type[Formulation]:
@@ -65,6 +64,6 @@ def config_from_dict(values: dict[str, Any]) -> Any:
 
 
 __all__ = [
-    "FORMULATIONS", "FORMULATION_NAMES", "DDPMConfig", "DataInfo", "EDMConfig", "Formulation", "PFGMConfig",
+    "FORMULATIONS", "DDPMConfig", "DataInfo", "EDMConfig", "Formulation", "PFGMConfig",
     "PFGMPPConfig", "SubVPConfig", "VEConfig", "VPConfig", "make_config", "make_formulation",
 ]  # fmt: skip

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from difflab.formulations.base import Formulation
 from difflab.kernels import PoissonKernel
 from difflab.losses import DenoisingLoss, LogNormalSigma
 from difflab.precond import PreconditionedDenoiser, edm_noise_conditioning, make_prediction
+from difflab.processes import EDMProcess, uniform_t_sigmas
 
 PFGMPP_BETA_CLIP = 1e-3  # the PFGM++ training code caps B ~ Beta(N/2, D/2) at 1 - 1e-3 (see PoissonKernel)
 
@@ -33,7 +35,8 @@ class PFGMPPConfig(EDMConfig):
 
 
 class EDM(Formulation):
-    """c_skip, c_out, c_in from sigma_data, c_noise = ln(sigma)/4, log-normal training sigma, Gaussian kernel."""
+    """EDM (Karras et al. 2022, Table 1 and Eq. 7): c_skip, c_out, c_in from sigma_data, c_noise = ln(sigma)/4,
+    ln(sigma) ~ N(p_mean, p_std^2) in training with the weight lambda(sigma) = 1/c_out^2, Gaussian kernel."""
 
     name = "edm"
     Config = EDMConfig
@@ -53,10 +56,15 @@ class EDM(Formulation):
     def sigma_range(self) -> tuple[float, float]:
         return self.config.sigma_min, self.config.sigma_max
 
+    def uniform_t_sigmas(self, steps: int) -> torch.Tensor:
+        """Uniform in EDM's t = sigma, from sigma_max down to sigma_min."""
+        process = EDMProcess(self.config.sigma_min, self.config.sigma_max)
+        return uniform_t_sigmas(process, steps, t_max=self.config.sigma_max)
+
 
 class PFGMPP(EDM):
-    """PFGM++: EDM with kernel = PoissonKernel(D); training caps B at 1 - 1e-3 (the authors' clip), the prior is the
-    exact kernel."""
+    """PFGM++ (Xu et al. 2023, Alg. 1-2): EDM with kernel = PoissonKernel(D), r = sigma sqrt(D); training caps
+    B ~ Beta(N/2, D/2) at 1 - 1e-3 (the authors' clip), the prior is the exact kernel."""
 
     name = "pfgmpp"
     Config = PFGMPPConfig

@@ -18,6 +18,9 @@ PFGM_CHARGES = 1024  # data points per step whose empirical field is the target 
 
 
 class PFGM(Formulation):
+    """PFGM (Xu et al. 2022, Alg. 1-2, App. B): the network regresses the normalised empirical field; as a denoiser
+    with sigma = z (D = x - z v_x / v_z) it runs the backward ODE dx/dz = v_x / v_z with any ODE sampler."""
+
     name = "pfgm"
     Config = PFGMConfig
     extra_outputs = 1  # the z component of the field

@@ -171,14 +171,14 @@ def save_classifier(classifier: NoisyClassifier, out: str | Path, step: int = 0,
     return save_checkpoint(Path(out), step, classifier.config, {"model": classifier.state_dict()}, state, keep=1)
 
 
-def _classifier_checkpoint(path: str | Path) -> Path:
+def classifier_checkpoint(path: str | Path) -> Path:
     """A classifier folder, one of its checkpoint folders or a weights file -> the checkpoint folder."""
     return resolve_checkpoint(path, f"train one with `difflab train-classifier --data NAME --out {path}`")
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu", *, use_ema: bool = True) -> NoisyClassifier:
     """The classifier saved by `train_classifier` (EMA weights if present), in eval mode on `device`."""
-    ckpt = _classifier_checkpoint(path)
+    ckpt = classifier_checkpoint(path)
     try:
         config = ClassifierConfig.from_json((ckpt / "config.json").read_text())
     except (OSError, ValueError, TypeError, KeyError) as err:

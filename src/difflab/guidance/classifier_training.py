@@ -17,7 +17,7 @@ from torch import nn
 
 from difflab.config import TrainConfig
 from difflab.errors import DifflabError
-from difflab.guidance.classifier import ClassifierConfig, _classifier_checkpoint, build_classifier
+from difflab.guidance.classifier import ClassifierConfig, build_classifier, classifier_checkpoint
 from difflab.sigmas import append_dims
 from difflab.training.trainer import Trainer
 
@@ -59,6 +59,8 @@ class ClassifierTask:
         self.module.to(device)
 
     def loss(self, x0: torch.Tensor, cond: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Cross-entropy of p(y | x0 + sigma n, sigma) (Dhariwal & Nichol 2021, Sec. 4): x0 (B, *shape), labels
+        cond["class_label"] (B,) -> (B,); ln sigma ~ U[ln sigma_min, ln sigma_max]."""
         lo, hi = math.log(self.classifier.sigma_min), math.log(self.classifier.sigma_max)
         sigma = (lo + (hi - lo) * torch.rand(len(x0), generator=generator, device=x0.device)).exp()
         x = x0 + append_dims(sigma, x0.ndim) * torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -126,4 +128,4 @@ def train_classifier(
 
 def training_state(path: str | Path) -> dict[str, Any]:
     """The training_state.json of a classifier (step, budget, test accuracy)."""
-    return json.loads((_classifier_checkpoint(path) / "training_state.json").read_text())
+    return json.loads((classifier_checkpoint(path) / "training_state.json").read_text())

@@ -32,6 +32,15 @@ class Guidance:
         return self.scale is not None or self.classifier is not None
 
 
+def check_classifier_kernel(kernel: Kernel) -> None:
+    """Classifier guidance's sigma^2 score form holds for Gaussian noise only: refuse other kernels in one line."""
+    if not kernel.is_gaussian:
+        raise DifflabError(
+            f"classifier guidance adds sigma^2 grad log p(y | x, sigma) to a Gaussian-noise denoiser; this model "
+            f"uses a {kernel.name} kernel"
+        )
+
+
 def guide(
     denoiser: Denoiser, guidance: Guidance | None, *, conditional: bool, has_cond: bool, kernel: Kernel
 ) -> Denoiser:
@@ -52,11 +61,7 @@ def guide(
         denoiser = ClassifierFreeGuidance(denoiser, guidance.scale, interval, guidance.negative)
     if guidance.classifier is None:
         return denoiser
-    if not kernel.is_gaussian:
-        raise DifflabError(
-            f"classifier guidance adds sigma^2 grad log p(y | x, sigma) to a Gaussian-noise denoiser; this model "
-            f"uses a {kernel.name} kernel"
-        )
+    check_classifier_kernel(kernel)
     if not has_cond:
         raise DifflabError("--classifier needs --class K (or --class all): the class to guide the samples towards")
     scale = 1.0 if guidance.classifier_scale is None else guidance.classifier_scale

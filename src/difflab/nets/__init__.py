@@ -16,8 +16,6 @@ from difflab.errors import DifflabError
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import UNet, UNetConfig, unet_preset
 
-PRESETS = ("tiny", "small", "base")
-
 
 @dataclass(frozen=True)
 class Backbone:
@@ -109,4 +107,4 @@ def build_network(config: ModelConfig) -> nn.Module:
     return backbone(config.backbone).module_cls(config.settings)
 
 
-__all__ = ["BACKBONES", "PRESETS", "ModelConfig", "backbone", "build_network", "model_config_for"]
+__all__ = ["BACKBONES", "ModelConfig", "backbone", "build_network", "model_config_for"]

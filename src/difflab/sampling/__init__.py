@@ -329,17 +329,12 @@ def sampler_aliases() -> dict[str, tuple[str, str | None]]:
 
 def sampler_for_kernel(name: str, options: dict[str, Any], kernel: Any) -> SamplerSpec:
     """The sampler called `name` (or an alias), refused when it adds Gaussian noise to a model whose kernel is not
-    Gaussian (PFGM/PFGM++: the Gaussian reverse SDE does not reverse a Poisson kernel). kernel: a Kernel (its
-    `is_gaussian`, else its name) or a kernel name."""
+    Gaussian (PFGM/PFGM++: the Gaussian reverse SDE does not reverse a Poisson kernel); kernel: a
+    `difflab.kernels.Kernel`."""
     spec = get_sampler(name)
-    if isinstance(kernel, str):
-        kernel_name, gaussian = kernel, kernel == "gaussian"
-    else:
-        kernel_name = kernel.name
-        gaussian = getattr(kernel, "is_gaussian", kernel_name == "gaussian")
-    if not gaussian and not spec.deterministic(options):
+    if not kernel.is_gaussian and not spec.deterministic(options):
         raise DifflabError(
-            f"sampler '{name}' adds Gaussian noise, which does not reverse a {kernel_name}-kernel model; use an "
+            f"sampler '{name}' adds Gaussian noise, which does not reverse a {kernel.name}-kernel model; use an "
             "ODE sampler: euler, heun, dpmpp_2m, lms, rk45 or ddim with eta 0"
         )
     return spec

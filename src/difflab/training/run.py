@@ -56,6 +56,8 @@ def run_config(
     (ddpm, vp, subvp, ve, edm, pfgmpp, pfgm) and `formulation_settings` its settings (schedule, timesteps,
     prediction, sigma_min, sigma_max, aug_dim, ...; None = the paper's value). `conditional` trains on the data's
     class labels with `label_dropout` of them nulled. Steps default to 5000 unless `minutes` is given."""
+    if not 0 <= ema_decay < 1:
+        raise DifflabError(f"--ema-decay must lie in [0, 1), got {ema_decay}")
     defaults = DEFAULTS[data.kind]
     norm = float(data.data.flatten(1).pow(2).sum(1).mean().sqrt())
     info = DataInfo(data.sample_shape, norm, defaults["batch_size"])
@@ -213,6 +215,7 @@ class PreviewHook:
     def __call__(self, trainer: Trainer) -> None:
         if trainer.step % self.every:
             return
+        from difflab.outputs import upscale_for
         from difflab.pipeline import Pipeline
         from difflab.viz import save_image_grid, save_scatter
 
@@ -225,7 +228,7 @@ class PreviewHook:
         path = self.folder / f"step_{trainer.step:08d}.png"
         if self.config.data.kind == "images":
             save_image_grid(samples, path, metadata={"train_step": trainer.step, "sampler": sampler},
-                            upscale=max(1, 32 // samples.shape[-1]))  # fmt: skip
+                            upscale=upscale_for(samples.shape[-1]))  # fmt: skip
         else:
             save_scatter(samples, path, title=f"step {trainer.step}: {sampler} {self.steps} steps")
         trainer.module.train()

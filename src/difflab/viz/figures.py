@@ -54,8 +54,13 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
     so -1 -> 0, 0 -> 128, 1 -> 255.
     """
     t = _check_images(images)
-    scaled = torch.round((t.clamp(-1.0, 1.0) + 1.0) * 127.5)
-    return scaled.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return uint8_levels(t).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def uint8_levels(images: torch.Tensor) -> torch.Tensor:
+    """Values in [-1, 1] (clamped; any shape) as the 256 levels of 8-bit data, round((x + 1) * 127.5), as floats;
+    torch.round sends halves to the even level."""
+    return torch.round((images.clamp(-1.0, 1.0) + 1.0) * 127.5)
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1, pad_value: float = -1.0) -> np.ndarray:
