@@ -194,3 +194,10 @@ def test_a_new_sampler_needs_only_its_function_and_a_registry_row(tmp_path, monk
     sample = next(a for a in build_parser("sample")._actions if a.dest == "command").choices["sample"]
     flag = next(a for a in sample._actions if a.dest == "scale")
     assert flag.option_strings == ["--scale"] and "factor on the starting state" in flag.help
+
+
+def test_a_version_1_config_without_its_process_is_refused_not_read_as_ddpm():
+    values = json.loads(json.dumps(V1["edm-points"]["config"]))
+    del values["diffusion"]["process"]
+    with pytest.raises(ValueError, match="needs diffusion.process"):
+        RunConfig.from_dict(values)

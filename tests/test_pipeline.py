@@ -124,3 +124,11 @@ def test_classifier_labels_are_checked_against_the_classifier(tmp_path):
         pipe.sample(2, steps=3, cond={"class_label": 5}, classifier=classifier)
     with pytest.raises(DifflabError, match="not trained on class_label"):
         pipe.sample(2, steps=3, cond={"class_label": 1})  # without the classifier the label has no taker
+
+
+def test_a_weights_file_named_on_purpose_is_the_one_loaded(moons_run):
+    ckpt = difflab.load(moons_run).checkpoint
+    raw, ema = difflab.load(ckpt / "model.safetensors"), difflab.load(ckpt / "ema.safetensors")
+    assert raw.weights.name == "model.safetensors" and ema.weights.name == "ema.safetensors"
+    assert not torch.equal(raw.sample(3, steps=3), ema.sample(3, steps=3))
+    assert difflab.load(ckpt, use_ema=False).weights.name == "model.safetensors"

@@ -129,8 +129,10 @@ def migrate_v1(values: dict[str, Any]) -> dict[str, Any]:
     """A version 1 config (difflab 0.1 run folders: a flat `diffusion` block switched on `process`, `model` with
     `kind` + `unet`/`mlp`, `train.label_dropout`) in the version 2 layout."""
     values = json.loads(json.dumps(values))  # a deep copy
-    diffusion = values.pop("diffusion", {}) or {}
-    process = diffusion.get("process", "ddpm")
+    diffusion = values.pop("diffusion", None)
+    if not isinstance(diffusion, dict) or "process" not in diffusion:
+        raise ValueError("a version 1 config needs diffusion.process (ddpm, vp, subvp, ve, edm, pfgmpp or pfgm)")
+    process = diffusion["process"]
     formulation = {"name": process, **(diffusion.get("pfgm") or {})}  # pfgm kept its settings in a nested block
     renames = _V1_FORMULATION_FIELDS.get(process, {})
     formulation |= {new: diffusion[old] for old, new in renames.items() if diffusion.get(old) is not None}

@@ -232,11 +232,15 @@ def _rows(name: str, value: Any, n: int) -> torch.Tensor:
 
 
 def load(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
-    """The pipeline of a run folder, a checkpoint folder or its .safetensors weights (EMA weights by default), on
-    `device`. Weights are only read with safetensors; version 1 configs are migrated."""
+    """The pipeline of a run folder, a checkpoint folder (EMA weights by default) or one of its .safetensors weights
+    files (that file), on `device`. Weights are only read with safetensors; version 1 configs are migrated."""
     ckpt = resolve_checkpoint(path)
     config = load_config(ckpt)
-    weights = ckpt / ("ema.safetensors" if use_ema and (ckpt / "ema.safetensors").exists() else "model.safetensors")
+    if Path(path).is_file():  # a weights file named on purpose is the one loaded
+        weights = Path(path)
+    else:
+        ema = ckpt / "ema.safetensors"
+        weights = ema if use_ema and ema.exists() else ckpt / "model.safetensors"
     net = build_network(config.model)
     try:
         net.load_state_dict(load_tensors(weights))
