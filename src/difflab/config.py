@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from difflab.errors import DifflabError
 from difflab.formulations import config_from_dict, config_to_dict
 from difflab.formulations.ddpm import DDPMConfig
 from difflab.nets import ModelConfig
@@ -40,6 +42,10 @@ class SignalConfig:
     name: str  # class_label, text_tokens, text_pooled, image_embed, low_res, mask, masked_image
     dropout: float = 0.1
 
+    def __post_init__(self):
+        if not 0 <= self.dropout < 1:
+            raise DifflabError(f"the dropout of signal '{self.name}' must lie in [0, 1), got {self.dropout}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -59,6 +65,20 @@ class TrainConfig:
     log_every: int = 25
     preview_every: int | None = None  # write a sample grid every N steps (RUN/previews/)
     tensorboard: bool = False  # also log to RUN/tensorboard through torch.utils.tensorboard
+
+    def __post_init__(self):
+        """Values that make no sense are refused here, in one line, never replaced by defaults."""
+        positive = {"--steps": self.steps, "--minutes": self.minutes, "--batch-size": self.batch_size,
+                    "--lr": self.lr, "--checkpoint-every": self.checkpoint_every, "--log-every": self.log_every,
+                    "--preview-every": self.preview_every, "--min-snr-gamma": self.min_snr_gamma,
+                    "grad_clip": self.grad_clip}  # fmt: skip
+        for flag, value in positive.items():
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise DifflabError(f"{flag} must be a positive number, got {value}")
+        if not 0 <= self.ema_decay < 1:
+            raise DifflabError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.keep_checkpoints < 1:
+            raise DifflabError("--warmup and weight decay must be >= 0 and at least one checkpoint must be kept")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ sampling grid, and says which samplers it admits. Subclasses override only what 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +23,12 @@ class DataInfo:
     sample_shape: tuple[int, ...]
     data_norm: float | None = None
     batch_size: int = 128
+
+
+def check_sigma_range(sigma_min: float, sigma_max: float) -> None:
+    """A noise-level range must satisfy 0 < sigma_min < sigma_max (finite)."""
+    if not (0 < sigma_min < sigma_max < math.inf):
+        raise DifflabError(f"need 0 < --sigma-min < --sigma-max, got {sigma_min} and {sigma_max}")
 
 
 class Formulation:

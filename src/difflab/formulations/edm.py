@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from difflab.formulations.base import Formulation
+from difflab.errors import DifflabError
+from difflab.formulations.base import Formulation, check_sigma_range
 from difflab.kernels import PoissonKernel
 from difflab.losses import DenoisingLoss, LogNormalSigma
 from difflab.precond import PreconditionedDenoiser, edm_noise_conditioning, make_prediction
@@ -25,12 +26,18 @@ class EDMConfig:
     p_mean: float = -1.2  # training: ln(sigma) ~ N(p_mean, p_std^2)
     p_std: float = 1.2
 
+    def __post_init__(self):
+        check_sigma_range(self.sigma_min, self.sigma_max)
+        if not (self.sigma_data > 0 and self.p_std > 0):
+            raise DifflabError(f"sigma_data and p_std must be positive, got {self.sigma_data} and {self.p_std}")
+
 
 @dataclass(frozen=True)
 class PFGMPPConfig(EDMConfig):
     aug_dim: int = 128  # D, the number of extra dimensions (1 = PFGM's kernel, D -> inf = EDM)
 
     def __post_init__(self):
+        super().__post_init__()
         PoissonKernel(self.aug_dim)  # validates D
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from difflab.formulations.base import Formulation
+from difflab.formulations.base import Formulation, check_sigma_range
 from difflab.formulations.ddpm import check_prediction
 from difflab.losses import DenoisingLoss, UniformTime
 from difflab.precond import PreconditionedDenoiser, make_prediction
@@ -35,6 +35,9 @@ class SubVPConfig:
 class VEConfig:
     sigma_min: float = 0.01
     sigma_max: float = 50.0
+
+    def __post_init__(self):
+        check_sigma_range(self.sigma_min, self.sigma_max)
 
 
 class _TimeLabel:

@@ -4,6 +4,7 @@ guidance (Dhariwal & Nichol 2021) on top."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,10 @@ class Guidance:
     classifier: Any = None
     classifier_scale: float | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.scale is not None or self.classifier is not None
+    def __post_init__(self):
+        for flag, value in (("--guidance", self.scale), ("--classifier-scale", self.classifier_scale)):
+            if value is not None and not math.isfinite(value):
+                raise DifflabError(f"{flag} must be a finite number, got {value}")
 
 
 def check_classifier_kernel(kernel: Kernel) -> None:

@@ -56,8 +56,6 @@ def run_config(
     (ddpm, vp, subvp, ve, edm, pfgmpp, pfgm) and `formulation_settings` its settings (schedule, timesteps,
     prediction, sigma_min, sigma_max, aug_dim, ...; None = the paper's value). `conditional` trains on the data's
     class labels with `label_dropout` of them nulled. Steps default to 5000 unless `minutes` is given."""
-    if not 0 <= ema_decay < 1:
-        raise DifflabError(f"--ema-decay must lie in [0, 1), got {ema_decay}")
     defaults = DEFAULTS[data.kind]
     norm = float(data.data.flatten(1).pow(2).sum(1).mean().sqrt())
     info = DataInfo(data.sample_shape, norm, defaults["batch_size"])
@@ -72,8 +70,8 @@ def run_config(
     train = TrainConfig(
         steps=steps if steps is not None or minutes is not None else 5000,
         minutes=minutes,
-        batch_size=batch_size or klass(formulation).default_batch_size(defaults["batch_size"]),
-        lr=lr or defaults["lr"],
+        batch_size=klass(formulation).default_batch_size(defaults["batch_size"]) if batch_size is None else batch_size,
+        lr=defaults["lr"] if lr is None else lr,
         warmup_steps=warmup,
         ema_decay=ema_decay,
         min_snr_gamma=min_snr_gamma,
