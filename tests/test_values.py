@@ -42,3 +42,9 @@ def test_nonsense_sampling_values_are_refused(tmp_path):
         difflab.run_config(data, batch_size=-4)
     # explicit values are used as given, not swapped for the defaults
     assert difflab.run_config(data, lr=3e-5, batch_size=7).train.batch_size == 7
+
+
+def test_an_output_it_cannot_write_is_refused_before_loading_or_sampling(tmp_path, capsys):
+    """The suffix is checked first: with a missing checkpoint, the error is still about --out."""
+    code, _, err = run_cli(capsys, "sample", "--ckpt", tmp_path / "missing", "--out", tmp_path / "x.jpg")
+    assert_one_line_error(code, err, "must end in .png", ".npy")

@@ -42,6 +42,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DifflabError("give --out FILE (.png or .npy) or --out-dir FOLDER (one PNG per sample)")
     if args.n < 1:
         raise DifflabError(f"--n must be at least 1, got {args.n}")
+    if args.out is not None and Path(args.out).suffix not in (".png", ".npy"):  # before any sampling
+        raise DifflabError(f"--out '{args.out}' must end in .png (image grid or scatter plot) or .npy (raw samples)")
 
 
 def run(args: argparse.Namespace) -> int:
