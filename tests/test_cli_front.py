@@ -135,6 +135,9 @@ def test_previews_tensorboard_and_a_short_time_budget(tmp_path, capsys):
                              "--tensorboard", "--out", run, "--no-progress")  # fmt: skip
     assert code == 0, err
     assert sorted(p.name for p in (run / "previews").glob("*.png")) == ["step_00000010.png", "step_00000020.png"]
+    with Image.open(run / "previews" / "step_00000020.png") as preview:  # a scatter of 1000 samples, not blank
+        pixels = np.asarray(preview.convert("L"))
+    assert pixels.min() < 128 < pixels.max()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     code, out, err = run_cli(capsys, "train", "--data", "moons", "--minutes", "0.0001", "--out", tmp_path / "short",
                              "--no-progress")  # fmt: skip

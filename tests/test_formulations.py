@@ -101,8 +101,9 @@ def test_default_grids_and_grid_errors():
 
 def test_pfgm_derives_its_hyper_parameters_from_the_data():
     """App. B.1.1: M, z_max and upper_norm from N and the RMS norm; CIFAR-10 gives 287 / 38.6 / 2679."""
-    config = make_config("pfgm", DataInfo((3, 32, 32), (3072 * 0.25) ** 0.5 * 2, 128))
-    assert config.small_batch == 128
+    config = make_config("pfgm", DataInfo((3, 32, 32), 30.0, 128))
+    assert config.m_max == 287 and config.small_batch == 128
+    assert config.z_max == pytest.approx(38.57, abs=0.01) and config.upper_norm == pytest.approx(2679.1, abs=0.1)
     assert make_formulation(config).default_batch_size(128) == 1024
     assert make_formulation(config).extra_outputs == 1
 

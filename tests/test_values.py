@@ -22,7 +22,7 @@ from difflab.guidance import Guidance
         (["--min-snr-gamma", "-1"], "--min-snr-gamma must be a positive number, got -1.0"),
         (["--process", "edm", "--sigma-min", "10", "--sigma-max", "1"], "need 0 < --sigma-min < --sigma-max"),
         (["--process", "ve", "--sigma-min", "0"], "need 0 < --sigma-min < --sigma-max"),
-        (["--conditional", "--label-dropout", "1.5"], "--label-dropout must lie in [0, 1), got 1.5"),
+        (["--conditional", "--label-dropout", "1.5"], "(--label-dropout for class labels) must lie in [0, 1), got 1.5"),
     ],
 )
 def test_nonsense_training_values_are_one_line_errors_before_any_work(flags, fragment, tmp_path, capsys):

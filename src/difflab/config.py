@@ -44,7 +44,10 @@ class SignalConfig:
 
     def __post_init__(self):
         if not 0 <= self.dropout < 1:
-            raise DifflabError(f"the dropout of signal '{self.name}' must lie in [0, 1), got {self.dropout}")
+            raise DifflabError(
+                f"the dropout of signal '{self.name}' (--label-dropout for class labels) must lie in "
+                f"[0, 1), got {self.dropout}"
+            )
 
 
 @dataclass(frozen=True)

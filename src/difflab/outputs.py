@@ -55,12 +55,18 @@ def write_png(images: torch.Tensor, path: Path, meta: dict[str, Any], nrow: int 
                            upscale=upscale, padding=0 if single else 1)  # fmt: skip
 
 
-def write_samples(samples: torch.Tensor, kind: str, path: str | Path, meta: dict[str, Any]) -> Path:
-    """Samples (N, ...) in data space as a .png grid (images) or scatter plot (points), or .npy raw samples with a
-    JSON sidecar (path + '.json') holding the generation parameters."""
+def check_output_path(path: str | Path) -> Path:
+    """An --out file difflab can write: .png (grid or scatter plot, with metadata) or .npy (raw samples)."""
     path = Path(path)
     if path.suffix not in (".png", ".npy"):
         raise DifflabError(f"--out '{path}' must end in .png (image grid or scatter plot) or .npy (raw samples)")
+    return path
+
+
+def write_samples(samples: torch.Tensor, kind: str, path: str | Path, meta: dict[str, Any]) -> Path:
+    """Samples (N, ...) in data space as a .png grid (images) or scatter plot (points), or .npy raw samples with a
+    JSON sidecar (path + '.json') holding the generation parameters."""
+    path = check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
         np.save(path, samples.numpy())

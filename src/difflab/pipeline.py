@@ -180,7 +180,6 @@ class Pipeline:
 
         seeds = _seeds(n, seed, seeds)
         spec, implied_grid = resolve_sampler(sampler)
-        self.formulation.sampler(spec.name, options)
         cond, denoiser = self.prepare(len(seeds), cond=cond, guidance=guidance, guidance_interval=guidance_interval,
                                       negative_cond=negative_cond, classifier=classifier,
                                       classifier_scale=classifier_scale)  # fmt: skip

@@ -23,6 +23,7 @@ from difflab.cli.common import (
     setup_runtime,
 )
 from difflab.errors import DifflabError
+from difflab.outputs import check_output_path
 
 GRID_COLUMNS = 8
 IMAGE_HELP = (
@@ -48,13 +49,6 @@ def add_common(p: argparse.ArgumentParser, default_sampler: str) -> None:
     )
 
 
-def check_out(path: str) -> Path:
-    out = Path(path)
-    if out.suffix not in (".png", ".npy"):
-        raise DifflabError(f"--out '{out}' must end in .png (grid with metadata) or .npy (the results)")
-    return out
-
-
 def prepare(args: argparse.Namespace, default: str):
     """Validate the cheap options, load the model and the image; resolve --sampler, its options and guidance.
     Returns (pipeline, image, sampler options, cond, guided denoiser)."""
@@ -64,7 +58,7 @@ def prepare(args: argparse.Namespace, default: str):
         resolve_sampler(args.sampler)  # fail fast on an unknown name, before loading anything
     if args.n < 1 or args.steps < 1:
         raise DifflabError(f"--n and --steps must be at least 1, got {args.n} and {args.steps}")
-    check_out(args.out)
+    check_output_path(args.out)
     device = setup_runtime(args)
     from difflab.images import read_image
     from difflab.pipeline import load
@@ -89,7 +83,7 @@ def write(out: str, grid, results, metadata: dict[str, Any]) -> Path:
 
     from difflab.outputs import write_png
 
-    path = check_out(out)
+    path = check_output_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
         np.save(path, results.numpy())

@@ -29,7 +29,6 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.strength <= 1:
         raise DifflabError(f"--strength must lie in (0, 1], got {args.strength}")
     pipe, image, options, cond, denoiser = prepare(args, "ddim")
-    pipe.formulation.sampler(args.sampler, options)
     stats: dict[str, Any] = {}
     seeds = [args.seed + i for i in range(args.n)]
     results, noised = img2img(

@@ -62,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
     pipe, image, options, cond, denoiser = prepare(args, "ddpm")
     fill = read_mask(args.mask, pipe.config.data.resolution)
     repaint = repaint_setting(args, pipe.kernel, options)
-    if repaint is None:
-        pipe.formulation.sampler(args.sampler, options)
     stats: dict[str, Any] = {}
     seeds = [args.seed + i for i in range(args.n)]
     results = inpaint(

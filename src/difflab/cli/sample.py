@@ -42,8 +42,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DifflabError("give --out FILE (.png or .npy) or --out-dir FOLDER (one PNG per sample)")
     if args.n < 1:
         raise DifflabError(f"--n must be at least 1, got {args.n}")
-    if args.out is not None and Path(args.out).suffix not in (".png", ".npy"):  # before any sampling
-        raise DifflabError(f"--out '{args.out}' must end in .png (image grid or scatter plot) or .npy (raw samples)")
+    if args.out is not None:  # before any loading or sampling
+        from difflab.outputs import check_output_path
+
+        check_output_path(args.out)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,7 +61,8 @@ def run_config(
     info = DataInfo(data.sample_shape, norm, defaults["batch_size"])
     formulation = make_config(process, info, **formulation_settings)
     klass = formulation_class(process)
-    num_classes = _num_classes(data, conditional, label_dropout)
+    formulation_object = klass(formulation)
+    num_classes = _num_classes(data, conditional)
     resolution = data.sample_shape[-1] if data.kind == "images" else None
     channels = data.sample_shape[0] if data.kind == "images" else 1
     data_config = DataConfig(data.name, data.kind, tuple(data.sample_shape), resolution, channels)
@@ -70,7 +71,7 @@ def run_config(
     train = TrainConfig(
         steps=steps if steps is not None or minutes is not None else 5000,
         minutes=minutes,
-        batch_size=klass(formulation).default_batch_size(defaults["batch_size"]) if batch_size is None else batch_size,
+        batch_size=formulation_object.default_batch_size(defaults["batch_size"]) if batch_size is None else batch_size,
         lr=defaults["lr"] if lr is None else lr,
         warmup_steps=warmup,
         ema_decay=ema_decay,
@@ -83,11 +84,11 @@ def run_config(
     )
     conditioning = (SignalConfig("class_label", label_dropout),) if num_classes else ()
     config = RunConfig(data_config, model_config, formulation, train, conditioning)
-    klass(formulation).loss(min_snr_gamma)  # refuse settings the loss cannot take now, not at the first step
+    formulation_object.loss(min_snr_gamma)  # refuse settings the loss cannot take now, not at the first step
     return config
 
 
-def _num_classes(data: Dataset, conditional: bool, label_dropout: float) -> int | None:
+def _num_classes(data: Dataset, conditional: bool) -> int | None:
     """The number of classes for a conditional model (labels 0..K-1 of the data), else None."""
     if not conditional:
         return None
@@ -96,8 +97,6 @@ def _num_classes(data: Dataset, conditional: bool, label_dropout: float) -> int 
             f"--conditional needs labelled data; '{data.name}' has no labels (use digits, moons, 8gaussians, "
             "checkerboard or rings)"
         )
-    if not 0 <= label_dropout < 1:
-        raise DifflabError(f"--label-dropout must lie in [0, 1), got {label_dropout}")
     return int(data.labels.max()) + 1
 
 
@@ -204,7 +203,7 @@ def _add_hooks(trainer: Trainer, config: RunConfig, out: Path) -> None:
 
 class PreviewHook:
     """Every `every` steps, a grid of samples from the EMA weights (16 fixed seeds, the formulation's default
-    sampler settings: 25 ddim steps, or euler for Poisson-kernel models) in folder/step_N.png, as diffusers' and
+    sampler settings: 25 deterministic ddim steps) in folder/step_N.png, as diffusers' and
     k-diffusion's training scripts do. Uses its own seeded generators: training's RNG streams are untouched."""
 
     def __init__(self, config: RunConfig, folder: Path, every: int, n: int = 16, steps: int = 25):
@@ -220,7 +219,7 @@ class PreviewHook:
         net = copy.deepcopy(trainer.module)
         net.load_state_dict(trainer.ema.state_dict())
         pipe = Pipeline(self.config, trainer.task.formulation.denoiser(net))
-        sampler = "ddim" if pipe.kernel.is_gaussian else "euler"
+        sampler = "ddim"  # eta 0: deterministic, so it suits Poisson kernels too
         n = self.n if self.config.data.kind == "images" else 1000
         samples = pipe.sample(n, seed=0, sampler=sampler, steps=self.steps)
         path = self.folder / f"step_{trainer.step:08d}.png"
