@@ -63,7 +63,7 @@ def test_every_option_comes_from_the_signature_with_its_default_type_and_help(na
 
 def test_the_options_users_know_and_the_internal_parameters_left_out():
     assert SAMPLERS["heun"].options == ("s_churn", "s_tmin", "s_tmax", "s_noise")
-    assert SAMPLERS["rk45"].options == ("rtol", "atol")  # not `info`
+    assert SAMPLERS["rk45"].options == ("rtol", "atol", "max_nfe")  # not `info`
     assert SAMPLERS["pc"].options == ("snr", "corrector_steps", "norm_scope")
     assert SAMPLERS["ald"].options == ("step_size", "n_steps_each", "denoise_last")
     assert SAMPLERS["dpmpp_2m"].options == () and SAMPLERS["euler_maruyama"].options == ()

@@ -29,6 +29,7 @@ GAUSSIAN_CASES = {
     "euler_ancestral": (sample_euler_ancestral, 500, {}, 0.03),
     "euler_maruyama": (sample_euler_maruyama, 500, {}, 0.03),
     "pc": (sample_pc, 200, {"snr": 0.16}, 0.04),
+    "pc_batch_norms": (sample_pc, 200, {"snr": 0.16, "norm_scope": "batch"}, 0.04),
     "ald": (sample_ald, 100, ALD, 0.04),
     "dpmpp_2m_sde": (sample_dpmpp_2m_sde, 100, {}, 0.03),
 }
@@ -55,7 +56,14 @@ def test_samples_have_the_gaussian_mean_and_covariance(name):
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])
 WIDTHS = torch.tensor([0.3, 0.4, 0.25])
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2])
-MIXTURE_STEPS = {"euler_ancestral": 200, "euler_maruyama": 200, "pc": 200, "ald": 100, "dpmpp_2m_sde": 50}
+MIXTURE_STEPS = {
+    "euler_ancestral": 200,
+    "euler_maruyama": 200,
+    "pc": 200,
+    "pc_batch_norms": 200,
+    "ald": 100,
+    "dpmpp_2m_sde": 50,
+}
 
 
 @pytest.mark.parametrize("name", list(MIXTURE_STEPS))
@@ -73,6 +81,7 @@ def test_mixture_samples_have_the_right_weights_and_widths(name):
 SEED_CASES = [
     (sample_euler_ancestral, {"eta": 0.8}),
     (sample_euler_maruyama, {}),
+    (sample_pc, {"corrector_steps": 2}),
     (sample_pc, {"norm_scope": "sample", "corrector_steps": 2}),
     (sample_ald, {"step_size": 4e-6, "n_steps_each": 3}),
     (sample_dpmpp_2m_sde, {"eta": 0.5}),
@@ -93,8 +102,12 @@ def test_image_i_of_a_batch_equals_its_seed_alone(fn, options):
 def test_pc_batch_norms_couple_the_batch_as_documented():
     sigmas = karras_sigmas(5, SIGMA_MIN, SIGMA_MAX)
     batch_noise, alone_noise = PerSampleNoise([7, 8, 9]), PerSampleNoise([9])
-    batch = sample_pc(GaussianDenoiser(MU, STD), batch_noise.initial((2,), SIGMA_MAX), sigmas, noise=batch_noise)
-    alone = sample_pc(GaussianDenoiser(MU, STD), alone_noise.initial((2,), SIGMA_MAX), sigmas, noise=alone_noise)
+    batch = sample_pc(
+        GaussianDenoiser(MU, STD), batch_noise.initial((2,), SIGMA_MAX), sigmas, noise=batch_noise, norm_scope="batch"
+    )
+    alone = sample_pc(
+        GaussianDenoiser(MU, STD), alone_noise.initial((2,), SIGMA_MAX), sigmas, noise=alone_noise, norm_scope="batch"
+    )
     assert not torch.allclose(batch[2:3], alone)
 
 

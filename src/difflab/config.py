@@ -6,6 +6,11 @@
 dataclass of one formulation (`difflab.formulations`: DDPMConfig, EDMConfig, ...), and `conditioning` lists the
 signals the model is trained on, each with its training dropout. Version 1 files (a flat `diffusion` block with a
 `process` name) are migrated on load (`migrate_v1`).
+
+Reading config.json is strict: a missing required key, a value of the wrong type (an integer where one is expected;
+true is not an integer), an unknown key, a version newer than CONFIG_VERSION or a size outside `difflab.limits` is a
+ValueError naming the key. Unknown keys are refused rather than ignored: a newer difflab that adds keys writes a newer
+version, which this one refuses as a whole, so an unknown key at a known version is a typo or damage.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 from difflab.errors import DifflabError
 from difflab.formulations import config_from_dict, config_to_dict
 from difflab.formulations.ddpm import DDPMConfig
+from difflab.limits import check_limits
 from difflab.nets import ModelConfig
 
 CONFIG_VERSION = 2
@@ -33,6 +39,12 @@ class DataConfig:
     sample_shape: tuple[int, ...]
     resolution: int | None = None
     channels: int = 1
+
+    def __post_init__(self):
+        """An unknown data kind or sizes outside `difflab.limits` are refused before any data is read."""
+        if self.kind not in ("points", "images"):
+            raise DifflabError(f"data.kind must be 'points' or 'images', got {self.kind!r}")
+        check_limits(self, "data")
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class TrainConfig:
             raise DifflabError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.keep_checkpoints < 1:
             raise DifflabError("--warmup and weight decay must be >= 0 and at least one checkpoint must be kept")
+        check_limits(self, "train")
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     conditioning: tuple[SignalConfig, ...] = ()
     version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        """The formulation's sizes (ddpm timesteps, pfgm batch) are checked against `difflab.limits`."""
+        if dataclasses.is_dataclass(self.formulation):
+            check_limits(self.formulation, "formulation")
 
     @property
     def process(self) -> str:
@@ -115,21 +133,31 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """The config from its to_dict() form (version 1 files migrated); any problem is a ValueError naming the key."""
         if not isinstance(values, dict):
-            raise ValueError(f"expected an object, got {type(values).__name__}")
-        if values.get("version", 1) == 1:
+            raise ValueError(f"expected an object, got {_show(values)}")
+        version = values.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"version must be an integer from 1 to {CONFIG_VERSION}, got {_show(version)}")
+        if version > CONFIG_VERSION:
+            raise ValueError(
+                f"config version {version} is newer than this difflab reads ({CONFIG_VERSION}); upgrade difflab"
+            )
+        if version == 1:
             values = migrate_v1(values)
-        if values.get("version") != CONFIG_VERSION:
-            raise ValueError(f"config version {values.get('version')} is newer than this difflab reads; upgrade")
-        unknown = set(values) - {"version", "data", "model", "formulation", "train", "conditioning"}
-        if unknown:
-            raise ValueError(f"unknown RunConfig fields: {', '.join(sorted(unknown))}")
+        check_keys(values, "config", {"version", "data", "model", "formulation", "train", "conditioning"},
+                    required=("data", "model", "formulation"))  # fmt: skip
+        conditioning = values.get("conditioning", [])
+        if not isinstance(conditioning, list):
+            raise ValueError(f"conditioning must be a list, got {_show(conditioning)}")
         return cls(
-            data=dataclass_from_dict(DataConfig, values["data"]),
+            data=dataclass_from_dict(DataConfig, values["data"], "data"),
             model=ModelConfig.from_dict(values["model"]),
             formulation=config_from_dict(values["formulation"]),
-            train=dataclass_from_dict(TrainConfig, values.get("train", {})),
-            conditioning=tuple(dataclass_from_dict(SignalConfig, s) for s in values.get("conditioning", [])),
+            train=dataclass_from_dict(TrainConfig, values.get("train", {}), "train"),
+            conditioning=tuple(
+                dataclass_from_dict(SignalConfig, s, f"conditioning[{i}]") for i, s in enumerate(conditioning)
+            ),
         )
 
     @classmethod
@@ -159,17 +187,19 @@ def migrate_v1(values: dict[str, Any]) -> dict[str, Any]:
     formulation = {"name": process, **(diffusion.get("pfgm") or {})}  # pfgm kept its settings in a nested block
     renames = _V1_FORMULATION_FIELDS.get(process, {})
     formulation |= {new: diffusion[old] for old, new in renames.items() if diffusion.get(old) is not None}
-    model = values.pop("model")
+    model = values.pop("model", None)
+    if not isinstance(model, dict) or "kind" not in model:
+        raise ValueError("a version 1 config needs model.kind (unet or mlp) and its settings under model.<kind>")
     kind = model.get("kind")
-    settings = model.get(kind)
-    if settings is None:
+    settings = model.get(kind) if isinstance(kind, str) else None
+    if not isinstance(settings, dict):
         raise ValueError(f"model config names kind '{kind}' without its settings")
     train = values.get("train", {})
-    label_dropout = train.pop("label_dropout", 0.1)
+    label_dropout = train.pop("label_dropout", 0.1) if isinstance(train, dict) else 0.1
     conditioning = [{"name": "class_label", "dropout": label_dropout}] if settings.get("num_classes") else []
     return {
         "version": CONFIG_VERSION,
-        "data": values["data"],
+        "data": values.get("data"),
         "model": {"backbone": kind, "preset": model.get("preset", "custom"), "settings": settings},
         "formulation": formulation,
         "train": train,
@@ -177,27 +207,58 @@ def migrate_v1(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Rebuild a (nested) frozen dataclass from its asdict() form; unknown keys are an error."""
+def _show(value: Any) -> str:
+    """A JSON value as it reads in config.json, cut to 40 characters."""
+    text = json.dumps(value, default=repr) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_keys(values: Any, where: str, known: set[str], required: tuple[str, ...] = ()) -> None:
+    """Refuse a non-object, unknown keys or a missing required key, naming them under `where`."""
     if not isinstance(values, dict):
-        raise ValueError(f"expected an object for {cls.__name__}, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+        raise ValueError(f"{where} must be an object, got {_show(values)}")
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
-    return cls(**{k: _convert(hints[k], v) for k, v in values.items()})
+        raise ValueError(f"{where} has unknown keys {', '.join(unknown)}")
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ValueError(f"{where}.{missing[0]} is missing")
 
 
-def _convert(hint: Any, value: Any) -> Any:
-    if value is None:
-        return None
+def dataclass_from_dict(cls: type, values: dict[str, Any], where: str | None = None) -> Any:
+    """Rebuild a (nested) frozen dataclass from its asdict() form, each value checked against the field's type;
+    unknown keys and missing required ones are ValueErrors naming the key under `where` (its path in config.json)."""
+    where = where or cls.__name__
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    required = tuple(f.name for f in fields if f.default is f.default_factory is dataclasses.MISSING)
+    check_keys(values, where, {f.name for f in fields}, required)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: read_value(hints[k], v, f"{where}.{k}") for k, v in values.items()})
+
+
+_KINDS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+          str: (str, "a string")}  # fmt: skip
+
+
+def read_value(hint: Any, value: Any, where: str) -> Any:
+    """`value` read from JSON as type `hint` (int, float, str, bool, tuple[X, ...], X | None, a dataclass); a value
+    of another type is a ValueError naming `where`. A bool is not an int; an int is a float."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value) if len(inner) == 1 else value
+        return read_value(inner[0], value, where) if len(inner) == 1 else value
     if dataclasses.is_dataclass(hint):
-        return dataclass_from_dict(hint, value)
+        return dataclass_from_dict(hint, value, where)
     if origin is tuple:
-        return tuple(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {_show(value)}")
+        item = args[0] if args else Any
+        return tuple(read_value(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint in _KINDS:
+        accepted, name = _KINDS[hint]
+        if not isinstance(value, accepted) or (hint is not bool and isinstance(value, bool)):
+            raise ValueError(f"{where} must be {name}, got {_show(value)}")
+        return float(value) if hint is float else value
     return value

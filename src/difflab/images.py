@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from difflab.errors import DifflabError
 
@@ -25,7 +25,8 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _open(path: str | Path, what: str) -> Image.Image:
-    """The decoded image at `path` (loaded into memory), or a DifflabError for a missing or unreadable file."""
+    """The decoded image at `path` (loaded into memory, its EXIF orientation applied), or a DifflabError for a missing
+    or unreadable file."""
     p = Path(path)
     if not p.exists():
         raise DifflabError(f"{what} '{p}' does not exist; pass the path of a PNG file")
@@ -34,7 +35,7 @@ def _open(path: str | Path, what: str) -> Image.Image:
     try:
         with Image.open(p) as image:
             image.load()
-            return image.copy()
+            return ImageOps.exif_transpose(image)  # upright, as viewers show it (a copy)
     except _READ_ERRORS as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DifflabError(f"{what} '{p}' is not a readable image ({reason}); pass a PNG file") from None

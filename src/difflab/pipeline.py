@@ -11,7 +11,7 @@ A pipeline holds the run's config, its formulation and the denoiser built from t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from difflab.conditioning import accepted_signals, as_cond, check_cond
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
 from difflab.formulations import Formulation, make_formulation
-from difflab.generate import generate
+from difflab.generate import check_sampling_request, check_seeds, generate_batches
 from difflab.guidance.compose import Guidance, check_classifier_kernel, guide
 from difflab.kernels import Kernel
 from difflab.nets import build_network
@@ -147,7 +147,19 @@ class Pipeline:
 
     # ---- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(
+    def sample(self, n: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """n samples (n, *sample_shape) in data space on the CPU; sample i uses seed `seed + i` (or seeds[i]).
+
+        Takes the keyword arguments of `sample_batches` and concatenates its batches: seed, seeds, sampler ("ddim";
+        a registered name or an alias: "DPM++ 2M Karras" also picks the karras grid), steps (50), grid, cond
+        ({"class_label": 7} or per-sample tensors), guidance (CFG scale w), guidance_interval, negative_cond (one
+        row, for every sample), classifier (a noise-aware classifier, module or folder) with classifier_scale,
+        batch_size (256), progress, callback, stats (stats["nfe"]: network evaluations per sample), and the
+        sampler's own options (eta, s_churn, ...).
+        """
+        return torch.cat([x for _, x in self.sample_batches(n, **kwargs)])
+
+    def sample_batches(
         self,
         n: int | None = None,
         *,
@@ -167,27 +179,24 @@ class Pipeline:
         callback: StepCallback | None = None,
         stats: dict[str, Any] | None = None,
         **options: Any,
-    ) -> torch.Tensor:
-        """n samples (n, *sample_shape) in data space on the CPU; sample i uses seed `seed + i` (or seeds[i]).
-
-        sampler: a registered name or an alias ("DPM++ 2M Karras" also picks the karras grid); options: the
-        sampler's own keyword options (eta, s_churn, ...). cond: {"class_label": 7} or per-sample tensors;
-        guidance: CFG scale w; negative_cond (one row, for every sample) replaces the unconditional branch;
-        classifier: a noise-aware classifier (module or folder) with classifier_scale. stats["nfe"] receives the
-        network evaluations per sample.
-        """
+    ) -> Iterator[tuple[Sequence[int], torch.Tensor]]:
+        """`sample`, one batch at a time: yields (seeds of the batch, samples (B, *sample_shape) on the CPU); a batch
+        is drawn when the caller asks for it, so each can be written before the next. Sizes (SAMPLING_LIMITS),
+        seeds, sampler, options and conditioning are checked before the first batch."""
         from difflab.sampling import resolve_sampler
 
         seeds = _seeds(n, seed, seeds)
+        check_sampling_request(len(seeds), steps, batch_size, seed=None)
         spec, implied_grid = resolve_sampler(sampler)
         cond, denoiser = self.prepare(len(seeds), cond=cond, guidance=guidance, guidance_interval=guidance_interval,
                                       negative_cond=negative_cond, classifier=classifier,
                                       classifier_scale=classifier_scale)  # fmt: skip
         sigmas = self.sigmas(steps, grid or implied_grid)
-        return generate(
+        batches = generate_batches(
             denoiser, self.sample_shape, sigmas, seeds, sampler=spec.name, options=options, kernel=self.kernel,
             cond=cond, batch_size=batch_size, device=self.device, callback=callback, progress=progress, stats=stats,
         )  # fmt: skip
+        return _no_grad(batches)
 
     def to_pil(self, images: torch.Tensor) -> list:
         """Images (N, C, H, W) in [-1, 1] as PIL images (8-bit, L or RGB)."""
@@ -205,14 +214,32 @@ class Pipeline:
                 f"data {self.config.data.name} {self.sample_shape}, step {self.step})")  # fmt: skip
 
 
-def _seeds(n: int | None, seed: int, seeds: Sequence[int] | None) -> list[int]:
+def _seeds(n: int | None, seed: int, seeds: Sequence[int] | None) -> Sequence[int]:
+    """The seeds of a request: `seeds` as given, or range(seed, seed + n) (no list of n is built); all in
+    0..2**63 - 1."""
     if seeds is not None:
         if n is not None and n != len(seeds):
             raise DifflabError(f"n = {n} but {len(seeds)} seeds given; pass one of them")
-        return [int(s) for s in seeds]
-    if n is None or n < 1:
-        raise DifflabError(f"the number of samples must be at least 1, got {n}")
-    return [seed + i for i in range(n)]
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise DifflabError("seeds is empty; give at least one seed")
+        check_seeds(min(seeds))
+        check_seeds(max(seeds))
+        return seeds
+    if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DifflabError(f"the number of samples must be an integer >= 1, got {n!r}")
+    check_seeds(seed, n)
+    return range(seed, seed + n)
+
+
+def _no_grad(batches: Iterator) -> Iterator:
+    """Run each step of a batch generator without autograd (a generator leaves `torch.no_grad` when it yields)."""
+    while True:
+        with torch.no_grad():
+            item = next(batches, None)
+        if item is None:
+            return
+        yield item
 
 
 def _rows(name: str, value: Any, n: int) -> torch.Tensor:
@@ -232,17 +259,25 @@ def _rows(name: str, value: Any, n: int) -> torch.Tensor:
 
 def load(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
     """The pipeline of a run folder, a checkpoint folder (EMA weights by default) or one of its .safetensors weights
-    files (that file), on `device`. Weights are only read with safetensors; version 1 configs are migrated."""
+    files (that file), on `device`. Weights are only read with safetensors; version 1 configs are migrated.
+
+    Nothing is allocated before the weights file is checked (`difflab.weights`): a regular file whose header's tensor
+    names, shapes and floating-point dtypes match the network config.json describes; then its values must be finite.
+    Any failure is a one-line DifflabError naming the file and the tensor."""
+    from difflab.weights import check_header, meta_state
+
     ckpt = resolve_checkpoint(path)
     config = load_config(ckpt)
     if Path(path).is_file():  # a weights file named on purpose is the one loaded
         weights = Path(path)
     else:
-        ema = ckpt / "ema.safetensors"
-        weights = ema if use_ema and ema.exists() else ckpt / "model.safetensors"
+        ema = ckpt / "ema.safetensors"  # present but broken (a directory, a dangling link) is refused, not skipped
+        weights = ema if use_ema and (ema.exists() or ema.is_symlink()) else ckpt / "model.safetensors"
+    check_header(weights, meta_state(lambda: build_network(config.model)))
+    tensors = load_tensors(weights)
     net = build_network(config.model)
     try:
-        net.load_state_dict(load_tensors(weights))
+        net.load_state_dict(tensors)
     except RuntimeError as err:
         raise DifflabError(f"'{weights}' does not match its config.json ({str(err).splitlines()[0]})") from None
     formulation = make_formulation(config.formulation)

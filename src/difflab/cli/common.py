@@ -36,6 +36,19 @@ def setup_runtime(args: argparse.Namespace):
     return resolve_device(args.device)
 
 
+def stopped_by_signal(result, run_dir, next_step: str) -> int | None:
+    """When a stop signal (SIGTERM, SIGHUP, Ctrl-C) ended training: print where its checkpoint is and what to do
+    next (`next_step`), and return the exit code: 0 for SIGTERM/SIGHUP (pre-emption), 130 for Ctrl-C.
+    None when training ran to its budget."""
+    if result.stopped_by != "signal":
+        return None
+    from difflab.training.checkpoint import latest_checkpoint
+
+    print(f"stopped by {result.signal} at step {result.step}; checkpoint: {latest_checkpoint(run_dir)}; "
+          f"{next_step}")  # fmt: skip
+    return 130 if result.signal == "SIGINT" else 0
+
+
 def add_sampler_arguments(p: argparse.ArgumentParser, default_sampler: str | None = "ddim") -> None:
     from difflab.sampling import GRID_NAMES, SAMPLERS, all_sampler_options
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from difflab.cli.common import add_runtime_arguments, setup_runtime
+from difflab.cli.common import add_runtime_arguments, setup_runtime, stopped_by_signal
 from difflab.data import TOY_NAMES, load_dataset
 from difflab.errors import DifflabError
 from difflab.eval.quality import digits_quality, toy_quality
 from difflab.generate import generate
-from difflab.outputs import upscale_for
+from difflab.outputs import check_output_dir, upscale_for
 from difflab.pipeline import Pipeline, load
 from difflab.sampling import PerSampleNoise, sample_ddpm
 from difflab.sigmas import vp_input_scale
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if demo is None:
         raise DifflabError(f"unknown --process '{args.process}': the demo runs ddpm (digits) or pfgm (a 2-D toy)")
     runner, data_names = demo
+    check_output_dir(args.out, "--out")  # before training
     data = args.data or data_names[0]
     if data not in data_names:
         hint = "; for a 2-D toy run --process pfgm" if data in TOY_NAMES else ""
@@ -87,13 +88,17 @@ def run(args: argparse.Namespace) -> int:
 
 def train_demo(args: argparse.Namespace, data: str, **settings) -> tuple[Path, int]:
     """Train a tiny model into a fresh `out/run` with the demo's seed, steps (or minutes) and device; returns
-    (run folder, steps trained) and says so when a time budget stopped it far short of what the data needs."""
+    (run folder, steps trained) and says so when a time budget stopped it far short of what the data needs. A stop
+    signal ends the demo there (SystemExit), with the checkpoint of the step reached."""
     run_dir = Path(args.out) / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns this folder; start fresh each time
     device = setup_runtime(args)
     dataset = load_dataset(data)
     config = run_config(dataset, model="tiny", seed=args.seed, steps=args.steps, minutes=args.minutes, **settings)
     outcome = train_run(config, run_dir, data=dataset, device=device, progress=not args.no_progress)
+    code = stopped_by_signal(outcome, run_dir, f"continue with: difflab train --out {run_dir} --resume latest")
+    if code is not None:
+        raise SystemExit(code)
     if outcome.warning:
         print(f"warning: {outcome.warning}")
     return run_dir, outcome.step

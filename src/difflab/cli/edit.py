@@ -56,9 +56,12 @@ def prepare(args: argparse.Namespace, default: str):
 
     if args.sampler is not None:
         resolve_sampler(args.sampler)  # fail fast on an unknown name, before loading anything
-    if args.n < 1 or args.steps < 1:
-        raise DifflabError(f"--n and --steps must be at least 1, got {args.n} and {args.steps}")
+    from difflab.generate import check_sampling_request
+    from difflab.outputs import check_output_size
+
+    check_sampling_request(args.n, args.steps, None, args.seed)
     check_output_path(args.out)
+    check_output_size(args.out, "images", args.n + 2, ())  # the grid shows the original and one more image
     device = setup_runtime(args)
     from difflab.images import read_image
     from difflab.pipeline import load
@@ -79,17 +82,14 @@ def prepare(args: argparse.Namespace, default: str):
 
 
 def write(out: str, grid, results, metadata: dict[str, Any]) -> Path:
-    import numpy as np
-
-    from difflab.outputs import write_png
+    """The PNG grid (with the parameters in its metadata) or the results as .npy with a NAME.npy.json sidecar;
+    written atomically (complete or absent)."""
+    from difflab.outputs import write_npy, write_png
 
     path = check_output_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
-        np.save(path, results.numpy())
-    else:
-        write_png(grid, path, metadata, nrow=min(len(grid), GRID_COLUMNS))
-    return path
+        return write_npy(results.numpy(), path, metadata)
+    return write_png(grid, path, metadata, nrow=min(len(grid), GRID_COLUMNS))
 
 
 def metadata(args: argparse.Namespace, pipe, options: dict, extra: dict) -> dict[str, Any]:
@@ -97,5 +97,7 @@ def metadata(args: argparse.Namespace, pipe, options: dict, extra: dict) -> dict
         "command": args.command, "image": str(args.image), "sampler": args.sampler, "steps": args.steps,
         "seed": args.seed, "n": args.n, "options": options, **extra, "grid": args.grid,
         "class": args.label, "guidance": args.guidance, "checkpoint": str(pipe.checkpoint), "train_step": pipe.step,
-        "model_hash": pipe.weights_hash(),
+        "model_hash": pipe.weights_hash(), "use_ema": not args.no_ema, "negative_class": args.negative_class,
+        "guidance_interval": args.guidance_interval, "classifier": args.classifier,
+        "classifier_scale": args.classifier_scale,
     }  # fmt: skip

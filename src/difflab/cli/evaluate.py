@@ -71,6 +71,14 @@ def run(args: argparse.Namespace) -> int:
         raise DifflabError("give exactly one of --ckpt (sample a model) or --images (score a folder of images)")
     if args.n < 2:
         raise DifflabError(f"--n must be at least 2 to estimate statistics, got {args.n}")
+    from difflab.outputs import check_output_dir
+
+    if args.ckpt is not None:
+        from difflab.generate import check_sampling_request
+
+        check_sampling_request(args.n, args.steps, args.batch_size, args.seed)
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     from difflab.eval.evaluate import score_samples
     from difflab.eval.extractors import make_extractor
     from difflab.eval.reference import reference_statistics
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         settings["sampler"] = "n/a"
     else:
         model = load(args.ckpt, use_ema=not args.no_ema, device=device)
+        check_output_dir(args.out or model.checkpoint.parent.parent / "eval", "--out")
         guided = guidance_settings(args, model, args.n)
         data_name, shape, kind = (
             args.data or model.config.data.name,

@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"difflab {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"difflab {args.command}: interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        # `difflab train` saves a checkpoint on the first Ctrl-C during training and returns 130 itself; this is a
+        # Ctrl-C outside the training loop (loading, writing outputs) or a second one, which saves nothing more.
+        print(f"difflab {args.command}: interrupted; nothing more was saved", file=sys.stderr)
         return 130
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 from difflab.cli.common import add_runtime_arguments, setup_runtime
 from difflab.errors import DifflabError
@@ -42,6 +41,10 @@ def _mean_and_error(values) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise DifflabError(f"--n must be at least 1, got {args.n}")
+    if args.out:
+        from difflab.atomic import check_writable_file
+
+        check_writable_file(args.out, "--out")  # before the solves
     import torch
     from tqdm.auto import tqdm
 
@@ -91,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         line += f"; DDPM bound: {result['vlb_bits_per_dim']:.4f} +- {result['vlb_bits_per_dim_stderr']:.4f}"
     print(f"{line} (n={len(data)}, {nfe} network evaluations)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        from difflab.atomic import atomic_output
+
+        with atomic_output(args.out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
     return 0

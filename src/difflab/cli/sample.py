@@ -36,22 +36,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before loading the model: required flags, sizes and seeds, output places."""
+    from difflab.generate import check_sampling_request
+    from difflab.outputs import check_output_dir, check_output_path
+
     if args.from_png is None and args.ckpt is None:
         raise DifflabError("give --ckpt (a run folder or checkpoint), or --from-png FILE to reproduce an image")
     if args.out is None and args.out_dir is None:
         raise DifflabError("give --out FILE (.png or .npy) or --out-dir FOLDER (one PNG per sample)")
-    if args.n < 1:
-        raise DifflabError(f"--n must be at least 1, got {args.n}")
-    if args.out is not None:  # before any loading or sampling
-        from difflab.outputs import check_output_path
-
+    if args.from_png is None:
+        check_sampling_request(args.n, args.steps, args.batch_size, args.seed)
+    if args.out is not None:
         check_output_path(args.out)
+    if args.out_dir is not None:
+        check_output_dir(args.out_dir)
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.from_png is not None:
         return reproduce(args)
+    from difflab.outputs import SampleWriter, check_output_size
     from difflab.sampling import resolve_sampler
 
     spec, _ = resolve_sampler(args.sampler)  # fail fast on an unknown name, before loading anything
@@ -60,16 +65,26 @@ def run(args: argparse.Namespace) -> int:
     from difflab.pipeline import load
 
     pipe = load(args.ckpt, use_ema=not args.no_ema, device=device)
+    check_output_size(args.out, pipe.config.data.kind, args.n, pipe.sample_shape)
     cond, guidance = guidance_settings(args, pipe, args.n)
     settings = {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "batch_size": args.batch_size}
     stats: dict[str, Any] = {}
-    samples = pipe.sample(args.n, seed=args.seed, cond=cond, progress=True, stats=stats, **settings, **guidance,
-                          **options)  # fmt: skip
-    meta = generation_metadata(pipe, args, options)
-    meta["nfe"] = stats["nfe"]
-    written = write(samples, pipe, args, meta, cond)
+    batches = pipe.sample_batches(args.n, seed=args.seed, cond=cond, progress=True, stats=stats, **settings,
+                                  **guidance, **options)  # fmt: skip
+    meta = generation_metadata(pipe, args, options) | {"device": str(device)}
+    with SampleWriter(pipe.config.data.kind, meta, args.n, out=args.out, out_dir=args.out_dir) as writer:
+        for seeds, samples in batches:
+            writer.add(seeds, samples, _per_sample(args, seeds, cond, stats["batch_nfe"]))
+        written = writer.finish({"nfe": stats["nfe"]})
     print(f"wrote {args.n} samples to {written} ({stats['nfe']:g} network evaluations per sample)")
     return 0
+
+
+def _per_sample(args: argparse.Namespace, seeds, cond, nfe: float) -> list[dict[str, Any]]:
+    """What each sample's own PNG records besides the run's parameters: its label, its batch, the batch's NFE."""
+    offset = seeds[0] - args.seed
+    labels = cond["class_label"][offset : offset + len(seeds)].tolist() if cond is not None else [None] * len(seeds)
+    return [{"label": label, "batch_first_seed": seeds[0], "batch_n": len(seeds), "nfe": nfe} for label in labels]
 
 
 def generation_metadata(pipe, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
@@ -84,24 +99,6 @@ def generation_metadata(pipe, args: argparse.Namespace, options: dict[str, Any])
     meta |= {k: getattr(args, k) for k in ("guidance", "guidance_interval", "classifier", "classifier_scale")}
     meta |= {"negative_class": args.negative_class, "class": args.label}
     return meta
-
-
-def write(samples, pipe, args: argparse.Namespace, meta: dict[str, Any], cond) -> str:
-    from difflab.outputs import write_per_sample, write_samples
-
-    written = []
-    if args.out is not None:
-        written.append(str(write_samples(samples, pipe.config.data.kind, args.out, meta)))
-    if args.out_dir is not None:
-        if pipe.config.data.kind != "images":
-            raise DifflabError("--out-dir writes one PNG per image; this model makes points: use --out FILE.npy")
-        seeds, batch = [args.seed + i for i in range(args.n)], args.batch_size
-        labels = cond["class_label"].tolist() if cond is not None else [None] * args.n
-        per_sample = [{"label": labels[i], "batch_first_seed": args.seed + (i // batch) * batch,
-                       "batch_n": min(batch, args.n - (i // batch) * batch)} for i in range(args.n)]  # fmt: skip
-        write_per_sample(samples, args.out_dir, meta, seeds, per_sample)
-        written.append(f"{args.out_dir}/ ({args.n} PNGs)")
-    return " and ".join(written)
 
 
 def reproduce(args: argparse.Namespace) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from difflab.cli.common import add_runtime_arguments, setup_runtime
+from difflab.cli.common import add_runtime_arguments, setup_runtime, stopped_by_signal
 
 FORMULATION_FLAGS = ("schedule", "timesteps", "prediction", "sigma_min", "sigma_max", "aug_dim")
 
@@ -13,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data and output")
     data.add_argument(
         "--data",
-        required=True,
-        help="moons, swissroll, 8gaussians, checkerboard, rings, heart, digits or a folder of images",
+        help="moons, swissroll, 8gaussians, checkerboard, rings, heart, digits or a folder of images (required "
+        "unless --resume: a run remembers its data)",
     )
     data.add_argument("--out", required=True, help="run folder (config, checkpoints, log, loss curve)")
     data.add_argument("--resolution", type=int, help="image size (digits: 8..64, multiple of 8; folders: 32)")
@@ -61,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--seed", type=int, default=0)
     runs = p.add_argument_group("checkpoints and monitoring")
     runs.add_argument("--checkpoint-every", type=int, default=1000)
-    runs.add_argument("--resume", choices=("latest",), help="continue the run in --out from its latest checkpoint")
+    runs.add_argument("--resume", choices=("latest",), help="continue the run in --out from its latest intact "
+                      "checkpoint, as it was saved (only --steps/--minutes change)")  # fmt: skip
     runs.add_argument("--preview-every", type=int, metavar="N", help="write a sample grid every N steps (previews/)")
     runs.add_argument("--tensorboard", action="store_true", help="log loss and learning rate to OUT/tensorboard")
     runs.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -84,29 +87,100 @@ def config_from_args(args: argparse.Namespace, data):
 
 
 def train(args: argparse.Namespace):
-    from difflab.data import load_dataset
+    from difflab.errors import DifflabError
+    from difflab.training.checkpoint import check_run_folder, latest_checkpoint
     from difflab.training.run import train_run
 
     device = setup_runtime(args)
     if args.resume:
+        check_resume_flags(args)
         return train_run(None, args.out, device=device, resume=True, steps=args.steps, minutes=args.minutes,
                          progress=not args.no_progress)  # fmt: skip
-    from difflab.training.checkpoint import latest_checkpoint
-
-    if latest_checkpoint(args.out) is not None:  # before loading data
-        from difflab.errors import DifflabError
-
+    if args.data is None:
+        raise DifflabError("give the data to train on: --data moons (a toy), digits or a folder of images")
+    check_run_folder(args.out)  # before loading data
+    if latest_checkpoint(args.out) is not None:
         raise DifflabError(f"'{args.out}' already holds a run; pass --resume latest to continue it, or a new --out")
+    from difflab.data import load_dataset
+
     data = load_dataset(args.data, resolution=args.resolution, channels=args.channels)
     config = config_from_args(args, data)
     return train_run(config, args.out, data=data, device=device, progress=not args.no_progress)
 
 
+# Flags that make another model or data set: --resume refuses them when they differ from the run's saved config.
+MODEL_FLAGS = {
+    "data": lambda c: c.data.name,
+    "resolution": lambda c: c.data.resolution,
+    "channels": lambda c: c.data.channels,
+    "process": lambda c: c.process,
+    "model": lambda c: c.model.preset,
+    "backbone": lambda c: c.model.backbone,
+    "dropout": lambda c: getattr(c.model.settings, "dropout", 0.0),
+    "conditional": lambda c: bool(c.conditioning),
+    "label_dropout": lambda c: c.conditioning[0].dropout if c.conditioning else None,
+} | {k: (lambda c, k=k: getattr(c.formulation, k, None)) for k in FORMULATION_FLAGS}
+# Settings a resumed run keeps from its config: --resume names the ones given that differ and ignores them.
+KEPT_FLAGS = {"batch_size": "batch_size", "lr": "lr", "warmup": "warmup_steps", "ema_decay": "ema_decay",
+              "min_snr_gamma": "min_snr_gamma", "mixed_precision": "mixed_precision", "seed": "seed",
+              "checkpoint_every": "checkpoint_every", "preview_every": "preview_every",
+              "tensorboard": "tensorboard"}  # fmt: skip
+
+
+def check_resume_flags(args: argparse.Namespace) -> None:
+    """--resume continues the saved run: refuse flags (given, i.e. not at their defaults) that would change its
+    model or data, and warn on stderr, in one line, about settings it keeps from its config instead."""
+    from difflab.errors import DifflabError
+
+    config = _saved_config(args.out)
+    if config is None:
+        return  # train_run says there is no checkpoint
+    defaults = argparse.ArgumentParser(add_help=False)
+    add_arguments(defaults)
+    given = sorted(k for k in (*MODEL_FLAGS, *KEPT_FLAGS) if getattr(args, k) != defaults.get_default(k))
+    changed = [_differs(k, getattr(args, k), MODEL_FLAGS[k](config)) for k in given if k in MODEL_FLAGS]
+    if any(changed):
+        raise DifflabError(
+            f"--resume latest continues '{args.out}' as it was saved, and these flags would change its model or "
+            f"data: {', '.join(c for c in changed if c)}; drop them, or train a new run with a new --out"
+        )
+    kept = [_differs(k, getattr(args, k), getattr(config.train, KEPT_FLAGS[k])) for k in given if k in KEPT_FLAGS]
+    if any(kept):
+        print(f"difflab train: warning: --resume latest keeps the run's saved settings and ignores "
+              f"{', '.join(k for k in kept if k)}", file=sys.stderr)  # fmt: skip
+
+
+def _saved_config(out: str):
+    """The config of the newest checkpoint of the run in `out` that has a readable one, or None."""
+    from difflab.errors import DifflabError
+    from difflab.training.checkpoint import list_checkpoints, load_config
+
+    for ckpt in reversed(list_checkpoints(out)):
+        try:
+            return load_config(ckpt)
+        except DifflabError:
+            continue
+    return None
+
+
+def _differs(dest: str, given, saved) -> str | None:
+    """'--flag VALUE (the run has SAVED)' when the value given differs from the saved one, else None."""
+    if given == saved or (dest == "data" and saved and Path(given).resolve() == Path(saved).resolve()):
+        return None
+    flag = "--" + dest.replace("_", "-")
+    shown = flag if isinstance(given, bool) else f"{flag} {given}"
+    was = ("on" if saved else "off") if isinstance(saved, bool) else "none" if saved is None else saved
+    return f"{shown} (the run has {was})"
+
+
 def run(args: argparse.Namespace) -> int:
     result = train(args)
-    print(f"trained {result.step} steps (stopped by {result.stopped_by}); run folder: {result.run_dir}")
+    resume = f"continue with: difflab train --out {result.run_dir} --resume latest"
+    code = stopped_by_signal(result, result.run_dir, resume)
+    if code is None:
+        print(f"trained {result.step} steps (stopped by {result.stopped_by}); run folder: {result.run_dir}")
     if result.skipped_steps:
-        print(f"skipped {result.skipped_steps} steps with a non-finite loss")
+        print(f"skipped {result.skipped_steps} steps with a non-finite loss or gradients")
     if result.warning:
         print(f"warning: {result.warning}")
-    return 0
+    return 0 if code is None else code

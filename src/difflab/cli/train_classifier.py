@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from difflab.cli.common import add_runtime_arguments, setup_runtime
+from difflab.cli.common import add_runtime_arguments, setup_runtime, stopped_by_signal
 from difflab.errors import DifflabError
 from difflab.guidance.classifier import DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN
 
@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         config, tc, (train.data, train.labels), (test.data, test.labels), out, device=device,
         progress=not args.no_progress,
     )  # fmt: skip
+    code = stopped_by_signal(result, out, "it works as --classifier; to train longer, start a new --out")
+    if code is not None:
+        return code
     acc = result.test_accuracy
     noisy = ", ".join(f"sigma {k}: {v:.3f}" for k, v in acc.items() if k != "clean")
     print(

@@ -54,13 +54,15 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def config_from_dict(values: dict[str, Any]) -> Any:
+    """A formulation config from its config_to_dict() form; a missing, unknown or mistyped key is a ValueError
+    naming it (formulation.KEY)."""
+    from difflab.config import dataclass_from_dict, read_value
+
+    if not isinstance(values, dict) or "name" not in values:
+        raise ValueError("formulation.name is missing (ddpm, vp, subvp, ve, edm, pfgmpp or pfgm)")
     values = dict(values)
-    cls = formulation_class(values.pop("name", None))
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = set(values) - fields
-    if unknown:
-        raise ValueError(f"unknown {cls.Config.__name__} fields: {', '.join(sorted(unknown))}")
-    return cls.Config(**values)
+    cls = formulation_class(read_value(str, values.pop("name"), "formulation.name"))
+    return dataclass_from_dict(cls.Config, values, "formulation")
 
 
 __all__ = [

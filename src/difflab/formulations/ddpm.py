@@ -11,6 +11,7 @@ from torch import nn
 from difflab.adapters import discrete_time_denoiser
 from difflab.errors import DifflabError
 from difflab.formulations.base import Formulation
+from difflab.limits import SIZE_LIMITS, check_size
 from difflab.losses import DenoisingLoss, DiscreteTimesteps
 from difflab.precond import PreconditionedDenoiser, make_prediction
 from difflab.schedules import SCHEDULE_NAMES, DiscreteSchedule
@@ -35,6 +36,8 @@ class DDPMConfig:
             raise DifflabError(f"unknown schedule '{self.schedule}': choose one of {', '.join(SCHEDULE_NAMES)}")
         if self.timesteps < 2:
             raise DifflabError(f"--timesteps must be at least 2, got {self.timesteps}")
+        low, high = SIZE_LIMITS["DDPMConfig"]["timesteps"]  # checked before a schedule of T entries is built
+        check_size("formulation.timesteps (--timesteps)", self.timesteps, low, high)
         check_prediction("ddpm", self.prediction, PREDICTIONS)
 
 

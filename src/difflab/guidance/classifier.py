@@ -177,20 +177,29 @@ def classifier_checkpoint(path: str | Path) -> Path:
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu", *, use_ema: bool = True) -> NoisyClassifier:
-    """The classifier saved by `train_classifier` (EMA weights if present), in eval mode on `device`."""
+    """The classifier saved by `train_classifier` (EMA weights if present), in eval mode on `device`. Its sizes are
+    checked against `difflab.limits` and its weights file's header against them before anything is allocated; NaN/inf
+    weights are refused (`difflab.weights`)."""
+    from difflab.limits import check_limits
+    from difflab.weights import check_header, meta_state, read_config_text
+
     ckpt = classifier_checkpoint(path)
+    text = read_config_text(ckpt / "config.json")
     try:
-        config = ClassifierConfig.from_json((ckpt / "config.json").read_text())
+        config = ClassifierConfig.from_json(text)
+        check_limits(config, "classifier")
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise DifflabError(
             f"'{ckpt}/config.json' is not a noise-aware classifier ({err}); train one with `difflab train-classifier`"
         ) from None
-    name = "ema.safetensors" if use_ema and (ckpt / "ema.safetensors").is_file() else "model.safetensors"
+    ema = ckpt / "ema.safetensors"
+    weights = ema if use_ema and (ema.exists() or ema.is_symlink()) else ckpt / "model.safetensors"
+    check_header(weights, meta_state(lambda: NoisyClassifier(config), "the classifier"))
     model = NoisyClassifier(config)
     try:
-        model.load_state_dict(load_tensors(ckpt / name))
+        model.load_state_dict(load_tensors(weights))
     except RuntimeError as err:
-        raise DifflabError(f"'{ckpt / name}' does not match its config.json ({str(err).splitlines()[0]})") from None
+        raise DifflabError(f"'{weights}' does not match its config.json ({str(err).splitlines()[0]})") from None
     return model.to(device).eval()
 
 

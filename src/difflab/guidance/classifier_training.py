@@ -19,6 +19,7 @@ from difflab.config import TrainConfig
 from difflab.errors import DifflabError
 from difflab.guidance.classifier import ClassifierConfig, build_classifier, classifier_checkpoint
 from difflab.sigmas import append_dims
+from difflab.training.checkpoint import latest_checkpoint
 from difflab.training.trainer import Trainer
 
 TRAIN_DEFAULTS = {"points": {"batch_size": 256, "lr": 1e-3}, "images": {"batch_size": 128, "lr": 1e-3}}
@@ -89,9 +90,10 @@ def accuracy(
 class ClassifierResult:
     checkpoint: Path
     step: int
-    stopped_by: str  # "steps" or "minutes"
+    stopped_by: str  # "steps", "minutes" or "signal"
     elapsed_s: float
-    test_accuracy: dict[str, float]  # sigma (as text; "clean" = x0 itself) -> accuracy on the test split
+    test_accuracy: dict[str, float] | None  # sigma (as text; "clean" = x0 itself) -> test-split accuracy; None if
+    signal: str | None = None  # the stop signal's name (SIGTERM, SIGHUP, SIGINT) when one ended training early
 
 
 def train_classifier(
@@ -108,7 +110,8 @@ def train_classifier(
     """Train `config`'s classifier on (data (N, *shape) in [-1, 1], labels (N,) int64) into `out` with the shared
     Trainer; batch indices, sigma and noise come from generators seeded with tc.seed, the initial weights from
     tc.seed, so a run is reproducible on one machine. The test-split accuracy (clean, and at `eval_sigmas`) of the
-    weights `load_classifier` returns (EMA) is stored in training_state.json and returned."""
+    weights `load_classifier` returns (EMA) is stored in training_state.json and returned (not measured when a stop
+    signal ended training)."""
     data, labels = train
     if int(labels.min()) < 0 or int(labels.max()) >= config.num_classes:
         raise DifflabError(
@@ -117,6 +120,9 @@ def train_classifier(
     trainer = Trainer(ClassifierTask(ClassifierRun(config, tc)), data, Path(out), torch.device(device),
                       cond_data={"class_label": labels})  # fmt: skip
     result = trainer.run(progress=progress)
+    if result.stopped_by == "signal":  # pre-empted: the checkpoint of the step reached is written; stop promptly
+        return ClassifierResult(latest_checkpoint(out), result.step, "signal", round(trainer.elapsed, 2), None,
+                                result.signal)  # fmt: skip
     final = build_classifier(config).to(device)
     final.load_state_dict(trainer.ema.state_dict())
     final.eval()

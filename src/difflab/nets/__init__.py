@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from difflab.errors import DifflabError
+from difflab.limits import check_limits
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import UNet, UNetConfig, unet_preset
 
@@ -65,19 +66,27 @@ class ModelConfig:
     settings: Any
     preset: str = "custom"
 
+    def __post_init__(self):
+        """Size settings outside `difflab.limits`, or a network of more than MAX_PARAMETERS values, are refused here,
+        before anything is allocated (the network is built on the meta device to count them)."""
+        from difflab.weights import meta_state
+
+        if dataclasses.is_dataclass(self.settings):
+            check_limits(self.settings, "model.settings")
+        meta_state(lambda: build_network(self), f"the {self.backbone} network")
+
     def to_dict(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "preset": self.preset, "settings": dataclasses.asdict(self.settings)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        from difflab.config import dataclass_from_dict
+        """The model config from its to_dict() form; a missing or mistyped key is a ValueError naming it."""
+        from difflab.config import check_keys, dataclass_from_dict, read_value
 
-        unknown = set(values) - {"backbone", "preset", "settings"}
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {', '.join(sorted(unknown))}")
-        spec = backbone(values["backbone"])
-        settings = dataclass_from_dict(spec.config_cls, values["settings"])
-        return cls(spec.name, settings, values.get("preset", "custom"))
+        check_keys(values, "model", {"backbone", "preset", "settings"}, required=("backbone", "settings"))
+        spec = backbone(read_value(str, values["backbone"], "model.backbone"))
+        settings = dataclass_from_dict(spec.config_cls, values["settings"], "model.settings")
+        return cls(spec.name, settings, read_value(str, values.get("preset", "custom"), "model.preset"))
 
     @property
     def num_classes(self) -> int | None:

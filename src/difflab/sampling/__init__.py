@@ -63,9 +63,11 @@ OPTION_HELP: dict[str, str] = {
     "order": "multistep order: how many past derivatives each step uses",
     "rtol": "relative tolerance of the adaptive step size",
     "atol": "absolute tolerance of the adaptive step size",
+    "max_nfe": "stop with an error after this many network evaluations (a diverging sample, too tight tolerances)",
     "snr": "Langevin corrector signal-to-noise ratio",
     "corrector_steps": "Langevin corrector steps per noise level (0 = predictor only)",
-    "norm_scope": "corrector step-size norms: batch (score_sde; couples the batch) or sample (batch-independent)",
+    "norm_scope": "corrector step: sigma (2 (snr sigma)^2), sample (per-sample norms) or batch (score_sde; couples "
+    "the batch)",
     "step_size": "Langevin step size at the smallest sigma (default 0.2 sigma_min^2, NCSN's relative step)",
     "n_steps_each": "Langevin steps per noise level",
     "denoise_last": "end with one denoising step at the smallest sigma (Jolicoeur-Martineau et al. 2021)",
@@ -187,6 +189,10 @@ class SamplerSpec:
     # whether it integrates the PF-ODE without drawing noise, given its options; only these suit a kernel other
     # than the Gaussian (PFGM/PFGM++), whose reverse SDE is not the Gaussian one
     deterministic_if: Condition = field(default=_always(True))
+    # whether sample i of a batch equals its seed alone (up to the rounding of batched matmuls), given its options;
+    # where it is not, `batch_note` says why and how to get it, and `difflab samplers` shows it
+    batch_independent_if: Condition = field(default=_always(True))
+    batch_note: str = ""
     option_specs: tuple[SamplerOption, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -213,6 +219,10 @@ class SamplerSpec:
         """Whether the sampler with these options draws no noise (so it suits a non-Gaussian kernel)."""
         return self.deterministic_if(self.with_defaults(options))
 
+    def batch_independent(self, options: dict[str, Any] | None = None) -> bool:
+        """Whether sample i of a batch equals its seed drawn alone, with these options (see `batch_note`)."""
+        return self.batch_independent_if(self.with_defaults(options))
+
     def nfe(self, steps: int, options: dict[str, Any] | None = None) -> int:
         """Network evaluations used by `steps` steps on a grid that ends in sigma = 0."""
         if self.cost is None:
@@ -229,6 +239,8 @@ class SamplerSpec:
     def describe(self) -> str:
         """The summary line, then one line per option: flag, default, help (for `difflab samplers`)."""
         lines = [f"{self.name:<16} {self.summary}"]
+        if self.batch_note:
+            lines.append(f"{'':<16} batch: {self.batch_note}")
         lines += [f"    {o.flag:<18} {format_default(o.default):<7} {o.help}" for o in self.option_specs]
         return "\n".join(lines)
 
@@ -252,7 +264,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("lms", "ode:sample_lms",
                     "linear multistep (Adams-Bashforth) on the PF-ODE"),
         SamplerSpec("rk45", "ode:sample_rk45",
-                    "adaptive Dormand-Prince RK45 on the PF-ODE; --steps sets only the range",
+                    "adaptive Dormand-Prince RK45 on the PF-ODE, a step size per sample; --steps sets only the range",
                     None),
         SamplerSpec("euler_ancestral", "sde:sample_euler_ancestral",
                     "Euler ancestral (k-diffusion); same map as ddim(eta)",
@@ -265,7 +277,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
                     deterministic_if=_is_zero("eta")),
         SamplerSpec("pc", "langevin:sample_pc",
                     "predictor-corrector (Song et al. 2021, Alg. 2): Langevin + reverse diffusion",
-                    lambda steps, o: (o["corrector_steps"] + 1) * steps, _always(False)),
+                    lambda steps, o: (o["corrector_steps"] + 1) * steps, _always(False),
+                    batch_independent_if=lambda o: o["norm_scope"] != "batch" or o["corrector_steps"] == 0,
+                    batch_note="--norm-scope batch (score_sde's code) makes a sample depend on its batch; the "
+                    "default sigma and sample do not"),
         SamplerSpec("ald", "langevin:sample_ald",
                     "annealed Langevin dynamics (Song & Ermon 2019, Alg. 1), final denoising",
                     lambda steps, o: o["n_steps_each"] * steps + int(bool(o["denoise_last"])), _always(False)),

@@ -1,8 +1,9 @@
 """Probability-flow ODE samplers (Karras et al. 2022, Eq. 1 in sigma space): dx/dsigma = (x - D(x, sigma)) / sigma.
 
 Euler and Heun (Karras et al. 2022, Alg. 1-2), DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), linear multistep
-(k-diffusion `sample_lms`) and adaptive Dormand-Prince RK45. All share the sampler signature
-(denoiser, x, sigmas, *, cond, noise, callback, **options) -> x; the deterministic ones ignore `noise`.
+(k-diffusion `sample_lms`) and adaptive Dormand-Prince RK45 (per-sample step control, `sampling/dopri.py`). All
+share the sampler signature (denoiser, x, sigmas, *, cond, noise, callback, **options) -> x; the deterministic ones
+ignore `noise`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from numpy.polynomial import Polynomial
 
 from difflab.errors import DifflabError
 from difflab.sampling.common import NoiseFn, check_grid, noise_or_default
+from difflab.sampling.dopri import dopri5_per_sample
 from difflab.sigmas import eps_from_denoised
 from difflab.types import Denoiser, StepCallback, StepInfo
 
@@ -210,48 +212,45 @@ def sample_rk45(
     *,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    max_nfe: int = 10_000,
     info: dict | None = None,
     cond: Any = None,
     noise: NoiseFn | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Adaptive Dormand-Prince RK45 on the PF-ODE (Song et al. 2021, Sec. 4.3; Dormand & Prince 1980), torchdiffeq.
+    """Adaptive Dormand-Prince RK45 on the PF-ODE (Song et al. 2021, Sec. 4.3; Dormand & Prince 1980).
 
     Integrates dx/dsigma = (x - D) / sigma from sigmas[0] to the grid's smallest positive sigma (the other grid
     points are ignored), then, if the grid ends in 0, returns D there (one more evaluation: score_sde's denoising
     at the end). The ODE is solved in u = log(sigma), dx/du = x - D: the same solution, but the solution's
     features are spread evenly in u (in sigma the error control steps over the bend at sigma ~ data std), and no
-    stage can reach sigma <= 0. The step size is shared by the batch (RMS error norm over all of it), so a sample
-    depends on its batch. If `info` is a dict, info["nfe"] gets the number of denoiser evaluations. The callback
-    is called once, at the end, with i = 0.
+    stage can reach sigma <= 0. Every sample has its own step size and error control (`dopri5_per_sample`: RMS
+    error over that sample), so a sample does not depend on its batch, and one diverging sample cannot stall the
+    rest. More than `max_nfe` evaluations raise a one-line DifflabError. If `info` is a dict, info["nfe"] gets the
+    number of (batched) denoiser evaluations. The callback is called once, at the end, with i = 0.
     """
     check_grid(sigmas)
     if not (rtol >= 0 and atol >= 0 and rtol + atol > 0):
         raise DifflabError(f"rk45 needs rtol >= 0 and atol >= 0, not both 0; got rtol={rtol}, atol={atol}")
-    try:
-        from torchdiffeq import odeint
-    except ImportError as e:
-        raise DifflabError("the rk45 sampler needs torchdiffeq: pip install torchdiffeq") from e
+    if isinstance(max_nfe, bool) or not isinstance(max_nfe, numbers.Integral) or max_nfe < 8:
+        raise DifflabError(f"--max-nfe must be an integer >= 8 (two evaluations to start, six per step), got {max_nfe}")
     sigma_start, sigma_min = float(sigmas[0]), float(sigmas[sigmas > 0][-1])
-    ones = x.new_ones(x.shape[0])
-    nfe, denoised = 0, None
+    counter, denoised = [0], None
 
-    def velocity(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # dx/d(log sigma)
-        nonlocal nfe, denoised
-        nfe += 1
-        denoised = denoiser(y, u.exp().to(y.dtype) * ones, cond)
-        return y - denoised
+    def velocity(u: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # dx/d(log sigma)
+        counter[0] += 1
+        d = denoiser(y, u.exp().to(y.dtype), cond)
+        return y - d, d
 
     if sigma_min < sigma_start:
-        u = torch.tensor([math.log(sigma_start), math.log(sigma_min)], dtype=torch.float64, device=x.device)
-        # step_t: the last step ends exactly at sigma_min instead of stepping past it and interpolating back
-        x = odeint(velocity, x, u, rtol=rtol, atol=atol, method="dopri5", options={"step_t": u[1:]})[-1]
+        x, denoised = dopri5_per_sample(velocity, x, math.log(sigma_start), math.log(sigma_min), rtol=rtol, atol=atol,
+                                        max_nfe=max_nfe, counter=counter)  # fmt: skip
     sigma_end = float(sigmas[-1])
     if sigma_end == 0:
-        nfe += 1
-        x = denoised = denoiser(x, sigma_min * ones, cond)
+        counter[0] += 1
+        x = denoised = denoiser(x, sigma_min * x.new_ones(x.shape[0]), cond)
     if info is not None:
-        info["nfe"] = nfe
+        info["nfe"] = counter[0]
     if callback is not None:
         callback(StepInfo(0, sigma_start, sigma_end, x, denoised))
     return x

@@ -17,7 +17,8 @@ from difflab.data import Dataset, load_dataset
 from difflab.errors import DifflabError
 from difflab.formulations import DataInfo, formulation_class, make_config
 from difflab.nets import model_config_for
-from difflab.training.checkpoint import latest_checkpoint, load_config
+from difflab.training.checkpoint import check_run_folder, latest_checkpoint, load_config, resume_checkpoint
+from difflab.training.lock import run_lock
 from difflab.training.tasks import DenoiserTask
 from difflab.training.threads import oversubscription_warning
 from difflab.training.trainer import Trainer, TrainResult, read_log
@@ -141,32 +142,28 @@ def train_run(
     minutes: float | None = None,
     progress: bool = True,
 ) -> TrainOutcome:
-    """`train`, returning the outcome (steps done, what stopped it, skipped steps, a short-run warning)."""
-    if out is None:
-        if config is None:
-            raise DifflabError("give a config or a run folder to resume")
-        out = Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(config.data.name).name}-{config.process}")
-    out = Path(out)
-    if resume:
-        config = _resumed_config(out, steps, minutes)
-    else:
-        if config is None:
-            raise DifflabError("give the RunConfig to train (see difflab.run_config)")
-        if latest_checkpoint(out) is not None:
-            raise DifflabError(f"'{out}' already holds a run; pass --resume latest to continue it, or a new --out")
-    data = data if data is not None else load_training_data(config)
-    torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
-    cond_data = {"class_label": data.labels} if data.labels is not None else None
-    trainer = Trainer(DenoiserTask(config), data.data, out, torch.device(device), cond_data=cond_data)
-    if resume:
-        trainer.resume()
-    warning = oversubscription_warning()  # once the settings are known to be valid: errors stay one line
-    if warning:
-        print(f"difflab train: {warning}", file=sys.stderr)
-    _add_hooks(trainer, config, out)
-    result = trainer.run(progress=progress)
-    _save_loss_curve(out)
-    outcome = TrainOutcome(result.run_dir, result.step, result.skipped_steps, result.stopped_by)
+    """`train`, returning the outcome (steps done, what stopped it, skipped steps, a short-run warning). Holds
+    RUN/.lock throughout: a second process training into the same folder is refused."""
+    out = _run_folder(config, out)
+    check_run_folder(out)
+    if resume and latest_checkpoint(out) is None:  # before the lock, which would create the folder
+        raise DifflabError(f"--resume latest: '{out}' holds no checkpoint; start the run without --resume")
+    with run_lock(out):
+        ckpt, config = _resumed(out, steps, minutes) if resume else (None, _new_run_config(config, out))
+        data = data if data is not None else load_training_data(config)
+        torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
+        cond_data = {"class_label": data.labels} if data.labels is not None else None
+        trainer = Trainer(DenoiserTask(config), data.data, out, torch.device(device), cond_data=cond_data)
+        if ckpt is not None:
+            trainer.resume(ckpt)
+        warning = oversubscription_warning()  # once the settings are known to be valid: errors stay one line
+        if warning:
+            print(f"difflab train: {warning}", file=sys.stderr)
+        _add_hooks(trainer, config, out)
+        result = trainer.run(progress=progress)
+    if result.stopped_by != "signal":  # pre-empted: exit promptly, the curve can be drawn from the log later
+        _save_loss_curve(out)
+    outcome = TrainOutcome(result.run_dir, result.step, result.skipped_steps, result.stopped_by, result.signal)
     need = USEFUL_STEPS[config.data.kind]
     if result.stopped_by == "minutes" and result.step < need:
         outcome.warning = (
@@ -176,14 +173,34 @@ def train_run(
     return outcome
 
 
-def _resumed_config(out: Path, steps: int | None, minutes: float | None) -> RunConfig:
-    ckpt = latest_checkpoint(out)
+def _run_folder(config: RunConfig | None, out: str | Path | None) -> Path:
+    if out is not None:
+        return Path(out)
+    if config is None:
+        raise DifflabError("give a config or a run folder to resume")
+    return Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(config.data.name).name}-{config.process}")
+
+
+def _new_run_config(config: RunConfig | None, out: Path) -> RunConfig:
+    if config is None:
+        raise DifflabError("give the RunConfig to train (see difflab.run_config)")
+    if latest_checkpoint(out) is not None:
+        raise DifflabError(f"'{out}' already holds a run; pass --resume latest to continue it, or a new --out")
+    return config
+
+
+def _resumed(out: Path, steps: int | None, minutes: float | None) -> tuple[Path, RunConfig]:
+    """The checkpoint to continue from (the newest intact one, saying so when a newer one is corrupt) and its
+    config with the new budget."""
+    ckpt, warning = resume_checkpoint(out)
+    if warning:
+        print(f"difflab train: warning: {warning}", file=sys.stderr)
     if ckpt is None:
-        raise DifflabError(f"--resume latest: '{out}' holds no checkpoint; start the run without --resume")
+        raise DifflabError(f"--resume latest: '{out}' holds no intact checkpoint; start a new run with a new --out")
     config = load_config(ckpt)
     if steps is not None or minutes is not None:
         config = replace(config, train=replace(config.train, steps=steps, minutes=minutes))
-    return config
+    return ckpt, config
 
 
 def _save_loss_curve(out: Path) -> None:

@@ -1,11 +1,17 @@
 """The training loop (Ho et al. 2020, Algorithm 1): AdamW with warm-up, EMA, clipping, mixed precision,
-non-finite-loss guard, JSONL log, atomic checkpoints and exact resume. What is trained is a task
+non-finite loss and gradient guard, JSONL log, atomic checkpoints, exact resume, one writer per run folder (RUN/.lock)
+and a checkpoint on SIGTERM, SIGHUP or Ctrl-C before stopping. What is trained is a task
 (`difflab.training.tasks`): a formulation's denoiser, or a noise-aware classifier; the loop is the same."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,20 +22,27 @@ from tqdm.auto import tqdm
 from difflab.conditioning import drop_signals
 from difflab.errors import DifflabError
 from difflab.training.checkpoint import (
+    check_run_folder,
     latest_checkpoint,
     load_tensors,
     optimizer_from_tensors,
     optimizer_to_tensors,
+    recover_checkpoints,
+    resume_checkpoint,
     save_checkpoint,
 )
 from difflab.training.ema import EMA
+from difflab.training.lock import run_lock
+from difflab.weights import check_header
 
 MAX_NONFINITE_IN_A_ROW = 10
 LOG_FILE = "train_log.jsonl"
+# What schedulers send on pre-emption (TERM), a closed terminal (HUP) and Ctrl-C (INT): finish the step, save, stop.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name))
 
 
 class TrainingDiverged(DifflabError):
-    """The loss was not finite for too many steps in a row."""
+    """The loss or the gradients were not finite for too many steps in a row."""
 
 
 @dataclass
@@ -37,7 +50,8 @@ class TrainResult:
     run_dir: Path
     step: int
     skipped_steps: int
-    stopped_by: str  # "steps" or "minutes"
+    stopped_by: str  # "steps", "minutes" or "signal" (a checkpoint of the step reached was saved first)
+    signal: str | None = None  # the signal's name (SIGTERM, SIGHUP, SIGINT) when stopped_by == "signal"
 
 
 def _autocast(device: torch.device, mixed_precision: str):
@@ -68,6 +82,7 @@ class Trainer:
         if tc.steps is None and tc.minutes is None:
             raise DifflabError("give a training budget: --steps N or --minutes M")
         _autocast(device, tc.mixed_precision)  # validate early
+        check_run_folder(self.run_dir)  # new, empty or a difflab run: never a user's own folder
         self.data = data
         missing = [name for name in task.signals if name not in (cond_data or {})]
         if missing:
@@ -90,6 +105,7 @@ class Trainer:
         self.last_loss = math.nan
         self.extra_state: dict = {}  # JSON-able figures saved with the next checkpoint (e.g. test accuracy)
         self.hooks: list = []  # callables hook(trainer) run after every step (previews, TensorBoard)
+        self.stop_signal: str | None = None  # set by a stop signal during run(): stop after the current step
 
     # ---- state -----------------------------------------------------------------------------------------
     def _rng_tensors(self) -> dict[str, torch.Tensor]:
@@ -117,12 +133,20 @@ class Trainer:
         }
         return save_checkpoint(self.run_dir, self.step, self.config, tensors, meta, self.train_config.keep_checkpoints)
 
-    def resume(self) -> None:
-        """Continue from the latest checkpoint in run_dir (model, EMA, optimizer, step, every RNG)."""
-        ckpt = latest_checkpoint(self.run_dir)
+    def resume(self, ckpt: Path | None = None) -> None:
+        """Continue from `ckpt`, by default the latest intact checkpoint in run_dir (a corrupt newer one is set
+        aside with a warning on stderr): model, EMA, optimizer, step, every RNG."""
+        if ckpt is None:
+            with run_lock(self.run_dir):
+                ckpt, warning = resume_checkpoint(self.run_dir)
+            if warning:
+                print(f"difflab: warning: {warning}", file=sys.stderr)
         if ckpt is None:
             raise DifflabError(f"--resume latest: no checkpoint in '{self.run_dir}'; start without --resume")
         self.task.check_resume(ckpt)
+        expected = self.module.state_dict()  # names, shapes, dtypes: checked from the headers before reading
+        for name in ("model", "ema"):
+            check_header(ckpt / f"{name}.safetensors", expected)
         self.module.load_state_dict(load_tensors(ckpt / "model.safetensors"))
         self.ema.load_state_dict(load_tensors(ckpt / "ema.safetensors"))
         state = load_tensors(ckpt / "training_state.safetensors")
@@ -145,7 +169,8 @@ class Trainer:
         return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
 
     def train_step(self) -> float:
-        """One optimisation step; returns the loss (NaN/inf if the step was skipped)."""
+        """One optimisation step; returns the loss, or NaN/inf if the step was skipped (a non-finite loss or
+        gradient norm: weights, optimizer state and EMA are left as they were)."""
         tc = self.train_config
         idx = torch.randint(0, len(self.data), (tc.batch_size,), generator=self.data_gen)
         x0 = self.data[idx].to(self.device, non_blocking=True)
@@ -163,7 +188,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), tc.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), tc.grad_clip)
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):  # (fp16's scaler skips such steps itself)
+            self.optimizer.zero_grad(set_to_none=True)
+            return math.nan
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.ema.update(self.module, self.step)
@@ -179,51 +207,112 @@ class Trainer:
         return record["loss"]
 
     def run(self, progress: bool = True) -> TrainResult:
+        """Train to the budget holding RUN/.lock. SIGTERM, SIGHUP and SIGINT (in the main thread) stop the run after
+        the current step with a checkpoint of that step: stopped_by "signal", the signal's name in `signal`."""
+        with run_lock(self.run_dir), self._stop_signals_caught():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            recover_checkpoints(self.run_dir)
+            _write_atomic(self.run_dir / "config.json", self.config.to_json())
+            truncate_log(self.run_dir, self.step)
+            tc = self.train_config
+            bar = tqdm(total=tc.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+            self.module.train()
+            with open(self.run_dir / LOG_FILE, "a") as log:
+                stopped_by = self._loop(log, bar)
+            bar.close()
+            if latest_checkpoint(self.run_dir) != self.run_dir / "checkpoints" / f"step_{self.step:08d}":
+                self.save()
+        stop_signal = self.stop_signal if stopped_by == "signal" else None  # (one during the final save is moot)
+        return TrainResult(self.run_dir, self.step, self.skipped, stopped_by, stop_signal)
+
+    def _loop(self, log, bar) -> str:
+        """Steps until the budget or a stop signal; returns what stopped it."""
         tc = self.train_config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(self.config.to_json())
-        total = tc.steps if tc.steps is not None else None
-        budget_s = tc.minutes * 60 if tc.minutes is not None else math.inf
+        total, budget_s = tc.steps, tc.minutes * 60 if tc.minutes is not None else math.inf
         start, start_elapsed = time.monotonic(), self.elapsed
-        bar = tqdm(total=total, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         in_a_row, window, stopped_by = 0, [], "steps"
-        self.module.train()
-        with open(self.run_dir / LOG_FILE, "a") as log:
-            while total is None or self.step < total:
-                self.elapsed = start_elapsed + time.monotonic() - start
-                if self.elapsed >= budget_s:
-                    stopped_by = "minutes"
-                    break
-                loss = self.train_step()
-                if not math.isfinite(loss):
-                    self.skipped, in_a_row = self.skipped + 1, in_a_row + 1
-                    if in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                        raise TrainingDiverged(
-                            f"loss was not finite for {in_a_row} steps in a row at step {self.step}; "
-                            "lower --lr or use --mixed-precision no (last good checkpoint kept)"
-                        )
-                    continue
-                in_a_row = 0
-                self.step += 1
-                window.append(loss)
-                self.last_loss = loss
-                bar.update(1)
-                if self.step % tc.log_every == 0 or self.step == total:
-                    bar.set_postfix(loss=f"{self._log(log, window):.4f}")
-                    window = []
-                if self.step % tc.checkpoint_every == 0:
-                    self.save()
-                for hook in self.hooks:
-                    hook(self)
-            if window:  # a time budget ended between log lines: record the partial window
-                self._log(log, window)
-        bar.close()
-        if latest_checkpoint(self.run_dir) != self.run_dir / "checkpoints" / f"step_{self.step:08d}":
-            self.save()
-        return TrainResult(self.run_dir, self.step, self.skipped, stopped_by)
+        while total is None or self.step < total:
+            self.elapsed = start_elapsed + time.monotonic() - start
+            if self.stop_signal is not None or self.elapsed >= budget_s:
+                stopped_by = "signal" if self.stop_signal is not None else "minutes"
+                break
+            loss = self.train_step()
+            if not math.isfinite(loss):
+                self.skipped, in_a_row = self.skipped + 1, in_a_row + 1
+                if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise TrainingDiverged(
+                        f"loss or gradients were not finite for {in_a_row} steps in a row at step {self.step}; "
+                        "lower --lr or use --mixed-precision no (last good checkpoint kept)"
+                    )
+                continue
+            in_a_row = 0
+            self.step += 1
+            window.append(loss)
+            self.last_loss = loss
+            bar.update(1)
+            if self.step % tc.log_every == 0 or self.step == total:
+                bar.set_postfix(loss=f"{self._log(log, window):.4f}")
+                window = []
+            if self.step % tc.checkpoint_every == 0:
+                self.save()
+            for hook in self.hooks:
+                hook(self)
+        if window:  # the budget or a signal ended between log lines: record the partial window
+            self._log(log, window)
+        return stopped_by
+
+    @contextlib.contextmanager
+    def _stop_signals_caught(self):
+        """While training, a stop signal only sets `stop_signal`; a second Ctrl-C raises KeyboardInterrupt at once.
+        Python handles signals in the main thread only: elsewhere the process's handlers are left alone."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None and signum == getattr(signal, "SIGINT", None):
+                raise KeyboardInterrupt
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        self.stop_signal = None
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, old in previous.items():
+                signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def truncate_log(run_dir: Path, step: int) -> None:
+    """Keep the log records up to `step` (the checkpoint a run continues from) and drop a torn last line: a resumed
+    run then logs each step once. Rewritten atomically, only when something changes."""
+    path = Path(run_dir) / LOG_FILE
+    if not path.exists():
+        return
+    text = path.read_text(errors="replace")
+    kept = "".join(json.dumps(r) + "\n" for r in read_log(run_dir) if r.get("step", 0) <= step)
+    if kept != text:
+        _write_atomic(path, kept)
 
 
 def read_log(run_dir: Path) -> list[dict]:
-    """The JSONL training log of a run, as a list of records."""
+    """The JSONL training log of a run, as a list of records; a torn line (a run killed mid-append, a full disk) is
+    left out."""
     path = Path(run_dir) / LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

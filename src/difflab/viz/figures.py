@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from difflab.atomic import atomic_output
 from difflab.errors import DifflabError
 
 __all__ = [
@@ -90,26 +91,32 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1, p
     return grid
 
 
-def _png_info(metadata: dict[str, Any], parameters: str | None = None) -> PngInfo:
-    """Build PNG text chunks: ``difflab`` = sorted JSON of ``metadata``, one chunk per key, and ``parameters`` (the
+def _png_texts(metadata: dict[str, Any], parameters: str | None = None) -> dict[str, str]:
+    """PNG text chunks: ``difflab`` = sorted JSON of ``metadata``, one chunk per key, and ``parameters`` (the
     AUTOMATIC1111 convention) when given."""
     if not isinstance(metadata, dict):
         raise DifflabError(f"metadata must be a dict, got {type(metadata).__name__}")
     try:
-        blob = json.dumps(metadata, sort_keys=True)
+        texts = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     except (TypeError, ValueError) as e:
         raise DifflabError(f"metadata must be JSON-serialisable: {e}") from e
-    info = PngInfo()
-    info.add_text(METADATA_KEY, blob)
     for key, value in metadata.items():
         k = str(key)
         if k == METADATA_KEY:
             raise DifflabError(f"metadata key {METADATA_KEY!r} is reserved")
         if not 1 <= len(k) <= 79:
             raise DifflabError(f"metadata key {k!r} must be 1-79 characters (PNG text chunk keyword)")
-        info.add_text(k, str(value))
+        texts[k] = str(value)
     if parameters is not None:
-        info.add_text("parameters", parameters)
+        texts["parameters"] = parameters
+    return texts
+
+
+def _png_info(metadata: dict[str, Any], parameters: str | None = None) -> PngInfo:
+    """The chunks of `_png_texts` as Pillow's PngInfo."""
+    info = PngInfo()
+    for key, value in _png_texts(metadata, parameters).items():
+        info.add_text(key, value)
     return info
 
 
@@ -145,8 +152,9 @@ def save_image_grid(
         grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
     # uint8 (H, W) becomes mode "L" and uint8 (H, W, 3) mode "RGB".
     img = Image.fromarray(np.ascontiguousarray(grid[:, :, 0] if grid.shape[2] == 1 else grid))
-    p = prepare_path(path)
-    img.save(p, format="PNG", pnginfo=info)
+    p = Path(path)
+    with atomic_output(p) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
     return p
 
 
@@ -180,11 +188,13 @@ def new_figure(width_in: float, height_in: float) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG to ``path`` (parents created), then clear it to release its artists."""
-    p = prepare_path(path)
+def save_figure(fig: Figure, path: str | Path, texts: dict[str, str] | None = None) -> Path:
+    """Write ``fig`` as PNG to ``path`` (parents created; complete or not at all, see `difflab.atomic`), with PNG
+    text chunks ``texts`` if given, then clear it to release its artists."""
+    p = Path(path)
     try:
-        fig.savefig(p, format="png", dpi=_DPI)
+        with atomic_output(p) as tmp:
+            fig.savefig(tmp, format="png", dpi=_DPI, metadata=texts)
     finally:
         fig.clear()
     return p
@@ -207,11 +217,15 @@ def save_scatter(
     reference: torch.Tensor | np.ndarray | None = None,
     title: str = "",
     lim: float = 1.5,
+    metadata: dict[str, Any] | None = None,
+    parameters: str | None = None,
 ) -> Path:
     """Scatter-plot 2-D points (N, 2), optionally over grey ``reference`` points (M, 2); returns the path.
 
-    Equal aspect, both axes limited to [-lim, lim]; small translucent markers.
+    Equal aspect, both axes limited to [-lim, lim]; small translucent markers. ``metadata`` and ``parameters`` are
+    stored as PNG text chunks as ``save_image_grid`` stores them (read back by ``read_png_metadata``).
     """
+    texts = _png_texts(metadata, parameters) if metadata is not None else None
     pts = points_2d(points, "points")
     ref = points_2d(reference, "reference") if reference is not None else None
     if not lim > 0:
@@ -229,7 +243,7 @@ def save_scatter(
     if ref is not None:
         ax.legend(loc="upper right", markerscale=4, fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, texts)
 
 
 def _ema(values: np.ndarray, span: int) -> np.ndarray:
