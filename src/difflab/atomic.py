@@ -50,6 +50,13 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through `atomic_output`: the file is either the whole text or what it was before."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
 def existing_ancestor(folder: Path, target: Path | None = None) -> Path:
     """The nearest of `folder` and its parents that exists (where the rest will be created); a DifflabError if it is
     a file, which stands where a folder of `target` must be."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from difflab.atomic import write_text_atomic
 from difflab.cli.common import add_runtime_arguments, setup_runtime, stopped_by_signal
 from difflab.data import TOY_NAMES, load_dataset
 from difflab.errors import DifflabError
@@ -121,7 +122,7 @@ def run_ddpm(args: argparse.Namespace, data: str) -> int:
         written.append(save_image_grid(samples[:GRID], out / f"samples_{name}.png", metadata=meta, upscale=4))
         metrics["samplers"][name] = {"steps": steps, **options, **digits_quality(samples)}
     written.append(denoising_figure(model, out / "denoising.png"))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     written.append(out / "metrics.json")
     print("wrote:\n  " + "\n  ".join(str(p) for p in written))
     for name, m in metrics["samplers"].items():
@@ -160,7 +161,7 @@ def run_pfgm(args: argparse.Namespace, data: str) -> int:
     written.append(save_backward_flow_strip(flow, reference, out / "backward_flow_strip.png"))
     metrics = {"data": data, "process": "pfgm", "train_steps": train_steps, "train_minutes": args.minutes,
                "sampler": {**sampler, **quality}, "field_lines": uniform}  # fmt: skip
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     written.append(out / "metrics.json")
     print("wrote:\n  " + "\n  ".join(str(p) for p in written))
     print(

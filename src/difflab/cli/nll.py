@@ -94,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
         line += f"; DDPM bound: {result['vlb_bits_per_dim']:.4f} +- {result['vlb_bits_per_dim_stderr']:.4f}"
     print(f"{line} (n={len(data)}, {nfe} network evaluations)")
     if args.out:
-        from difflab.atomic import atomic_output
+        from difflab.atomic import write_text_atomic
 
-        with atomic_output(args.out) as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
+        write_text_atomic(args.out, json.dumps(result, indent=2))
     return 0

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from difflab.atomic import write_text_atomic
 from difflab.viz import save_quality_vs_nfe
 
 _COLUMNS = [
@@ -51,7 +52,7 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "eval.json", out_dir / "report.md"]
-    written[0].write_text(json.dumps(result, indent=2, sort_keys=True))
+    write_text_atomic(written[0], json.dumps(result, indent=2, sort_keys=True))
     s, rows = result["settings"], result["rows"]
     first = rows[0]
     lines = [
@@ -71,5 +72,5 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
         save_quality_vs_nfe({s.get("sampler", "samples"): [(r["nfe"], r["fid"]) for r in rows]}, plot)
         lines += ["", f"![FID vs NFE]({plot.name})"]
         written.append(plot)
-    written[1].write_text("\n".join(lines) + "\n")
+    write_text_atomic(written[1], "\n".join(lines) + "\n")
     return written

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from difflab.atomic import write_text_atomic
 from difflab.conditioning import drop_signals
 from difflab.errors import DifflabError
 from difflab.training.checkpoint import (
@@ -212,7 +212,7 @@ class Trainer:
         with run_lock(self.run_dir), self._stop_signals_caught():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             recover_checkpoints(self.run_dir)
-            _write_atomic(self.run_dir / "config.json", self.config.to_json())
+            write_text_atomic(self.run_dir / "config.json", self.config.to_json())
             truncate_log(self.run_dir, self.step)
             tc = self.train_config
             bar = tqdm(total=tc.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
@@ -285,12 +285,6 @@ class Trainer:
                 signal.signal(s, old if old is not None else signal.SIG_DFL)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def truncate_log(run_dir: Path, step: int) -> None:
     """Keep the log records up to `step` (the checkpoint a run continues from) and drop a torn last line: a resumed
     run then logs each step once. Rewritten atomically, only when something changes."""
@@ -300,7 +294,7 @@ def truncate_log(run_dir: Path, step: int) -> None:
     text = path.read_text(errors="replace")
     kept = "".join(json.dumps(r) + "\n" for r in read_log(run_dir) if r.get("step", 0) <= step)
     if kept != text:
-        _write_atomic(path, kept)
+        write_text_atomic(path, kept)
 
 
 def read_log(run_dir: Path) -> list[dict]:

@@ -21,6 +21,7 @@ from matplotlib import animation, colormaps
 from mpl_toolkits.mplot3d.art3d import Line3DCollection
 from scipy.stats import kstest
 
+from difflab.atomic import atomic_output
 from difflab.errors import DifflabError
 from difflab.generate import generate
 from difflab.kernels import Kernel, PoissonKernel
@@ -331,7 +332,7 @@ def save_backward_flow_gif(flow: Flow, reference, path, *, lim: float, zoom: flo
     writer = animation.PillowWriter(fps=fps)
     order = list(range(len(flow.z))) + [len(flow.z) - 1] * fps
     try:
-        with writer.saving(fig, p, dpi=80):
+        with atomic_output(p) as tmp, writer.saving(fig, tmp, dpi=80):
             for j in order:
                 fig.clear()
                 _flow_panels(fig, flow, j, ref, lim, zoom)
