@@ -6,7 +6,11 @@ unconditional branch of classifier-free guidance uses:
 
     class_label   -1 (the label embedding's extra row)
     text_tokens   0 (padding tokens)
+    text_embed    zeros (per-token embeddings (B, L, D))
+    text_mask     0 / False: every token is padding (mask (B, L), 1 / True = a real token)
     text_pooled, image_embed, low_res, mask, masked_image   zeros
+
+The null caption is text_embed zeros, text_mask all False and text_pooled zeros together (GLIDE's empty sequence).
 
 `null_cond` replaces every signal by its null at once; `drop_signals` nulls each signal independently with its own
 probability in training. Networks declare the signals they accept (`accepted_signals`); `check_cond` refuses any
@@ -27,6 +31,8 @@ NULL_LABEL = -1
 NULL_VALUES: dict[str, float | int] = {
     "class_label": NULL_LABEL,
     "text_tokens": 0,
+    "text_embed": 0.0,
+    "text_mask": 0,
     "text_pooled": 0.0,
     "image_embed": 0.0,
     "low_res": 0.0,

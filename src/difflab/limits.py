@@ -16,6 +16,7 @@ gigabytes. The limits are generous for what difflab is for (small diffusion mode
 | MLP: hidden / embed_dim / num_blocks                   | 1 .. 16384 / 1 .. 16384 / 0 .. 256 |
 | MLP: data_dim / out_dim                                | 1 .. 65536 / 1 .. 65537 |
 | num_classes (models and classifiers)                   | 1 .. 100,000       |
+| U-Net text: context_dim / pooled_dim                   | 1 .. 4096 / 1 .. 4096 |
 | classifier width / depth                               | 1 .. 4096 / 1 .. 64 |
 | network parameters (all tensors together)              | <= 10^9 (4 GB as float32) |
 """
@@ -43,7 +44,8 @@ SIZE_LIMITS: dict[str, dict[str, tuple[int, int]]] = {
     "UNetConfig": {"in_channels": (1, 4), "out_channels": (1, 8), "resolution": (1, MAX_RESOLUTION),
                    "channels": (1, 1024), "channel_mult": (1, 16), "num_res_blocks": (1, 16),
                    "attention_resolutions": (1, MAX_RESOLUTION), "attention_heads": (1, 64),
-                   "norm_groups": (1, 1024), "num_classes": (1, MAX_CLASSES)},
+                   "norm_groups": (1, 1024), "num_classes": (1, MAX_CLASSES), "context_dim": (1, 4096),
+                   "pooled_dim": (1, 4096)},
     "MLPConfig": {"data_dim": (1, 65536), "hidden": (1, 16384), "num_blocks": (0, 256), "embed_dim": (1, 16384),
                   "out_dim": (1, 65537), "num_classes": (1, MAX_CLASSES)},
     "ClassifierConfig": {"sample_shape": (1, 65536), "num_classes": (1, MAX_CLASSES), "width": (1, 4096),

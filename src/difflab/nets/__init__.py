@@ -23,18 +23,41 @@ class Backbone:
     name: str
     config_cls: type
     module_cls: type[nn.Module]
-    # (preset, sample_shape, dropout, extra_outputs, num_classes) -> settings
+    # (preset, sample_shape, dropout, extra_outputs, num_classes, context_dim=None, pooled_dim=None) -> settings
     preset: Callable[..., Any]
     kinds: tuple[str, ...]  # data kinds it suits: "images", "points"
 
 
-def _unet(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None):
+def _unet(
+    preset: str,
+    sample_shape: tuple[int, ...],
+    dropout: float,
+    extra_outputs: int,
+    num_classes: int | None,
+    context_dim: int | None = None,
+    pooled_dim: int | None = None,
+):
     channels, resolution = sample_shape[0], sample_shape[-1]
-    unet = replace(unet_preset(preset, resolution, channels, dropout), num_classes=num_classes)
+    unet = replace(
+        unet_preset(preset, resolution, channels, dropout),
+        num_classes=num_classes,
+        context_dim=context_dim,
+        pooled_dim=pooled_dim,
+    )
     return replace(unet, out_channels=channels + extra_outputs) if extra_outputs else unet
 
 
-def _mlp(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None):
+def _mlp(
+    preset: str,
+    sample_shape: tuple[int, ...],
+    dropout: float,
+    extra_outputs: int,
+    num_classes: int | None,
+    context_dim: int | None = None,
+    pooled_dim: int | None = None,
+):
+    if context_dim is not None or pooled_dim is not None:
+        raise DifflabError("the mlp backbone takes no text conditioning; use the unet backbone for text to image")
     hidden = {"tiny": 128, "small": 256, "base": 512}
     if preset not in hidden:
         raise DifflabError(f"unknown model preset '{preset}': choose one of {', '.join(hidden)}")
@@ -102,13 +125,19 @@ def model_config_for(
     extra_outputs: int = 0,
     num_classes: int | None = None,
     backbone_name: str | None = None,
+    context_dim: int | None = None,
+    pooled_dim: int | None = None,
 ) -> ModelConfig:
     """A preset network for data of this kind and shape (U-Net for images, MLP for points unless `backbone_name`);
-    `extra_outputs` adds output channels (PFGM's z component); `num_classes` makes it class-conditional."""
+    `extra_outputs` adds output channels (PFGM's z component); `num_classes` makes it class-conditional;
+    `context_dim` (D of text_embed) and `pooled_dim` (P of text_pooled) condition it on text (U-Net only)."""
     spec = backbone(backbone_name or DEFAULT_BACKBONE[kind])
     if kind not in spec.kinds:
         raise DifflabError(f"backbone '{spec.name}' does not suit {kind}; use {DEFAULT_BACKBONE[kind]}")
-    return ModelConfig(spec.name, spec.preset(preset, tuple(sample_shape), dropout, extra_outputs, num_classes), preset)
+    # passed only when set, so that a preset function written before text conditioning keeps working
+    text = {k: v for k, v in (("context_dim", context_dim), ("pooled_dim", pooled_dim)) if v is not None}
+    settings = spec.preset(preset, tuple(sample_shape), dropout, extra_outputs, num_classes, **text)
+    return ModelConfig(spec.name, settings, preset)
 
 
 def build_network(config: ModelConfig) -> nn.Module:

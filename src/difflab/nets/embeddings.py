@@ -1,4 +1,4 @@
-"""Noise-level embeddings shared by the networks."""
+"""Noise-level, class-label and pooled-text embeddings shared by the networks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from difflab.conditioning import NULL_LABEL, as_cond, check_cond
+from difflab.errors import DifflabError
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -32,7 +33,7 @@ class NoiseEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(base_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(c_noise, self.base_dim))
+        return self.mlp(sinusoidal_embedding(c_noise, self.base_dim).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedding(nn.Module):
@@ -54,15 +55,47 @@ class LabelEmbedding(nn.Module):
         return self.table(torch.where(labels < 0, self.num_classes, labels))
 
 
+class PooledEmbedding(nn.Module):
+    """GLIDE's pooled text embedding (Nichol et al. 2022, Sec. 3.1): (B, P) -> (B, dim) by a linear map, added to the
+    noise-level embedding in place of a class embedding; missing (None) = the null caption's zeros."""
+
+    def __init__(self, pooled_dim: int, dim: int):
+        super().__init__()
+        self.pooled_dim = pooled_dim
+        self.proj = nn.Linear(pooled_dim, dim)
+
+    def forward(self, pooled: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        dtype = self.proj.weight.dtype
+        if pooled is None:
+            pooled = torch.zeros(batch, self.pooled_dim, dtype=dtype, device=device)
+        if pooled.shape != (batch, self.pooled_dim) or not pooled.is_floating_point():
+            raise DifflabError(
+                f"text_pooled must be a float tensor of shape ({batch}, {self.pooled_dim}), got {pooled.dtype} "
+                f"{tuple(pooled.shape)}; use the text encoder this model was trained with"
+            )
+        return self.proj(pooled.to(dtype))
+
+
 def conditioning(
-    noise_embed: nn.Module, label_embed: LabelEmbedding | None, c_noise: torch.Tensor, cond: Any
+    noise_embed: nn.Module,
+    label_embed: LabelEmbedding | None,
+    c_noise: torch.Tensor,
+    cond: Any,
+    pooled_embed: PooledEmbedding | None = None,
+    accepts: frozenset[str] | None = None,
 ) -> torch.Tensor:
     """The embedding a block receives: noise-level features, plus the class label's vector for a conditional network
-    (cond {"class_label": (B,)}; missing = the null label). A signal the network does not accept is refused."""
+    (cond {"class_label": (B,)}; missing = the null label) and the pooled text vector's projection (cond
+    {"text_pooled": (B, P)}; missing = zeros). A signal outside `accepts` (default: class_label if the network has a
+    label embedding) is refused."""
     cond = as_cond(cond)
-    check_cond(cond, frozenset({"class_label"}) if label_embed is not None else frozenset())
+    if accepts is None:
+        accepts = frozenset({"class_label"}) if label_embed is not None else frozenset()
+    check_cond(cond, accepts)
     emb = noise_embed(c_noise)
-    if label_embed is None:
-        return emb
-    labels = cond.get("class_label") if cond else None
-    return emb + label_embed(labels, c_noise.shape[0], c_noise.device)
+    batch, device = c_noise.shape[0], c_noise.device
+    if label_embed is not None:
+        emb = emb + label_embed(cond.get("class_label") if cond else None, batch, device)
+    if pooled_embed is not None:
+        emb = emb + pooled_embed(cond.get("text_pooled") if cond else None, batch, device)
+    return emb

@@ -1,5 +1,7 @@
 """The DDPM U-Net (Ho et al. 2020, App. B; Nichol & Dhariwal 2021): residual blocks, self-attention,
-skip connections and a noise-level embedding. Pure architecture: no diffusion maths."""
+skip connections and a noise-level embedding; optionally conditioned on text as GLIDE's (Nichol et al. 2022,
+Sec. 3.1): token embeddings join the keys and values of every attention layer, the pooled embedding is added to the
+noise-level embedding. Pure architecture: no diffusion maths."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab.conditioning import as_cond
 from difflab.errors import DifflabError
-from difflab.nets.embeddings import LabelEmbedding, NoiseEmbedding, conditioning
+from difflab.nets.attention import SelfAttention, TextContext, attend, group_norm, text_context, zero_init
+from difflab.nets.embeddings import LabelEmbedding, NoiseEmbedding, PooledEmbedding, conditioning
 
 
 @dataclass(frozen=True)
@@ -26,16 +30,16 @@ class UNetConfig:
     attention_heads: int = 1
     out_channels: int | None = None  # default in_channels
     num_classes: int | None = None  # class-conditional with a null label when set
+    context_dim: int | None = None  # D of text_embed (B, L, D): GLIDE text attention when set
+    pooled_dim: int | None = None  # P of text_pooled (B, P): added to the noise-level embedding when set
 
 
-def _norm(groups: int, channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(groups, channels), channels)
-
-
-def _zero(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
+def unet_signals(cfg: UNetConfig) -> frozenset[str]:
+    """The conditioning signals a U-Net of this config accepts."""
+    signals = {"class_label"} if cfg.num_classes else set()
+    signals |= {"text_embed", "text_mask"} if cfg.context_dim else set()
+    signals |= {"text_pooled"} if cfg.pooled_dim else set()
+    return frozenset(signals)
 
 
 class ResBlock(nn.Module):
@@ -43,10 +47,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int):
         super().__init__()
-        self.block1 = nn.Sequential(_norm(groups, c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.block1 = nn.Sequential(group_norm(groups, c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
         self.emb = nn.Linear(emb_dim, c_out)
         self.block2 = nn.Sequential(
-            _norm(groups, c_out), nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+            group_norm(groups, c_out), nn.SiLU(), nn.Dropout(dropout), zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
         )
         self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
 
@@ -55,39 +59,22 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.block2(h)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over the H*W positions, with a residual connection."""
-
-    def __init__(self, channels: int, heads: int, groups: int):
-        super().__init__()
-        if channels % heads:
-            raise DifflabError(f"attention_heads={heads} must divide the channel count {channels}")
-        self.heads = heads
-        self.norm = _norm(groups, channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = _zero(nn.Conv2d(channels, channels, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        out = nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
-
-
 class _Level(nn.Module):
     """Residual blocks (each optionally followed by attention) at one resolution."""
 
-    def __init__(self, blocks: list[ResBlock], attend: bool, heads: int, groups: int):
+    def __init__(self, blocks: list[ResBlock], attn: bool, heads: int, groups: int, context_dim: int | None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(
-            SelfAttention(b.emb.out_features, heads, groups) if attend else nn.Identity() for b in blocks
+            SelfAttention(b.emb.out_features, heads, groups, context_dim) if attn else nn.Identity() for b in blocks
         )
 
 
 class UNet(nn.Module):
-    """F(x, c_noise, cond): x (B, C, R, R), c_noise (B,) -> (B, C_out, R, R), C_out = C unless configured; cond is
-    {"class_label": (B,) int64} (-1 = none) for a conditional network and None otherwise."""
+    """F(x, c_noise, cond): x (B, C, R, R), c_noise (B,) -> (B, C_out, R, R), C_out = C unless configured. cond holds
+    what the config asks for: "class_label" (B,) int64 (-1 = none) with num_classes; "text_embed" (B, L, D) float and
+    "text_mask" (B, L) bool or 0/1 (1 = real token) with context_dim = D; "text_pooled" (B, P) with pooled_dim = P.
+    Missing signals are their nulls (null label, null caption: no real tokens, zero pooled vector)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -98,12 +85,15 @@ class UNet(nn.Module):
         emb_dim, g = 4 * cfg.channels, cfg.norm_groups
         self.embed = NoiseEmbedding(cfg.channels, emb_dim)
         self.label_embed = LabelEmbedding(cfg.num_classes, emb_dim) if cfg.num_classes else None
-        self.accepts = frozenset({"class_label"}) if cfg.num_classes else frozenset()
+        self.pooled_embed = PooledEmbedding(cfg.pooled_dim, emb_dim) if cfg.pooled_dim else None
+        # GLIDE's text transformer ends in a LayerNorm before the per-layer projections; the encoder is external here
+        self.context_norm = nn.LayerNorm(cfg.context_dim) if cfg.context_dim else None
+        self.accepts = unet_signals(cfg)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
 
         def level(c_ins: list[int], c_out: int, res: int) -> _Level:
             blocks = [ResBlock(c, c_out, emb_dim, cfg.dropout, g) for c in c_ins]
-            return _Level(blocks, res in cfg.attention_resolutions, cfg.attention_heads, g)
+            return _Level(blocks, res in cfg.attention_resolutions, cfg.attention_heads, g, cfg.context_dim)
 
         widths = [cfg.channels * m for m in cfg.channel_mult]
         skips, c, res = [cfg.channels], cfg.channels, cfg.resolution
@@ -117,7 +107,7 @@ class UNet(nn.Module):
                 skips.append(c)
                 res //= 2
         self.mid1 = ResBlock(c, c, emb_dim, cfg.dropout, g)
-        self.mid_attn = SelfAttention(c, cfg.attention_heads, g)
+        self.mid_attn = SelfAttention(c, cfg.attention_heads, g, cfg.context_dim)
         self.mid2 = ResBlock(c, c, emb_dim, cfg.dropout, g)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
@@ -132,27 +122,40 @@ class UNet(nn.Module):
                 )
                 res *= 2
         self.out = nn.Sequential(
-            _norm(g, c), nn.SiLU(), _zero(nn.Conv2d(c, cfg.out_channels or cfg.in_channels, 3, padding=1))
+            group_norm(g, c), nn.SiLU(), zero_init(nn.Conv2d(c, cfg.out_channels or cfg.in_channels, 3, padding=1))
         )
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        emb = nn.functional.silu(conditioning(self.embed, self.label_embed, c_noise, cond))
+        cond = as_cond(cond)
+        emb = conditioning(self.embed, self.label_embed, c_noise, cond, self.pooled_embed, self.accepts)
+        emb, ctx = nn.functional.silu(emb), self._context(cond, x.shape[0])
         h = self.conv_in(x)
         hs = [h]
         for i, lvl in enumerate(self.down):
             for block, attn in zip(lvl.blocks, lvl.attn, strict=True):
-                h = attn(block(h, emb))
+                h = attend(attn, block(h, emb), ctx)
                 hs.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
                 hs.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb), ctx), emb)
         for i, lvl in enumerate(self.up):
             for block, attn in zip(lvl.blocks, lvl.attn, strict=True):
-                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
+                h = attend(attn, block(torch.cat([h, hs.pop()], dim=1), emb), ctx)
             if i < len(self.upsample):
                 h = self.upsample[i](h)
         return self.out(h)
+
+    def _context(self, cond: dict[str, torch.Tensor] | None, batch: int) -> TextContext | None:
+        """The normalised text tokens and their keep mask, or None (no text in the net or in the batch: the null
+        caption, whose tokens are all masked out, is exactly plain self-attention)."""
+        if self.context_norm is None:
+            return None
+        context = text_context(cond, self.config.context_dim, batch)
+        if context is None:
+            return None
+        tokens, keep = context
+        return self.context_norm(tokens.to(self.context_norm.weight.dtype)), keep
 
 
 _PRESETS = {

