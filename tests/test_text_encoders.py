@@ -85,8 +85,8 @@ def test_unknown_words_are_named():
     with pytest.raises(DifflabError) as err:
         tok.encode(["a purple cat", "a zebra, a purple zebra"])
     assert one_line(err) == (
-        "unknown words 'purple', 'zebra' in the prompt: this model knows only the 9 words of its training captions "
-        "(tokenizer.json); rephrase with those words"
+        "unknown words 'purple', 'zebra' in the prompt: this model knows only the 9 words of its training captions; "
+        "rephrase with those words"
     )
     with pytest.raises(DifflabError, match="^unknown word 'wolf' in"):
         tok.encode(["wolf"])

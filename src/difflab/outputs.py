@@ -46,10 +46,13 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
     """The generation parameters as AUTOMATIC1111 writes them: a prompt line (here the condition), an optional
     "Negative prompt:" line, then "Key: value" pairs."""
     label = meta.get("label", meta.get("class"))  # a per-sample PNG's own label, else --class
-    prompt = f"class {label}" if label is not None else ""
+    prompt = meta.get("prompt") or (f"class {label}" if label is not None else "")
     lines = [prompt]
-    if meta.get("negative_class") is not None:
-        lines.append(f"Negative prompt: class {meta['negative_class']}")
+    negative = meta.get("negative_prompt") or (
+        f"class {meta['negative_class']}" if meta.get("negative_class") is not None else None
+    )
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
     pairs = {
         "Steps": meta.get("steps"),
         "Sampler": meta.get("sampler"),

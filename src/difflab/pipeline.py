@@ -105,6 +105,22 @@ class Pipeline:
             raise DifflabError(f"class labels must lie in 0..{k - 1}")
         return cond
 
+    def text_cond(self, prompt: str | Sequence[str], n: int) -> dict[str, torch.Tensor]:
+        """{"text_tokens": (n, L)} for one prompt (repeated) or n prompts, with the run's tokenizer; an empty prompt
+        is the null caption (the unconditional model). An unknown word is a one-line error naming it."""
+        text = self.config.model.text
+        if text is None:
+            raise DifflabError(
+                f"this model is not conditioned on text (it takes {', '.join(sorted(self.accepts)) or 'no condition'})"
+                "; drop the prompt, or train with --text-encoder scratch on captioned data"
+            )
+        prompts = [prompt] * n if isinstance(prompt, str) else [str(p) for p in prompt]
+        if len(prompts) != n:
+            raise DifflabError(f"{len(prompts)} prompts for {n} samples; give one prompt, or one per sample")
+        tokens = text.tokenizer().encode(prompts)
+        tokens[[not p.strip() for p in prompts]] = 0  # the empty prompt: all padding, the null caption
+        return {"text_tokens": tokens}
+
     def guided_denoiser(self, guidance: Guidance | None, cond: Any) -> Denoiser:
         """The denoiser with classifier-free and/or classifier guidance composed around it (cond already made)."""
         guidance = guidance or Guidance()
@@ -121,10 +137,16 @@ class Pipeline:
         negative_cond: Any = None,
         classifier: Any = None,
         classifier_scale: float | None = None,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | None = None,
     ) -> tuple[dict[str, torch.Tensor] | None, Denoiser]:
         """(cond with n rows, guided denoiser) for `sample`, inpainting and img2img. classifier: a noise-aware
         classifier module or its folder, checked against the model (kernel, shape, class count); negative_cond: one
-        row, used for every sample."""
+        row, used for every sample; prompt (one for all, or n) and negative_prompt: text, for a text model."""
+        if prompt is not None:
+            cond = {**(dict(cond) if cond else {}), **self.text_cond(prompt, n)}
+        if negative_prompt is not None:
+            negative_cond = {**(dict(negative_cond) if negative_cond else {}), **self.text_cond(negative_prompt, 1)}
         if classifier is not None:
             check_classifier_kernel(self.kernel)
             classifier = self.load_classifier(classifier)
@@ -154,8 +176,9 @@ class Pipeline:
         a registered name or an alias: "DPM++ 2M Karras" also picks the karras grid), steps (50), grid, cond
         ({"class_label": 7} or per-sample tensors), guidance (CFG scale w), guidance_interval, negative_cond (one
         row, for every sample), classifier (a noise-aware classifier, module or folder) with classifier_scale,
-        batch_size (256), progress, callback, stats (stats["nfe"]: network evaluations per sample), and the
-        sampler's own options (eta, s_churn, ...).
+        prompt (text: one for all samples or one each) and negative_prompt for a text model, batch_size (256),
+        progress, callback, stats (stats["nfe"]: network evaluations per sample), and the sampler's own options
+        (eta, s_churn, ...).
         """
         return torch.cat([x for _, x in self.sample_batches(n, **kwargs)])
 
@@ -174,6 +197,8 @@ class Pipeline:
         negative_cond: Any = None,
         classifier: Any = None,
         classifier_scale: float | None = None,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | None = None,
         batch_size: int = 256,
         progress: bool = False,
         callback: StepCallback | None = None,
@@ -190,7 +215,8 @@ class Pipeline:
         spec, implied_grid = resolve_sampler(sampler)
         cond, denoiser = self.prepare(len(seeds), cond=cond, guidance=guidance, guidance_interval=guidance_interval,
                                       negative_cond=negative_cond, classifier=classifier,
-                                      classifier_scale=classifier_scale)  # fmt: skip
+                                      classifier_scale=classifier_scale, prompt=prompt,
+                                      negative_prompt=negative_prompt)  # fmt: skip
         sigmas = self.sigmas(steps, grid or implied_grid)
         batches = generate_batches(
             denoiser, self.sample_shape, sigmas, seeds, sampler=spec.name, options=options, kernel=self.kernel,

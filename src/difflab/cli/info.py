@@ -32,8 +32,8 @@ def _show_outputs(path: Path, raw: bool) -> int:
         return 0
     print(f"{path}: made by difflab {meta.get('difflab_version', '?')} from {meta.get('checkpoint')} "
           f"(weights hash {meta.get('model_hash', '?')}, training step {meta.get('train_step', '?')})")  # fmt: skip
-    keys = ("sampler", "steps", "grid", "options", "seed", "n", "class", "label", "guidance", "negative_class",
-            "guidance_interval", "classifier", "classifier_scale", "nfe")  # fmt: skip
+    keys = ("prompt", "negative_prompt", "sampler", "steps", "grid", "options", "seed", "n", "class", "label",
+            "guidance", "negative_class", "guidance_interval", "classifier", "classifier_scale", "nfe")  # fmt: skip
     for key in keys:
         if meta.get(key) not in (None, {}, ""):
             print(f"  {key:<18} {meta[key]}")

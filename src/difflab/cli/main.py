@@ -16,6 +16,8 @@ COMMANDS = {
               "difflab train --data moons --out runs/moons --steps 4000"),
     "sample": ("difflab.cli.sample", "draw samples from a run or checkpoint",
                "difflab sample --ckpt runs/digits --sampler dpmpp_2m --steps 20 --n 64 --out digits.png"),
+    "txt2img": ("difflab.cli.txt2img", "text to image: draw what a prompt says with a text-conditional model",
+                "difflab txt2img --ckpt runs/shapes \"a red circle left of a blue square\" --guidance 3 --out a.png"),
     "demo": ("difflab.cli.demo", "train on the digits (or PFGM on a toy), then sample and evaluate",
              "difflab demo --steps 2000"),
     "eval": ("difflab.cli.evaluate", "score samples of a checkpoint (or a folder) with FID, IS, KID, precision/recall",

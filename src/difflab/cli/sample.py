@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     cond, guidance = guidance_settings(args, pipe, args.n)
     settings = {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "batch_size": args.batch_size}
     stats: dict[str, Any] = {}
+    text = {"prompt": getattr(args, "prompt", None), "negative_prompt": getattr(args, "negative", None)}
     batches = pipe.sample_batches(args.n, seed=args.seed, cond=cond, progress=True, stats=stats, **settings,
-                                  **guidance, **options)  # fmt: skip
+                                  **guidance, **text, **options)  # fmt: skip
     meta = generation_metadata(pipe, args, options) | {"device": str(device)}
     with SampleWriter(pipe.config.data.kind, meta, args.n, out=args.out, out_dir=args.out_dir) as writer:
         for seeds, samples in batches:
@@ -98,6 +99,7 @@ def generation_metadata(pipe, args: argparse.Namespace, options: dict[str, Any])
             "size": f"{shape[-1]}x{shape[-2]}" if len(shape) == 3 else None}  # fmt: skip
     meta |= {k: getattr(args, k) for k in ("guidance", "guidance_interval", "classifier", "classifier_scale")}
     meta |= {"negative_class": args.negative_class, "class": args.label}
+    meta |= {"prompt": getattr(args, "prompt", None), "negative_prompt": getattr(args, "negative", None)}
     return meta
 
 
@@ -126,7 +128,7 @@ def reproduce(args: argparse.Namespace) -> int:
         guidance_interval=meta.get("guidance_interval"), classifier=classifier,
         negative_cond=None if negative is None else {"class_label": negative},
         classifier_scale=meta.get("classifier_scale"), batch_size=meta.get("batch_size", len(seeds)),
-        **meta.get("options", {}),
+        prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), **meta.get("options", {}),
     )  # fmt: skip
     chosen = samples[seeds.index(meta["seed"])][None] if meta.get("n") == 1 and len(seeds) > 1 else samples
     written = write_samples(chosen, pipe.config.data.kind, args.out, meta)

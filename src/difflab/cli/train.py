@@ -43,6 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="class-conditional (digits 0-9, or a labelled toy: moons, 8gaussians, checkerboard, rings)",
     )
+    net.add_argument("--text-encoder", metavar="NAME",
+                     help="train on the data's captions (--data shapes) with a text encoder: scratch (GLIDE's "
+                     "transformer, trained with the model)")  # fmt: skip
+    net.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=0.2,
+        help="text models: share of captions replaced by the empty one, for classifier-free guidance",
+    )
     net.add_argument(
         "--label-dropout",
         type=float,
@@ -82,7 +91,7 @@ def config_from_args(args: argparse.Namespace, data):
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
         min_snr_gamma=args.min_snr_gamma, mixed_precision=args.mixed_precision, seed=args.seed,
         checkpoint_every=args.checkpoint_every, preview_every=args.preview_every, tensorboard=args.tensorboard,
-        **settings,
+        text_encoder=args.text_encoder, caption_dropout=args.caption_dropout, **settings,
     )  # fmt: skip
 
 
@@ -118,7 +127,9 @@ MODEL_FLAGS = {
     "backbone": lambda c: c.model.backbone,
     "dropout": lambda c: getattr(c.model.settings, "dropout", 0.0),
     "conditional": lambda c: bool(c.conditioning),
-    "label_dropout": lambda c: c.conditioning[0].dropout if c.conditioning else None,
+    "label_dropout": lambda c: next((s.dropout for s in c.conditioning if s.name == "class_label"), None),
+    "text_encoder": lambda c: "scratch" if c.model.text is not None else None,
+    "caption_dropout": lambda c: next((s.dropout for s in c.conditioning if s.name == "text_tokens"), None),
 } | {k: (lambda c, k=k: getattr(c.formulation, k, None)) for k in FORMULATION_FLAGS}
 # Settings a resumed run keeps from its config: --resume names the ones given that differ and ignores them.
 KEPT_FLAGS = {"batch_size": "batch_size", "lr": "lr", "warmup": "warmup_steps", "ema_decay": "ema_decay",

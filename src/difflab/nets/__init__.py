@@ -83,11 +83,13 @@ def backbone(name: str) -> Backbone:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A backbone by name with its settings (the backbone's own config dataclass)."""
+    """A backbone by name with its settings (the backbone's own config dataclass), and for a text-conditional network
+    its own text encoder (`difflab.text.conditioned.TextConfig`: vocabulary and sizes), trained with it."""
 
     backbone: str
     settings: Any
     preset: str = "custom"
+    text: Any = None
 
     def __post_init__(self):
         """Size settings outside `difflab.limits`, or a network of more than MAX_PARAMETERS values, are refused here,
@@ -99,17 +101,20 @@ class ModelConfig:
         meta_state(lambda: build_network(self), f"the {self.backbone} network")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backbone": self.backbone, "preset": self.preset, "settings": dataclasses.asdict(self.settings)}
+        values = {"backbone": self.backbone, "preset": self.preset, "settings": dataclasses.asdict(self.settings)}
+        return values | ({"text": self.text.to_dict()} if self.text is not None else {})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """The model config from its to_dict() form; a missing or mistyped key is a ValueError naming it."""
         from difflab.config import check_keys, dataclass_from_dict, read_value
+        from difflab.text.conditioned import TextConfig
 
-        check_keys(values, "model", {"backbone", "preset", "settings"}, required=("backbone", "settings"))
+        check_keys(values, "model", {"backbone", "preset", "settings", "text"}, required=("backbone", "settings"))
         spec = backbone(read_value(str, values["backbone"], "model.backbone"))
         settings = dataclass_from_dict(spec.config_cls, values["settings"], "model.settings")
-        return cls(spec.name, settings, read_value(str, values.get("preset", "custom"), "model.preset"))
+        text = dataclass_from_dict(TextConfig, values["text"], "model.text") if "text" in values else None
+        return cls(spec.name, settings, read_value(str, values.get("preset", "custom"), "model.preset"), text)
 
     @property
     def num_classes(self) -> int | None:
@@ -141,8 +146,13 @@ def model_config_for(
 
 
 def build_network(config: ModelConfig) -> nn.Module:
-    """The raw network F described by `config`."""
-    return backbone(config.backbone).module_cls(config.settings)
+    """The raw network F described by `config` (with its text encoder in front when it has one)."""
+    net = backbone(config.backbone).module_cls(config.settings)
+    if config.text is None:
+        return net
+    from difflab.text.conditioned import TextConditionedNet
+
+    return TextConditionedNet(net, config.text)
 
 
 __all__ = ["BACKBONES", "ModelConfig", "backbone", "build_network", "model_config_for"]

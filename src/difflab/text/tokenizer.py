@@ -92,7 +92,7 @@ class Tokenizer:
             )
             raise DifflabError(
                 f"unknown word{'s' if len(unknown) > 1 else ''} {shown} in the prompt: this model knows only the "
-                f"{len(self.words)} words of its training captions (tokenizer.json); rephrase with those words"
+                f"{len(self.words)} words of its training captions; rephrase with those words"
             )
         out = torch.full((len(prompts), self.max_length), PAD_ID, dtype=torch.int64)
         longest = 0

@@ -17,6 +17,7 @@ from difflab.data import Dataset, load_dataset
 from difflab.errors import DifflabError
 from difflab.formulations import DataInfo, formulation_class, make_config
 from difflab.nets import model_config_for
+from difflab.text.conditioned import TextConfig
 from difflab.training.checkpoint import check_run_folder, latest_checkpoint, load_config, resume_checkpoint
 from difflab.training.lock import run_lock
 from difflab.training.tasks import DenoiserTask
@@ -51,12 +52,16 @@ def run_config(
     checkpoint_every: int = 1000,
     preview_every: int | None = None,
     tensorboard: bool = False,
+    text_encoder: str | None = None,
+    caption_dropout: float = 0.2,
     **formulation_settings: Any,
 ) -> RunConfig:
     """The RunConfig of a new run on `data` (a loaded `difflab.data.Dataset`). `process` names the formulation
-    (ddpm, vp, subvp, ve, edm, pfgmpp, pfgm) and `formulation_settings` its settings (schedule, timesteps,
-    prediction, sigma_min, sigma_max, aug_dim, ...; None = the paper's value). `conditional` trains on the data's
-    class labels with `label_dropout` of them nulled. Steps default to 5000 unless `minutes` is given."""
+        (ddpm, vp, subvp, ve, edm, pfgmpp, pfgm) and `formulation_settings` its settings (schedule, timesteps,
+        prediction, sigma_min, sigma_max, aug_dim, ...; None = the paper's value). `conditional` trains on the data's
+        class labels with `label_dropout` of them nulled; `text_encoder="scratch"` trains on the data's captions with a
+    text transformer of its own (GLIDE), `caption_dropout` of them replaced by the empty caption. Steps default to 5000
+    unless `minutes` is given."""
     defaults = DEFAULTS[data.kind]
     norm = float(data.data.flatten(1).pow(2).sum(1).mean().sqrt())
     info = DataInfo(data.sample_shape, norm, defaults["batch_size"])
@@ -67,8 +72,11 @@ def run_config(
     resolution = data.sample_shape[-1] if data.kind == "images" else None
     channels = data.sample_shape[0] if data.kind == "images" else 1
     data_config = DataConfig(data.name, data.kind, tuple(data.sample_shape), resolution, channels)
+    text = _text_config(data, text_encoder)
+    width = {} if text is None else {"context_dim": text.width, "pooled_dim": text.width}
     model_config = model_config_for(data.kind, data.sample_shape, model, dropout, klass.extra_outputs, num_classes,
-                                    backbone)  # fmt: skip
+                                    backbone, **width)  # fmt: skip
+    model_config = replace(model_config, text=text)
     train = TrainConfig(
         steps=steps if steps is not None or minutes is not None else 5000,
         minutes=minutes,
@@ -84,6 +92,7 @@ def run_config(
         tensorboard=tensorboard,
     )
     conditioning = (SignalConfig("class_label", label_dropout),) if num_classes else ()
+    conditioning += (SignalConfig("text_tokens", caption_dropout),) if text is not None else ()
     config = RunConfig(data_config, model_config, formulation, train, conditioning)
     formulation_object.loss(min_snr_gamma)  # refuse settings the loss cannot take now, not at the first step
     return config
@@ -99,6 +108,33 @@ def _num_classes(data: Dataset, conditional: bool) -> int | None:
             "checkerboard or rings)"
         )
     return int(data.labels.max()) + 1
+
+
+def _text_config(data: Dataset, text_encoder: str | None) -> TextConfig | None:
+    """The scratch text encoder's config for the data's captions, or None without `text_encoder`."""
+    if text_encoder is None:
+        return None
+    from difflab.text import parse_text_encoder
+
+    kind, _ = parse_text_encoder(text_encoder)
+    if kind != "scratch":
+        raise DifflabError(
+            f"training with the frozen text encoder {text_encoder!r} is not built yet; train with --text-encoder "
+            "scratch (frozen encoders already encode prompts: difflab.text.make_text_encoder)"
+        )
+    if not data.captions:
+        raise DifflabError(f"--text-encoder needs captioned data; '{data.name}' has no captions (use --data shapes)")
+    return TextConfig.from_captions(list(data.captions))
+
+
+def training_signals(config: RunConfig, data: Dataset) -> dict[str, torch.Tensor] | None:
+    """The conditioning signals of every training example: class labels, and caption tokens for a text model."""
+    signals = {"class_label": data.labels} if data.labels is not None else {}
+    if config.model.text is not None:
+        if not data.captions:
+            raise DifflabError(f"this model is conditioned on text but '{data.name}' has no captions")
+        signals["text_tokens"] = config.model.text.tokenizer().encode(list(data.captions))
+    return signals or None
 
 
 def load_training_data(config: RunConfig) -> Dataset:
@@ -152,8 +188,8 @@ def train_run(
         ckpt, config = _resumed(out, steps, minutes) if resume else (None, _new_run_config(config, out))
         data = data if data is not None else load_training_data(config)
         torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
-        cond_data = {"class_label": data.labels} if data.labels is not None else None
-        trainer = Trainer(DenoiserTask(config), data.data, out, torch.device(device), cond_data=cond_data)
+        trainer = Trainer(DenoiserTask(config), data.data, out, torch.device(device),
+                          cond_data=training_signals(config, data))  # fmt: skip
         if ckpt is not None:
             trainer.resume(ckpt)
         warning = oversubscription_warning()  # once the settings are known to be valid: errors stay one line
