@@ -9,10 +9,13 @@ unconditional branch of classifier-free guidance uses:
     text_embed    zeros (per-token embeddings (B, L, D))
     text_mask     0 / False: every token is padding (mask (B, L), 1 / True = a real token)
     text_pooled, image_embed, low_res, mask, masked_image   zeros
+    low_res_noise   0.0 (the noise-augmentation level of low_res: none)
 
 The null caption is text_embed zeros, text_mask all False and text_pooled zeros together (GLIDE's empty sequence).
 
-`null_cond` replaces every signal by its null at once; `drop_signals` nulls each signal independently with its own
+`null_cond` replaces every signal by its null at once, except the input of an upsampler (`GUIDANCE_KEEPS`: low_res and
+its augmentation level), which both branches of classifier-free guidance share: a cascade guides on text, not on the
+image it upsamples (Saharia et al. 2022, Imagen); `drop_signals` nulls each signal independently with its own
 probability in training. Networks declare the signals they accept (`accepted_signals`); `check_cond` refuses any
 other with a one-line error. The null conventions live here and nowhere else.
 """
@@ -36,10 +39,13 @@ NULL_VALUES: dict[str, float | int] = {
     "text_pooled": 0.0,
     "image_embed": 0.0,
     "low_res": 0.0,
+    "low_res_noise": 0.0,
     "mask": 0.0,
     "masked_image": 0.0,
 }
 SIGNAL_NAMES = tuple(NULL_VALUES)
+# signals the unconditional branch of classifier-free guidance keeps as they are: an upsampler's image input
+GUIDANCE_KEEPS = frozenset({"low_res", "low_res_noise"})
 
 
 def as_cond(cond: Any) -> dict[str, torch.Tensor] | None:
@@ -64,9 +70,10 @@ def null_like(name: str, value: torch.Tensor) -> torch.Tensor:
     return torch.full_like(value, NULL_VALUES[name])
 
 
-def null_cond(cond: Cond | None) -> dict[str, torch.Tensor] | None:
-    """Every signal replaced by its null: the unconditional branch of classifier-free guidance."""
-    return None if cond is None else {k: null_like(k, v) for k, v in cond.items()}
+def null_cond(cond: Cond | None, keep: frozenset[str] = GUIDANCE_KEEPS) -> dict[str, torch.Tensor] | None:
+    """Every signal replaced by its null, except those in `keep` (an upsampler's low_res and low_res_noise): the
+    unconditional branch of classifier-free guidance."""
+    return None if cond is None else {k: v if k in keep else null_like(k, v) for k, v in cond.items()}
 
 
 def drop_signals(

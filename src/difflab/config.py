@@ -1,11 +1,12 @@
 """Run configuration: frozen dataclasses saved as config.json beside every checkpoint, enough to rebuild the run.
 
-    RunConfig(data, model, formulation, train, conditioning)
+    RunConfig(data, model, formulation, train, conditioning, upsampler=None)
 
 `model` names a network backbone with its settings (`difflab.nets.ModelConfig`), `formulation` is the settings
 dataclass of one formulation (`difflab.formulations`: DDPMConfig, EDMConfig, ...), and `conditioning` lists the
-signals the model is trained on, each with its training dropout. Version 1 files (a flat `diffusion` block with a
-`process` name) are migrated on load (`migrate_v1`).
+signals the model is trained on, each with its training dropout; `upsampler` (`difflab.cascade.UpsamplerConfig`, only
+in the file when set) makes the run the super-resolution stage of a cascade. Version 1 files (a flat `diffusion` block
+with a `process` name) are migrated on load (`migrate_v1`).
 
 Reading config.json is strict: a missing required key, a value of the wrong type (an integer where one is expected;
 true is not an integer), an unknown key, a version newer than CONFIG_VERSION or a size outside `difflab.limits` is a
@@ -23,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from difflab.cascade import UpsamplerConfig, check_upsample_from
 from difflab.errors import DifflabError
 from difflab.formulations import config_from_dict, config_to_dict
 from difflab.formulations.ddpm import DDPMConfig
@@ -105,11 +107,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     conditioning: tuple[SignalConfig, ...] = ()
     version: int = CONFIG_VERSION
+    upsampler: UpsamplerConfig | None = None  # the super-resolution stage of a cascade: its low-res input
 
     def __post_init__(self):
-        """The formulation's sizes (ddpm timesteps, pfgm batch) are checked against `difflab.limits`."""
+        """The formulation's sizes (ddpm timesteps, pfgm batch) are checked against `difflab.limits`; an upsampler
+        needs a network with low-res input channels and a low-res size dividing the data's resolution."""
         if dataclasses.is_dataclass(self.formulation):
             check_limits(self.formulation, "formulation")
+        low_res_channels = getattr(self.model.settings, "low_res_channels", None)
+        if (self.upsampler is None) != (low_res_channels is None):
+            raise DifflabError("upsampler and model.settings.low_res_channels must be set together (an upsampler's "
+                               "network takes its low-res image as extra channels)")  # fmt: skip
+        if self.upsampler is not None:
+            check_upsample_from(self.data.resolution or 0, self.upsampler.low_res)
 
     @property
     def process(self) -> str:
@@ -126,7 +136,7 @@ class RunConfig:
             "formulation": config_to_dict(self.formulation),
             "train": dataclasses.asdict(self.train),
             "conditioning": [dataclasses.asdict(s) for s in self.conditioning],
-        }
+        } | ({"upsampler": dataclasses.asdict(self.upsampler)} if self.upsampler is not None else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -145,7 +155,7 @@ class RunConfig:
             )
         if version == 1:
             values = migrate_v1(values)
-        check_keys(values, "config", {"version", "data", "model", "formulation", "train", "conditioning"},
+        check_keys(values, "config", {"version", "data", "model", "formulation", "train", "conditioning", "upsampler"},
                     required=("data", "model", "formulation"))  # fmt: skip
         conditioning = values.get("conditioning", [])
         if not isinstance(conditioning, list):
@@ -158,6 +168,9 @@ class RunConfig:
             conditioning=tuple(
                 dataclass_from_dict(SignalConfig, s, f"conditioning[{i}]") for i, s in enumerate(conditioning)
             ),
+            upsampler=dataclass_from_dict(UpsamplerConfig, values["upsampler"], "upsampler")
+            if values.get("upsampler") is not None
+            else None,
         )
 
     @classmethod

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflab.conditioning import accepted_signals, as_cond, check_cond
+from difflab.conditioning import GUIDANCE_KEEPS, accepted_signals, as_cond, check_cond
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
 from difflab.formulations import Formulation, make_formulation
@@ -153,9 +153,40 @@ class Pipeline:
         num_classes = self.num_classes or getattr(getattr(classifier, "config", None), "num_classes", None)
         also = frozenset({"class_label"}) if classifier is not None else frozenset()
         cond = self.make_cond(cond, n, also, num_classes)
+        self._check_upsampler_cond(cond, guidance)
         negative = self.make_cond(negative_cond, 1, num_classes=num_classes) if negative_cond is not None else None
         plan = Guidance(guidance, guidance_interval, negative, classifier, classifier_scale)
         return cond, self.guided_denoiser(plan, cond)
+
+    def _check_upsampler_cond(self, cond: dict[str, torch.Tensor] | None, guidance: float | None) -> None:
+        """An upsampler samples only from a low-res image; guidance needs a signal besides it (the image is kept in
+        both branches of classifier-free guidance)."""
+        up = self.config.upsampler
+        if up is not None and "low_res" not in (cond or {}):
+            c, r = self.sample_shape[0], up.low_res
+            raise DifflabError(
+                f"this model is an upsampler of {r}x{r} images: give low_res, images ({c}, {r}, {r}) to upsample "
+                "(difflab txt2img --ckpt BASE --upsampler RUN runs a base model and then it)"
+            )
+        if guidance is not None and cond and not set(cond) - GUIDANCE_KEEPS:
+            raise DifflabError("--guidance needs a condition to guide on (a prompt or a class); an upsampler's "
+                               "low-resolution image is not guided")  # fmt: skip
+
+    def upsampler_cond(self, cond: Any, low_res: Any, low_res_noise: float | None, seeds: Sequence[int]) -> Any:
+        """cond with an upsampler's low_res (n or 1 rows, augmented at level low_res_noise; `difflab.cascade`) and
+        low_res_noise signals; cond as it is for another model, which refuses low_res."""
+        from difflab.cascade import low_res_signals
+
+        up = self.config.upsampler
+        if up is None:
+            if low_res is not None or low_res_noise is not None:
+                raise DifflabError("this model is not an upsampler (it was trained without --upsample-from); drop "
+                                   "low_res and low_res_noise")  # fmt: skip
+            return cond
+        if low_res is None:
+            return cond  # prepare() says what is missing
+        signals = low_res_signals(up, self.sample_shape[0], low_res, low_res_noise, seeds)
+        return {**(as_cond(cond) or {}), **signals}
 
     def load_classifier(self, classifier: Any) -> Any:
         """A noise-aware classifier given as a module or a folder, checked to fit the model (shape, class count)."""
@@ -176,9 +207,10 @@ class Pipeline:
         a registered name or an alias: "DPM++ 2M Karras" also picks the karras grid), steps (50), grid, cond
         ({"class_label": 7} or per-sample tensors), guidance (CFG scale w), guidance_interval, negative_cond (one
         row, for every sample), classifier (a noise-aware classifier, module or folder) with classifier_scale,
-        prompt (text: one for all samples or one each) and negative_prompt for a text model, batch_size (256),
-        progress, callback, stats (stats["nfe"]: network evaluations per sample), and the sampler's own options
-        (eta, s_churn, ...).
+        prompt (text: one for all samples or one each) and negative_prompt for a text model, low_res (an upsampler's
+        input images (n or 1, C, r, r) in [-1, 1]) and low_res_noise (its augmentation level, default 0),
+        batch_size (256), progress, callback, stats (stats["nfe"]: network evaluations per sample), and the sampler's
+        own options (eta, s_churn, ...).
         """
         return torch.cat([x for _, x in self.sample_batches(n, **kwargs)])
 
@@ -199,6 +231,8 @@ class Pipeline:
         classifier_scale: float | None = None,
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | None = None,
+        low_res: torch.Tensor | None = None,
+        low_res_noise: float | None = None,
         batch_size: int = 256,
         progress: bool = False,
         callback: StepCallback | None = None,
@@ -210,9 +244,10 @@ class Pipeline:
         seeds, sampler, options and conditioning are checked before the first batch."""
         from difflab.sampling import resolve_sampler
 
-        seeds = _seeds(n, seed, seeds)
+        seeds = sample_seeds(n, seed, seeds)
         check_sampling_request(len(seeds), steps, batch_size, seed=None)
         spec, implied_grid = resolve_sampler(sampler)
+        cond = self.upsampler_cond(cond, low_res, low_res_noise, seeds)
         cond, denoiser = self.prepare(len(seeds), cond=cond, guidance=guidance, guidance_interval=guidance_interval,
                                       negative_cond=negative_cond, classifier=classifier,
                                       classifier_scale=classifier_scale, prompt=prompt,
@@ -240,7 +275,7 @@ class Pipeline:
                 f"data {self.config.data.name} {self.sample_shape}, step {self.step})")  # fmt: skip
 
 
-def _seeds(n: int | None, seed: int, seeds: Sequence[int] | None) -> Sequence[int]:
+def sample_seeds(n: int | None, seed: int, seeds: Sequence[int] | None) -> Sequence[int]:
     """The seeds of a request: `seeds` as given, or range(seed, seed + n) (no list of n is built); all in
     0..2**63 - 1."""
     if seeds is not None:

@@ -1,4 +1,6 @@
-"""`difflab eval`: generate (or read) samples and score them with FID, IS, KID and precision/recall."""
+"""`difflab eval`: generate (or read) samples and score them with FID, IS, KID and precision/recall; with
+`--data shapes --prompts FILE|test`, the caption adherence of a text model beside FD in the shapes evaluator's
+feature space."""
 
 from __future__ import annotations
 
@@ -25,13 +27,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=int, choices=(1, 3), help="with --images: 1 = grey, 3 = RGB")
     add_sampler_arguments(p)
     add_guidance_arguments(p)
-    p.add_argument("--n", type=int, default=10_000, help="number of samples")
+    p.add_argument("--n", type=int, help="number of samples (default 10,000; with --prompts use --n-per-prompt)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i")
     p.add_argument("--sweep", help="nfe=5,10,20,50: evaluate at each number of network evaluations")
     p.add_argument("--inception-weights", help="FID InceptionV3 weights (.safetensors or pt_inception-...pth)")
     p.add_argument("--out", help="output folder for eval.json and report.md (default: RUN/eval or ./eval)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-ema", action="store_true")
+    text = p.add_argument_group("caption adherence (a text model of the shapes world, --data shapes)")
+    text.add_argument("--prompts", metavar="FILE|test",
+                      help="score caption adherence: a file of shapes captions (one per line), or 'test' (200 "
+                      "held-out and 200 train captions)")  # fmt: skip
+    text.add_argument("--n-per-prompt", type=int, default=1, metavar="K",
+                      help="with --prompts: samples per caption (seeds S..S+K-1)")  # fmt: skip
+    text.add_argument("--guidance-sweep", metavar="W1,W2,...",
+                      help="with --prompts: one row per guidance scale, e.g. 1,2,3,5,7")  # fmt: skip
+    text.add_argument("--negative", metavar="TEXT", help="with --prompts: a negative prompt for every sample")
     add_runtime_arguments(p)
 
 
@@ -45,6 +56,81 @@ def parse_sweep(text: str) -> list[int]:
     if key.strip() != "nfe" or not nfes or min(nfes) < 1:
         raise DifflabError(f"--sweep '{text}' is not of the form nfe=5,10,20,50 (positive integers)")
     return sorted(set(nfes))
+
+
+def parse_guidance_sweep(text: str) -> list[float]:
+    """'1,2,3.5' -> [1.0, 2.0, 3.5] (in the order given)."""
+    try:
+        scales = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        scales = []
+    if not scales or any(not 0 <= w <= 100 for w in scales):
+        raise DifflabError(f"--guidance-sweep '{text}' is not a list of scales like 1,2,3,5,7 (each in 0..100)")
+    return scales
+
+
+def _prompt_checks(args: argparse.Namespace) -> tuple[list[str], list[float | None]]:
+    """(prompts, guidance scales) of `--prompts`, every flag checked before anything is loaded."""
+    if args.data != "shapes":
+        raise DifflabError("--prompts needs --data shapes: caption adherence is measured on the shapes world")
+    if args.ckpt is None or args.images is not None:
+        raise DifflabError("--prompts samples a text model: give --ckpt RUN (not --images)")
+    for flag, value in (("--n", args.n), ("--sweep", args.sweep), ("--inception-weights", args.inception_weights),
+                        ("--class", args.label), ("--negative-class", args.negative_class),
+                        ("--classifier", args.classifier)):  # fmt: skip
+        if value is not None:
+            raise DifflabError(f"{flag} does not apply to --prompts; use --n-per-prompt K and --guidance-sweep W,...")
+    if args.guidance_sweep is not None and args.guidance is not None:
+        raise DifflabError("give --guidance W or --guidance-sweep W1,W2,..., not both")
+    scales = parse_guidance_sweep(args.guidance_sweep) if args.guidance_sweep else [args.guidance]
+    from difflab.eval.adherence import expand_prompts, prompt_set, read_caption_file
+    from difflab.generate import check_sampling_request, check_seeds
+
+    prompts = prompt_set() if args.prompts == "test" else read_caption_file(args.prompts)
+    expand_prompts(prompts, args.n_per_prompt, args.seed)
+    check_sampling_request(len(prompts) * args.n_per_prompt, args.steps, args.batch_size, seed=None)
+    check_seeds(args.seed, args.n_per_prompt)
+    return prompts, scales
+
+
+def _run_prompts(args: argparse.Namespace) -> int:
+    """`difflab eval --data shapes --prompts FILE|test`: caption adherence and FD per split, per guidance scale."""
+    prompts, scales = _prompt_checks(args)
+    from difflab.eval import adherence
+    from difflab.eval.report import prompt_table, write_prompt_report
+    from difflab.outputs import check_output_dir
+    from difflab.pipeline import load
+    from difflab.sampling import resolve_sampler
+
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
+    spec, implied_grid = resolve_sampler(args.sampler)
+    options = sampler_options(spec.name, args)
+    device = setup_runtime(args)
+    model = load(args.ckpt, use_ema=not args.no_ema, device=device)
+    resolution = adherence.check_prompt_model(model)
+    model.text_cond(prompts, len(prompts))  # every word known to the model's tokenizer, before sampling
+    if args.negative is not None:
+        model.text_cond(args.negative, 1)
+    out = Path(args.out) if args.out else model.checkpoint.parent.parent / "eval-prompts"
+    check_output_dir(out, "--out")
+    sample_kwargs = {"sampler": spec.name, "steps": args.steps, "grid": args.grid or implied_grid,
+                     "negative_prompt": args.negative, **options}  # fmt: skip
+    if args.guidance_interval:
+        sample_kwargs["guidance_interval"] = tuple(args.guidance_interval)
+    rows = adherence.sweep_guidance(model, prompts, scales, n_per_prompt=args.n_per_prompt, seed=args.seed,
+                                    batch_size=args.batch_size, progress=True, **sample_kwargs)  # fmt: skip
+    settings = {
+        "source": f"checkpoint {model.checkpoint} (step {model.step})",
+        "prompts": adherence.prompt_set_description() if args.prompts == "test" else f"file {args.prompts}",
+        "n_prompts": len(prompts), "n_per_prompt": args.n_per_prompt, "seed": args.seed, "resolution": resolution,
+        "evaluator": adherence.ShapesFeatures.name, "reference": adherence.reference_description(resolution),
+        **{k: v for k, v in sample_kwargs.items() if k not in options}, "options": options,
+    }  # fmt: skip
+    written = write_prompt_report({"settings": settings, "rows": rows}, out)
+    print("wrote " + ", ".join(str(p) for p in written))
+    print("\n".join(prompt_table(rows)))
+    return 0
 
 
 def _images_source(args: argparse.Namespace):
@@ -67,6 +153,13 @@ def _generate(pipe, args: argparse.Namespace, steps: int, guided: tuple[Any, dic
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prompts is not None:
+        return _run_prompts(args)
+    for flag, value in (("--n-per-prompt", args.n_per_prompt != 1 or None), ("--guidance-sweep", args.guidance_sweep),
+                        ("--negative", args.negative)):  # fmt: skip
+        if value is not None:
+            raise DifflabError(f"{flag} needs --prompts FILE|test (and --data shapes)")
+    args.n = 10_000 if args.n is None else args.n
     if (args.ckpt is None) == (args.images is None):
         raise DifflabError("give exactly one of --ckpt (sample a model) or --images (score a folder of images)")
     if args.n < 2:

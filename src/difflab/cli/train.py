@@ -52,6 +52,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.2,
         help="text models: share of captions replaced by the empty one, for classifier-free guidance",
     )
+    net.add_argument("--upsample-from", type=int, metavar="R",
+                     help="train the upsampler of a cascade: conditioned on the RxR area average of each image (R "
+                     "divides --resolution, e.g. 16 for 32), for difflab txt2img --upsampler")  # fmt: skip
+    net.add_argument(
+        "--low-res-noise-max",
+        type=float,
+        metavar="S",
+        help="upsamplers: Gaussian augmentation of the low-res input, std drawn U(0, S) (default 0.5)",
+    )
     net.add_argument(
         "--label-dropout",
         type=float,
@@ -91,7 +100,8 @@ def config_from_args(args: argparse.Namespace, data):
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
         min_snr_gamma=args.min_snr_gamma, mixed_precision=args.mixed_precision, seed=args.seed,
         checkpoint_every=args.checkpoint_every, preview_every=args.preview_every, tensorboard=args.tensorboard,
-        text_encoder=args.text_encoder, caption_dropout=args.caption_dropout, **settings,
+        text_encoder=args.text_encoder, caption_dropout=args.caption_dropout, upsample_from=args.upsample_from,
+        low_res_noise_max=args.low_res_noise_max, **settings,
     )  # fmt: skip
 
 
@@ -130,6 +140,8 @@ MODEL_FLAGS = {
     "label_dropout": lambda c: next((s.dropout for s in c.conditioning if s.name == "class_label"), None),
     "text_encoder": lambda c: "scratch" if c.model.text is not None else None,
     "caption_dropout": lambda c: next((s.dropout for s in c.conditioning if s.name == "text_tokens"), None),
+    "upsample_from": lambda c: c.upsampler.low_res if c.upsampler is not None else None,
+    "low_res_noise_max": lambda c: c.upsampler.noise_max if c.upsampler is not None else None,
 } | {k: (lambda c, k=k: getattr(c.formulation, k, None)) for k in FORMULATION_FLAGS}
 # Settings a resumed run keeps from its config: --resume names the ones given that differ and ignores them.
 KEPT_FLAGS = {"batch_size": "batch_size", "lr": "lr", "warmup": "warmup_steps", "ema_decay": "ema_decay",

@@ -1,11 +1,13 @@
 """`difflab txt2img`: a prompt goes in, images come out (GLIDE, Nichol et al. 2022): `difflab sample` for a text model,
-with the prompt, an optional negative prompt and classifier-free guidance; `--prompts FILE` draws each line in turn."""
+with the prompt, an optional negative prompt and classifier-free guidance; `--prompts FILE` draws each line in turn.
+`--upsampler RUN` makes it a cascade (Ho et al. 2021): the base model's images, then the upsampler's from them."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from difflab.cli import sample
 from difflab.errors import DifflabError
@@ -16,6 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     text = p.add_argument_group("text")
     text.add_argument("--prompts", metavar="FILE", help="one prompt per line; each gets --n samples (seeds S..S+n-1)")
     text.add_argument("--negative", metavar="TEXT", help="a negative prompt: steer away from it (with --guidance)")
+    cascade = p.add_argument_group("cascade")
+    cascade.add_argument("--upsampler", metavar="RUN",
+                         help="an upsampler run (difflab train --upsample-from R) that upsamples the base model's "
+                         "images, with the same prompt, seeds, sampler and guidance; writes its images")  # fmt: skip
+    cascade.add_argument("--upsampler-steps", type=int, metavar="K", help="the upsampler's steps (default --steps)")
+    cascade.add_argument("--low-res-noise", type=float, metavar="S",
+                         help="the upsampler's augmentation level: Gaussian noise of std S added to the base images "
+                         "and given to the model (default 0; at most the run's --low-res-noise-max)")  # fmt: skip
     sample.add_arguments(p)
 
 
@@ -45,7 +55,62 @@ def numbered(path: str | None, index: int, count: int) -> str | None:
     return str(p / f"{index:03d}") if not p.suffix else str(p.with_name(f"{p.stem}_{index:03d}{p.suffix}"))
 
 
+def check_cascade_flags(args: argparse.Namespace) -> None:
+    """--upsampler-steps and --low-res-noise set the upsampler: refused without --upsampler."""
+    if args.upsampler is None and (args.upsampler_steps is not None or args.low_res_noise is not None):
+        raise DifflabError("--upsampler-steps and --low-res-noise set the upsampler of a cascade: give --upsampler RUN")
+    if args.upsampler_steps is not None and args.upsampler_steps < 1:
+        raise DifflabError(f"--upsampler-steps must be a positive integer, got {args.upsampler_steps}")
+
+
+def run_cascade(args: argparse.Namespace) -> int:
+    """The base model (--ckpt) at its resolution, then the upsampler (--upsampler) from its images; writes the
+    upsampler's images, whose metadata describe the upsampler (checkpoint, steps, hash, size) and under "base" the
+    base model, with the augmentation level."""
+    from difflab.cascade import cascade_batches, check_cascade
+    from difflab.cli.common import guidance_settings, sampler_options, setup_runtime
+    from difflab.outputs import SampleWriter, check_output_size
+    from difflab.pipeline import load
+    from difflab.sampling import resolve_sampler
+
+    sample._check_args(args)
+    spec, _ = resolve_sampler(args.sampler)
+    options = sampler_options(spec.name, args)
+    device = setup_runtime(args)
+    base = load(args.ckpt, use_ema=not args.no_ema, device=device)
+    upsampler = load(args.upsampler, use_ema=not args.no_ema, device=device)
+    check_cascade(base, upsampler)
+    check_output_size(args.out, "images", args.n, upsampler.sample_shape)
+    cond, guidance = guidance_settings(args, base, args.n)
+    settings = {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "batch_size": args.batch_size,
+                "prompt": args.prompt, "negative_prompt": args.negative}  # fmt: skip
+    stats: dict[str, Any] = {}
+    batches = cascade_batches(base, upsampler, args.n, seed=args.seed, cond=cond, stats=stats, progress=True,
+                              upsampler_steps=args.upsampler_steps, low_res_noise=args.low_res_noise, **settings,
+                              **guidance, **options)  # fmt: skip
+    meta = cascade_metadata(base, upsampler, args, options) | {"device": str(device)}
+    with SampleWriter("images", meta, args.n, out=args.out, out_dir=args.out_dir) as writer:
+        for seeds, _, images in batches:
+            writer.add(seeds, images, sample._per_sample(args, seeds, cond, stats["batch_nfe"]))
+        written = writer.finish({"nfe": stats["nfe"]})
+    print(f"wrote {args.n} upsampled samples to {written} ({stats['base_nfe']:g} + {stats['upsampler_nfe']:g} "
+          "network evaluations per sample)")  # fmt: skip
+    return 0
+
+
+def cascade_metadata(base, upsampler, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """`difflab sample`'s parameters for the upsampler, which made the pixels (checkpoint, hash, step, size, its
+    steps), the augmentation level, and the base model's under "base"."""
+    meta = sample.generation_metadata(upsampler, args, options)
+    base_meta = sample.generation_metadata(base, args, options)
+    meta["steps"] = args.upsampler_steps or args.steps
+    meta["low_res_noise"] = 0.0 if args.low_res_noise is None else args.low_res_noise
+    meta["base"] = {k: base_meta[k] for k in ("checkpoint", "model_hash", "train_step", "size", "steps")}
+    return meta
+
+
 def run(args: argparse.Namespace) -> int:
+    check_cascade_flags(args)
     if args.from_png is not None:
         return sample.run(args)
     prompts = read_prompts(args)
@@ -60,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if len(prompts) > 1:
             print(f"[{index + 1}/{len(prompts)}] {prompt}")
-        code = sample.run(args)
+        code = sample.run(args) if args.upsampler is None else run_cascade(args)
         if code:
             return code
     return 0

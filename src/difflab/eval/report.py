@@ -1,4 +1,5 @@
-"""eval.json and a short markdown report of an evaluation (one setting, or a sweep over NFE)."""
+"""eval.json and a short markdown report of an evaluation (one setting, or a sweep over NFE), and of a caption-adherence
+evaluation of a text model on the shapes world (`write_prompt_report`: one row per guidance scale and split)."""
 
 from __future__ import annotations
 
@@ -72,5 +73,56 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
         save_quality_vs_nfe({s.get("sampler", "samples"): [(r["nfe"], r["fid"]) for r in rows]}, plot)
         lines += ["", f"![FID vs NFE]({plot.name})"]
         written.append(plot)
+    write_text_atomic(written[1], "\n".join(lines) + "\n")
+    return written
+
+
+_ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "full")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def prompt_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown table of caption-adherence rows (`difflab.eval.adherence`): one line per guidance scale and split,
+    accuracies in percent ("-": nothing of that kind was asked), FD in the evaluator's feature space."""
+    lines = ["| guidance | split | samples | colour | shape | size | position | relation | full caption | FD |",
+             "|" + "---|" * 10]  # fmt: skip
+    for r in rows:
+        w = "none" if r["guidance"] is None else f"{r['guidance']:g}"
+        for split, acc in r["adherence"].items():
+            fd = r["fd"].get(split)
+            cells = [w, split, str(acc["n"]), *(_percent(acc[a]) for a in _ATTRIBUTES)]
+            lines.append("| " + " | ".join([*cells, "-" if fd is None else f"{fd:.4f}"]) + " |")
+    return lines
+
+
+def write_prompt_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """eval.json and report.md of a caption-adherence evaluation; returns the paths written.
+
+    result: {"settings": {source, prompts, n_prompts, n_per_prompt, resolution, sampler, options, steps, seed,
+    evaluator, reference, ...}, "rows": [`evaluate_prompts` results, one per guidance scale]}.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "eval.json", out_dir / "report.md"]
+    write_text_atomic(written[0], json.dumps(result, indent=2, sort_keys=True))
+    s = result["settings"]
+    lines = [
+        "# difflab caption adherence (shapes world)",
+        "",
+        f"- samples: {s['source']}",
+        f"- prompts: {s['prompts']} ({s['n_prompts']} captions x {s['n_per_prompt']} samples; prompt j uses seeds "
+        f"{s['seed']}..{s['seed'] + s['n_per_prompt'] - 1})",
+        f"- sampler settings: {s['sampler']}, {s['steps']} steps, options {s.get('options', {})}"
+        + (f", negative prompt '{s['negative_prompt']}'" if s.get("negative_prompt") else ""),
+        f"- evaluator: {s['evaluator']}: scenes recovered exactly from the pixels (difflab.eval.shapes); splits: "
+        "train = seen compositions, test = held-out compositions; accuracies in percent",
+        f"- FD: Frechet distance in the evaluator's own feature space ({s['evaluator']}), not Inception; not "
+        f"comparable with published FID. Reference: {s['reference']}",
+        "- preprocessing: samples clipped to [-1, 1] and quantised to 8 bits before scoring",
+        "",
+        *prompt_table(result["rows"]),
+    ]
     write_text_atomic(written[1], "\n".join(lines) + "\n")
     return written

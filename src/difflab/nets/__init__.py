@@ -23,7 +23,8 @@ class Backbone:
     name: str
     config_cls: type
     module_cls: type[nn.Module]
-    # (preset, sample_shape, dropout, extra_outputs, num_classes, context_dim=None, pooled_dim=None) -> settings
+    # (preset, sample_shape, dropout, extra_outputs, num_classes, context_dim=None, pooled_dim=None,
+    #  low_res_channels=None) -> settings
     preset: Callable[..., Any]
     kinds: tuple[str, ...]  # data kinds it suits: "images", "points"
 
@@ -36,6 +37,7 @@ def _unet(
     num_classes: int | None,
     context_dim: int | None = None,
     pooled_dim: int | None = None,
+    low_res_channels: int | None = None,
 ):
     channels, resolution = sample_shape[0], sample_shape[-1]
     unet = replace(
@@ -43,6 +45,7 @@ def _unet(
         num_classes=num_classes,
         context_dim=context_dim,
         pooled_dim=pooled_dim,
+        low_res_channels=low_res_channels,
     )
     return replace(unet, out_channels=channels + extra_outputs) if extra_outputs else unet
 
@@ -55,9 +58,12 @@ def _mlp(
     num_classes: int | None,
     context_dim: int | None = None,
     pooled_dim: int | None = None,
+    low_res_channels: int | None = None,
 ):
     if context_dim is not None or pooled_dim is not None:
         raise DifflabError("the mlp backbone takes no text conditioning; use the unet backbone for text to image")
+    if low_res_channels is not None:
+        raise DifflabError("the mlp backbone cannot be an upsampler; use the unet backbone with --upsample-from")
     hidden = {"tiny": 128, "small": 256, "base": 512}
     if preset not in hidden:
         raise DifflabError(f"unknown model preset '{preset}': choose one of {', '.join(hidden)}")
@@ -132,16 +138,19 @@ def model_config_for(
     backbone_name: str | None = None,
     context_dim: int | None = None,
     pooled_dim: int | None = None,
+    low_res_channels: int | None = None,
 ) -> ModelConfig:
     """A preset network for data of this kind and shape (U-Net for images, MLP for points unless `backbone_name`);
     `extra_outputs` adds output channels (PFGM's z component); `num_classes` makes it class-conditional;
-    `context_dim` (D of text_embed) and `pooled_dim` (P of text_pooled) condition it on text (U-Net only)."""
+    `context_dim` (D of text_embed) and `pooled_dim` (P of text_pooled) condition it on text (U-Net only);
+    `low_res_channels` makes it an upsampler of a cascade, conditioned on a low-resolution image (U-Net only)."""
     spec = backbone(backbone_name or DEFAULT_BACKBONE[kind])
     if kind not in spec.kinds:
         raise DifflabError(f"backbone '{spec.name}' does not suit {kind}; use {DEFAULT_BACKBONE[kind]}")
     # passed only when set, so that a preset function written before text conditioning keeps working
-    text = {k: v for k, v in (("context_dim", context_dim), ("pooled_dim", pooled_dim)) if v is not None}
-    settings = spec.preset(preset, tuple(sample_shape), dropout, extra_outputs, num_classes, **text)
+    named = (("context_dim", context_dim), ("pooled_dim", pooled_dim), ("low_res_channels", low_res_channels))
+    extra = {k: v for k, v in named if v is not None}
+    settings = spec.preset(preset, tuple(sample_shape), dropout, extra_outputs, num_classes, **extra)
     return ModelConfig(spec.name, settings, preset)
 
 

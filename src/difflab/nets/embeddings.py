@@ -99,3 +99,25 @@ def conditioning(
     if pooled_embed is not None:
         emb = emb + pooled_embed(cond.get("text_pooled") if cond else None, batch, device)
     return emb
+
+
+class AugmentationEmbedding(nn.Module):
+    """The noise-augmentation level of an upsampler's low-resolution input (Ho et al. 2021, Cascaded Diffusion Models,
+    Sec. 4: the model is conditioned on the level): s (B,) >= 0 -> sinusoidal features of 1000 s (the range of DDPM
+    timesteps for levels up to ~1) -> a two-layer MLP -> (B, out_dim), added to the noise-level embedding; missing
+    (None) = level 0, no augmentation."""
+
+    SCALE = 1000.0
+
+    def __init__(self, base_dim: int, out_dim: int):
+        super().__init__()
+        self.embed = NoiseEmbedding(base_dim, out_dim)
+
+    def forward(self, level: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if level is None:
+            level = torch.zeros(batch, device=device)
+        if level.shape != (batch,) or not level.is_floating_point():
+            raise DifflabError(
+                f"low_res_noise must be a float tensor of shape ({batch},), got {level.dtype} {tuple(level.shape)}"
+            )
+        return self.embed(level * self.SCALE)

@@ -1,7 +1,9 @@
 """The DDPM U-Net (Ho et al. 2020, App. B; Nichol & Dhariwal 2021): residual blocks, self-attention,
 skip connections and a noise-level embedding; optionally conditioned on text as GLIDE's (Nichol et al. 2022,
 Sec. 3.1): token embeddings join the keys and values of every attention layer, the pooled embedding is added to the
-noise-level embedding. Pure architecture: no diffusion maths."""
+noise-level embedding; optionally a super-resolution model of a cascade (Ho et al. 2021, Cascaded Diffusion Models,
+Sec. 3): the low-resolution image, upsampled to the network's size, joins x as extra input channels and its noise
+augmentation level is embedded like the noise level. Pure architecture: no diffusion maths."""
 
 from __future__ import annotations
 
@@ -14,7 +16,13 @@ from torch import nn
 from difflab.conditioning import as_cond
 from difflab.errors import DifflabError
 from difflab.nets.attention import SelfAttention, TextContext, attend, group_norm, text_context, zero_init
-from difflab.nets.embeddings import LabelEmbedding, NoiseEmbedding, PooledEmbedding, conditioning
+from difflab.nets.embeddings import (
+    AugmentationEmbedding,
+    LabelEmbedding,
+    NoiseEmbedding,
+    PooledEmbedding,
+    conditioning,
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class UNetConfig:
     num_classes: int | None = None  # class-conditional with a null label when set
     context_dim: int | None = None  # D of text_embed (B, L, D): GLIDE text attention when set
     pooled_dim: int | None = None  # P of text_pooled (B, P): added to the noise-level embedding when set
+    low_res_channels: int | None = None  # C of low_res (B, C, r, r): an upsampler's extra input channels when set
 
 
 def unet_signals(cfg: UNetConfig) -> frozenset[str]:
@@ -39,6 +48,7 @@ def unet_signals(cfg: UNetConfig) -> frozenset[str]:
     signals = {"class_label"} if cfg.num_classes else set()
     signals |= {"text_embed", "text_mask"} if cfg.context_dim else set()
     signals |= {"text_pooled"} if cfg.pooled_dim else set()
+    signals |= {"low_res", "low_res_noise"} if cfg.low_res_channels else set()
     return frozenset(signals)
 
 
@@ -74,7 +84,10 @@ class UNet(nn.Module):
     """F(x, c_noise, cond): x (B, C, R, R), c_noise (B,) -> (B, C_out, R, R), C_out = C unless configured. cond holds
     what the config asks for: "class_label" (B,) int64 (-1 = none) with num_classes; "text_embed" (B, L, D) float and
     "text_mask" (B, L) bool or 0/1 (1 = real token) with context_dim = D; "text_pooled" (B, P) with pooled_dim = P.
-    Missing signals are their nulls (null label, null caption: no real tokens, zero pooled vector)."""
+    "low_res" (B, C_lr, r, r) float with low_res_channels = C_lr (r divides R; upsampled to R by nearest neighbour:
+    each output pixel sees the low-res pixel it lies in, the inverse of an area average) and "low_res_noise" (B,)
+    float, its augmentation level. Missing signals are their nulls (null label, null caption: no real tokens, zero
+    pooled vector, zero low_res at level 0)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -88,8 +101,9 @@ class UNet(nn.Module):
         self.pooled_embed = PooledEmbedding(cfg.pooled_dim, emb_dim) if cfg.pooled_dim else None
         # GLIDE's text transformer ends in a LayerNorm before the per-layer projections; the encoder is external here
         self.context_norm = nn.LayerNorm(cfg.context_dim) if cfg.context_dim else None
+        self.low_res_noise_embed = AugmentationEmbedding(cfg.channels, emb_dim) if cfg.low_res_channels else None
         self.accepts = unet_signals(cfg)
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + (cfg.low_res_channels or 0), cfg.channels, 3, padding=1)
 
         def level(c_ins: list[int], c_out: int, res: int) -> _Level:
             blocks = [ResBlock(c, c_out, emb_dim, cfg.dropout, g) for c in c_ins]
@@ -128,8 +142,10 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
         cond = as_cond(cond)
         emb = conditioning(self.embed, self.label_embed, c_noise, cond, self.pooled_embed, self.accepts)
+        if self.low_res_noise_embed is not None:
+            emb = emb + self.low_res_noise_embed((cond or {}).get("low_res_noise"), x.shape[0], x.device)
         emb, ctx = nn.functional.silu(emb), self._context(cond, x.shape[0])
-        h = self.conv_in(x)
+        h = self.conv_in(self._with_low_res(x, cond))
         hs = [h]
         for i, lvl in enumerate(self.down):
             for block, attn in zip(lvl.blocks, lvl.attn, strict=True):
@@ -145,6 +161,25 @@ class UNet(nn.Module):
             if i < len(self.upsample):
                 h = self.upsample[i](h)
         return self.out(h)
+
+    def _with_low_res(self, x: torch.Tensor, cond: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """x (B, C, R, R) with the low-res image upsampled to R as extra channels (B, C + C_lr, R, R); x alone when
+        the network is not an upsampler. Only x carries the preconditioning's input scale c_in: low_res arrives as
+        given."""
+        channels = self.config.low_res_channels
+        if not channels:
+            return x
+        low = (cond or {}).get("low_res")
+        batch, _, height, width = x.shape
+        if low is None:
+            return torch.cat([x, x.new_zeros(batch, channels, height, width)], dim=1)
+        shape = tuple(low.shape)
+        if len(shape) != 4 or shape[:2] != (batch, channels) or 0 in shape or height % shape[2] or width % shape[3]:
+            raise DifflabError(
+                f"low_res must be a tensor (B={batch}, {channels}, r, r) with r dividing {height}, got {shape}"
+            )
+        upsampled = nn.functional.interpolate(low.to(x.dtype), size=(height, width), mode="nearest")
+        return torch.cat([x, upsampled], dim=1)
 
     def _context(self, cond: dict[str, torch.Tensor] | None, batch: int) -> TextContext | None:
         """The normalised text tokens and their keep mask, or None (no text in the net or in the batch: the null

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from difflab.cascade import UpsamplerConfig, check_upsample_from, downsample
 from difflab.config import DataConfig, RunConfig, SignalConfig, TrainConfig
 from difflab.data import Dataset, load_dataset
 from difflab.errors import DifflabError
@@ -54,6 +55,8 @@ def run_config(
     tensorboard: bool = False,
     text_encoder: str | None = None,
     caption_dropout: float = 0.2,
+    upsample_from: int | None = None,
+    low_res_noise_max: float | None = None,
     **formulation_settings: Any,
 ) -> RunConfig:
     """The RunConfig of a new run on `data` (a loaded `difflab.data.Dataset`). `process` names the formulation
@@ -73,7 +76,9 @@ def run_config(
     channels = data.sample_shape[0] if data.kind == "images" else 1
     data_config = DataConfig(data.name, data.kind, tuple(data.sample_shape), resolution, channels)
     text = _text_config(data, text_encoder)
+    upsampler = _upsampler_config(data, upsample_from, low_res_noise_max)
     width = {} if text is None else {"context_dim": text.width, "pooled_dim": text.width}
+    width |= {} if upsampler is None else {"low_res_channels": channels}
     model_config = model_config_for(data.kind, data.sample_shape, model, dropout, klass.extra_outputs, num_classes,
                                     backbone, **width)  # fmt: skip
     model_config = replace(model_config, text=text)
@@ -93,7 +98,8 @@ def run_config(
     )
     conditioning = (SignalConfig("class_label", label_dropout),) if num_classes else ()
     conditioning += (SignalConfig("text_tokens", caption_dropout),) if text is not None else ()
-    config = RunConfig(data_config, model_config, formulation, train, conditioning)
+    conditioning += (SignalConfig("low_res", 0.0),) if upsampler is not None else ()  # never dropped
+    config = RunConfig(data_config, model_config, formulation, train, conditioning, upsampler=upsampler)
     formulation_object.loss(min_snr_gamma)  # refuse settings the loss cannot take now, not at the first step
     return config
 
@@ -127,13 +133,28 @@ def _text_config(data: Dataset, text_encoder: str | None) -> TextConfig | None:
     return TextConfig.from_captions(list(data.captions))
 
 
+def _upsampler_config(data: Dataset, upsample_from: int | None, noise_max: float | None) -> UpsamplerConfig | None:
+    """The upsampler settings of a cascade's super-resolution run, or None without `upsample_from`."""
+    if upsample_from is None:
+        if noise_max is not None:
+            raise DifflabError("--low-res-noise-max sets the augmentation of an upsampler: give --upsample-from R too")
+        return None
+    if data.kind != "images":
+        raise DifflabError(f"--upsample-from trains an image upsampler; '{data.name}' holds {data.kind}")
+    check_upsample_from(data.sample_shape[-1], upsample_from)
+    return UpsamplerConfig(upsample_from) if noise_max is None else UpsamplerConfig(upsample_from, noise_max)
+
+
 def training_signals(config: RunConfig, data: Dataset) -> dict[str, torch.Tensor] | None:
-    """The conditioning signals of every training example: class labels, and caption tokens for a text model."""
+    """The conditioning signals of every training example: class labels, caption tokens for a text model, and for an
+    upsampler the images' area averages at its low-res size (augmented per step by the task)."""
     signals = {"class_label": data.labels} if data.labels is not None else {}
     if config.model.text is not None:
         if not data.captions:
             raise DifflabError(f"this model is conditioned on text but '{data.name}' has no captions")
         signals["text_tokens"] = config.model.text.tokenizer().encode(list(data.captions))
+    if config.upsampler is not None:
+        signals["low_res"] = downsample(data.data, config.upsampler.low_res)
     return signals or None
 
 
@@ -274,7 +295,12 @@ class PreviewHook:
         pipe = Pipeline(self.config, trainer.task.formulation.denoiser(net))
         sampler = "ddim"  # eta 0: deterministic, so it suits Poisson kernels too
         n = self.n if self.config.data.kind == "images" else 1000
-        samples = pipe.sample(n, seed=0, sampler=sampler, steps=self.steps)
+        low_res = {}
+        if self.config.upsampler is not None:  # upsample the first training examples' low-res images
+            low = trainer.cond_data["low_res"]
+            n = min(n, len(low))
+            low_res = {"low_res": low[:n]}
+        samples = pipe.sample(n, seed=0, sampler=sampler, steps=self.steps, **low_res)
         path = self.folder / f"step_{trainer.step:08d}.png"
         if self.config.data.kind == "images":
             save_image_grid(samples, path, metadata={"train_step": trainer.step, "sampler": sampler},
