@@ -31,6 +31,32 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def moons_ddpm_run(tmp_path_factory, _one_thread):
+    """The tiny MLP trained on moons as a discrete DDPM through the CLI, 4000 steps (about 60 s on one core), shared
+    by every module that samples or evaluates a trained toy model (test_cli, test_processes, test_evaluate). Tests
+    read it and must never write into it. 4000 steps, because DDIM (50 steps, 2000 samples) reaches the real-vs-real
+    floor only then: SW2 0.060 and 0.107 above a threshold of 0.045 at 3000 steps with seeds 0 and 1."""
+    out = tmp_path_factory.mktemp("moons_ddpm")
+    assert main(["train", "--data", "moons", "--out", str(out), "--steps", "4000", "--no-progress"]) == 0
+    before = _listing(out)
+    yield out
+    assert _listing(out) == before, "a test wrote into the shared moons run"
+
+
+def _listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="session")
+def digits_classifier_cache(_private_cache, _one_thread):
+    """The digits classifier in the session's private cache (DIFFLAB_CACHE), trained once per session (about 20 s):
+    the digits demo, `difflab eval --data digits` and the quality reports read the same file. (cache folder, model)."""
+    from difflab.eval.digits_classifier import default_cache_dir, load_digits_classifier
+
+    return default_cache_dir(), load_digits_classifier()
+
+
 def run_cli(capsys, *argv):
     """Run `difflab ARGV` in-process: (exit code, stdout, stderr)."""
     code = main([str(a) for a in argv])

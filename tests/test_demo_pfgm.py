@@ -56,7 +56,7 @@ def test_field_lines_run_from_the_charges_up_to_the_hemisphere():
 
 @pytest.mark.slow
 def test_pfgm_demo_writes_the_field_figures_and_the_backward_flow(tmp_path, capsys):
-    code = main(["demo", "--data", "heart", "--process", "pfgm", "--minutes", "0.1", "--out", str(tmp_path),
+    code = main(["demo", "--data", "heart", "--process", "pfgm", "--steps", "100", "--out", str(tmp_path),
                  "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
@@ -67,7 +67,7 @@ def test_pfgm_demo_writes_the_field_figures_and_the_backward_flow(tmp_path, caps
     with Image.open(tmp_path / "backward_flow.gif") as gif:
         assert gif.format == "GIF" and gif.is_animated and gif.n_frames > 1
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["process"] == "pfgm" and metrics["data"] == "heart" and metrics["train_steps"] > 0
+    assert metrics["process"] == "pfgm" and metrics["data"] == "heart" and metrics["train_steps"] == 100
     assert metrics["sampler"]["swd"] > 0 and metrics["sampler"]["n"] == 1000
     assert metrics["field_lines"]["cos_polar_p"] > 1e-3, metrics["field_lines"]
     assert "KS distance" in out and "sliced W2" in out

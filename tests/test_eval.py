@@ -119,10 +119,10 @@ def test_sliced_wasserstein_same_versus_different_distributions() -> None:
 
 
 @pytest.fixture(scope="module")
-def classifier_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("difflab_cache")
-    model = load_digits_classifier(cache)
-    return cache, model
+def classifier_cache(digits_classifier_cache):
+    """The session's classifier, trained into (or read from) the private cache: training it is what takes the time,
+    and test_corrupt_cache_is_retrained_and_env_dir_used covers the train-when-absent path on a fresh folder."""
+    return digits_classifier_cache
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,10 @@ from difflab.eval.reference import ReferenceStats, reference_statistics
 from difflab.eval.report import write_report
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
-    assert main(["train", "--data", "moons", "--out", str(out), "--steps", "1500", "--no-progress"]) == 0
-    return out
+@pytest.fixture
+def toy_run(moons_ddpm_run):
+    """The session's tiny MLP trained 4000 steps on moons (tests/conftest.py): read it, never write."""
+    return moons_ddpm_run
 
 
 def test_eval_of_a_checkpoint_writes_json_and_report(toy_run, tmp_path, capsys):
@@ -100,10 +99,11 @@ def test_random_cnn_features_are_fixed_and_tell_distributions_apart():
     smooth = torch.nn.functional.interpolate(torch.rand(600, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
     smooth2 = torch.nn.functional.interpolate(torch.rand(600, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
     noise = torch.rand(600, 3, 16, 16, generator=g) * 2 - 1
-    torch.testing.assert_close(a.features(smooth), b.features(smooth), rtol=0, atol=0)
-    assert a.features(smooth).shape == (600, 512)
-    same = frechet_distance_between(a.features(smooth), a.features(smooth2))
-    different = frechet_distance_between(a.features(smooth), a.features(noise))
+    features = a.features(smooth)  # once, not four times: each pass of the random CNN costs seconds on one core
+    torch.testing.assert_close(features, b.features(smooth), rtol=0, atol=0)
+    assert features.shape == (600, 512)
+    same = frechet_distance_between(features, a.features(smooth2))
+    different = frechet_distance_between(features, a.features(noise))
     assert different > 5 * same
 
 

@@ -98,7 +98,8 @@ def inception_score(probs: np.ndarray | torch.Tensor, splits: int = 10) -> tuple
 
 def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """k(x, y) = (x . y / d + 1)^3 for rows of x (n, d) and y (m, d): the KID kernel (Binkowski et al. 2018)."""
-    return (x @ y.T / x.shape[1] + 1.0) ** 3
+    k = x @ y.T / x.shape[1] + 1.0
+    return k * k * k  # numpy's float ** 3 goes through pow(), several times slower
 
 
 def _mmd2_unbiased(a: np.ndarray, b: np.ndarray) -> float:
