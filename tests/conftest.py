@@ -71,3 +71,14 @@ def assert_one_line_error(code, err, *fragments):
     assert len(lines) == 1 and "Traceback" not in err, err
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory):
+    """A text model on the 16x16 shapes (scratch encoder) trained 6 steps: it exercises every path of text to image,
+    not drawing well. Tests only read it."""
+    out = tmp_path_factory.mktemp("text") / "run"
+    code = main(["train", "--data", "shapes", "--resolution", "16", "--text-encoder", "scratch", "--steps", "6",
+                 "--batch-size", "8", "--out", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    return out

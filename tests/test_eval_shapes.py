@@ -134,16 +134,6 @@ def test_only_text_models_of_the_shapes_world_are_scored():
     assert pipe.calls == []
 
 
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-    """A text model on the 16x16 shapes trained a few steps (as in test_txt2img): it exercises the paths only."""
-    out = tmp_path_factory.mktemp("text") / "run"
-    code = difflab.cli.main.main(["train", "--data", "shapes", "--resolution", "16", "--text-encoder", "scratch",
-                                  "--steps", "6", "--batch-size", "8", "--out", str(out), "--no-progress"])  # fmt: skip
-    assert code == 0
-    return out
-
-
 def test_eval_prompts_writes_json_and_report_and_prints_a_table(text_run, tmp_path, capsys):
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(TRAIN + TEST) + "\n")

@@ -15,16 +15,6 @@ from difflab.text.conditioned import TextConfig
 from difflab.training.checkpoint import latest_checkpoint, load_config
 
 
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-    """A text model on the 16x16 shapes, trained a few steps: enough to exercise every path, not to draw well."""
-    out = tmp_path_factory.mktemp("text") / "run"
-    code = difflab.cli.main.main(["train", "--data", "shapes", "--resolution", "16", "--text-encoder", "scratch",
-                                  "--steps", "6", "--batch-size", "8", "--out", str(out), "--no-progress"])  # fmt: skip
-    assert code == 0
-    return out
-
-
 def test_the_run_config_holds_the_tokenizer_and_caption_dropout(text_run):
     config = load_config(latest_checkpoint(text_run))
     assert RunConfig.from_json(config.to_json()) == config
