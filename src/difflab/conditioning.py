@@ -12,12 +12,16 @@ unconditional branch of classifier-free guidance uses:
     low_res_noise   0.0 (the noise-augmentation level of low_res: none)
 
 The null caption is text_embed zeros, text_mask all False and text_pooled zeros together (GLIDE's empty sequence).
+An inpainting model's mask (B, 1, H, W) is 1 on a known pixel and 0 on one to fill, and masked_image (B, C, H, W) is
+the image times the mask (GLIDE's convention); their nulls, all zeros, say that nothing is known: generate freely.
 
-`null_cond` replaces every signal by its null at once, except the input of an upsampler (`GUIDANCE_KEEPS`: low_res and
-its augmentation level), which both branches of classifier-free guidance share: a cascade guides on text, not on the
-image it upsamples (Saharia et al. 2022, Imagen); `drop_signals` nulls each signal independently with its own
-probability in training. Networks declare the signals they accept (`accepted_signals`); `check_cond` refuses any
-other with a one-line error. The null conventions live here and nowhere else.
+`null_cond` replaces every signal by its null at once, except the image a model works from (`GUIDANCE_KEEPS`: an
+upsampler's low_res and its augmentation level, an inpainting model's mask and masked_image), which both branches of
+classifier-free guidance share: a cascade guides on text, not on the image it upsamples (Saharia et al. 2022, Imagen),
+and GLIDE's inpainting model guides on the caption with the known region in both branches; `drop_signals` nulls each
+signal independently with its own probability in training. Networks declare the signals they accept
+(`accepted_signals`); `check_cond` refuses any other with a one-line error. The null conventions live here and nowhere
+else.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ NULL_VALUES: dict[str, float | int] = {
     "masked_image": 0.0,
 }
 SIGNAL_NAMES = tuple(NULL_VALUES)
-# signals the unconditional branch of classifier-free guidance keeps as they are: an upsampler's image input
-GUIDANCE_KEEPS = frozenset({"low_res", "low_res_noise"})
+# signals the unconditional branch of classifier-free guidance keeps as they are: the image a model works from
+GUIDANCE_KEEPS = frozenset({"low_res", "low_res_noise", "mask", "masked_image"})
 
 
 def as_cond(cond: Any) -> dict[str, torch.Tensor] | None:
@@ -71,8 +75,8 @@ def null_like(name: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def null_cond(cond: Cond | None, keep: frozenset[str] = GUIDANCE_KEEPS) -> dict[str, torch.Tensor] | None:
-    """Every signal replaced by its null, except those in `keep` (an upsampler's low_res and low_res_noise): the
-    unconditional branch of classifier-free guidance."""
+    """Every signal replaced by its null, except those in `keep` (an upsampler's low_res and low_res_noise, an
+    inpainting model's mask and masked_image): the unconditional branch of classifier-free guidance."""
     return None if cond is None else {k: v if k in keep else null_like(k, v) for k, v in cond.items()}
 
 

@@ -1,12 +1,13 @@
 """Run configuration: frozen dataclasses saved as config.json beside every checkpoint, enough to rebuild the run.
 
-    RunConfig(data, model, formulation, train, conditioning, upsampler=None)
+    RunConfig(data, model, formulation, train, conditioning, upsampler=None, inpainting=None)
 
 `model` names a network backbone with its settings (`difflab.nets.ModelConfig`), `formulation` is the settings
 dataclass of one formulation (`difflab.formulations`: DDPMConfig, EDMConfig, ...), and `conditioning` lists the
 signals the model is trained on, each with its training dropout; `upsampler` (`difflab.cascade.UpsamplerConfig`, only
-in the file when set) makes the run the super-resolution stage of a cascade. Version 1 files (a flat `diffusion` block
-with a `process` name) are migrated on load (`migrate_v1`).
+in the file when set) makes the run the super-resolution stage of a cascade, `inpainting`
+(`difflab.inpaint_model.InpaintingConfig`, only in the file when set) GLIDE's inpainting model. Version 1 files (a
+flat `diffusion` block with a `process` name) are migrated on load (`migrate_v1`).
 
 Reading config.json is strict: a missing required key, a value of the wrong type (an integer where one is expected;
 true is not an integer), an unknown key, a version newer than CONFIG_VERSION or a size outside `difflab.limits` is a
@@ -28,6 +29,7 @@ from difflab.cascade import UpsamplerConfig, check_upsample_from
 from difflab.errors import DifflabError
 from difflab.formulations import config_from_dict, config_to_dict
 from difflab.formulations.ddpm import DDPMConfig
+from difflab.inpaint_model import InpaintingConfig
 from difflab.limits import check_limits
 from difflab.nets import ModelConfig
 
@@ -108,6 +110,7 @@ class RunConfig:
     conditioning: tuple[SignalConfig, ...] = ()
     version: int = CONFIG_VERSION
     upsampler: UpsamplerConfig | None = None  # the super-resolution stage of a cascade: its low-res input
+    inpainting: InpaintingConfig | None = None  # GLIDE's inpainting model: its training masks
 
     def __post_init__(self):
         """The formulation's sizes (ddpm timesteps, pfgm batch) are checked against `difflab.limits`; an upsampler
@@ -120,6 +123,9 @@ class RunConfig:
                                "network takes its low-res image as extra channels)")  # fmt: skip
         if self.upsampler is not None:
             check_upsample_from(self.data.resolution or 0, self.upsampler.low_res)
+        if (self.inpainting is None) != (getattr(self.model.settings, "inpaint_channels", None) is None):
+            raise DifflabError("inpainting and model.settings.inpaint_channels must be set together (an inpainting "
+                               "model takes the masked image and the mask as extra channels)")  # fmt: skip
 
     @property
     def process(self) -> str:
@@ -129,14 +135,18 @@ class RunConfig:
         return name_of_config(self.formulation)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "data": dataclasses.asdict(self.data),
-            "model": self.model.to_dict(),
-            "formulation": config_to_dict(self.formulation),
-            "train": dataclasses.asdict(self.train),
-            "conditioning": [dataclasses.asdict(s) for s in self.conditioning],
-        } | ({"upsampler": dataclasses.asdict(self.upsampler)} if self.upsampler is not None else {})
+        return (
+            {
+                "version": self.version,
+                "data": dataclasses.asdict(self.data),
+                "model": self.model.to_dict(),
+                "formulation": config_to_dict(self.formulation),
+                "train": dataclasses.asdict(self.train),
+                "conditioning": [dataclasses.asdict(s) for s in self.conditioning],
+            }
+            | ({"upsampler": dataclasses.asdict(self.upsampler)} if self.upsampler is not None else {})
+            | ({"inpainting": dataclasses.asdict(self.inpainting)} if self.inpainting is not None else {})
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -155,8 +165,8 @@ class RunConfig:
             )
         if version == 1:
             values = migrate_v1(values)
-        check_keys(values, "config", {"version", "data", "model", "formulation", "train", "conditioning", "upsampler"},
-                    required=("data", "model", "formulation"))  # fmt: skip
+        check_keys(values, "config", {"version", "data", "model", "formulation", "train", "conditioning", "upsampler",
+                                      "inpainting"}, required=("data", "model", "formulation"))  # fmt: skip
         conditioning = values.get("conditioning", [])
         if not isinstance(conditioning, list):
             raise ValueError(f"conditioning must be a list, got {_show(conditioning)}")
@@ -170,6 +180,9 @@ class RunConfig:
             ),
             upsampler=dataclass_from_dict(UpsamplerConfig, values["upsampler"], "upsampler")
             if values.get("upsampler") is not None
+            else None,
+            inpainting=dataclass_from_dict(InpaintingConfig, values["inpainting"], "inpainting")
+            if values.get("inpainting") is not None
             else None,
         )
 

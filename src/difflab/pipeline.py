@@ -170,7 +170,8 @@ class Pipeline:
             )
         if guidance is not None and cond and not set(cond) - GUIDANCE_KEEPS:
             raise DifflabError("--guidance needs a condition to guide on (a prompt or a class); an upsampler's "
-                               "low-resolution image is not guided")  # fmt: skip
+                               "low-resolution image is not guided, nor an inpainting model's masked "
+                               "image")  # fmt: skip
 
     def upsampler_cond(self, cond: Any, low_res: Any, low_res_noise: float | None, seeds: Sequence[int]) -> Any:
         """cond with an upsampler's low_res (n or 1 rows, augmented at level low_res_noise; `difflab.cascade`) and
@@ -258,6 +259,14 @@ class Pipeline:
             cond=cond, batch_size=batch_size, device=self.device, callback=callback, progress=progress, stats=stats,
         )  # fmt: skip
         return _no_grad(batches)
+
+    def inpaint(self, image: torch.Tensor, fill: torch.Tensor, n: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """Fill the region `fill` = 1 (1 or n, 1, R, R) of `image` (1 or n, C, R, R) with a model trained with
+        --inpainting (GLIDE): `difflab.inpaint_model.inpaint_with_model`, with `sample`'s keyword arguments (prompt,
+        guidance, seeds, ...) and `paste` (default True: the known pixels are the original's exactly)."""
+        from difflab.inpaint_model import inpaint_with_model
+
+        return inpaint_with_model(self, image, fill, n, **kwargs)
 
     def to_pil(self, images: torch.Tensor) -> list:
         """Images (N, C, H, W) in [-1, 1] as PIL images (8-bit, L or RGB)."""

@@ -2,7 +2,9 @@
 
 inpaint (Song et al. 2021, App. I.2): the known region is kept on a forward-noised original after every step
 (`difflab.guidance.Inpainting`), optionally with RePaint's resampling (Lugmayr et al. 2022). img2img (SDEdit,
-Meng et al. 2022): noise the image to a strength and denoise it. Image and mask conventions: `difflab.images`.
+Meng et al. 2022): noise the image to a strength and denoise it. A text model takes --prompt (and --negative with
+--guidance); a model trained with --inpainting fills the region itself (`difflab.inpaint_model`, GLIDE). Image and
+mask conventions: `difflab.images`.
 Output: a PNG grid (original, mask or noised input, then the n results; generation parameters in the PNG
 metadata as `difflab sample` writes them) or a .npy array of the n results (n, C, R, R) in data space (the
 scale of [-1, 1], not clamped).
@@ -40,6 +42,10 @@ def add_common(p: argparse.ArgumentParser, default_sampler: str) -> None:
     io.add_argument("--seed", type=int, default=0, help="result i uses seed S + i")
     io.add_argument("--out", required=True, help=".png grid (with metadata) or .npy (the n results, raw floats)")
     io.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    text = p.add_argument_group("text")
+    text.add_argument("--prompt", metavar="TEXT", help="text models (--text-encoder scratch): what the result shows")
+    text.add_argument("--negative", metavar="TEXT", help="text models: a negative prompt to steer away from (with "
+                      "--guidance)")  # fmt: skip
     add_sampler_arguments(p, default_sampler=None)
     add_guidance_arguments(p)
     add_runtime_arguments(p)
@@ -52,6 +58,14 @@ def add_common(p: argparse.ArgumentParser, default_sampler: str) -> None:
 def prepare(args: argparse.Namespace, default: str):
     """Validate the cheap options, load the model and the image; resolve --sampler, its options and guidance.
     Returns (pipeline, image, sampler options, cond, guided denoiser)."""
+    pipe, image, options, cond, guidance = load_for_edit(args, default)
+    cond, denoiser = pipe.prepare(args.n, cond=cond, **guidance)
+    return pipe, image, options, cond, denoiser
+
+
+def load_for_edit(args: argparse.Namespace, default: str):
+    """Validate the cheap options, load the model and the image; resolve --sampler and its options. Returns (pipeline,
+    image, sampler options, cond, the guidance and prompt settings of `Pipeline.prepare` / `Pipeline.sample`)."""
     from difflab.sampling import resolve_sampler
 
     if args.sampler is not None:
@@ -77,8 +91,7 @@ def prepare(args: argparse.Namespace, default: str):
     options = sampler_options(args.sampler, args)
     image = read_image(args.image, data.resolution, data.channels)
     cond, guidance = guidance_settings(args, pipe, args.n)
-    cond, denoiser = pipe.prepare(args.n, cond=cond, **guidance)
-    return pipe, image, options, cond, denoiser
+    return pipe, image, options, cond, guidance | {"prompt": args.prompt, "negative_prompt": args.negative}
 
 
 def write(out: str, grid, results, metadata: dict[str, Any]) -> Path:
@@ -99,5 +112,5 @@ def metadata(args: argparse.Namespace, pipe, options: dict, extra: dict) -> dict
         "class": args.label, "guidance": args.guidance, "checkpoint": str(pipe.checkpoint), "train_step": pipe.step,
         "model_hash": pipe.weights_hash(), "use_ema": not args.no_ema, "negative_class": args.negative_class,
         "guidance_interval": args.guidance_interval, "classifier": args.classifier,
-        "classifier_scale": args.classifier_scale,
+        "classifier_scale": args.classifier_scale, "prompt": args.prompt, "negative_prompt": args.negative,
     }  # fmt: skip

@@ -1,12 +1,13 @@
 """`difflab inpaint`: regenerate the white region of a mask, keeping the rest of the image (Song et al. 2021,
-App. I.2), optionally with RePaint's resampling (Lugmayr et al. 2022)."""
+App. I.2), optionally with RePaint's resampling (Lugmayr et al. 2022); a model trained with --inpainting fills it
+itself from the masked image and the mask (GLIDE, Nichol et al. 2022, Sec. 3.3; `difflab.inpaint_model`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from difflab.cli.edit import add_common, metadata, prepare, write
+from difflab.cli.edit import add_common, load_for_edit, metadata, write
 from difflab.errors import DifflabError
 
 
@@ -22,9 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--repaint-resamplings", type=int, metavar="R",
                        help="RePaint: walk each block of J steps R times (10)")  # fmt: skip
     p.description = (
-        "Regenerate the white region of --mask, keeping the rest of --image exactly. With --repaint-jump or "
-        "--repaint-resamplings, RePaint's resampling (DDPM steps; --sampler ddpm, Gaussian models only). The PNG grid "
-        "shows the original, the mask, then the n fills."
+        "Regenerate the white region of --mask, keeping the rest of --image exactly. A model trained with "
+        "--inpainting fills it itself from the masked image (method 'model', GLIDE); any other model by replacement, "
+        "or with --repaint-jump or --repaint-resamplings by RePaint's resampling (DDPM steps; --sampler ddpm, "
+        "Gaussian models only). --prompt guides a text model. The PNG grid shows the original, the mask, then the n "
+        "fills."
     )
 
 
@@ -58,18 +61,26 @@ def run(args: argparse.Namespace) -> int:
 
     from difflab.editing import inpaint
     from difflab.images import read_mask
+    from difflab.inpaint_model import inpainting_method
 
-    pipe, image, options, cond, denoiser = prepare(args, "ddpm")
+    pipe, image, options, cond, guidance = load_for_edit(args, "ddpm")
     fill = read_mask(args.mask, pipe.config.data.resolution)
-    repaint = repaint_setting(args, pipe.kernel, options)
+    method = inpainting_method(pipe, args.repaint_jump is not None or args.repaint_resamplings is not None)
+    repaint = repaint_setting(args, pipe.kernel, options) if method != "model" else None
     stats: dict[str, Any] = {}
     seeds = [args.seed + i for i in range(args.n)]
-    results = inpaint(
-        denoiser, image, fill, pipe.sigmas(args.steps, args.grid), seeds, sampler=args.sampler, options=options,
-        repaint=repaint, kernel=pipe.kernel, cond=cond, device=pipe.device, stats=stats,
-    )  # fmt: skip
+    if method == "model":
+        results = pipe.inpaint(image, fill, seeds=seeds, sampler=args.sampler, steps=args.steps, grid=args.grid,
+                               cond=cond, stats=stats, **guidance, **options)  # fmt: skip
+    else:
+        cond, denoiser = pipe.prepare(args.n, cond=cond, **guidance)
+        results = inpaint(
+            denoiser, image, fill, pipe.sigmas(args.steps, args.grid), seeds, sampler=args.sampler, options=options,
+            repaint=repaint, kernel=pipe.kernel, cond=cond, device=pipe.device, stats=stats,
+        )  # fmt: skip
     jump, resamplings = repaint if repaint is not None else (None, None)
-    extra = {"mask": str(args.mask), "repaint_jump": jump, "repaint_resamplings": resamplings, "nfe": stats["nfe"]}
+    extra = {"mask": str(args.mask), "method": method, "repaint_jump": jump, "repaint_resamplings": resamplings,
+             "nfe": stats["nfe"]}  # fmt: skip
     meta = metadata(args, pipe, options, extra) | {"layout": "original, mask, fills 1..n"}
     shown = (fill * 2 - 1).expand_as(image)
     path = write(args.out, torch.cat([image, shown, results]), results, meta)

@@ -24,7 +24,7 @@ class Backbone:
     config_cls: type
     module_cls: type[nn.Module]
     # (preset, sample_shape, dropout, extra_outputs, num_classes, context_dim=None, pooled_dim=None,
-    #  low_res_channels=None) -> settings
+    #  low_res_channels=None, inpaint_channels=None) -> settings
     preset: Callable[..., Any]
     kinds: tuple[str, ...]  # data kinds it suits: "images", "points"
 
@@ -38,6 +38,7 @@ def _unet(
     context_dim: int | None = None,
     pooled_dim: int | None = None,
     low_res_channels: int | None = None,
+    inpaint_channels: int | None = None,
 ):
     channels, resolution = sample_shape[0], sample_shape[-1]
     unet = replace(
@@ -46,6 +47,7 @@ def _unet(
         context_dim=context_dim,
         pooled_dim=pooled_dim,
         low_res_channels=low_res_channels,
+        inpaint_channels=inpaint_channels,
     )
     return replace(unet, out_channels=channels + extra_outputs) if extra_outputs else unet
 
@@ -59,11 +61,14 @@ def _mlp(
     context_dim: int | None = None,
     pooled_dim: int | None = None,
     low_res_channels: int | None = None,
+    inpaint_channels: int | None = None,
 ):
     if context_dim is not None or pooled_dim is not None:
         raise DifflabError("the mlp backbone takes no text conditioning; use the unet backbone for text to image")
     if low_res_channels is not None:
         raise DifflabError("the mlp backbone cannot be an upsampler; use the unet backbone with --upsample-from")
+    if inpaint_channels is not None:
+        raise DifflabError("the mlp backbone cannot be an inpainting model; use the unet backbone with --inpainting")
     hidden = {"tiny": 128, "small": 256, "base": 512}
     if preset not in hidden:
         raise DifflabError(f"unknown model preset '{preset}': choose one of {', '.join(hidden)}")
@@ -139,16 +144,19 @@ def model_config_for(
     context_dim: int | None = None,
     pooled_dim: int | None = None,
     low_res_channels: int | None = None,
+    inpaint_channels: int | None = None,
 ) -> ModelConfig:
     """A preset network for data of this kind and shape (U-Net for images, MLP for points unless `backbone_name`);
     `extra_outputs` adds output channels (PFGM's z component); `num_classes` makes it class-conditional;
     `context_dim` (D of text_embed) and `pooled_dim` (P of text_pooled) condition it on text (U-Net only);
-    `low_res_channels` makes it an upsampler of a cascade, conditioned on a low-resolution image (U-Net only)."""
+    `low_res_channels` makes it an upsampler of a cascade, conditioned on a low-resolution image (U-Net only);
+    `inpaint_channels` makes it GLIDE's inpainting model, conditioned on a masked image and its mask (U-Net only)."""
     spec = backbone(backbone_name or DEFAULT_BACKBONE[kind])
     if kind not in spec.kinds:
         raise DifflabError(f"backbone '{spec.name}' does not suit {kind}; use {DEFAULT_BACKBONE[kind]}")
     # passed only when set, so that a preset function written before text conditioning keeps working
-    named = (("context_dim", context_dim), ("pooled_dim", pooled_dim), ("low_res_channels", low_res_channels))
+    named = (("context_dim", context_dim), ("pooled_dim", pooled_dim), ("low_res_channels", low_res_channels),
+             ("inpaint_channels", inpaint_channels))  # fmt: skip
     extra = {k: v for k, v in named if v is not None}
     settings = spec.preset(preset, tuple(sample_shape), dropout, extra_outputs, num_classes, **extra)
     return ModelConfig(spec.name, settings, preset)

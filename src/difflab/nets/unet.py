@@ -3,7 +3,8 @@ skip connections and a noise-level embedding; optionally conditioned on text as 
 Sec. 3.1): token embeddings join the keys and values of every attention layer, the pooled embedding is added to the
 noise-level embedding; optionally a super-resolution model of a cascade (Ho et al. 2021, Cascaded Diffusion Models,
 Sec. 3): the low-resolution image, upsampled to the network's size, joins x as extra input channels and its noise
-augmentation level is embedded like the noise level. Pure architecture: no diffusion maths."""
+augmentation level is embedded like the noise level; optionally GLIDE's inpainting model (Nichol et al. 2022, Sec. 3.3):
+the masked image and the mask join x as C + 1 extra input channels. Pure architecture: no diffusion maths."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class UNetConfig:
     context_dim: int | None = None  # D of text_embed (B, L, D): GLIDE text attention when set
     pooled_dim: int | None = None  # P of text_pooled (B, P): added to the noise-level embedding when set
     low_res_channels: int | None = None  # C of low_res (B, C, r, r): an upsampler's extra input channels when set
+    inpaint_channels: int | None = None  # C of masked_image (B, C, R, R): inpainting's C + 1 extra channels when set
 
 
 def unet_signals(cfg: UNetConfig) -> frozenset[str]:
@@ -49,6 +51,7 @@ def unet_signals(cfg: UNetConfig) -> frozenset[str]:
     signals |= {"text_embed", "text_mask"} if cfg.context_dim else set()
     signals |= {"text_pooled"} if cfg.pooled_dim else set()
     signals |= {"low_res", "low_res_noise"} if cfg.low_res_channels else set()
+    signals |= {"masked_image", "mask"} if cfg.inpaint_channels else set()
     return frozenset(signals)
 
 
@@ -86,8 +89,10 @@ class UNet(nn.Module):
     "text_mask" (B, L) bool or 0/1 (1 = real token) with context_dim = D; "text_pooled" (B, P) with pooled_dim = P.
     "low_res" (B, C_lr, r, r) float with low_res_channels = C_lr (r divides R; upsampled to R by nearest neighbour:
     each output pixel sees the low-res pixel it lies in, the inverse of an area average) and "low_res_noise" (B,)
-    float, its augmentation level. Missing signals are their nulls (null label, null caption: no real tokens, zero
-    pooled vector, zero low_res at level 0)."""
+    float, its augmentation level. "masked_image" (B, C_in, R, R) and "mask" (B, 1, R, R) with inpaint_channels = C_in
+    (GLIDE's convention: mask 1 = a known pixel, 0 = one to fill; the network sees masked_image * mask, so the fill
+    region's content never enters). Missing signals are their nulls (null label, null caption: no real tokens, zero
+    pooled vector, zero low_res at level 0, zero mask and masked image: nothing known, generate freely)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -103,7 +108,8 @@ class UNet(nn.Module):
         self.context_norm = nn.LayerNorm(cfg.context_dim) if cfg.context_dim else None
         self.low_res_noise_embed = AugmentationEmbedding(cfg.channels, emb_dim) if cfg.low_res_channels else None
         self.accepts = unet_signals(cfg)
-        self.conv_in = nn.Conv2d(cfg.in_channels + (cfg.low_res_channels or 0), cfg.channels, 3, padding=1)
+        extra = (cfg.low_res_channels or 0) + (cfg.inpaint_channels + 1 if cfg.inpaint_channels else 0)
+        self.conv_in = nn.Conv2d(cfg.in_channels + extra, cfg.channels, 3, padding=1)
 
         def level(c_ins: list[int], c_out: int, res: int) -> _Level:
             blocks = [ResBlock(c, c_out, emb_dim, cfg.dropout, g) for c in c_ins]
@@ -145,7 +151,7 @@ class UNet(nn.Module):
         if self.low_res_noise_embed is not None:
             emb = emb + self.low_res_noise_embed((cond or {}).get("low_res_noise"), x.shape[0], x.device)
         emb, ctx = nn.functional.silu(emb), self._context(cond, x.shape[0])
-        h = self.conv_in(self._with_low_res(x, cond))
+        h = self.conv_in(self._with_inpainting(self._with_low_res(x, cond), cond, x.shape))
         hs = [h]
         for i, lvl in enumerate(self.down):
             for block, attn in zip(lvl.blocks, lvl.attn, strict=True):
@@ -180,6 +186,23 @@ class UNet(nn.Module):
             )
         upsampled = nn.functional.interpolate(low.to(x.dtype), size=(height, width), mode="nearest")
         return torch.cat([x, upsampled], dim=1)
+
+    def _with_inpainting(self, h: torch.Tensor, cond: dict[str, torch.Tensor] | None, shape: torch.Size):
+        """h (B, C_h, R, R) with masked_image * mask and mask as C_in + 1 more channels (GLIDE's inpainting model:
+        concatenated after x and low_res, not scaled by c_in); h alone when the network does not inpaint."""
+        channels = self.config.inpaint_channels
+        if not channels:
+            return h
+        batch, _, height, width = shape
+        image, mask = ((cond or {}).get(k) for k in ("masked_image", "mask"))
+        image = h.new_zeros(batch, channels, height, width) if image is None else image.to(h.dtype)
+        mask = h.new_zeros(batch, 1, height, width) if mask is None else mask.to(h.dtype)
+        if tuple(image.shape) != (batch, channels, height, width) or tuple(mask.shape) != (batch, 1, height, width):
+            raise DifflabError(
+                f"masked_image must be a tensor (B={batch}, {channels}, {height}, {width}) and mask ({batch}, 1, "
+                f"{height}, {width}), got {tuple(image.shape)} and {tuple(mask.shape)}"
+            )
+        return torch.cat([h, image * mask, mask], dim=1)
 
     def _context(self, cond: dict[str, torch.Tensor] | None, batch: int) -> TextContext | None:
         """The normalised text tokens and their keep mask, or None (no text in the net or in the batch: the null

@@ -17,6 +17,7 @@ from difflab.config import DataConfig, RunConfig, SignalConfig, TrainConfig
 from difflab.data import Dataset, load_dataset
 from difflab.errors import DifflabError
 from difflab.formulations import DataInfo, formulation_class, make_config
+from difflab.inpaint_model import InpaintingConfig
 from difflab.nets import model_config_for
 from difflab.text.conditioned import TextConfig
 from difflab.training.checkpoint import check_run_folder, latest_checkpoint, load_config, resume_checkpoint
@@ -57,14 +58,16 @@ def run_config(
     caption_dropout: float = 0.2,
     upsample_from: int | None = None,
     low_res_noise_max: float | None = None,
+    inpainting: bool = False,
     **formulation_settings: Any,
 ) -> RunConfig:
     """The RunConfig of a new run on `data` (a loaded `difflab.data.Dataset`). `process` names the formulation
         (ddpm, vp, subvp, ve, edm, pfgmpp, pfgm) and `formulation_settings` its settings (schedule, timesteps,
         prediction, sigma_min, sigma_max, aug_dim, ...; None = the paper's value). `conditional` trains on the data's
         class labels with `label_dropout` of them nulled; `text_encoder="scratch"` trains on the data's captions with a
-    text transformer of its own (GLIDE), `caption_dropout` of them replaced by the empty caption. Steps default to 5000
-    unless `minutes` is given."""
+    text transformer of its own (GLIDE), `caption_dropout` of them replaced by the empty caption. `upsample_from` makes
+    the run a cascade's upsampler; `inpainting` GLIDE's inpainting model (random masks per step; difflab.inpaint_model).
+    Steps default to 5000 unless `minutes` is given."""
     defaults = DEFAULTS[data.kind]
     norm = float(data.data.flatten(1).pow(2).sum(1).mean().sqrt())
     info = DataInfo(data.sample_shape, norm, defaults["batch_size"])
@@ -77,8 +80,10 @@ def run_config(
     data_config = DataConfig(data.name, data.kind, tuple(data.sample_shape), resolution, channels)
     text = _text_config(data, text_encoder)
     upsampler = _upsampler_config(data, upsample_from, low_res_noise_max)
+    inpaint = _inpainting_config(data, inpainting)
     width = {} if text is None else {"context_dim": text.width, "pooled_dim": text.width}
     width |= {} if upsampler is None else {"low_res_channels": channels}
+    width |= {} if inpaint is None else {"inpaint_channels": channels}
     model_config = model_config_for(data.kind, data.sample_shape, model, dropout, klass.extra_outputs, num_classes,
                                     backbone, **width)  # fmt: skip
     model_config = replace(model_config, text=text)
@@ -99,7 +104,8 @@ def run_config(
     conditioning = (SignalConfig("class_label", label_dropout),) if num_classes else ()
     conditioning += (SignalConfig("text_tokens", caption_dropout),) if text is not None else ()
     conditioning += (SignalConfig("low_res", 0.0),) if upsampler is not None else ()  # never dropped
-    config = RunConfig(data_config, model_config, formulation, train, conditioning, upsampler=upsampler)
+    config = RunConfig(data_config, model_config, formulation, train, conditioning, upsampler=upsampler,
+                       inpainting=inpaint)  # fmt: skip
     formulation_object.loss(min_snr_gamma)  # refuse settings the loss cannot take now, not at the first step
     return config
 
@@ -143,6 +149,15 @@ def _upsampler_config(data: Dataset, upsample_from: int | None, noise_max: float
         raise DifflabError(f"--upsample-from trains an image upsampler; '{data.name}' holds {data.kind}")
     check_upsample_from(data.sample_shape[-1], upsample_from)
     return UpsamplerConfig(upsample_from) if noise_max is None else UpsamplerConfig(upsample_from, noise_max)
+
+
+def _inpainting_config(data: Dataset, inpainting: bool) -> InpaintingConfig | None:
+    """The inpainting settings of GLIDE's inpainting model, or None without `inpainting`."""
+    if not inpainting:
+        return None
+    if data.kind != "images":
+        raise DifflabError(f"--inpainting trains an image model; '{data.name}' holds {data.kind}")
+    return InpaintingConfig()
 
 
 def training_signals(config: RunConfig, data: Dataset) -> dict[str, torch.Tensor] | None:

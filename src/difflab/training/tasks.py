@@ -12,13 +12,15 @@ from difflab.cascade import augment_low_res
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
 from difflab.formulations import make_formulation
+from difflab.inpaint_model import training_inputs
 from difflab.nets import build_network
 
 
 class DenoiserTask:
     """Train the network F of a formulation's denoiser with the formulation's loss (Ho et al. 2020, Alg. 1;
     Karras et al. 2022, Eq. 2). Signals of `config.conditioning` are dropped to their nulls with their dropouts; an
-    upsampler's low-res input is noise-augmented (`difflab.cascade.augment_low_res`)."""
+    upsampler's low-res input is noise-augmented (`difflab.cascade.augment_low_res`); an inpainting model gets random
+    masks and masked images (`difflab.inpaint_model.training_inputs`)."""
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -33,10 +35,12 @@ class DenoiserTask:
         self.denoiser.to(device)
 
     def loss(self, x0: torch.Tensor, cond: Any, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample losses (B,) of clean data x0 (B, *shape); an upsampler's augmentation is drawn from `generator`
-        before the loss's own draws."""
+        """Per-sample losses (B,) of clean data x0 (B, *shape); an upsampler's augmentation, then an inpainting model's
+        masks, are drawn from `generator` before the loss's own draws."""
         if self.config.upsampler is not None:
             cond = augment_low_res(cond, self.config.upsampler.noise_max, generator)
+        if self.config.inpainting is not None:
+            cond = training_inputs(x0, cond, self.config.inpainting, generator)
         return self.loss_fn(self.denoiser, x0, generator, cond)
 
     def check_resume(self, ckpt: Path) -> None:
@@ -44,6 +48,7 @@ class DenoiserTask:
         from difflab.training.checkpoint import load_config
 
         saved = load_config(ckpt)
-        same = (saved.model, saved.formulation, saved.conditioning, saved.upsampler)
-        if same != (self.config.model, self.config.formulation, self.config.conditioning, self.config.upsampler):
+        same = (saved.model, saved.formulation, saved.conditioning, saved.upsampler, saved.inpainting)
+        config = self.config
+        if same != (config.model, config.formulation, config.conditioning, config.upsampler, config.inpainting):
             raise DifflabError(f"'{ckpt}' was trained with another model or formulation config; use a new --out")
