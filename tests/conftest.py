@@ -8,7 +8,7 @@ import torch
 from difflab.cli.main import main
 from difflab.oracles import GaussianDenoiser, GaussianMixtureDenoiser
 
-__all__ = ["GaussianDenoiser", "GaussianMixtureDenoiser", "assert_one_line_error", "run_cli"]
+__all__ = ["GaussianDenoiser", "GaussianMixtureDenoiser", "assert_exact_resume", "assert_one_line_error", "run_cli"]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -82,3 +82,18 @@ def text_run(tmp_path_factory):
                  "--batch-size", "8", "--out", str(out), "--no-progress"])  # fmt: skip
     assert code == 0
     return out
+
+
+def assert_exact_resume(make, data, tmp_path, changed: str) -> None:
+    """make(steps) -> RunConfig on `data`: 6 steps straight equal 3 + resume + 3, bit for bit (checkpoints every 3);
+    the weight `changed` of the half-way checkpoint differs from the end (the test is not vacuous)."""
+    import difflab
+    from difflab.training.checkpoint import latest_checkpoint, list_checkpoints
+
+    straight = difflab.train(make(6), tmp_path / "straight", data=data, progress=False)
+    difflab.train(make(3), tmp_path / "split", data=data, progress=False)
+    split = difflab.train(None, tmp_path / "split", data=data, resume=True, steps=6, progress=False)
+    a, b = (difflab.load(latest_checkpoint(r), use_ema=False).denoiser.net.state_dict() for r in (straight, split))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    half = difflab.load(list_checkpoints(split)[0], use_ema=False).denoiser.net.state_dict()
+    assert not torch.equal(half[changed], b[changed])

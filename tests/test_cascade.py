@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_exact_resume, assert_one_line_error, run_cli
 from PIL import Image
 
 import difflab
@@ -17,7 +17,7 @@ from difflab.formulations import make_formulation
 from difflab.formulations.edm import EDMConfig
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.outputs import read_generation_parameters
-from difflab.training.checkpoint import latest_checkpoint, list_checkpoints, load_config
+from difflab.training.checkpoint import latest_checkpoint, load_config
 
 CFG = UNetConfig(in_channels=3, resolution=16, channels=16, channel_mult=(1, 2), num_res_blocks=1,
                  attention_resolutions=(8,), norm_groups=8)  # fmt: skip
@@ -126,13 +126,7 @@ def test_upsampler_training_resumes_bit_for_bit(tmp_path):
     data = _blocks(64)
     make = lambda steps: difflab.run_config(data, process="edm", model="tiny", upsample_from=4, steps=steps,  # noqa: E731
                                             batch_size=8, warmup=2, checkpoint_every=3)  # fmt: skip
-    straight = difflab.train(make(6), tmp_path / "straight", data=data, progress=False)
-    difflab.train(make(3), tmp_path / "split", data=data, progress=False)
-    split = difflab.train(None, tmp_path / "split", data=data, resume=True, steps=6, progress=False)
-    a, b = (difflab.load(latest_checkpoint(r), use_ema=False).denoiser.net.state_dict() for r in (straight, split))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    half = difflab.load(list_checkpoints(split)[0], use_ema=False).denoiser.net.state_dict()
-    assert not torch.equal(half["conv_in.weight"], b["conv_in.weight"])
+    assert_exact_resume(make, data, tmp_path, "conv_in.weight")
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_exact_resume, assert_one_line_error, run_cli
 from PIL import Image
 
 import difflab
@@ -21,7 +21,6 @@ from difflab.guidance.wrappers import ClassifierFreeGuidance
 from difflab.inpaint_model import InpaintingConfig, inpainting_signals, random_keep_masks, training_inputs
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.outputs import read_generation_parameters
-from difflab.training.checkpoint import latest_checkpoint, list_checkpoints
 
 CFG = UNetConfig(in_channels=3, resolution=16, channels=16, channel_mult=(1, 2), num_res_blocks=1,
                  attention_resolutions=(8,), norm_groups=8)  # fmt: skip
@@ -165,13 +164,7 @@ def test_inpainting_training_resumes_bit_for_bit(tmp_path):
     data = difflab.load_dataset("shapes", resolution=16, size=16)
     make = lambda steps: difflab.run_config(data, process="edm", text_encoder="scratch", inpainting=True,  # noqa: E731
                                             steps=steps, batch_size=4, warmup=2, checkpoint_every=3)  # fmt: skip
-    straight = difflab.train(make(6), tmp_path / "straight", data=data, progress=False)
-    difflab.train(make(3), tmp_path / "split", data=data, progress=False)
-    split = difflab.train(None, tmp_path / "split", data=data, resume=True, steps=6, progress=False)
-    a, b = (difflab.load(latest_checkpoint(r), use_ema=False).denoiser.net.state_dict() for r in (straight, split))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    half = difflab.load(list_checkpoints(split)[0], use_ema=False).denoiser.net.state_dict()
-    assert not torch.equal(half["backbone.conv_in.weight"], b["backbone.conv_in.weight"])
+    assert_exact_resume(make, data, tmp_path, "backbone.conv_in.weight")
 
 
 @pytest.mark.slow
