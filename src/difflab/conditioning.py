@@ -19,7 +19,8 @@ the image times the mask (GLIDE's convention); their nulls, all zeros, say that 
 upsampler's low_res and its augmentation level, an inpainting model's mask and masked_image), which both branches of
 classifier-free guidance share: a cascade guides on text, not on the image it upsamples (Saharia et al. 2022, Imagen),
 and GLIDE's inpainting model guides on the caption with the known region in both branches; `drop_signals` nulls each
-signal independently with its own probability in training. Networks declare the signals they accept
+signal independently with its own probability in training, a group (a frozen encoder's caption: text_embed, text_mask
+and text_pooled, `SIGNAL_GROUPS`) as a whole. Networks declare the signals they accept
 (`accepted_signals`); `check_cond` refuses any other with a one-line error. The null conventions live here and nowhere
 else.
 """
@@ -48,6 +49,9 @@ NULL_VALUES: dict[str, float | int] = {
     "masked_image": 0.0,
 }
 SIGNAL_NAMES = tuple(NULL_VALUES)
+# signals nulled together by training dropout, under one name and one probability: a frozen encoder's caption
+SIGNAL_GROUPS: dict[str, tuple[str, ...]] = {"text": ("text_embed", "text_mask", "text_pooled")}
+GROUP_OF = {member: group for group, members in SIGNAL_GROUPS.items() for member in members}
 # signals the unconditional branch of classifier-free guidance keeps as they are: the image a model works from
 GUIDANCE_KEEPS = frozenset({"low_res", "low_res_noise", "mask", "masked_image"})
 
@@ -84,18 +88,22 @@ def drop_signals(
     cond: Cond | None, dropout: Mapping[str, float], generator: torch.Generator | None = None
 ) -> dict[str, torch.Tensor] | None:
     """Training dropout (Ho & Salimans 2022, Alg. 1): each row of signal k is nulled with probability dropout[k],
-    independently per signal; signals without a probability are kept. Draws one uniform per row per signal, in the
-    order of `cond`'s keys, from `generator`."""
+    independently per signal; signals without a probability are kept. A group of SIGNAL_GROUPS named in `dropout`
+    (e.g. "text": text_embed, text_mask and text_pooled, the caption as a whole) is nulled together: one draw per row
+    for the group. Draws one uniform per row per signal or group, in the order of `cond`'s keys (a group where its
+    first member comes), from `generator`."""
     if cond is None:
         return None
-    out = {}
+    out, drops = {}, {}
     for name, value in cond.items():
-        p = dropout.get(name, 0.0)
+        key = GROUP_OF[name] if GROUP_OF.get(name) in dropout else name
+        p = dropout.get(key, 0.0)
         if p <= 0:
             out[name] = value
             continue
-        dropped = torch.rand(value.shape[0], generator=generator, device=value.device) < p
-        out[name] = torch.where(_rows(dropped, value), null_like(name, value), value)
+        if key not in drops:  # a group's members share the draw of the first one
+            drops[key] = torch.rand(value.shape[0], generator=generator, device=value.device) < p
+        out[name] = torch.where(_rows(drops[key], value), null_like(name, value), value)
     return out
 
 

@@ -26,6 +26,7 @@ from difflab.generate import check_sampling_request, check_seeds, generate_batch
 from difflab.guidance.compose import Guidance, check_classifier_kernel, guide
 from difflab.kernels import Kernel
 from difflab.nets import build_network
+from difflab.text.conditioned import FrozenTextConfig
 from difflab.training.checkpoint import checkpoint_step, load_config, load_tensors, resolve_checkpoint
 from difflab.types import Denoiser, StepCallback
 
@@ -48,6 +49,7 @@ class Pipeline:
         self.denoiser = denoiser if denoiser is not None else self.formulation.denoiser(build_network(config.model))
         self.denoiser.eval()
         self.checkpoint, self.step, self.weights = checkpoint, step, weights
+        self._text_encoder = None  # a frozen text encoder, loaded on the first prompt
 
     # ---- what the model is ------------------------------------------------------------------------------
     @property
@@ -106,8 +108,9 @@ class Pipeline:
         return cond
 
     def text_cond(self, prompt: str | Sequence[str], n: int) -> dict[str, torch.Tensor]:
-        """{"text_tokens": (n, L)} for one prompt (repeated) or n prompts, with the run's tokenizer; an empty prompt
-        is the null caption (the unconditional model). An unknown word is a one-line error naming it."""
+        """The text signals of one prompt (repeated) or n prompts: {"text_tokens": (n, L)} with the run's tokenizer, or
+        for a frozen encoder its text_embed (n, L, D), text_mask (n, L) and text_pooled (n, P) (not cached on disk).
+        An empty prompt is the null caption (the unconditional model). An unknown word is a one-line error naming it."""
         text = self.config.model.text
         if text is None:
             raise DifflabError(
@@ -117,9 +120,31 @@ class Pipeline:
         prompts = [prompt] * n if isinstance(prompt, str) else [str(p) for p in prompt]
         if len(prompts) != n:
             raise DifflabError(f"{len(prompts)} prompts for {n} samples; give one prompt, or one per sample")
+        if isinstance(text, FrozenTextConfig):
+            return self._frozen_text_cond(text, prompts)
         tokens = text.tokenizer().encode(prompts)
         tokens[[not p.strip() for p in prompts]] = 0  # the empty prompt: all padding, the null caption
         return {"text_tokens": tokens}
+
+    def frozen_text_encoder(self) -> Any:
+        """The frozen text encoder the model was trained with, loaded on first use; other weights than it was trained
+        with are a one-line DifflabError (`FrozenTextConfig.load_encoder`)."""
+        if self._text_encoder is None:
+            self._text_encoder = self.config.model.text.load_encoder()
+        return self._text_encoder
+
+    def _frozen_text_cond(self, text: FrozenTextConfig, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Each distinct non-empty prompt encoded once; empty ones are the null caption (zeros, mask all False)."""
+        n = len(prompts)
+        embed, mask = torch.zeros(n, text.max_length, text.dim), torch.zeros(n, text.max_length, dtype=torch.bool)
+        pooled = torch.zeros(n, text.pooled_dim)
+        distinct = [p for p in dict.fromkeys(prompts) if p.strip()]
+        if distinct:
+            out, row = self.frozen_text_encoder().encode(distinct), {p: i for i, p in enumerate(distinct)}
+            real = [i for i, p in enumerate(prompts) if p in row]
+            pick = [row[prompts[i]] for i in real]
+            embed[real], mask[real], pooled[real] = out.embed[pick], out.mask[pick], out.pooled[pick]
+        return {"text_embed": embed, "text_mask": mask, "text_pooled": pooled}
 
     def guided_denoiser(self, guidance: Guidance | None, cond: Any) -> Denoiser:
         """The denoiser with classifier-free and/or classifier guidance composed around it (cond already made)."""

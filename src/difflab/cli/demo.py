@@ -1,19 +1,21 @@
 """`difflab demo`: watch a DDPM learn to write digits on a CPU, then sample it with DDPM and DDIM; or, with
 `--process pfgm --data heart` (any 2-D toy), a Poisson flow: the data as charges on a plane, their field lines to a
-hemisphere, and a trained model's backward flow."""
+hemisphere, and a trained model's backward flow; or, with `--task txt2img`, a text-conditional model of the captioned
+shapes world (16x16): prompts x seeds, held-out compositions, adherence and FD against guidance, relation reversals."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from difflab.atomic import write_text_atomic
 from difflab.cli.common import add_runtime_arguments, setup_runtime, stopped_by_signal
-from difflab.data import TOY_NAMES, load_dataset
+from difflab.data import TOY_NAMES, Dataset, load_dataset
 from difflab.errors import DifflabError
 from difflab.eval.quality import digits_quality, toy_quality
 from difflab.generate import generate
@@ -37,6 +39,11 @@ SAMPLER_SETTINGS = {"ddpm": (100, {"variance": "small"}), "ddim": (50, {"eta": 0
 N_METRIC_SAMPLES = 450  # the size of the digits test split
 GRID = 64
 DEFAULT_STEPS = 4000  # the same model on every machine of a platform: ~4-5 minutes of a laptop CPU core
+# txt2img: EDM on the 16x16 shapes, batch 64. Measured (2026-12-01, 1 thread, on a 2-core machine running 4-5 other
+# jobs): 0.68 s of CPU time per step (1.5 s wall under that load), so 1000 steps ~ 11.5 minutes of a free core;
+# loading the 20,000 scenes ~0.5 min and sampling and scoring ~820 samples (20 steps, guided) ~1.5-2 min: ~14 min.
+TXT2IMG_STEPS, TXT2IMG_BATCH, TXT2IMG_LR = 1000, 64, 2e-3
+TXT2IMG_SCENES = 20_000  # training scenes (the shapes default)
 # pfgm: the exact field of CHARGES training points, LINES field lines to a hemisphere of radius FAR (the uniformity
 # check) drawn up to radius NEAR; FLOW_STEPS Euler steps in log z for FLOW_SAMPLES samples, FLOW_SHOWN of them animated
 CHARGES, LINES, FAR, NEAR = 500, 1000, 20.0, 3.0
@@ -45,10 +52,13 @@ FLOW_STEPS, FLOW_SAMPLES, FLOW_SHOWN = 100, 1000, 400
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="digits (the default, for ddpm) or, with --process pfgm, a 2-D toy (default heart)")
-    p.add_argument("--process", default="ddpm", help="ddpm (default: the digits demo) or pfgm (Poisson flow on a toy)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
+    p.add_argument("--task", default="unconditional", metavar="TASK",
+                   help="unconditional (default: the --process demos) or txt2img (a text model of the shapes world, "
+                   f"EDM, {TXT2IMG_STEPS} steps by default: about 15 minutes of a CPU core)")  # fmt: skip
+    p.add_argument("--process", help="ddpm (default: the digits demo) or pfgm (Poisson flow on a toy)")
+    p.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_STEPS}; txt2img {TXT2IMG_STEPS})")
     p.add_argument("--minutes", type=float, help="a wall-clock budget instead (stops at whichever comes first)")
-    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--out", help="output folder (default runs/demo; txt2img: runs/demo-txt2img)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     add_runtime_arguments(p)
@@ -75,6 +85,14 @@ def denoising_figure(model: Pipeline, path: Path, seeds=(0, 1, 2, 3), steps: int
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task not in TASKS:
+        raise DifflabError(f"unknown --task '{args.task}': the demo runs {' or '.join(TASKS)}")
+    if args.task == "txt2img":
+        args.out = args.out or "runs/demo-txt2img"
+        return run_txt2img(args)
+    args.out = args.out or "runs/demo"
+    args.process = args.process or "ddpm"
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     demo = DEMOS.get(args.process)
     if demo is None:
         raise DifflabError(f"unknown --process '{args.process}': the demo runs ddpm (digits) or pfgm (a 2-D toy)")
@@ -87,14 +105,14 @@ def run(args: argparse.Namespace) -> int:
     return runner(args, data)
 
 
-def train_demo(args: argparse.Namespace, data: str, **settings) -> tuple[Path, int]:
+def train_demo(args: argparse.Namespace, data: str, dataset: Dataset | None = None, **settings) -> tuple[Path, int]:
     """Train a tiny model into a fresh `out/run` with the demo's seed, steps (or minutes) and device; returns
     (run folder, steps trained) and says so when a time budget stopped it far short of what the data needs. A stop
     signal ends the demo there (SystemExit), with the checkpoint of the step reached."""
     run_dir = Path(args.out) / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns this folder; start fresh each time
     device = setup_runtime(args)
-    dataset = load_dataset(data)
+    dataset = load_dataset(data) if dataset is None else dataset
     config = run_config(dataset, model="tiny", seed=args.seed, steps=args.steps, minutes=args.minutes, **settings)
     outcome = train_run(config, run_dir, data=dataset, device=device, progress=not args.no_progress)
     code = stopped_by_signal(outcome, run_dir, f"continue with: difflab train --out {run_dir} --resume latest")
@@ -175,8 +193,40 @@ def run_pfgm(args: argparse.Namespace, data: str) -> int:
     return 0
 
 
+def run_txt2img(args: argparse.Namespace) -> int:
+    """Train a text model on the 16x16 shapes world (EDM, scratch text encoder), then write the text demo's figures
+    and metrics.json (`difflab.text_demo`).
+
+    Budget: TXT2IMG_STEPS steps of batch TXT2IMG_BATCH on one CPU core; see the module constants for the measured
+    seconds per step, plus about 2 minutes of sampling and scoring."""
+    from difflab.text_demo import summary_lines, write_txt2img_demo
+
+    if args.process not in (None, "edm") or args.data not in (None, "shapes"):
+        raise DifflabError("the txt2img demo trains EDM on the shapes world: drop --process and --data")
+    check_output_dir(args.out, "--out")
+    args.steps = TXT2IMG_STEPS if args.steps is None else args.steps
+    out = Path(args.out)
+    print(f"training a tiny text-conditional U-Net (EDM) on the 16x16 shapes for {_budget(args)} ...")
+    shapes = load_dataset("shapes", resolution=16, split="train", size=TXT2IMG_SCENES)
+    start = time.monotonic()
+    run_dir, train_steps = train_demo(args, "shapes", shapes, process="edm", text_encoder="scratch",
+                                      caption_dropout=0.2, batch_size=TXT2IMG_BATCH, lr=TXT2IMG_LR)  # fmt: skip
+    minutes = (time.monotonic() - start) / 60
+    model = load(run_dir, device=setup_runtime(args))
+    metrics, written = write_txt2img_demo(model, out, seed=args.seed)
+    metrics = {"task": "txt2img", "data": "shapes", "resolution": 16, "process": "edm", "text_encoder": "scratch",
+               "train_steps": train_steps, "train_minutes": round(minutes, 3), "train_budget_minutes": args.minutes,
+               "seed": args.seed, **metrics}  # fmt: skip
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    loss = [run_dir / "loss.png"] if (run_dir / "loss.png").exists() else []
+    print("wrote:\n  " + "\n  ".join(str(p) for p in [*loss, *written, out / "metrics.json"]))
+    print("\n".join(summary_lines(metrics)))
+    return 0
+
+
 def _budget(args: argparse.Namespace) -> str:
     return f"{args.steps} steps" + (f" or {args.minutes:g} minutes" if args.minutes is not None else "")
 
 
 DEMOS = {"ddpm": (run_ddpm, ("digits",)), "pfgm": (run_pfgm, TOY_NAMES)}
+TASKS = ("unconditional", "txt2img")

@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     net.add_argument("--text-encoder", metavar="NAME",
                      help="train on the data's captions (--data shapes) with a text encoder: scratch (GLIDE's "
-                     "transformer, trained with the model)")  # fmt: skip
+                     "transformer, trained with the model), minilm (frozen all-MiniLM-L6-v2) or hf:PATH (a frozen "
+                     "Hugging Face text model, e.g. CLIP's, saved in a local folder); frozen encoders need pip "
+                     "install 'difflab[text]' and cache the captions' embeddings in $DIFFLAB_CACHE/text")  # fmt: skip
     net.add_argument(
         "--caption-dropout",
         type=float,
@@ -141,8 +143,8 @@ MODEL_FLAGS = {
     "dropout": lambda c: getattr(c.model.settings, "dropout", 0.0),
     "conditional": lambda c: bool(c.conditioning),
     "label_dropout": lambda c: next((s.dropout for s in c.conditioning if s.name == "class_label"), None),
-    "text_encoder": lambda c: "scratch" if c.model.text is not None else None,
-    "caption_dropout": lambda c: next((s.dropout for s in c.conditioning if s.name == "text_tokens"), None),
+    "text_encoder": lambda c: getattr(c.model.text, "encoder", "scratch") if c.model.text is not None else None,
+    "caption_dropout": lambda c: next((s.dropout for s in c.conditioning if s.name in ("text_tokens", "text")), None),
     "upsample_from": lambda c: c.upsampler.low_res if c.upsampler is not None else None,
     "low_res_noise_max": lambda c: c.upsampler.noise_max if c.upsampler is not None else None,
     "inpainting": lambda c: c.inpainting is not None,
@@ -194,6 +196,9 @@ def _differs(dest: str, given, saved) -> str | None:
     """'--flag VALUE (the run has SAVED)' when the value given differs from the saved one, else None."""
     if given == saved or (dest == "data" and saved and Path(given).resolve() == Path(saved).resolve()):
         return None
+    hf = dest == "text_encoder" and str(given).startswith("hf:") and str(saved).startswith("hf:")
+    if hf and Path(given[3:]).resolve() == Path(saved[3:]).resolve():  # the folder as given, or as recorded
+        return None
     flag = "--" + dest.replace("_", "-")
     shown = flag if isinstance(given, bool) else f"{flag} {given}"
     was = ("on" if saved else "off") if isinstance(saved, bool) else "none" if saved is None else saved
@@ -201,7 +206,10 @@ def _differs(dest: str, given, saved) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = train(args)
+    from difflab.cli.txt2img import one_line_warnings
+
+    with one_line_warnings("train"):  # a caption cut by a frozen text encoder
+        result = train(args)
     resume = f"continue with: difflab train --out {result.run_dir} --resume latest"
     code = stopped_by_signal(result, result.run_dir, resume)
     if code is None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +112,33 @@ def cascade_metadata(base, upsampler, args: argparse.Namespace, options: dict[st
     return meta
 
 
+@contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """A prompt cut by the text encoder (TextTruncationWarning) printed as `difflab COMMAND: warning: MESSAGE`, one
+    line on stderr, instead of Python's two with the source line; other warnings as Python shows them."""
+    from difflab.text.base import TextTruncationWarning
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+        if issubclass(category, TextTruncationWarning):
+            print(f"difflab {command}: warning: {message}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def run(args: argparse.Namespace) -> int:
+    with one_line_warnings("txt2img"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     check_cascade_flags(args)
     if args.from_png is not None:
         return sample.run(args)

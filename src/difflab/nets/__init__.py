@@ -95,7 +95,8 @@ def backbone(name: str) -> Backbone:
 @dataclass(frozen=True)
 class ModelConfig:
     """A backbone by name with its settings (the backbone's own config dataclass), and for a text-conditional network
-    its own text encoder (`difflab.text.conditioned.TextConfig`: vocabulary and sizes), trained with it."""
+    its own text encoder (`difflab.text.conditioned.TextConfig`: vocabulary and sizes), trained with it, or the frozen
+    encoder whose embeddings it takes (`FrozenTextConfig`)."""
 
     backbone: str
     settings: Any
@@ -119,12 +120,12 @@ class ModelConfig:
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """The model config from its to_dict() form; a missing or mistyped key is a ValueError naming it."""
         from difflab.config import check_keys, dataclass_from_dict, read_value
-        from difflab.text.conditioned import TextConfig
+        from difflab.text.conditioned import text_config_from_dict
 
         check_keys(values, "model", {"backbone", "preset", "settings", "text"}, required=("backbone", "settings"))
         spec = backbone(read_value(str, values["backbone"], "model.backbone"))
         settings = dataclass_from_dict(spec.config_cls, values["settings"], "model.settings")
-        text = dataclass_from_dict(TextConfig, values["text"], "model.text") if "text" in values else None
+        text = text_config_from_dict(values["text"], "model.text") if "text" in values else None
         return cls(spec.name, settings, read_value(str, values.get("preset", "custom"), "model.preset"), text)
 
     @property
@@ -163,13 +164,14 @@ def model_config_for(
 
 
 def build_network(config: ModelConfig) -> nn.Module:
-    """The raw network F described by `config` (with its text encoder in front when it has one)."""
+    """The raw network F described by `config` (with its scratch text encoder in front when it has one; a frozen
+    encoder stays outside: the backbone takes its text_embed / text_mask / text_pooled)."""
     net = backbone(config.backbone).module_cls(config.settings)
     if config.text is None:
         return net
-    from difflab.text.conditioned import TextConditionedNet
+    from difflab.text.conditioned import FrozenTextConfig, TextConditionedNet
 
-    return TextConditionedNet(net, config.text)
+    return net if isinstance(config.text, FrozenTextConfig) else TextConditionedNet(net, config.text)
 
 
 __all__ = ["BACKBONES", "ModelConfig", "backbone", "build_network", "model_config_for"]

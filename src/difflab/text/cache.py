@@ -73,27 +73,21 @@ class EmbeddingCache:
             save_file(tensors, str(tmp), metadata=meta)
 
 
-def encode_cached(encoder: FrozenTextEncoder, captions: list[str], cache: EmbeddingCache | None = None) -> TextEncoding:
+def encode_cached(
+    encoder: FrozenTextEncoder,
+    captions: list[str],
+    cache: EmbeddingCache | None = None,
+    *,
+    trim: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> TextEncoding:
     """`encoder.encode(captions)` through the on-disk cache: captions not cached yet are encoded (in batches of
-    ENCODE_BATCH, each distinct caption once) and stored; the result has embed (B, max_length, D), mask, pooled."""
-    cache = cache if cache is not None else EmbeddingCache()
-    found = {c: cache.get(encoder, c) for c in dict.fromkeys(captions)}
-    missing, writable = [c for c, hit in found.items() if hit is None], True
-    for start in range(0, len(missing), ENCODE_BATCH):
-        chunk = missing[start : start + ENCODE_BATCH]
-        out = encoder.encode(chunk)
-        for row, caption in enumerate(chunk):
-            n = int(out.mask[row].sum())
-            found[caption] = (out.embed[row, :n].clone(), out.pooled[row].clone())
-            try:
-                if writable:
-                    cache.put(encoder, caption, *found[caption])
-            except DifflabError as err:
-                warnings.warn(f"text embeddings are not cached ({err}); set DIFFLAB_CACHE to a writable folder",
-                              stacklevel=2)  # fmt: skip
-                writable = False
-    embed = torch.zeros(len(captions), encoder.max_length, encoder.dim)
-    mask = torch.zeros(len(captions), encoder.max_length, dtype=torch.bool)
+    ENCODE_BATCH, each distinct caption once) and stored; the result has embed (B, L, D) in `dtype`, mask (B, L) and
+    pooled (B, P) float32, with L = max_length, or with `trim` the longest caption's token count (training data)."""
+    found = _cached_rows(encoder, captions, cache if cache is not None else EmbeddingCache(), dtype)
+    length = max((len(found[c][0]) for c in captions), default=0) if trim else encoder.max_length
+    embed = torch.zeros(len(captions), length, encoder.dim, dtype=dtype)
+    mask = torch.zeros(len(captions), length, dtype=torch.bool)
     pooled = torch.zeros(len(captions), encoder.pooled_dim)
     for row, caption in enumerate(captions):
         tokens, vector = found[caption]
@@ -101,3 +95,29 @@ def encode_cached(encoder: FrozenTextEncoder, captions: list[str], cache: Embedd
         mask[row, : len(tokens)] = True
         pooled[row] = vector
     return TextEncoding(embed, mask, pooled)
+
+
+def _cached_rows(
+    encoder: FrozenTextEncoder, captions: list[str], cache: EmbeddingCache, dtype: torch.dtype
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """caption -> (its real tokens' embed (n, D) in `dtype`, pooled (P,)), from the cache or encoded and stored."""
+    found = {}
+    for caption in dict.fromkeys(captions):
+        hit = cache.get(encoder, caption)
+        found[caption] = None if hit is None else (hit[0].to(dtype), hit[1])
+    missing, writable = [c for c, hit in found.items() if hit is None], True
+    for start in range(0, len(missing), ENCODE_BATCH):
+        chunk = missing[start : start + ENCODE_BATCH]
+        out = encoder.encode(chunk)
+        for row, caption in enumerate(chunk):
+            n = int(out.mask[row].sum())
+            embed, pooled = out.embed[row, :n].clone(), out.pooled[row].clone()
+            found[caption] = (embed.to(dtype), pooled)
+            try:
+                if writable:
+                    cache.put(encoder, caption, embed, pooled)
+            except DifflabError as err:
+                warnings.warn(f"text embeddings are not cached ({err}); set DIFFLAB_CACHE to a writable folder",
+                              stacklevel=3)  # fmt: skip
+                writable = False
+    return found

@@ -4,6 +4,10 @@ cond["text_tokens"] (B, L) -> the scratch transformer -> text_embed / text_mask 
 `TextConfig` is part of the model config: it holds the tokenizer's vocabulary (the training captions' words), so a
 run folder's config.json rebuilds the tokenizer, and the transformer's sizes. The null caption (classifier-free
 dropout, the unconditional branch) is the all-padding token row, which the encoder turns into an all-False mask.
+
+`FrozenTextConfig` stands in its place for a frozen encoder (`minilm`, `hf:PATH`; Rombach et al. 2022, Sec. 3.3): the
+network is the backbone alone, taking the encoder's text_embed / text_mask / text_pooled; the config records which
+encoder (its spec and its `name`, which identifies the weights) so that the run's prompts are encoded by the same one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab.errors import DifflabError
+from difflab.text.base import FrozenTextEncoder
 from difflab.text.scratch import ScratchTextConfig, ScratchTextEncoder
 from difflab.text.tokenizer import Tokenizer, split_words
 
@@ -49,8 +55,57 @@ class TextConfig:
     def encoder_config(self) -> ScratchTextConfig:
         return ScratchTextConfig(len(self.words) + 2, self.max_length, self.width, self.layers, self.heads)
 
+    @property
+    def dim(self) -> int:
+        """D of the text_embed the backbone receives (and P of text_pooled)."""
+        return self.width
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.width
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FrozenTextConfig:
+    """The frozen text encoder of a text-conditional network: `encoder` is its `--text-encoder` spec ("minilm",
+    "hf:/abs/path"), `name` identifies its weights, `dim` / `pooled_dim` are D / P and `max_length` its context."""
+
+    encoder: str
+    name: str
+    dim: int
+    pooled_dim: int
+    max_length: int
+
+    @classmethod
+    def of(cls, encoder: FrozenTextEncoder) -> FrozenTextConfig:
+        return cls(encoder.spec, encoder.name, encoder.dim, encoder.pooled_dim, encoder.max_length)
+
+    def load_encoder(self) -> FrozenTextEncoder:
+        """The recorded encoder, loaded from local files; other weights than it was trained with (another `name`)
+        or sizes are a one-line DifflabError."""
+        from difflab.text import make_text_encoder
+
+        encoder = make_text_encoder(self.encoder, max_length=self.max_length)
+        if (encoder.name, encoder.dim, encoder.pooled_dim) != (self.name, self.dim, self.pooled_dim):
+            raise DifflabError(
+                f"the text encoder {self.encoder} is now {encoder.name} ({encoder.dim}-d) but this model was trained "
+                f"with {self.name} ({self.dim}-d); restore the encoder it was trained with, or train a new run"
+            )
+        return encoder
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def text_config_from_dict(values: Any, where: str = "model.text") -> TextConfig | FrozenTextConfig:
+    """model.text of config.json: a frozen encoder's config if it names an "encoder", else the scratch one's."""
+    from difflab.config import dataclass_from_dict
+
+    frozen = isinstance(values, dict) and "encoder" in values
+    return dataclass_from_dict(FrozenTextConfig if frozen else TextConfig, values, where)
 
 
 class TextConditionedNet(nn.Module):

@@ -91,13 +91,16 @@ class HFEncoder(FrozenTextEncoder):
             warnings.warn(
                 truncation_message(max(lengths), self.max_length, "tokens"), TextTruncationWarning, stacklevel=2
             )
-        batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+        # padded to the batch's longest prompt (real tokens never attend to padding), then with zeros to max_length:
+        # short captions cost a fraction of a full context
+        batch = self.tokenizer(list(prompts), padding="longest", truncation=True, max_length=self.max_length,
                                return_tensors="pt")  # fmt: skip
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         with torch.no_grad():
             out = self.model(**inputs)
-        mask = batch["attention_mask"].bool()
-        hidden = out.last_hidden_state.float() * mask.unsqueeze(-1)
+        pad = self.max_length - batch["attention_mask"].shape[1]
+        mask = F.pad(batch["attention_mask"].bool(), (0, pad))
+        hidden = F.pad(out.last_hidden_state.float(), (0, 0, 0, pad)) * mask.unsqueeze(-1)
         if self.pooling == "pooler":
             pooled = out.pooler_output.float()
         else:

@@ -19,7 +19,7 @@ from difflab.errors import DifflabError
 from difflab.formulations import DataInfo, formulation_class, make_config
 from difflab.inpaint_model import InpaintingConfig
 from difflab.nets import model_config_for
-from difflab.text.conditioned import TextConfig
+from difflab.text.conditioned import FrozenTextConfig, TextConfig
 from difflab.training.checkpoint import check_run_folder, latest_checkpoint, load_config, resume_checkpoint
 from difflab.training.lock import run_lock
 from difflab.training.tasks import DenoiserTask
@@ -65,7 +65,8 @@ def run_config(
         (ddpm, vp, subvp, ve, edm, pfgmpp, pfgm) and `formulation_settings` its settings (schedule, timesteps,
         prediction, sigma_min, sigma_max, aug_dim, ...; None = the paper's value). `conditional` trains on the data's
         class labels with `label_dropout` of them nulled; `text_encoder="scratch"` trains on the data's captions with a
-    text transformer of its own (GLIDE), `caption_dropout` of them replaced by the empty caption. `upsample_from` makes
+    text transformer of its own (GLIDE), "minilm" or "hf:PATH" with a frozen encoder's embeddings of them (cached on
+    disk, `difflab.text.encode_cached`), `caption_dropout` of them replaced by the empty caption. `upsample_from` makes
     the run a cascade's upsampler; `inpainting` GLIDE's inpainting model (random masks per step; difflab.inpaint_model).
     Steps default to 5000 unless `minutes` is given."""
     defaults = DEFAULTS[data.kind]
@@ -81,7 +82,7 @@ def run_config(
     text = _text_config(data, text_encoder)
     upsampler = _upsampler_config(data, upsample_from, low_res_noise_max)
     inpaint = _inpainting_config(data, inpainting)
-    width = {} if text is None else {"context_dim": text.width, "pooled_dim": text.width}
+    width = {} if text is None else {"context_dim": text.dim, "pooled_dim": text.pooled_dim}
     width |= {} if upsampler is None else {"low_res_channels": channels}
     width |= {} if inpaint is None else {"inpaint_channels": channels}
     model_config = model_config_for(data.kind, data.sample_shape, model, dropout, klass.extra_outputs, num_classes,
@@ -102,7 +103,9 @@ def run_config(
         tensorboard=tensorboard,
     )
     conditioning = (SignalConfig("class_label", label_dropout),) if num_classes else ()
-    conditioning += (SignalConfig("text_tokens", caption_dropout),) if text is not None else ()
+    if text is not None:  # a frozen encoder's caption is nulled as a whole: the group "text" (conditioning.py)
+        caption = "text" if isinstance(text, FrozenTextConfig) else "text_tokens"
+        conditioning += (SignalConfig(caption, caption_dropout),)
     conditioning += (SignalConfig("low_res", 0.0),) if upsampler is not None else ()  # never dropped
     config = RunConfig(data_config, model_config, formulation, train, conditioning, upsampler=upsampler,
                        inpainting=inpaint)  # fmt: skip
@@ -122,20 +125,18 @@ def _num_classes(data: Dataset, conditional: bool) -> int | None:
     return int(data.labels.max()) + 1
 
 
-def _text_config(data: Dataset, text_encoder: str | None) -> TextConfig | None:
-    """The scratch text encoder's config for the data's captions, or None without `text_encoder`."""
+def _text_config(data: Dataset, text_encoder: str | None) -> TextConfig | FrozenTextConfig | None:
+    """The scratch text encoder's config for the data's captions, the frozen encoder's (loaded to record its weights'
+    name and sizes), or None without `text_encoder`."""
     if text_encoder is None:
         return None
-    from difflab.text import parse_text_encoder
+    from difflab.text import make_text_encoder, parse_text_encoder
 
     kind, _ = parse_text_encoder(text_encoder)
-    if kind != "scratch":
-        raise DifflabError(
-            f"training with the frozen text encoder {text_encoder!r} is not built yet; train with --text-encoder "
-            "scratch (frozen encoders already encode prompts: difflab.text.make_text_encoder)"
-        )
     if not data.captions:
         raise DifflabError(f"--text-encoder needs captioned data; '{data.name}' has no captions (use --data shapes)")
+    if kind != "scratch":
+        return FrozenTextConfig.of(make_text_encoder(text_encoder))
     return TextConfig.from_captions(list(data.captions))
 
 
@@ -161,16 +162,30 @@ def _inpainting_config(data: Dataset, inpainting: bool) -> InpaintingConfig | No
 
 
 def training_signals(config: RunConfig, data: Dataset) -> dict[str, torch.Tensor] | None:
-    """The conditioning signals of every training example: class labels, caption tokens for a text model, and for an
-    upsampler the images' area averages at its low-res size (augmented per step by the task)."""
+    """The conditioning signals of every training example: class labels, caption tokens for a scratch text model or a
+    frozen encoder's text_embed (N, L, D) float16 (L = the longest caption's tokens), text_mask and text_pooled (N, P)
+    for a frozen one, and for an upsampler the images' area averages at its low-res size (augmented per step by the
+    task)."""
     signals = {"class_label": data.labels} if data.labels is not None else {}
-    if config.model.text is not None:
+    text = config.model.text
+    if text is not None:
         if not data.captions:
             raise DifflabError(f"this model is conditioned on text but '{data.name}' has no captions")
-        signals["text_tokens"] = config.model.text.tokenizer().encode(list(data.captions))
+        signals |= _caption_signals(text, list(data.captions))
     if config.upsampler is not None:
         signals["low_res"] = downsample(data.data, config.upsampler.low_res)
     return signals or None
+
+
+def _caption_signals(text: TextConfig | FrozenTextConfig, captions: list[str]) -> dict[str, torch.Tensor]:
+    """The captions as the network's text signals: tokens, or a frozen encoder's cached embeddings (float16 tokens:
+    half the memory; the network casts them to its own dtype)."""
+    if isinstance(text, TextConfig):
+        return {"text_tokens": text.tokenizer().encode(captions)}
+    from difflab.text import encode_cached
+
+    encoding = encode_cached(text.load_encoder(), captions, trim=True, dtype=torch.float16)
+    return {"text_embed": encoding.embed, "text_mask": encoding.mask, "text_pooled": encoding.pooled}
 
 
 def load_training_data(config: RunConfig) -> Dataset:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from difflab.cascade import augment_low_res
+from difflab.conditioning import SIGNAL_GROUPS
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
 from difflab.formulations import make_formulation
@@ -18,7 +19,8 @@ from difflab.nets import build_network
 
 class DenoiserTask:
     """Train the network F of a formulation's denoiser with the formulation's loss (Ho et al. 2020, Alg. 1;
-    Karras et al. 2022, Eq. 2). Signals of `config.conditioning` are dropped to their nulls with their dropouts; an
+    Karras et al. 2022, Eq. 2). Signals of `config.conditioning` are dropped to their nulls with their dropouts (a
+    group such as a frozen encoder's caption, "text", as a whole); an
     upsampler's low-res input is noise-augmented (`difflab.cascade.augment_low_res`); an inpainting model gets random
     masks and masked images (`difflab.inpaint_model.training_inputs`)."""
 
@@ -28,7 +30,8 @@ class DenoiserTask:
         self.denoiser = self.formulation.denoiser(build_network(config.model))
         self.module = self.denoiser.net
         self.loss_fn = self.formulation.loss(config.train.min_snr_gamma)
-        self.signals = tuple(s.name for s in config.conditioning)
+        # the signals the trainer hands over: a group (a frozen encoder's caption, "text") is its members
+        self.signals = tuple(m for s in config.conditioning for m in SIGNAL_GROUPS.get(s.name, (s.name,)))
         self.dropout = {s.name: s.dropout for s in config.conditioning}
 
     def to(self, device: torch.device) -> None:

@@ -1,5 +1,5 @@
 """Figures: image grids with generation parameters in their PNG metadata, scatter plots, loss curves, the
-denoising-process figure (`figures`) and the Poisson-flow figures (`pfgm`)."""
+denoising-process figure (`figures`), the Poisson-flow figures (`pfgm`) and the text-to-image figures (`text`)."""
 
 from difflab.viz.figures import (
     images_to_uint8,
