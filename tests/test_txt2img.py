@@ -102,10 +102,13 @@ def _two_colours(n: int = 256) -> Dataset:
     return Dataset("two-colours", "images", images, None, captions=captions)
 
 
-def test_a_text_model_draws_the_colour_its_prompt_names(tmp_path):
-    """A text-blind model draws the same mixture for both prompts; this one must follow them."""
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["scratch", "minilm"])
+def test_a_text_model_draws_the_colour_its_prompt_names(encoder, tmp_path):
+    """A text-blind model draws the same mixture for both prompts; this one must follow them, with its own text
+    transformer or with the frozen all-MiniLM-L6-v2."""
     data = _two_colours()
-    config = difflab.run_config(data, process="edm", text_encoder="scratch", steps=100, batch_size=32, lr=2e-3,
+    config = difflab.run_config(data, process="edm", text_encoder=encoder, steps=100, batch_size=32, lr=2e-3,
                                 warmup=20)  # fmt: skip
     pipe = difflab.load(difflab.train(config, tmp_path / "run", data=data, progress=False))
     for prompt, (high, low) in (("a red image", (0, 2)), ("blue", (2, 0))):

@@ -18,7 +18,7 @@ COMMANDS = {
                "difflab sample --ckpt runs/digits --sampler dpmpp_2m --steps 20 --n 64 --out digits.png"),
     "txt2img": ("difflab.cli.txt2img", "text to image: draw what a prompt says with a text-conditional model",
                 "difflab txt2img --ckpt runs/shapes \"a red circle left of a blue square\" --guidance 3 --out a.png"),
-    "demo": ("difflab.cli.demo", "train on the digits (or PFGM on a toy), then sample and evaluate",
+    "demo": ("difflab.cli.demo", "train on the digits (PFGM on a toy, or text to image), then sample and evaluate",
              "difflab demo --steps 2000"),
     "eval": ("difflab.cli.evaluate", "score samples of a checkpoint (or a folder) with FID, IS, KID, precision/recall",
              "difflab eval --ckpt runs/digits --sweep nfe=5,10,20"),
