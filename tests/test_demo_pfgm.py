@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 from PIL import Image
 
 from difflab.cli.main import main
@@ -83,9 +84,6 @@ def test_pfgm_demo_writes_the_field_figures_and_the_backward_flow(tmp_path, caps
     ],
 )
 def test_unsupported_demo_combinations_are_one_line_errors(argv, fragment, tmp_path, capsys):
-    code = main(["demo", *argv, "--out", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err and fragment in lines[0], err
+    code, _, err = run_cli(capsys, "demo", *argv, "--out", tmp_path)
+    assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "run").exists()

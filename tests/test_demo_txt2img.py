@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_cli
 
 from difflab.cli.main import main
 from difflab.data.shapes import Scene, parse_caption, render
@@ -102,9 +103,6 @@ def test_the_txt2img_demo_writes_its_figures_and_metrics(tmp_path, capsys, monke
     ],
 )
 def test_bad_txt2img_demo_arguments_are_one_line_errors(argv, fragment, tmp_path, capsys):
-    code = main(["demo", *argv, "--out", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err and fragment in lines[0], err
+    code, _, err = run_cli(capsys, "demo", *argv, "--out", tmp_path)
+    assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "run").exists()

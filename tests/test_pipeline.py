@@ -128,3 +128,13 @@ def test_a_weights_file_named_on_purpose_is_the_one_loaded(moons_run):
     assert raw.weights.name == "model.safetensors" and ema.weights.name == "ema.safetensors"
     assert not torch.equal(raw.sample(3, steps=3), ema.sample(3, steps=3))
     assert difflab.load(ckpt, use_ema=False).weights.name == "model.safetensors"
+
+
+def test_sample_passes_every_keyword_of_prepare_on_and_nothing_else():
+    """`sample` splits its keywords into prepare's (CONDITION_KEYWORDS) and the sampler's options: the list must be
+    exactly prepare's parameters, or a new one would reach the sampler as an unknown option."""
+    import inspect
+
+    from difflab.pipeline import CONDITION_KEYWORDS, Pipeline
+
+    assert set(CONDITION_KEYWORDS) == set(inspect.signature(Pipeline.prepare).parameters) - {"self", "n"}

@@ -231,5 +231,7 @@ def test_presets_take_text_sizes_within_the_limits():
     assert ModelConfig.from_dict(model.to_dict()) == model
     with pytest.raises(DifflabError, match="context_dim is 5000, outside difflab's limits 1..4096"):
         ModelConfig("unet", replace(model.settings, context_dim=5000))
-    with pytest.raises(DifflabError, match="the mlp backbone takes no text conditioning; use the unet backbone"):
+    with pytest.raises(
+        DifflabError, match=r"the mlp backbone takes no context_dim \(text conditioning.*use the unet backbone"
+    ):
         model_config_for("points", (2,), context_dim=8)

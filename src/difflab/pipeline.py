@@ -30,6 +30,10 @@ from difflab.text.conditioned import FrozenTextConfig
 from difflab.training.checkpoint import checkpoint_step, load_config, load_tensors, resolve_checkpoint
 from difflab.types import Denoiser, StepCallback
 
+# `prepare`'s keywords: what `sample` passes on to make the condition and the guided denoiser
+CONDITION_KEYWORDS = ("cond", "guidance", "guidance_interval", "negative_cond", "classifier", "classifier_scale",
+                      "prompt", "negative_prompt")  # fmt: skip
+
 
 class Pipeline:
     """A model ready to sample: `config` (RunConfig), `formulation`, `denoiser` (network + preconditioning, in eval
@@ -249,35 +253,27 @@ class Pipeline:
         sampler: str = "ddim",
         steps: int = 50,
         grid: str | None = None,
-        cond: Any = None,
-        guidance: float | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        negative_cond: Any = None,
-        classifier: Any = None,
-        classifier_scale: float | None = None,
-        prompt: str | Sequence[str] | None = None,
-        negative_prompt: str | None = None,
         low_res: torch.Tensor | None = None,
         low_res_noise: float | None = None,
         batch_size: int = 256,
         progress: bool = False,
         callback: StepCallback | None = None,
         stats: dict[str, Any] | None = None,
-        **options: Any,
+        **settings: Any,
     ) -> Iterator[tuple[Sequence[int], torch.Tensor]]:
         """`sample`, one batch at a time: yields (seeds of the batch, samples (B, *sample_shape) on the CPU); a batch
         is drawn when the caller asks for it, so each can be written before the next. Sizes (SAMPLING_LIMITS),
-        seeds, sampler, options and conditioning are checked before the first batch."""
+        seeds, sampler, options and conditioning are checked before the first batch. `settings` holds `prepare`'s
+        conditioning and guidance keywords (CONDITION_KEYWORDS: cond, guidance, prompt, ...) and sampler options."""
         from difflab.sampling import resolve_sampler
 
         seeds = sample_seeds(n, seed, seeds)
         check_sampling_request(len(seeds), steps, batch_size, seed=None)
         spec, implied_grid = resolve_sampler(sampler)
-        cond = self.upsampler_cond(cond, low_res, low_res_noise, seeds)
-        cond, denoiser = self.prepare(len(seeds), cond=cond, guidance=guidance, guidance_interval=guidance_interval,
-                                      negative_cond=negative_cond, classifier=classifier,
-                                      classifier_scale=classifier_scale, prompt=prompt,
-                                      negative_prompt=negative_prompt)  # fmt: skip
+        request = {k: settings.pop(k) for k in CONDITION_KEYWORDS if k in settings}
+        options = settings  # what is left: the sampler's own options, checked by generate_batches
+        request["cond"] = self.upsampler_cond(request.get("cond"), low_res, low_res_noise, seeds)
+        cond, denoiser = self.prepare(len(seeds), **request)
         sigmas = self.sigmas(steps, grid or implied_grid)
         batches = generate_batches(
             denoiser, self.sample_shape, sigmas, seeds, sampler=spec.name, options=options, kernel=self.kernel,

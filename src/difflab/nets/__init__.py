@@ -29,46 +29,26 @@ class Backbone:
     kinds: tuple[str, ...]  # data kinds it suits: "images", "points"
 
 
-def _unet(
-    preset: str,
-    sample_shape: tuple[int, ...],
-    dropout: float,
-    extra_outputs: int,
-    num_classes: int | None,
-    context_dim: int | None = None,
-    pooled_dim: int | None = None,
-    low_res_channels: int | None = None,
-    inpaint_channels: int | None = None,
-):
+# Image-conditioning settings a U-Net preset takes beyond the common ones: text (context_dim, pooled_dim), a cascade's
+# low-res input (low_res_channels), GLIDE's inpainting channels (inpaint_channels). One list, for both presets.
+IMAGE_INPUTS = ("context_dim", "pooled_dim", "low_res_channels", "inpaint_channels")
+
+
+def _unet(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None,
+          **inputs: int | None):  # fmt: skip
     channels, resolution = sample_shape[0], sample_shape[-1]
-    unet = replace(
-        unet_preset(preset, resolution, channels, dropout),
-        num_classes=num_classes,
-        context_dim=context_dim,
-        pooled_dim=pooled_dim,
-        low_res_channels=low_res_channels,
-        inpaint_channels=inpaint_channels,
-    )
+    unet = replace(unet_preset(preset, resolution, channels, dropout), num_classes=num_classes, **inputs)
     return replace(unet, out_channels=channels + extra_outputs) if extra_outputs else unet
 
 
-def _mlp(
-    preset: str,
-    sample_shape: tuple[int, ...],
-    dropout: float,
-    extra_outputs: int,
-    num_classes: int | None,
-    context_dim: int | None = None,
-    pooled_dim: int | None = None,
-    low_res_channels: int | None = None,
-    inpaint_channels: int | None = None,
-):
-    if context_dim is not None or pooled_dim is not None:
-        raise DifflabError("the mlp backbone takes no text conditioning; use the unet backbone for text to image")
-    if low_res_channels is not None:
-        raise DifflabError("the mlp backbone cannot be an upsampler; use the unet backbone with --upsample-from")
-    if inpaint_channels is not None:
-        raise DifflabError("the mlp backbone cannot be an inpainting model; use the unet backbone with --inpainting")
+def _mlp(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None,
+         **inputs: int | None):  # fmt: skip
+    given = sorted(k for k, v in inputs.items() if v is not None)
+    if given:
+        raise DifflabError(
+            f"the mlp backbone takes no {', '.join(given)} (text conditioning, upsampling and inpainting are for "
+            "images); use the unet backbone"
+        )
     hidden = {"tiny": 128, "small": 256, "base": 512}
     if preset not in hidden:
         raise DifflabError(f"unknown model preset '{preset}': choose one of {', '.join(hidden)}")
@@ -142,23 +122,20 @@ def model_config_for(
     extra_outputs: int = 0,
     num_classes: int | None = None,
     backbone_name: str | None = None,
-    context_dim: int | None = None,
-    pooled_dim: int | None = None,
-    low_res_channels: int | None = None,
-    inpaint_channels: int | None = None,
+    **inputs: int | None,
 ) -> ModelConfig:
     """A preset network for data of this kind and shape (U-Net for images, MLP for points unless `backbone_name`);
     `extra_outputs` adds output channels (PFGM's z component); `num_classes` makes it class-conditional;
-    `context_dim` (D of text_embed) and `pooled_dim` (P of text_pooled) condition it on text (U-Net only);
-    `low_res_channels` makes it an upsampler of a cascade, conditioned on a low-resolution image (U-Net only);
-    `inpaint_channels` makes it GLIDE's inpainting model, conditioned on a masked image and its mask (U-Net only)."""
+    `inputs` (IMAGE_INPUTS, U-Net only): `context_dim` (D of text_embed) and `pooled_dim` (P of text_pooled) condition
+    it on text; `low_res_channels` makes it an upsampler of a cascade; `inpaint_channels` GLIDE's inpainting model."""
     spec = backbone(backbone_name or DEFAULT_BACKBONE[kind])
     if kind not in spec.kinds:
         raise DifflabError(f"backbone '{spec.name}' does not suit {kind}; use {DEFAULT_BACKBONE[kind]}")
-    # passed only when set, so that a preset function written before text conditioning keeps working
-    named = (("context_dim", context_dim), ("pooled_dim", pooled_dim), ("low_res_channels", low_res_channels),
-             ("inpaint_channels", inpaint_channels))  # fmt: skip
-    extra = {k: v for k, v in named if v is not None}
+    unknown = set(inputs) - set(IMAGE_INPUTS)
+    if unknown:
+        raise TypeError(f"model_config_for got unknown settings {sorted(unknown)}; known: {IMAGE_INPUTS}")
+    # passed only when set, so that a preset function written before these inputs keeps working
+    extra = {k: v for k, v in inputs.items() if v is not None}
     settings = spec.preset(preset, tuple(sample_shape), dropout, extra_outputs, num_classes, **extra)
     return ModelConfig(spec.name, settings, preset)
 
