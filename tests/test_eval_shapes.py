@@ -28,7 +28,7 @@ class DrawingPipe:
 
     def __init__(self, draw=lambda spec: spec, resolution: int = 16):
         self.draw, self.sample_shape = draw, (3, resolution, resolution)
-        self.config = SimpleNamespace(data=SimpleNamespace(name="shapes"))
+        self.config = SimpleNamespace(data=SimpleNamespace(name="shapes"), model=SimpleNamespace(text="a text config"))
         self.calls = []
 
     def sample(self, *, seeds, prompt, **kwargs):
@@ -124,7 +124,7 @@ def test_a_caption_file_is_read_line_by_line(tmp_path):
 
 def test_only_text_models_of_the_shapes_world_are_scored():
     pipe = DrawingPipe()
-    pipe.accepts = frozenset({"class_label"})
+    pipe.accepts, pipe.config.model.text = frozenset({"class_label"}), None
     with pytest.raises(DifflabError, match=r"needs a text model; this one is not conditioned on text \(it takes cl"):
         evaluate_prompts(pipe, TRAIN)
     pipe = DrawingPipe()

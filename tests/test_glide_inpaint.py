@@ -250,3 +250,43 @@ def test_difflab_inpaint_uses_the_models_own_channels_with_the_prompt(small_shap
                            tmp_path / "x.png")  # fmt: skip
     assert_one_line_error(code, err, "nor an inpainting model's masked image")
     assert not (tmp_path / "x.png").exists()
+
+
+# ---- fine-tuning a base model into the inpainting model (--init-from) ---------------------------------------------
+def test_init_from_starts_the_inpainting_model_as_the_base_model_with_zero_new_channels(small_shapes, tmp_path, capsys):
+    """GLIDE fine-tunes its base model with four extra input channels: the new run takes the base's network, text
+    encoder (vocabulary included) and formulation, and its first step computes exactly what the base computes,
+    whatever the masked image and the mask hold."""
+    train = ["train", "--data", "shapes", "--resolution", 16, "--batch-size", 4, "--no-progress"]
+    code, _, err = run_cli(capsys, *train, "--steps", 3, "--process", "edm", "--text-encoder", "scratch",
+                           "--out", tmp_path / "base")  # fmt: skip
+    assert code == 0, err
+    base = difflab.load(tmp_path / "base")
+    data = difflab.load_dataset("shapes", resolution=16, size=8)  # other captions: another vocabulary if rebuilt
+    config = difflab.run_config(data, inpainting=True, init_from=tmp_path / "base", steps=1, caption_dropout=0.3)
+    assert config.model.text == base.config.model.text and config.formulation == base.config.formulation
+    assert config.model.settings == replace(base.config.model.settings, inpaint_channels=3)
+    assert [(s.name, s.dropout) for s in config.conditioning] == [("text_tokens", 0.3)]
+    assert config.train.init_from == str(base.checkpoint.resolve())
+    task = difflab.training.tasks.DenoiserTask(config)
+    difflab.training.init_from.initial_weights(task.module, tmp_path / "base")
+    net, source = task.module.eval(), base.denoiser.net.eval()
+    weight = net.backbone.conv_in.weight
+    assert not weight[:, 3:].any() and torch.equal(weight[:, :3], source.backbone.conv_in.weight)
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0])
+    tokens = base.config.model.text.tokenizer().encode(["a red circle", "a blue square left of a red cross"])
+    masks = {"masked_image": torch.randn(2, 3, 16, 16), "mask": torch.rand(2, 1, 16, 16)}
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, sigma, {"text_tokens": tokens, **masks}),
+                                   source(x, sigma, {"text_tokens": tokens}), rtol=0, atol=1e-6)  # fmt: skip
+    code, _, err = run_cli(capsys, *train, "--steps", 1, "--inpainting", "--init-from", tmp_path / "base",
+                           "--out", tmp_path / "glide")  # fmt: skip
+    assert code == 0, err
+    assert difflab.load(tmp_path / "glide").config.train.init_from == str(base.checkpoint.resolve())
+    code, _, err = run_cli(capsys, *train, "--steps", 1, "--inpainting", "--init-from", tmp_path / "base",
+                           "--text-encoder", "scratch", "--out", tmp_path / "x")  # fmt: skip
+    assert_one_line_error(code, err, "--init-from takes the text encoder of the run it starts from")
+    code, _, err = run_cli(capsys, "train", "--data", "shapes", "--resolution", 32, "--steps", 1, "--inpainting",
+                           "--init-from", tmp_path / "base", "--out", tmp_path / "y", "--no-progress")  # fmt: skip
+    assert_one_line_error(code, err, "was trained on 3x16x16 samples but this data gives 3x32x32")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -16,6 +16,7 @@ import difflab
 from difflab.conditioning import NULL_LABEL, drop_signals
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
+from difflab.eval.adherence import evaluate_prompts
 from difflab.outputs import read_generation_parameters
 from difflab.pipeline import Pipeline
 from difflab.text.conditioned import FrozenTextConfig
@@ -147,3 +148,6 @@ def test_minilm_trains_and_prompts(shapes, cache, tmp_path):
     assert training_signals(config, shapes)["text_embed"].shape[1] < 30  # the longest caption, not 77 tokens
     images = pipe.sample(2, prompt="a red circle", steps=2, guidance=2.0)
     assert images.shape == (2, 3, 16, 16) and bool(torch.isfinite(images).all())
+    # the shapes evaluator takes frozen-encoder models as it takes scratch ones
+    scores = evaluate_prompts(pipe, ["a red circle", "a blue square left of a white cross"], steps=2)
+    assert scores["n"] == 2 and set(scores["adherence"]) == {"all", "train"}

@@ -84,6 +84,7 @@ class TrainConfig:
     log_every: int = 25
     preview_every: int | None = None  # write a sample grid every N steps (RUN/previews/)
     tensorboard: bool = False  # also log to RUN/tensorboard through torch.utils.tensorboard
+    init_from: str | None = None  # the checkpoint whose weights a fine-tuning run started from (--init-from)
 
     def __post_init__(self):
         """Values that make no sense are refused here, in one line, never replaced by defaults."""

@@ -19,6 +19,7 @@ gigabytes. The limits are generous for what difflab is for (small diffusion mode
 | U-Net text: context_dim / pooled_dim                   | 1 .. 4096 / 1 .. 4096 |
 | U-Net low_res_channels (upsamplers)                    | 1 .. 4             |
 | U-Net inpaint_channels (inpainting models)             | 1 .. 4             |
+| U-Net patch_size                                       | 1 .. 16            |
 | upsampler.low_res (size of the low-res input)          | 1 .. 1024 pixels   |
 | classifier width / depth                               | 1 .. 4096 / 1 .. 64 |
 | network parameters (all tensors together)              | <= 10^9 (4 GB as float32) |
@@ -49,7 +50,7 @@ SIZE_LIMITS: dict[str, dict[str, tuple[int, int]]] = {
                    "attention_resolutions": (1, MAX_RESOLUTION), "attention_heads": (1, 64),
                    "norm_groups": (1, 1024), "num_classes": (1, MAX_CLASSES), "context_dim": (1, 4096),
                    "pooled_dim": (1, 4096), "low_res_channels": (1, 4),
-                   "inpaint_channels": (1, 4)},
+                   "inpaint_channels": (1, 4), "patch_size": (1, 16)},
     "UpsamplerConfig": {"low_res": (1, MAX_RESOLUTION)},
     "MLPConfig": {"data_dim": (1, 65536), "hidden": (1, 16384), "num_blocks": (0, 256), "embed_dim": (1, 16384),
                   "out_dim": (1, 65537), "num_classes": (1, MAX_CLASSES)},

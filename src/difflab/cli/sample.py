@@ -107,19 +107,18 @@ def reproduce(args: argparse.Namespace) -> int:
     """Draw what a PNG (or .npy sidecar) records again: the same checkpoint, sampler, condition and guidance, and
     the same batches of seeds as when it was made (batched matmuls round by batch size), so the pixels match bit
     for bit. A one-image PNG from --out-dir gives that image; a grid gives the grid."""
-    from difflab.outputs import read_generation_parameters, write_samples
-    from difflab.pipeline import load
+    from difflab.outputs import read_generation_parameters
 
     meta = read_generation_parameters(args.from_png)
     if args.out is None:
         raise DifflabError("--from-png writes the reproduced image to --out FILE.png")
     device = setup_runtime(args)
-    pipe = load(args.ckpt or meta["checkpoint"], use_ema=meta.get("use_ema", True), device=device)
-    if meta.get("model_hash") not in (None, pipe.weights_hash()):
-        raise DifflabError(f"the weights of '{pipe.checkpoint}' are not the ones that made '{args.from_png}' "
-                           f"(hash {pipe.weights_hash()} != {meta['model_hash']}); pass the right --ckpt")  # fmt: skip
-    first = meta.get("batch_first_seed", meta["seed"])
-    seeds = [first + i for i in range(meta.get("batch_n", meta.get("n", 1)))]
+    if "base" in meta:  # a cascade's PNG: base model, then upsampler
+        from difflab.cli.txt2img import reproduce_cascade
+
+        return reproduce_cascade(args, meta, device)
+    pipe = recorded_model(args.ckpt or meta["checkpoint"], meta, args.from_png, device, "--ckpt")
+    seeds = recorded_seeds(meta)
     negative = meta.get("negative_class")
     classifier = meta.get("classifier")
     samples = pipe.sample(
@@ -130,8 +129,33 @@ def reproduce(args: argparse.Namespace) -> int:
         classifier_scale=meta.get("classifier_scale"), batch_size=meta.get("batch_size", len(seeds)),
         prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), **meta.get("options", {}),
     )  # fmt: skip
+    return write_reproduction(args, meta, seeds, samples, pipe.config.data.kind)
+
+
+def recorded_model(path: str, meta: dict[str, Any], png: str, device: Any, flag: str):
+    """The pipeline that made a PNG, loaded as it was (EMA or raw weights); refused when its weights hash differs
+    from the recorded one."""
+    from difflab.pipeline import load
+
+    pipe = load(path, use_ema=meta.get("use_ema", True), device=device)
+    if meta.get("model_hash") not in (None, pipe.weights_hash()):
+        raise DifflabError(f"the weights of '{pipe.checkpoint}' are not the ones that made '{png}' "
+                           f"(hash {pipe.weights_hash()} != {meta['model_hash']}); pass the right {flag}")  # fmt: skip
+    return pipe
+
+
+def recorded_seeds(meta: dict[str, Any]) -> list[int]:
+    """The seeds of the batch a PNG was drawn in (batched matmuls round by batch size: the same batch again)."""
+    first = meta.get("batch_first_seed", meta["seed"])
+    return [first + i for i in range(meta.get("batch_n", meta.get("n", 1)))]
+
+
+def write_reproduction(args: argparse.Namespace, meta: dict[str, Any], seeds: list[int], samples, kind: str) -> int:
+    """Write the recorded image of a reproduced batch (the one seed of a one-image PNG, else all) to --out."""
+    from difflab.outputs import write_samples
+
     chosen = samples[seeds.index(meta["seed"])][None] if meta.get("n") == 1 and len(seeds) > 1 else samples
-    written = write_samples(chosen, pipe.config.data.kind, args.out, meta)
+    written = write_samples(chosen, kind, args.out, meta)
     print(f"reproduced '{args.from_png}' (seed {meta['seed']}, n {len(chosen)}) into {written}")
     return 0
 

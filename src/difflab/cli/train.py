@@ -66,6 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument("--inpainting", action="store_true",
                      help="GLIDE's inpainting model: the masked image and the mask as extra input channels, trained "
                      "on random rectangles erased per step (10%% of examples fully); for difflab inpaint")  # fmt: skip
+    net.add_argument("--patch-size", type=int, metavar="P",
+                     help="U-Net on P x P patches of the image (pixel-unshuffled input): its levels start at "
+                     "resolution/P, about 1/P^2 of the compute (simple diffusion), e.g. 2 at 32x32")  # fmt: skip
+    net.add_argument("--init-from", metavar="RUN",
+                     help="fine-tune a trained run (GLIDE's inpainting model from its base): its network, text encoder "
+                     "and formulation, its EMA weights as the start; new input channels start at zero")  # fmt: skip
     net.add_argument(
         "--label-dropout",
         type=float,
@@ -106,7 +112,8 @@ def config_from_args(args: argparse.Namespace, data):
         min_snr_gamma=args.min_snr_gamma, mixed_precision=args.mixed_precision, seed=args.seed,
         checkpoint_every=args.checkpoint_every, preview_every=args.preview_every, tensorboard=args.tensorboard,
         text_encoder=args.text_encoder, caption_dropout=args.caption_dropout, upsample_from=args.upsample_from,
-        low_res_noise_max=args.low_res_noise_max, inpainting=args.inpainting, **settings,
+        low_res_noise_max=args.low_res_noise_max, inpainting=args.inpainting, init_from=args.init_from,
+        patch_size=args.patch_size, **settings,
     )  # fmt: skip
 
 

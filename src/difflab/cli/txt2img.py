@@ -112,6 +112,28 @@ def cascade_metadata(base, upsampler, args: argparse.Namespace, options: dict[st
     return meta
 
 
+def reproduce_cascade(args: argparse.Namespace, meta: dict[str, Any], device: Any) -> int:
+    """`--from-png` for a cascade's PNG: the recorded base model (meta["base"]) and upsampler (--ckpt or the
+    recorded one), both checked against their recorded hashes, rerun on the recorded batch of seeds with the recorded
+    sampler, steps, guidance, prompts and augmentation level."""
+    import torch
+
+    from difflab.cascade import cascade_batches
+
+    base_meta = meta["base"] | {"use_ema": meta.get("use_ema", True)}
+    base = sample.recorded_model(base_meta["checkpoint"], base_meta, args.from_png, device, "base model")
+    upsampler = sample.recorded_model(args.ckpt or meta["checkpoint"], meta, args.from_png, device, "--ckpt")
+    seeds = sample.recorded_seeds(meta)
+    batches = cascade_batches(
+        base, upsampler, seeds=seeds, sampler=meta["sampler"], steps=meta["base"]["steps"], grid=meta.get("grid"),
+        upsampler_steps=meta["steps"], low_res_noise=meta.get("low_res_noise"), guidance=meta.get("guidance"),
+        guidance_interval=meta.get("guidance_interval"), batch_size=meta.get("batch_size", len(seeds)),
+        prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), **meta.get("options", {}),
+    )  # fmt: skip
+    images = torch.cat([high for _, _, high in batches])
+    return sample.write_reproduction(args, meta, seeds, images, "images")
+
+
 @contextmanager
 def one_line_warnings(command: str) -> Iterator[None]:
     """A prompt cut by the text encoder (TextTruncationWarning) printed as `difflab COMMAND: warning: MESSAGE`, one

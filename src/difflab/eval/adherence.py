@@ -94,8 +94,9 @@ def read_caption_file(path: str | Path) -> list[str]:
 
 def check_prompt_model(pipe: Any) -> int:
     """The resolution of a text model trained on the shapes world (RGB 16, 32 or 64); a one-line DifflabError for
-    any other model. Reads pipe.accepts, pipe.config.data.name and pipe.sample_shape."""
-    if "text_tokens" not in pipe.accepts:
+    any other model (scratch or frozen text encoder alike). Reads pipe.config (its text encoder and data name),
+    pipe.accepts and pipe.sample_shape."""
+    if pipe.config.model.text is None:
         taken = ", ".join(sorted(pipe.accepts)) or "no condition"
         raise DifflabError(f"--prompts needs a text model; this one is not conditioned on text (it takes {taken}); "
                            "train one with --data shapes --text-encoder scratch")  # fmt: skip

@@ -29,15 +29,17 @@ class Backbone:
     kinds: tuple[str, ...]  # data kinds it suits: "images", "points"
 
 
-# Image-conditioning settings a U-Net preset takes beyond the common ones: text (context_dim, pooled_dim), a cascade's
-# low-res input (low_res_channels), GLIDE's inpainting channels (inpaint_channels). One list, for both presets.
-IMAGE_INPUTS = ("context_dim", "pooled_dim", "low_res_channels", "inpaint_channels")
+# Image settings a U-Net preset takes beyond the common ones: text (context_dim, pooled_dim), a cascade's low-res input
+# (low_res_channels), GLIDE's inpainting channels (inpaint_channels), patches (patch_size). One list, for both presets.
+IMAGE_INPUTS = ("context_dim", "pooled_dim", "low_res_channels", "inpaint_channels", "patch_size")
 
 
 def _unet(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None,
           **inputs: int | None):  # fmt: skip
     channels, resolution = sample_shape[0], sample_shape[-1]
-    unet = replace(unet_preset(preset, resolution, channels, dropout), num_classes=num_classes, **inputs)
+    patch_size = inputs.pop("patch_size", 1)
+    unet = unet_preset(preset, resolution, channels, dropout, patch_size)
+    unet = replace(unet, num_classes=num_classes, **inputs)
     return replace(unet, out_channels=channels + extra_outputs) if extra_outputs else unet
 
 
@@ -46,8 +48,8 @@ def _mlp(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outpu
     given = sorted(k for k, v in inputs.items() if v is not None)
     if given:
         raise DifflabError(
-            f"the mlp backbone takes no {', '.join(given)} (text conditioning, upsampling and inpainting are for "
-            "images); use the unet backbone"
+            f"the mlp backbone takes no {', '.join(given)} (text conditioning, upsampling, inpainting and patches "
+            "are for images); use the unet backbone"
         )
     hidden = {"tiny": 128, "small": 256, "base": 512}
     if preset not in hidden:

@@ -16,6 +16,7 @@ from torch import nn
 
 from difflab.conditioning import as_cond
 from difflab.errors import DifflabError
+from difflab.limits import SIZE_LIMITS, check_size
 from difflab.nets.attention import SelfAttention, TextContext, attend, group_norm, text_context, zero_init
 from difflab.nets.embeddings import (
     AugmentationEmbedding,
@@ -43,6 +44,7 @@ class UNetConfig:
     pooled_dim: int | None = None  # P of text_pooled (B, P): added to the noise-level embedding when set
     low_res_channels: int | None = None  # C of low_res (B, C, r, r): an upsampler's extra input channels when set
     inpaint_channels: int | None = None  # C of masked_image (B, C, R, R): inpainting's C + 1 extra channels when set
+    patch_size: int = 1  # p > 1: the levels start at R/p on p x p patches (pixel-unshuffled input, shuffled output)
 
 
 def unet_signals(cfg: UNetConfig) -> frozenset[str]:
@@ -92,14 +94,21 @@ class UNet(nn.Module):
     float, its augmentation level. "masked_image" (B, C_in, R, R) and "mask" (B, 1, R, R) with inpaint_channels = C_in
     (GLIDE's convention: mask 1 = a known pixel, 0 = one to fill; the network sees masked_image * mask, so the fill
     region's content never enters). Missing signals are their nulls (null label, null caption: no real tokens, zero
-    pooled vector, zero low_res at level 0, zero mask and masked image: nothing known, generate freely)."""
+    pooled vector, zero low_res at level 0, zero mask and masked image: nothing known, generate freely).
+
+    patch_size p > 1 runs the levels on p x p patches (Hoogeboom et al. 2023, simple diffusion, Sec. 3: "patching"
+    the input lowers the resolution the convolutions work at): the input, extra channels included, is pixel-unshuffled
+    to (B, C p^2, R/p, R/p) before conv_in and the output pixel-shuffled back, so the first level works at R/p at
+    about 1/p^2 of the cost; attention_resolutions are the feature maps' sizes (R/p and below)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
-        levels = len(cfg.channel_mult)
-        if cfg.resolution % 2 ** (levels - 1):
-            raise DifflabError(f"resolution {cfg.resolution} must be divisible by 2^{levels - 1} for this U-Net")
+        levels, p = len(cfg.channel_mult), cfg.patch_size
+        if cfg.resolution % (p * 2 ** (levels - 1)):
+            factor = f"2^{levels - 1}" if p == 1 else f"{p} x 2^{levels - 1} = {p * 2 ** (levels - 1)}"
+            raise DifflabError(f"resolution {cfg.resolution} must be divisible by {factor} for this U-Net ({levels} "
+                               f"levels, patch size {p})")  # fmt: skip
         emb_dim, g = 4 * cfg.channels, cfg.norm_groups
         self.embed = NoiseEmbedding(cfg.channels, emb_dim)
         self.label_embed = LabelEmbedding(cfg.num_classes, emb_dim) if cfg.num_classes else None
@@ -109,14 +118,14 @@ class UNet(nn.Module):
         self.low_res_noise_embed = AugmentationEmbedding(cfg.channels, emb_dim) if cfg.low_res_channels else None
         self.accepts = unet_signals(cfg)
         extra = (cfg.low_res_channels or 0) + (cfg.inpaint_channels + 1 if cfg.inpaint_channels else 0)
-        self.conv_in = nn.Conv2d(cfg.in_channels + extra, cfg.channels, 3, padding=1)
+        self.conv_in = nn.Conv2d((cfg.in_channels + extra) * p * p, cfg.channels, 3, padding=1)
 
         def level(c_ins: list[int], c_out: int, res: int) -> _Level:
             blocks = [ResBlock(c, c_out, emb_dim, cfg.dropout, g) for c in c_ins]
             return _Level(blocks, res in cfg.attention_resolutions, cfg.attention_heads, g, cfg.context_dim)
 
         widths = [cfg.channels * m for m in cfg.channel_mult]
-        skips, c, res = [cfg.channels], cfg.channels, cfg.resolution
+        skips, c, res = [cfg.channels], cfg.channels, cfg.resolution // p
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         for i, w in enumerate(widths):
             self.down.append(level([c] + [w] * (cfg.num_res_blocks - 1), w, res))
@@ -141,9 +150,8 @@ class UNet(nn.Module):
                     nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
                 )
                 res *= 2
-        self.out = nn.Sequential(
-            group_norm(g, c), nn.SiLU(), zero_init(nn.Conv2d(c, cfg.out_channels or cfg.in_channels, 3, padding=1))
-        )
+        out_channels = (cfg.out_channels or cfg.in_channels) * p * p
+        self.out = nn.Sequential(group_norm(g, c), nn.SiLU(), zero_init(nn.Conv2d(c, out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
         cond = as_cond(cond)
@@ -151,7 +159,8 @@ class UNet(nn.Module):
         if self.low_res_noise_embed is not None:
             emb = emb + self.low_res_noise_embed((cond or {}).get("low_res_noise"), x.shape[0], x.device)
         emb, ctx = nn.functional.silu(emb), self._context(cond, x.shape[0])
-        h = self.conv_in(self._with_inpainting(self._with_low_res(x, cond), cond, x.shape))
+        h = self._with_inpainting(self._with_low_res(x, cond), cond, x.shape)
+        h = self.conv_in(nn.functional.pixel_unshuffle(h, self.config.patch_size))
         hs = [h]
         for i, lvl in enumerate(self.down):
             for block, attn in zip(lvl.blocks, lvl.attn, strict=True):
@@ -166,7 +175,7 @@ class UNet(nn.Module):
                 h = attend(attn, block(torch.cat([h, hs.pop()], dim=1), emb), ctx)
             if i < len(self.upsample):
                 h = self.upsample[i](h)
-        return self.out(h)
+        return nn.functional.pixel_shuffle(self.out(h), self.config.patch_size)
 
     def _with_low_res(self, x: torch.Tensor, cond: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """x (B, C, R, R) with the low-res image upsampled to R as extra channels (B, C + C_lr, R, R); x alone when
@@ -225,12 +234,18 @@ _PRESETS = {
 UNET_PRESETS = tuple(_PRESETS)
 
 
-def unet_preset(name: str, resolution: int, in_channels: int, dropout: float = 0.0) -> UNetConfig:
-    """A preset U-Net for images of this size; levels are dropped so the lowest resolution stays >= 4."""
+def unet_preset(name: str, resolution: int, in_channels: int, dropout: float = 0.0, patch_size: int = 1) -> UNetConfig:
+    """A preset U-Net for images of this size (on patch_size x patch_size patches); levels are dropped so the lowest
+    feature map stays >= 4 pixels wide."""
     if name not in _PRESETS:
         raise DifflabError(f"unknown model preset '{name}': choose one of {', '.join(_PRESETS)}")
+    check_size("model.settings.patch_size", patch_size, *SIZE_LIMITS["UNetConfig"]["patch_size"])
+    if resolution % patch_size:
+        raise DifflabError(f"--patch-size {patch_size} must divide the resolution {resolution}")
     channels, mult, blocks, attn_levels, groups = _PRESETS[name]
-    while len(mult) > 1 and resolution // 2 ** (len(mult) - 1) < 4:
+    top = resolution // patch_size
+    while len(mult) > 1 and top // 2 ** (len(mult) - 1) < 4:
         mult = mult[:-1]
-    lowest = [resolution // 2**i for i in range(len(mult))][-attn_levels:]
-    return UNetConfig(in_channels, resolution, channels, mult, blocks, tuple(lowest), dropout, groups)
+    lowest = [top // 2**i for i in range(len(mult))][-attn_levels:]
+    return UNetConfig(in_channels, resolution, channels, mult, blocks, tuple(lowest), dropout, groups,
+                      patch_size=patch_size)  # fmt: skip

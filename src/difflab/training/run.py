@@ -16,11 +16,12 @@ from difflab.cascade import UpsamplerConfig, check_upsample_from, downsample
 from difflab.config import DataConfig, RunConfig, SignalConfig, TrainConfig
 from difflab.data import Dataset, load_dataset
 from difflab.errors import DifflabError
-from difflab.formulations import DataInfo, formulation_class, make_config
+from difflab.formulations import DataInfo, formulation_class, make_config, make_formulation
 from difflab.inpaint_model import InpaintingConfig
 from difflab.nets import model_config_for
 from difflab.text.conditioned import FrozenTextConfig, TextConfig
 from difflab.training.checkpoint import check_run_folder, latest_checkpoint, load_config, resume_checkpoint
+from difflab.training.init_from import finetune_config, initial_weights
 from difflab.training.lock import run_lock
 from difflab.training.tasks import DenoiserTask
 from difflab.training.threads import oversubscription_warning
@@ -59,6 +60,8 @@ def run_config(
     upsample_from: int | None = None,
     low_res_noise_max: float | None = None,
     inpainting: bool = False,
+    init_from: str | Path | None = None,
+    patch_size: int | None = None,
     **formulation_settings: Any,
 ) -> RunConfig:
     """The RunConfig of a new run on `data` (a loaded `difflab.data.Dataset`). `process` names the formulation
@@ -68,7 +71,11 @@ def run_config(
     text transformer of its own (GLIDE), "minilm" or "hf:PATH" with a frozen encoder's embeddings of them (cached on
     disk, `difflab.text.encode_cached`), `caption_dropout` of them replaced by the empty caption. `upsample_from` makes
     the run a cascade's upsampler; `inpainting` GLIDE's inpainting model (random masks per step; difflab.inpaint_model).
-    Steps default to 5000 unless `minutes` is given."""
+    `patch_size` p runs a U-Net on p x p patches (about 1/p^2 of the cost; `difflab.nets.unet.UNet`).
+    `init_from` (a run or checkpoint) fine-tunes it: network, text encoder and formulation are that run's, its weights
+    the start (`difflab.training.init_from`). Steps default to 5000 unless `minutes` is given."""
+    if init_from is not None and text_encoder is not None:
+        raise DifflabError("--init-from takes the text encoder of the run it starts from: drop --text-encoder")
     defaults = DEFAULTS[data.kind]
     norm = float(data.data.flatten(1).pow(2).sum(1).mean().sqrt())
     info = DataInfo(data.sample_shape, norm, defaults["batch_size"])
@@ -85,6 +92,7 @@ def run_config(
     width = {} if text is None else {"context_dim": text.dim, "pooled_dim": text.pooled_dim}
     width |= {} if upsampler is None else {"low_res_channels": channels}
     width |= {} if inpaint is None else {"inpaint_channels": channels}
+    width |= {} if patch_size is None else {"patch_size": patch_size}
     model_config = model_config_for(data.kind, data.sample_shape, model, dropout, klass.extra_outputs, num_classes,
                                     backbone, **width)  # fmt: skip
     model_config = replace(model_config, text=text)
@@ -109,7 +117,9 @@ def run_config(
     conditioning += (SignalConfig("low_res", 0.0),) if upsampler is not None else ()  # never dropped
     config = RunConfig(data_config, model_config, formulation, train, conditioning, upsampler=upsampler,
                        inpainting=inpaint)  # fmt: skip
-    formulation_object.loss(min_snr_gamma)  # refuse settings the loss cannot take now, not at the first step
+    if init_from is not None:
+        config = finetune_config(config, init_from, caption_dropout)
+    make_formulation(config.formulation).loss(min_snr_gamma)  # refuse what the loss cannot take now, not at step 1
     return config
 
 
@@ -239,8 +249,10 @@ def train_run(
         ckpt, config = _resumed(out, steps, minutes) if resume else (None, _new_run_config(config, out))
         data = data if data is not None else load_training_data(config)
         torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
-        trainer = Trainer(DenoiserTask(config), data.data, out, torch.device(device),
-                          cond_data=training_signals(config, data))  # fmt: skip
+        task = DenoiserTask(config)
+        if ckpt is None and config.train.init_from is not None:
+            initial_weights(task.module, config.train.init_from)
+        trainer = Trainer(task, data.data, out, torch.device(device), cond_data=training_signals(config, data))
         if ckpt is not None:
             trainer.resume(ckpt)
         warning = oversubscription_warning()  # once the settings are known to be valid: errors stay one line
