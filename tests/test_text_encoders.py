@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+import difflab.text.cache as text_cache
 from difflab.errors import DifflabError
 from difflab.text import (
     EmbeddingCache,
@@ -401,3 +402,12 @@ def test_minilm_embeds_meaning(minilm):
     st = pytest.importorskip("sentence_transformers")
     reference = st.SentenceTransformer(str(minilm.folder), device="cpu").encode(["a photo of a cat"])
     assert torch.allclose(out.pooled[:1], torch.as_tensor(reference), atol=1e-5)
+
+
+def test_a_long_first_encoding_shows_progress(clip_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(text_cache, "ENCODE_BATCH", 2)
+    enc, cache = HFTextEncoder(clip_folder), EmbeddingCache(tmp_path)
+    encode_cached(enc, ["a cat", "a dog"], cache)  # one batch: quiet
+    assert capsys.readouterr().err == ""
+    encode_cached(enc, ["a cat", "a red cat", "a blue dog", "the dog", "the cat"], cache)
+    assert "encoding 4 captions (cached for later runs)" in capsys.readouterr().err  # "a cat" was cached

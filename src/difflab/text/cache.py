@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from difflab.atomic import atomic_output
 from difflab.errors import DifflabError
@@ -106,7 +108,11 @@ def _cached_rows(
         hit = cache.get(encoder, caption)
         found[caption] = None if hit is None else (hit[0].to(dtype), hit[1])
     missing, writable = [c for c, hit in found.items() if hit is None], True
-    for start in range(0, len(missing), ENCODE_BATCH):
+    batches = range(0, len(missing), ENCODE_BATCH)
+    if len(batches) > 1:  # the first encoding of a data set's captions takes minutes: say what is happening
+        batches = tqdm(batches, desc=f"encoding {len(missing)} captions (cached for later runs)", unit="batch",
+                       file=sys.stderr)  # fmt: skip
+    for start in batches:
         chunk = missing[start : start + ENCODE_BATCH]
         out = encoder.encode(chunk)
         for row, caption in enumerate(chunk):
