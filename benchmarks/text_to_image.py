@@ -36,8 +36,10 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,7 @@ PROMPTS, SAMPLE_STEPS, SAMPLER = 100, 20, "dpmpp_2m"
 CASCADE_W, INPAINT_W, UP_LEVEL = 3.0, 3.0, 0.1
 INPAINT_STEPS, REPAINT = 25, (5, 4)  # RePaint: jump 5, 4 resamplings (DDPM steps)
 TIMING_STEPS = 10
+DEVICE = "cpu"  # --device
 
 
 def model_config(name: str, work: Path, quick: bool):
@@ -101,7 +104,7 @@ def train(names: list[str], work: Path, quick: bool) -> None:
             continue
         config, data = model_config(name, work, quick)
         start = time.monotonic()
-        outcome = train_run(config, out, data=data, progress=False)
+        outcome = train_run(config, out, data=data, device=DEVICE, progress=False)
         minutes = (time.monotonic() - start) / 60
         print(f"{name}: {outcome.step} steps in {minutes:.1f} min", flush=True)
         (out / "bench_train.json").write_text(json.dumps({"steps": outcome.step, "minutes": minutes}))
@@ -155,32 +158,33 @@ def inpainting_rows(base, glide, prompts: list[str]) -> list[dict]:
         sigmas = base.sigmas(INPAINT_STEPS)
         stats = {}
         made = inpaint(denoiser, originals, fills, sigmas, seeds, sampler="ddpm", repaint=repaint, kernel=base.kernel,
-                       cond=cond, stats=stats)  # fmt: skip
+                       cond=cond, device=base.device, stats=stats)  # fmt: skip
         rows.append({"method": label, "nfe": stats["nfe"], **adherence(made, captions)})
     return [_rounded(r) for r in rows]
 
 
-def throughput(work: Path, quick: bool) -> dict:
-    """Training steps/s of each model's configuration and guided sampling images/s, side by side."""
-    out = {}
-    for name in MODELS:
-        config, data = model_config(name, work, True)
-        from dataclasses import replace
-
-        config = replace(config, train=replace(config.train, steps=TIMING_STEPS + 2, warmup_steps=0))
-        run = work / "timing" / name
-        import shutil
-
+def throughput(work: Path) -> dict:
+    """Training steps/s of each model's configuration (and of scratch32 without patches) and guided sampling
+    images/s, side by side; each training rate over TIMING_STEPS steps after 2 untimed ones."""
+    out, names = {}, [n for n in MODELS if n != "inpaint32" or (work / "scratch32" / "checkpoints").exists()]
+    for name in [*names, "scratch32 without patches"]:
+        config, data = model_config(name.split()[0], work, True)
+        if name.endswith("without patches"):
+            plain = replace(config.model.settings, patch_size=1, attention_resolutions=(8,))
+            config = replace(config, model=replace(config.model, settings=plain))
+        config = replace(config, train=replace(config.train, steps=2, warmup_steps=0))
+        run = work / "timing" / name.replace(" ", "-")
         shutil.rmtree(run, ignore_errors=True)
+        train_run(config, run, data=data, device=DEVICE, progress=False)
         start = time.monotonic()
-        train_run(config, run, data=data, progress=False)
-        out[f"train {name} (steps/s, incl. 2 warm-up)"] = (TIMING_STEPS + 2) / (time.monotonic() - start)
+        train_run(None, run, data=data, device=DEVICE, resume=True, steps=2 + TIMING_STEPS, progress=False)
+        out[f"train {name} (steps/s)"] = TIMING_STEPS / (time.monotonic() - start)
     for name in ("base16", "scratch32"):
-        pipe = difflab.load(work / name)
-        prompts = prompt_set(16)[:32]
-        start = time.monotonic()
-        pipe.sample(seeds=range(32), prompt=prompts, guidance=3.0, sampler=SAMPLER, steps=SAMPLE_STEPS)
-        out[f"sample {name} w=3 {SAMPLER} {SAMPLE_STEPS} steps (images/s)"] = 32 / (time.monotonic() - start)
+        if (work / name / "checkpoints").exists():
+            pipe = difflab.load(work / name, device=DEVICE)
+            start = time.monotonic()
+            pipe.sample(seeds=range(32), prompt=prompt_set(16), guidance=3.0, sampler=SAMPLER, steps=SAMPLE_STEPS)
+            out[f"sample {name} w=3 {SAMPLER} {SAMPLE_STEPS} steps (images/s)"] = 32 / (time.monotonic() - start)
     return _rounded(out)
 
 
@@ -193,31 +197,33 @@ def evaluate(work: Path, quick: bool, out: Path) -> None:
         results.setdefault("training", {})[name] = json.loads(path.read_text()) if path.exists() else None
     print("evaluator on rendered images ...", flush=True)
     results["evaluator"] = {r: _rounded(calibrate(r, n=100 if quick else 500)) for r in (16, 32, 64)}
-    sweeps = {}
-    for name in ("scratch32", "minilm32"):
+    have = {name for name in MODELS if (work / name / "checkpoints").exists()}
+    results["missing"] = sorted(set(MODELS) - have)
+    results["guidance"] = {}
+    for name in sorted({"scratch32", "minilm32"} & have):
         print(f"guidance sweep: {name} ...", flush=True)
-        pipe = difflab.load(work / name)
-        sweeps[name] = guidance_rows(pipe, prompts)
-        save_guidance_sweep(sweeps[name], out.with_name(f"{out.name}_{name}_guidance.png"),
-                            title=f"{name}: {len(prompts) // 2} captions per split")  # fmt: skip
+        pipe = difflab.load(work / name, device=DEVICE)
+        results["guidance"][name] = rows = guidance_rows(pipe, prompts)
+        save_guidance_sweep(rows, out.with_name(f"{out.name}_{name}_guidance.png"),
+                            title=f"{name} (step {pipe.step}): {len(prompts) // 2} captions per split")  # fmt: skip
         captions = [p for p in GRID_PROMPTS for _ in range(4)]
         grid = pipe.sample(seeds=[i % 4 for i in range(len(captions))], prompt=captions, guidance=3.0,
                            sampler=SAMPLER, steps=SAMPLE_STEPS)  # fmt: skip
         save_prompt_rows(grid, list(GRID_PROMPTS), out.with_name(f"{out.name}_{name}_prompts.png"),
-                         title=f"{name}, w = 3, seeds 0..3")  # fmt: skip
-    results["guidance"] = sweeps
-    base32, base16, up = (difflab.load(work / n) for n in ("scratch32", "base16", "up32"))
-    print("cascade ...", flush=True)
-    results["cascade"] = {
-        "scratch32 alone": _rounded(score_prompt_samples(
-            base32.sample(seeds=range(len(prompts)), prompt=prompts, guidance=CASCADE_W, sampler=SAMPLER,
-                          steps=SAMPLE_STEPS), prompt_reference(prompts, 32))),
-        "base16 + up32": cascade_row(base16, up, prompts),
-    }  # fmt: skip
-    print("inpainting ...", flush=True)
-    results["inpainting"] = inpainting_rows(base32, difflab.load(work / "inpaint32"), prompts)
+                         title=f"{name} (step {pipe.step}), w = 3, seeds 0..3")  # fmt: skip
+    if {"scratch32", "base16", "up32"} <= have:
+        print("cascade ...", flush=True)
+        base32, base16, up = (difflab.load(work / n, device=DEVICE) for n in ("scratch32", "base16", "up32"))
+        alone = base32.sample(seeds=range(len(prompts)), prompt=prompts, guidance=CASCADE_W, sampler=SAMPLER,
+                              steps=SAMPLE_STEPS)  # fmt: skip
+        results["cascade"] = {"scratch32 alone": _rounded(score_prompt_samples(alone, prompt_reference(prompts, 32))),
+                              "base16 + up32": cascade_row(base16, up, prompts)}  # fmt: skip
+    if {"scratch32", "inpaint32"} <= have:
+        print("inpainting ...", flush=True)
+        glide = difflab.load(work / "inpaint32", device=DEVICE)
+        results["inpainting"] = inpainting_rows(difflab.load(work / "scratch32", device=DEVICE), glide, prompts)
     print("throughput ...", flush=True)
-    results["throughput"] = throughput(work, quick)
+    results["throughput"] = throughput(work)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     out.with_suffix(".md").write_text(report(results))
     print(report(results))
@@ -248,15 +254,17 @@ def report(results: dict) -> str:
                              + f" | {'-' if fd is None else f'{fd:.2f}'} |")  # fmt: skip
     lines += ["", f"## Cascade at 32x32 (w = {CASCADE_W:g})", "", "| pipeline | split | " + " | ".join(keys)
               + " | FD |", "|---" * (len(keys) + 3) + "|"]  # fmt: skip
-    for name, row in results["cascade"].items():
+    for name, row in results.get("cascade", {}).items():
         for split in ("train", "test"):
             acc, fd = row["adherence"].get(split, {}), row["fd"].get(split)
             lines.append(f"| {name} | {split} | " + " | ".join(_pct(acc.get(k)) for k in keys)
                          + f" | {'-' if fd is None else f'{fd:.2f}'} |")  # fmt: skip
     lines += ["", f"## Inpainting the half with the second object (w = {INPAINT_W:g}, {INPAINT_STEPS} steps)", "",
               "| method | NFE | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]  # fmt: skip
-    for row in results["inpainting"]:
+    for row in results.get("inpainting", []):
         lines.append(f"| {row['method']} | {row['nfe']:g} | " + " | ".join(_pct(row.get(k)) for k in keys) + " |")
+    if results["missing"]:
+        lines += ["", f"Not trained, so not evaluated: {', '.join(results['missing'])}."]
     lines += ["", "## Throughput (one thread, side by side)", "", "| what | rate |", "|---|---|"]
     lines += [f"| {k} | {v:.3g} |" for k, v in results["throughput"].items()]
     return "\n".join(lines) + "\n"
@@ -268,10 +276,13 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench-t2i", help="where the models are trained (default runs/bench-t2i)")
     p.add_argument("--out", default="benchmarks/results/text_to_image", help="results path without extension")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (cuda when available)")
     p.add_argument("phase", choices=("train", "eval"))
     p.add_argument("models", nargs="*", help=f"train: which ({', '.join(MODELS)}; default all, in order)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     work = Path(args.work + ("-quick" if args.quick else ""))
     out = Path(args.out + ("_quick" if args.quick else ""))
     if args.phase == "train":
