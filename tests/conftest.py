@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# One BLAS thread for numpy and scipy (their OpenBLAS reads this when it loads, which is here, before the first import
+# of numpy), as torch gets one intra-op thread below: on a busy 2-core machine a second BLAS thread mostly spins
+# waiting for the first. Measured there: the eigendecompositions of one 2048-d Frechet distance 9-41 s with two
+# threads, 6-7 s with one; test_evaluate, test_inception and test_metrics 95-118 s and 58-64 s. Set
+# OPENBLAS_NUM_THREADS to override.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from difflab.cli.main import main
 from difflab.oracles import GaussianDenoiser, GaussianMixtureDenoiser

@@ -8,6 +8,7 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 import difflab
+import difflab.data
 from difflab.errors import DifflabError
 from difflab.nets import model_config_for
 from difflab.nets.unet import UNet, UNetConfig, unet_preset
@@ -69,7 +70,14 @@ def test_patch_size_errors_are_one_line():
         model_config_for("points", (2,), "tiny", patch_size=2)
 
 
-def test_a_patched_text_model_trains_samples_and_is_fine_tuned_into_inpainting(tmp_path, capsys):
+@pytest.fixture
+def small_shapes(monkeypatch):
+    """`load_dataset("shapes", ...)` cut to its first 32 scenes."""
+    real = difflab.data.load_dataset
+    monkeypatch.setattr(difflab.data, "load_dataset", lambda *a, **k: real(*a, **(k | {"size": 32})))
+
+
+def test_a_patched_text_model_trains_samples_and_is_fine_tuned_into_inpainting(small_shapes, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--data", "shapes", "--resolution", 16, "--text-encoder", "scratch",
                            "--patch-size", 2, "--process", "edm", "--steps", 2, "--batch-size", 4,
                            "--out", tmp_path / "base", "--no-progress")  # fmt: skip
