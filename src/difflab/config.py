@@ -30,6 +30,7 @@ from difflab.errors import DifflabError
 from difflab.formulations import config_from_dict, config_to_dict
 from difflab.formulations.ddpm import DDPMConfig
 from difflab.inpaint_model import InpaintingConfig
+from difflab.latent import LatentConfig
 from difflab.limits import check_limits
 from difflab.nets import ModelConfig
 
@@ -112,6 +113,7 @@ class RunConfig:
     version: int = CONFIG_VERSION
     upsampler: UpsamplerConfig | None = None  # the super-resolution stage of a cascade: its low-res input
     inpainting: InpaintingConfig | None = None  # GLIDE's inpainting model: its training masks
+    latent: LatentConfig | None = None  # latent diffusion: the frozen autoencoder whose latents the model generates
 
     def __post_init__(self):
         """The formulation's sizes (ddpm timesteps, pfgm batch) are checked against `difflab.limits`; an upsampler
@@ -124,9 +126,22 @@ class RunConfig:
                                "network takes its low-res image as extra channels)")  # fmt: skip
         if self.upsampler is not None:
             check_upsample_from(self.data.resolution or 0, self.upsampler.low_res)
+        if self.latent is not None:
+            from difflab.latent import check_latent_images
+
+            check_latent_images(self.latent, tuple(self.data.sample_shape))
+            if self.upsampler is not None:
+                raise DifflabError("a latent model cannot be a cascade's upsampler: drop --upsample-from or "
+                                   "--autoencoder")  # fmt: skip
         if (self.inpainting is None) != (getattr(self.model.settings, "inpaint_channels", None) is None):
             raise DifflabError("inpainting and model.settings.inpaint_channels must be set together (an inpainting "
                                "model takes the masked image and the mask as extra channels)")  # fmt: skip
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """The shape the network generates: the data's samples, or for a latent model their latents."""
+        shape = tuple(self.data.sample_shape)
+        return self.latent.latent_shape(shape) if self.latent is not None else shape
 
     @property
     def process(self) -> str:
@@ -147,6 +162,7 @@ class RunConfig:
             }
             | ({"upsampler": dataclasses.asdict(self.upsampler)} if self.upsampler is not None else {})
             | ({"inpainting": dataclasses.asdict(self.inpainting)} if self.inpainting is not None else {})
+            | ({"latent": dataclasses.asdict(self.latent)} if self.latent is not None else {})
         )
 
     def to_json(self) -> str:
@@ -167,7 +183,7 @@ class RunConfig:
         if version == 1:
             values = migrate_v1(values)
         check_keys(values, "config", {"version", "data", "model", "formulation", "train", "conditioning", "upsampler",
-                                      "inpainting"}, required=("data", "model", "formulation"))  # fmt: skip
+                                      "inpainting", "latent"}, required=("data", "model", "formulation"))  # fmt: skip
         conditioning = values.get("conditioning", [])
         if not isinstance(conditioning, list):
             raise ValueError(f"conditioning must be a list, got {_show(conditioning)}")
@@ -184,6 +200,9 @@ class RunConfig:
             else None,
             inpainting=dataclass_from_dict(InpaintingConfig, values["inpainting"], "inpainting")
             if values.get("inpainting") is not None
+            else None,
+            latent=dataclass_from_dict(LatentConfig, values["latent"], "latent")
+            if values.get("latent") is not None
             else None,
         )
 

@@ -20,8 +20,12 @@ gigabytes. The limits are generous for what difflab is for (small diffusion mode
 | U-Net low_res_channels (upsamplers)                    | 1 .. 4             |
 | U-Net inpaint_channels (inpainting models)             | 1 .. 4             |
 | U-Net patch_size                                       | 1 .. 16            |
+| DiT: width / depth / heads / mlp_ratio                 | 1 .. 4096 / 1 .. 64 / 1 .. 64 / 1 .. 16 |
+| DiT: patch_size / tokens (resolution / patch_size)^2   | 1 .. 16 / <= 16384 (128 x 128) |
+| DiT: in_channels / out_channels, text and image inputs | as the U-Net's     |
 | upsampler.low_res (size of the low-res input)          | 1 .. 1024 pixels   |
 | classifier width / depth                               | 1 .. 4096 / 1 .. 64 |
+| autoencoder image / latent channels, width, res_blocks | 1 .. 4 / 1 .. 64, 1 .. 1024, 1 .. 8 |
 | network parameters (all tensors together)              | <= 10^9 (4 GB as float32) |
 """
 
@@ -38,6 +42,7 @@ MAX_SAMPLE_ELEMENTS = 4 * 1024 * 1024
 MAX_PARAMETERS = 1_000_000_000
 MAX_BATCH = 65536
 MAX_CLASSES = 100_000
+MAX_DIT_TOKENS = 16384  # a DiT's token grid at most 128 x 128: attention's cost grows with its square
 
 # settings class name -> field -> (lowest, highest); a tuple field is checked element by element
 SIZE_LIMITS: dict[str, dict[str, tuple[int, int]]] = {
@@ -51,11 +56,17 @@ SIZE_LIMITS: dict[str, dict[str, tuple[int, int]]] = {
                    "norm_groups": (1, 1024), "num_classes": (1, MAX_CLASSES), "context_dim": (1, 4096),
                    "pooled_dim": (1, 4096), "low_res_channels": (1, 4),
                    "inpaint_channels": (1, 4), "patch_size": (1, 16)},
+    "DiTConfig": {"in_channels": (1, 4), "out_channels": (1, 8), "resolution": (1, MAX_RESOLUTION),
+                  "patch_size": (1, 16), "width": (1, 4096), "depth": (1, 64), "heads": (1, 64), "mlp_ratio": (1, 16),
+                  "num_classes": (1, MAX_CLASSES), "context_dim": (1, 4096), "pooled_dim": (1, 4096),
+                  "low_res_channels": (1, 4), "inpaint_channels": (1, 4)},
     "UpsamplerConfig": {"low_res": (1, MAX_RESOLUTION)},
     "MLPConfig": {"data_dim": (1, 65536), "hidden": (1, 16384), "num_blocks": (0, 256), "embed_dim": (1, 16384),
                   "out_dim": (1, 65537), "num_classes": (1, MAX_CLASSES)},
     "ClassifierConfig": {"sample_shape": (1, 65536), "num_classes": (1, MAX_CLASSES), "width": (1, 4096),
                          "depth": (1, 64)},
+    "AutoencoderConfig": {"image_channels": (1, 4), "latent_channels": (1, 64), "width": (1, 1024),
+                          "res_blocks": (1, 8), "groups": (1, 1024)},
 }  # fmt: skip
 MAX_TUPLE_LENGTH = {"channel_mult": 8, "attention_resolutions": 16, "sample_shape": 4}
 

@@ -47,6 +47,7 @@ class Pipeline:
         checkpoint: Path | None = None,
         step: int = 0,
         weights: Path | None = None,
+        autoencoder: nn.Module | None = None,
     ):
         self.config = config
         self.formulation: Formulation = make_formulation(config.formulation)
@@ -54,6 +55,11 @@ class Pipeline:
         self.denoiser.eval()
         self.checkpoint, self.step, self.weights = checkpoint, step, weights
         self._text_encoder = None  # a frozen text encoder, loaded on the first prompt
+        if config.latent is not None and autoencoder is None:
+            from difflab.autoencoder.nets import KLAutoencoder
+
+            autoencoder = KLAutoencoder(config.latent.autoencoder, config.latent.scale_factor)
+        self.autoencoder = autoencoder.eval() if autoencoder is not None else None  # a latent model's decoder
 
     # ---- what the model is ------------------------------------------------------------------------------
     @property
@@ -63,7 +69,32 @@ class Pipeline:
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
+        """The shape of a sample: a latent model's decoded images."""
         return tuple(self.config.data.sample_shape)
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """The shape the denoiser works at: the samples', or a latent model's latents (a diffusers folder's VAE is
+        not described by config.latent: its factor and channels give the shape)."""
+        if self.config.latent is None and self.autoencoder is not None:
+            from difflab.autoencoder.base import latent_shape
+
+            return latent_shape(self.autoencoder, self.sample_shape)
+        return self.config.model_shape
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """What the denoiser made as samples: a latent model's latents decoded (on the pipeline's device), else x."""
+        if self.autoencoder is None:
+            return x
+        with torch.no_grad():
+            return self.autoencoder.decode(x.to(self.device)).cpu()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as what the denoiser works on: a latent model's scaled latents, else the images themselves."""
+        if self.autoencoder is None:
+            return images
+        with torch.no_grad():
+            return self.autoencoder.encode(images.to(self.device)).cpu()
 
     @property
     def accepts(self) -> frozenset[str]:
@@ -79,6 +110,8 @@ class Pipeline:
         return next(self.denoiser.parameters()).device
 
     def to(self, device: torch.device | str) -> Pipeline:
+        if self.autoencoder is not None:
+            self.autoencoder.to(device)
         self.denoiser.to(device)
         return self
 
@@ -225,7 +258,7 @@ class Pipeline:
         if isinstance(classifier, (str, Path)):
             classifier = load_classifier(classifier, self.device)
         if hasattr(classifier, "config"):
-            check_fits(classifier, self.sample_shape, self.num_classes)
+            check_fits(classifier, self.model_shape, self.num_classes)
         return classifier
 
     # ---- sampling ---------------------------------------------------------------------------------------
@@ -276,9 +309,11 @@ class Pipeline:
         cond, denoiser = self.prepare(len(seeds), **request)
         sigmas = self.sigmas(steps, grid or implied_grid)
         batches = generate_batches(
-            denoiser, self.sample_shape, sigmas, seeds, sampler=spec.name, options=options, kernel=self.kernel,
+            denoiser, self.model_shape, sigmas, seeds, sampler=spec.name, options=options, kernel=self.kernel,
             cond=cond, batch_size=batch_size, device=self.device, callback=callback, progress=progress, stats=stats,
         )  # fmt: skip
+        if self.autoencoder is not None:
+            batches = ((batch_seeds, self.decode(x)) for batch_seeds, x in batches)
         return _no_grad(batches)
 
     def inpaint(self, image: torch.Tensor, fill: torch.Tensor, n: int | None = None, **kwargs: Any) -> torch.Tensor:
@@ -357,6 +392,10 @@ def load(path: str | Path, *, use_ema: bool = True, device: str | torch.device =
     Any failure is a one-line DifflabError naming the file and the tensor."""
     from difflab.weights import check_header, meta_state
 
+    if (Path(path) / "model_index.json").is_file():  # a diffusers pipeline folder (difflab[diffusers])
+        from difflab.interop.diffusers_folder import load_diffusers
+
+        return load_diffusers(path, device=device)
     ckpt = resolve_checkpoint(path)
     config = load_config(ckpt)
     if Path(path).is_file():  # a weights file named on purpose is the one loaded
@@ -373,4 +412,10 @@ def load(path: str | Path, *, use_ema: bool = True, device: str | torch.device =
         raise DifflabError(f"'{weights}' does not match its config.json ({str(err).splitlines()[0]})") from None
     formulation = make_formulation(config.formulation)
     denoiser = formulation.denoiser(net).to(device)
-    return Pipeline(config, denoiser, checkpoint=ckpt, step=checkpoint_step(ckpt), weights=weights)
+    autoencoder = None
+    if config.latent is not None:
+        from difflab.latent import load_latent_autoencoder
+
+        autoencoder = load_latent_autoencoder(ckpt, config.latent, device)
+    return Pipeline(config, denoiser, checkpoint=ckpt, step=checkpoint_step(ckpt), weights=weights,
+                    autoencoder=autoencoder)  # fmt: skip

@@ -10,7 +10,7 @@ import torch
 from difflab.errors import DifflabError
 from difflab.sigmas import sigma_from_alpha_bar, sigma_to_t, vp_input_scale
 
-SCHEDULE_NAMES = ("linear", "cosine", "sigmoid")
+SCHEDULE_NAMES = ("linear", "cosine", "sigmoid", "scaled_linear")
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -32,7 +32,18 @@ def sigmoid_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> t
     return beta_start + (beta_end - beta_start) * torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64))
 
 
-_BETAS = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
+def scaled_linear_betas(T: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Latent diffusion's schedule (Rombach et al. 2022; Stable Diffusion, diffusers' "scaled_linear"): sqrt(beta_t)
+    linear from sqrt(beta_start) to sqrt(beta_end), values for T = 1000."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+
+
+_BETAS = {
+    "linear": linear_betas,
+    "cosine": cosine_betas,
+    "sigmoid": sigmoid_betas,
+    "scaled_linear": scaled_linear_betas,
+}
 
 
 @dataclass(frozen=True, eq=False)

@@ -65,11 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def denoising_figure(model: Pipeline, path: Path, seeds=(0, 1, 2, 3), steps: int = 50, frames: int = 10) -> Path:
-    """x_t and the predicted x0 at `frames` points of a `steps`-step DDPM trajectory, one row pair per seed."""
+    """x_t and the predicted x0 at `frames` points of a `steps`-step DDPM trajectory, one row pair per seed; a latent
+    model's are decoded (x_t scaled to the VP state first, as the network sees it)."""
     sigmas = model.sigmas(steps)
     keep = set(torch.linspace(0, steps - 1, frames).round().long().tolist())
     noise = PerSampleNoise(seeds)
-    x = noise.initial(model.config.data.sample_shape, float(sigmas[0]), model.device)
+    x = noise.initial(model.model_shape, float(sigmas[0]), model.device)
     state = {"prev": x}
     xt, x0, shown = [], [], []
 
@@ -81,7 +82,8 @@ def denoising_figure(model: Pipeline, path: Path, seeds=(0, 1, 2, 3), steps: int
         state["prev"] = info.x
 
     sample_ddpm(model.denoiser, x, sigmas, noise=noise, callback=record)
-    return save_denoising_figure(xt, x0, shown, path, upscale=upscale_for(x.shape[-1]))
+    xt, x0 = [model.decode(v) for v in xt], [model.decode(v) for v in x0]
+    return save_denoising_figure(xt, x0, shown, path, upscale=upscale_for(x0[0].shape[-1]))
 
 
 def run(args: argparse.Namespace) -> int:

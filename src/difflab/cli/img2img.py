@@ -31,13 +31,14 @@ def run(args: argparse.Namespace) -> int:
     pipe, image, options, cond, denoiser = prepare(args, "ddim")
     stats: dict[str, Any] = {}
     seeds = [args.seed + i for i in range(args.n)]
-    results, noised = img2img(
-        denoiser, image, pipe.sigmas(args.steps, args.grid), args.strength, seeds, sampler=args.sampler,
+    results, noised = img2img(  # a latent model edits the image's latents (Rombach et al. 2022, Sec. 4.3)
+        denoiser, pipe.encode(image), pipe.sigmas(args.steps, args.grid), args.strength, seeds, sampler=args.sampler,
         options=options, kernel=pipe.kernel, cond=cond, device=pipe.device, stats=stats,
     )  # fmt: skip
     extra = {"strength": args.strength, "sigma_start": stats["sigma_start"], "nfe": stats["nfe"]}
     meta = metadata(args, pipe, options, extra) | {"layout": "original, noised input (seed S), results 1..n"}
-    shown = noised[:1] / (1 + stats["sigma_start"] ** 2) ** 0.5
+    results = pipe.decode(results)
+    shown = pipe.decode(noised[:1] / (1 + stats["sigma_start"] ** 2) ** 0.5)
     path = write(args.out, torch.cat([image, shown, results]), results, meta)
     print(f"wrote {args.n} results to {path} ({stats['nfe']:g} network evaluations per result)")
     return 0

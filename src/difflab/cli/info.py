@@ -42,6 +42,7 @@ def _show_outputs(path: Path, raw: bool) -> int:
 
 
 def _show_run(path: Path, raw: bool) -> int:
+    from difflab.nets.cost import network_cost
     from difflab.training.checkpoint import checkpoint_step, list_checkpoints, load_config, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
@@ -53,6 +54,9 @@ def _show_run(path: Path, raw: bool) -> int:
     print(f"{ckpt}: step {checkpoint_step(ckpt)}")
     print(f"  formulation   {config.process}: {config.formulation}")
     print(f"  network       {config.model.backbone} '{config.model.preset}': {settings}")
+    cost = network_cost(config.model, config.model_shape)  # a latent model works at its latents' shape
+    print(f"  parameters    {cost.parameters:,}")
+    print(f"  GFLOPs/sample {cost.gflops:.3g} (one forward pass, a multiply-add = 2 FLOPs; difflab.nets.cost)")
     print(f"  data          {config.data.name} ({config.data.kind}, shape {tuple(config.data.sample_shape)})")
     signals = ", ".join(f"{s.name} (dropout {s.dropout:g})" for s in config.conditioning) or "none"
     print(f"  conditioning  {signals}")

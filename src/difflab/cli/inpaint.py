@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from difflab.editing import inpaint
     from difflab.images import read_mask
     from difflab.inpaint_model import inpainting_method
+    from difflab.latent import latent_fill, paste_known
 
     pipe, image, options, cond, guidance = load_for_edit(args, "ddpm")
     fill = read_mask(args.mask, pipe.config.data.resolution)
@@ -74,10 +75,12 @@ def run(args: argparse.Namespace) -> int:
                                cond=cond, stats=stats, **guidance, **options)  # fmt: skip
     else:
         cond, denoiser = pipe.prepare(args.n, cond=cond, **guidance)
+        known, region = pipe.encode(image), latent_fill(fill, pipe)  # a latent model fills its latents
         results = inpaint(
-            denoiser, image, fill, pipe.sigmas(args.steps, args.grid), seeds, sampler=args.sampler, options=options,
+            denoiser, known, region, pipe.sigmas(args.steps, args.grid), seeds, sampler=args.sampler, options=options,
             repaint=repaint, kernel=pipe.kernel, cond=cond, device=pipe.device, stats=stats,
         )  # fmt: skip
+        results = paste_known(pipe.decode(results), image, fill) if pipe.autoencoder is not None else results
     jump, resamplings = repaint if repaint is not None else (None, None)
     extra = {"mask": str(args.mask), "method": method, "repaint_jump": jump, "repaint_resamplings": resamplings,
              "nfe": stats["nfe"]}  # fmt: skip

@@ -10,7 +10,8 @@ import sys
 from difflab import __version__
 
 EXIT_USAGE = 2
-# name -> (module with add_arguments(parser) and run(args), one-line help, an example)
+# name -> (module with add_arguments(parser) and run(args), one-line help, an example); "module:name" means the
+# module's add_name_arguments(parser) and name(args), for modules that hold several commands
 COMMANDS = {
     "train": ("difflab.cli.train", "train a diffusion or Poisson-flow model",
               "difflab train --data moons --out runs/moons --steps 4000"),
@@ -30,6 +31,12 @@ COMMANDS = {
                 "difflab img2img --ckpt runs/digits --image digit.png --strength 0.6 --out edited.png"),
     "train-classifier": ("difflab.cli.train_classifier", "train a noise-aware classifier for classifier guidance",
                          "difflab train-classifier --data digits --out runs/clf --for runs/digits"),
+    "train-autoencoder": ("difflab.cli.autoencoder:train", "train the KL autoencoder of latent diffusion",
+                          "difflab train-autoencoder --data shapes --out runs/ae --factor 4 --latent-channels 4"),
+    "encode": ("difflab.cli.autoencoder:encode", "encode images to an autoencoder's latents (.npy)",
+               "difflab encode --autoencoder runs/ae a.png b.png --out latents.npy"),
+    "decode": ("difflab.cli.autoencoder:decode", "decode latents (.npy) to images with an autoencoder",
+               "difflab decode --autoencoder runs/ae latents.npy --out decoded.png"),
     "info": ("difflab.cli.info", "show what a run folder, a checkpoint or a generated PNG holds",
              "difflab info runs/digits"),
     "samplers": ("difflab.cli.samplers", "list the samplers, their options and the names other tools use",
@@ -52,9 +59,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
         )  # fmt: skip
         if name == command:
-            module = importlib.import_module(module_name)
-            module.add_arguments(p)
-            p.set_defaults(func=module.run)
+            module_path, _, entry = module_name.partition(":")
+            module = importlib.import_module(module_path)
+            getattr(module, f"add_{entry}_arguments" if entry else "add_arguments")(p)
+            p.set_defaults(func=getattr(module, entry or "run"))
     return parser
 
 

@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     form.add_argument("--sigma-max", type=float, help="ve/edm/pfgmpp: largest noise level (50 / 80)")
     form.add_argument("--aug-dim", type=int, help="pfgmpp: the number D of extra dimensions (default 128)")
     net = p.add_argument_group("network and conditioning")
-    net.add_argument("--model", choices=("tiny", "small", "base"), default="tiny", help="network size preset")
+    net.add_argument("--model", choices=("tiny", "small", "base", "dit-tiny", "dit-small"), default="tiny",
+                     help="network size preset: tiny, small, base (U-Net for images, MLP for points; tiny and small "
+                     "also for --backbone dit) or dit-tiny, dit-small (the DiT transformer)")  # fmt: skip
     net.add_argument("--backbone", help="network backbone (default: unet for images, mlp for points)")
     net.add_argument("--dropout", type=float, default=0.0)
     net.add_argument(
@@ -72,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument("--init-from", metavar="RUN",
                      help="fine-tune a trained run (GLIDE's inpainting model from its base): its network, text encoder "
                      "and formulation, its EMA weights as the start; new input channels start at zero")  # fmt: skip
+    net.add_argument("--autoencoder", metavar="RUN",
+                     help="latent diffusion: learn the latents of a difflab train-autoencoder run instead of pixels; "
+                     "samples are decoded at the end (Stable Diffusion's recipe)")  # fmt: skip
     net.add_argument(
         "--label-dropout",
         type=float,
@@ -113,7 +118,7 @@ def config_from_args(args: argparse.Namespace, data):
         checkpoint_every=args.checkpoint_every, preview_every=args.preview_every, tensorboard=args.tensorboard,
         text_encoder=args.text_encoder, caption_dropout=args.caption_dropout, upsample_from=args.upsample_from,
         low_res_noise_max=args.low_res_noise_max, inpainting=args.inpainting, init_from=args.init_from,
-        patch_size=args.patch_size, **settings,
+        patch_size=args.patch_size, autoencoder=args.autoencoder, **settings,
     )  # fmt: skip
 
 
@@ -155,6 +160,7 @@ MODEL_FLAGS = {
     "upsample_from": lambda c: c.upsampler.low_res if c.upsampler is not None else None,
     "low_res_noise_max": lambda c: c.upsampler.noise_max if c.upsampler is not None else None,
     "inpainting": lambda c: c.inpainting is not None,
+    "autoencoder": lambda c: c.latent.source if c.latent is not None else None,
 } | {k: (lambda c, k=k: getattr(c.formulation, k, None)) for k in FORMULATION_FLAGS}
 # Settings a resumed run keeps from its config: --resume names the ones given that differ and ignores them.
 KEPT_FLAGS = {"batch_size": "batch_size", "lr": "lr", "warmup": "warmup_steps", "ema_decay": "ema_decay",
@@ -203,6 +209,8 @@ def _differs(dest: str, given, saved) -> str | None:
     """'--flag VALUE (the run has SAVED)' when the value given differs from the saved one, else None."""
     if given == saved or (dest == "data" and saved and Path(given).resolve() == Path(saved).resolve()):
         return None
+    if dest == "autoencoder" and saved and _same_checkpoint(given, saved):
+        return None
     hf = dest == "text_encoder" and str(given).startswith("hf:") and str(saved).startswith("hf:")
     if hf and Path(given[3:]).resolve() == Path(saved[3:]).resolve():  # the folder as given, or as recorded
         return None
@@ -210,6 +218,17 @@ def _differs(dest: str, given, saved) -> str | None:
     shown = flag if isinstance(given, bool) else f"{flag} {given}"
     was = ("on" if saved else "off") if isinstance(saved, bool) else "none" if saved is None else saved
     return f"{shown} (the run has {was})"
+
+
+def _same_checkpoint(given: str, saved: str) -> bool:
+    """Whether a run folder, checkpoint or weights file given on the command line is the recorded checkpoint."""
+    from difflab.errors import DifflabError
+    from difflab.training.checkpoint import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(given).resolve() == Path(saved).resolve()
+    except DifflabError:
+        return False
 
 
 def run(args: argparse.Namespace) -> int:

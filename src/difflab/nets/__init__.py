@@ -14,6 +14,7 @@ from torch import nn
 
 from difflab.errors import DifflabError
 from difflab.limits import check_limits
+from difflab.nets.dit import DiT, DiTConfig, dit_preset
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import UNet, UNetConfig, unet_preset
 
@@ -29,8 +30,9 @@ class Backbone:
     kinds: tuple[str, ...]  # data kinds it suits: "images", "points"
 
 
-# Image settings a U-Net preset takes beyond the common ones: text (context_dim, pooled_dim), a cascade's low-res input
-# (low_res_channels), GLIDE's inpainting channels (inpaint_channels), patches (patch_size). One list, for both presets.
+# Image settings a U-Net or DiT preset takes beyond the common ones: text (context_dim, pooled_dim), a cascade's low-res
+# input (low_res_channels), GLIDE's inpainting channels (inpaint_channels), patches (patch_size). One list, for every
+# preset.
 IMAGE_INPUTS = ("context_dim", "pooled_dim", "low_res_channels", "inpaint_channels", "patch_size")
 
 
@@ -41,6 +43,14 @@ def _unet(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outp
     unet = unet_preset(preset, resolution, channels, dropout, patch_size)
     unet = replace(unet, num_classes=num_classes, **inputs)
     return replace(unet, out_channels=channels + extra_outputs) if extra_outputs else unet
+
+
+def _dit(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None,
+         **inputs: int | None):  # fmt: skip
+    channels, resolution = sample_shape[0], sample_shape[-1]
+    dit = dit_preset(preset, resolution, channels, dropout, inputs.pop("patch_size", None))
+    dit = replace(dit, num_classes=num_classes, **inputs)
+    return replace(dit, out_channels=channels + extra_outputs) if extra_outputs else dit
 
 
 def _mlp(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None,
@@ -62,6 +72,7 @@ BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
         Backbone("unet", UNetConfig, UNet, _unet, ("images",)),
+        Backbone("dit", DiTConfig, DiT, _dit, ("images",)),
         Backbone("mlp", MLPConfig, MLP, _mlp, ("points",)),
     )
 }
@@ -126,11 +137,13 @@ def model_config_for(
     backbone_name: str | None = None,
     **inputs: int | None,
 ) -> ModelConfig:
-    """A preset network for data of this kind and shape (U-Net for images, MLP for points unless `backbone_name`);
+    """A preset network for data of this kind and shape (U-Net for images, MLP for points unless `backbone_name`, or
+    a preset named "<backbone>-<preset>" such as "dit-tiny", says otherwise);
     `extra_outputs` adds output channels (PFGM's z component); `num_classes` makes it class-conditional;
-    `inputs` (IMAGE_INPUTS, U-Net only): `context_dim` (D of text_embed) and `pooled_dim` (P of text_pooled) condition
-    it on text; `low_res_channels` makes it an upsampler of a cascade; `inpaint_channels` GLIDE's inpainting model."""
-    spec = backbone(backbone_name or DEFAULT_BACKBONE[kind])
+    `inputs` (IMAGE_INPUTS, U-Net and DiT only): `context_dim` (D of text_embed) and `pooled_dim` (P of text_pooled)
+    condition it on text; `low_res_channels` makes it an upsampler of a cascade; `inpaint_channels` GLIDE's
+    inpainting model."""
+    spec = backbone(preset_backbone(preset, backbone_name) or DEFAULT_BACKBONE[kind])
     if kind not in spec.kinds:
         raise DifflabError(f"backbone '{spec.name}' does not suit {kind}; use {DEFAULT_BACKBONE[kind]}")
     unknown = set(inputs) - set(IMAGE_INPUTS)
@@ -138,8 +151,22 @@ def model_config_for(
         raise TypeError(f"model_config_for got unknown settings {sorted(unknown)}; known: {IMAGE_INPUTS}")
     # passed only when set, so that a preset function written before these inputs keeps working
     extra = {k: v for k, v in inputs.items() if v is not None}
-    settings = spec.preset(preset, tuple(sample_shape), dropout, extra_outputs, num_classes, **extra)
+    size = preset.removeprefix(f"{spec.name}-")  # "dit-tiny" -> the dit preset "tiny"
+    settings = spec.preset(size, tuple(sample_shape), dropout, extra_outputs, num_classes, **extra)
     return ModelConfig(spec.name, settings, preset)
+
+
+def preset_backbone(preset: str, backbone_name: str | None) -> str | None:
+    """The backbone a preset name asks for: "dit-tiny" is the dit backbone's "tiny" (a name "<backbone>-<preset>"
+    names its backbone); `backbone_name` otherwise (None: the data kind's default). A backbone named twice, two ways,
+    is refused in one line."""
+    prefix = preset.split("-", 1)[0] if "-" in preset else None
+    if prefix not in BACKBONES:
+        return backbone_name
+    if backbone_name is not None and backbone_name != prefix:
+        raise DifflabError(f"--model {preset} is a {prefix} preset but --backbone is {backbone_name}; drop --backbone "
+                           f"or give one of that backbone's presets")  # fmt: skip
+    return prefix
 
 
 def build_network(config: ModelConfig) -> nn.Module:
@@ -153,4 +180,4 @@ def build_network(config: ModelConfig) -> nn.Module:
     return net if isinstance(config.text, FrozenTextConfig) else TextConditionedNet(net, config.text)
 
 
-__all__ = ["BACKBONES", "ModelConfig", "backbone", "build_network", "model_config_for"]
+__all__ = ["BACKBONES", "ModelConfig", "backbone", "build_network", "model_config_for", "preset_backbone"]

@@ -85,3 +85,15 @@ def text_context(cond: Mapping[str, torch.Tensor] | None, context_dim: int, batc
     if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
         raise DifflabError("text_mask must hold only True/False or 1/0 (1 = a real token, 0 = padding)")
     return embed, mask != 0
+
+
+def normalised_context(norm: nn.Module | None, cond, dim: int | None, batch: int) -> TextContext | None:
+    """A backbone's text context: the tokens of cond (`text_context`) through its LayerNorm `norm`, with their keep
+    mask; None when the network takes no text (`norm` None) or cond carries none (the null caption)."""
+    if norm is None:
+        return None
+    context = text_context(cond, dim, batch)
+    if context is None:
+        return None
+    tokens, keep = context
+    return norm(tokens.to(norm.weight.dtype)), keep

@@ -17,7 +17,14 @@ from torch import nn
 from difflab.conditioning import as_cond
 from difflab.errors import DifflabError
 from difflab.limits import SIZE_LIMITS, check_size
-from difflab.nets.attention import SelfAttention, TextContext, attend, group_norm, text_context, zero_init
+from difflab.nets.attention import (
+    SelfAttention,
+    TextContext,
+    attend,
+    group_norm,
+    normalised_context,
+    zero_init,
+)
 from difflab.nets.embeddings import (
     AugmentationEmbedding,
     LabelEmbedding,
@@ -25,6 +32,7 @@ from difflab.nets.embeddings import (
     PooledEmbedding,
     conditioning,
 )
+from difflab.nets.inputs import with_inpainting, with_low_res
 
 
 @dataclass(frozen=True)
@@ -159,7 +167,8 @@ class UNet(nn.Module):
         if self.low_res_noise_embed is not None:
             emb = emb + self.low_res_noise_embed((cond or {}).get("low_res_noise"), x.shape[0], x.device)
         emb, ctx = nn.functional.silu(emb), self._context(cond, x.shape[0])
-        h = self._with_inpainting(self._with_low_res(x, cond), cond, x.shape)
+        h = with_low_res(x, cond, self.config.low_res_channels)
+        h = with_inpainting(h, cond, self.config.inpaint_channels, x.shape)
         h = self.conv_in(nn.functional.pixel_unshuffle(h, self.config.patch_size))
         hs = [h]
         for i, lvl in enumerate(self.down):
@@ -177,52 +186,8 @@ class UNet(nn.Module):
                 h = self.upsample[i](h)
         return nn.functional.pixel_shuffle(self.out(h), self.config.patch_size)
 
-    def _with_low_res(self, x: torch.Tensor, cond: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """x (B, C, R, R) with the low-res image upsampled to R as extra channels (B, C + C_lr, R, R); x alone when
-        the network is not an upsampler. Only x carries the preconditioning's input scale c_in: low_res arrives as
-        given."""
-        channels = self.config.low_res_channels
-        if not channels:
-            return x
-        low = (cond or {}).get("low_res")
-        batch, _, height, width = x.shape
-        if low is None:
-            return torch.cat([x, x.new_zeros(batch, channels, height, width)], dim=1)
-        shape = tuple(low.shape)
-        if len(shape) != 4 or shape[:2] != (batch, channels) or 0 in shape or height % shape[2] or width % shape[3]:
-            raise DifflabError(
-                f"low_res must be a tensor (B={batch}, {channels}, r, r) with r dividing {height}, got {shape}"
-            )
-        upsampled = nn.functional.interpolate(low.to(x.dtype), size=(height, width), mode="nearest")
-        return torch.cat([x, upsampled], dim=1)
-
-    def _with_inpainting(self, h: torch.Tensor, cond: dict[str, torch.Tensor] | None, shape: torch.Size):
-        """h (B, C_h, R, R) with masked_image * mask and mask as C_in + 1 more channels (GLIDE's inpainting model:
-        concatenated after x and low_res, not scaled by c_in); h alone when the network does not inpaint."""
-        channels = self.config.inpaint_channels
-        if not channels:
-            return h
-        batch, _, height, width = shape
-        image, mask = ((cond or {}).get(k) for k in ("masked_image", "mask"))
-        image = h.new_zeros(batch, channels, height, width) if image is None else image.to(h.dtype)
-        mask = h.new_zeros(batch, 1, height, width) if mask is None else mask.to(h.dtype)
-        if tuple(image.shape) != (batch, channels, height, width) or tuple(mask.shape) != (batch, 1, height, width):
-            raise DifflabError(
-                f"masked_image must be a tensor (B={batch}, {channels}, {height}, {width}) and mask ({batch}, 1, "
-                f"{height}, {width}), got {tuple(image.shape)} and {tuple(mask.shape)}"
-            )
-        return torch.cat([h, image * mask, mask], dim=1)
-
     def _context(self, cond: dict[str, torch.Tensor] | None, batch: int) -> TextContext | None:
-        """The normalised text tokens and their keep mask, or None (no text in the net or in the batch: the null
-        caption, whose tokens are all masked out, is exactly plain self-attention)."""
-        if self.context_norm is None:
-            return None
-        context = text_context(cond, self.config.context_dim, batch)
-        if context is None:
-            return None
-        tokens, keep = context
-        return self.context_norm(tokens.to(self.context_norm.weight.dtype)), keep
+        return normalised_context(self.context_norm, cond, self.config.context_dim, batch)
 
 
 _PRESETS = {

@@ -202,6 +202,11 @@ def load_config(ckpt_dir: Path) -> RunConfig:
             raise DifflabError(
                 f"'{ckpt_dir}' holds a noise-aware classifier, not a diffusion model; pass it as --classifier"
             )
+        if '"difflab-autoencoder"' in text:
+            raise DifflabError(
+                f"'{ckpt_dir}' holds an autoencoder, not a diffusion model; train a latent model on it with "
+                "`difflab train --autoencoder` and use that run"
+            )
         return RunConfig.from_json(text)
     except (OSError, ValueError, TypeError, KeyError) as err:
         advice = "" if isinstance(err, DifflabError) else "; fix that key or use another checkpoint"
@@ -299,7 +304,7 @@ def check_run_folder(run_dir: Path) -> None:
 def _is_difflab_config(path: Path) -> bool:
     try:
         text = path.read_text()
-        if json.loads(text).get("format") == "difflab-noisy-classifier":
+        if json.loads(text).get("format") in ("difflab-noisy-classifier", "difflab-autoencoder"):
             return True
         RunConfig.from_json(text)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

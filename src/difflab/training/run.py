@@ -18,6 +18,7 @@ from difflab.data import Dataset, load_dataset
 from difflab.errors import DifflabError
 from difflab.formulations import DataInfo, formulation_class, make_config, make_formulation
 from difflab.inpaint_model import InpaintingConfig
+from difflab.latent import LatentConfig, latent_config_of, latent_dataset, training_autoencoder
 from difflab.nets import model_config_for
 from difflab.text.conditioned import FrozenTextConfig, TextConfig
 from difflab.training.checkpoint import check_run_folder, latest_checkpoint, load_config, resume_checkpoint
@@ -62,6 +63,7 @@ def run_config(
     inpainting: bool = False,
     init_from: str | Path | None = None,
     patch_size: int | None = None,
+    autoencoder: str | Path | None = None,
     **formulation_settings: Any,
 ) -> RunConfig:
     """The RunConfig of a new run on `data` (a loaded `difflab.data.Dataset`). `process` names the formulation
@@ -73,12 +75,15 @@ def run_config(
     the run a cascade's upsampler; `inpainting` GLIDE's inpainting model (random masks per step; difflab.inpaint_model).
     `patch_size` p runs a U-Net on p x p patches (about 1/p^2 of the cost; `difflab.nets.unet.UNet`).
     `init_from` (a run or checkpoint) fine-tunes it: network, text encoder and formulation are that run's, its weights
-    the start (`difflab.training.init_from`). Steps default to 5000 unless `minutes` is given."""
+    the start (`difflab.training.init_from`). `autoencoder` (a `difflab train-autoencoder` folder) makes it a latent
+    model: it learns the autoencoder's scaled latents of the images (`difflab.latent`). Steps default to 5000 unless
+    `minutes` is given."""
     if init_from is not None and text_encoder is not None:
         raise DifflabError("--init-from takes the text encoder of the run it starts from: drop --text-encoder")
     defaults = DEFAULTS[data.kind]
-    norm = float(data.data.flatten(1).pow(2).sum(1).mean().sqrt())
-    info = DataInfo(data.sample_shape, norm, defaults["batch_size"])
+    latent, model_data = _latent(data, autoencoder, upsample_from, inpainting, init_from)
+    norm = float(model_data.data.flatten(1).pow(2).sum(1).mean().sqrt())
+    info = DataInfo(model_data.sample_shape, norm, defaults["batch_size"])
     formulation = make_config(process, info, **formulation_settings)
     klass = formulation_class(process)
     formulation_object = klass(formulation)
@@ -93,8 +98,8 @@ def run_config(
     width |= {} if upsampler is None else {"low_res_channels": channels}
     width |= {} if inpaint is None else {"inpaint_channels": channels}
     width |= {} if patch_size is None else {"patch_size": patch_size}
-    model_config = model_config_for(data.kind, data.sample_shape, model, dropout, klass.extra_outputs, num_classes,
-                                    backbone, **width)  # fmt: skip
+    model_config = model_config_for(data.kind, model_data.sample_shape, model, dropout, klass.extra_outputs,
+                                    num_classes, backbone, **width)  # fmt: skip
     model_config = replace(model_config, text=text)
     train = TrainConfig(
         steps=steps if steps is not None or minutes is not None else 5000,
@@ -116,11 +121,26 @@ def run_config(
         conditioning += (SignalConfig(caption, caption_dropout),)
     conditioning += (SignalConfig("low_res", 0.0),) if upsampler is not None else ()  # never dropped
     config = RunConfig(data_config, model_config, formulation, train, conditioning, upsampler=upsampler,
-                       inpainting=inpaint)  # fmt: skip
+                       inpainting=inpaint, latent=latent)  # fmt: skip
     if init_from is not None:
         config = finetune_config(config, init_from, caption_dropout)
     make_formulation(config.formulation).loss(min_snr_gamma)  # refuse what the loss cannot take now, not at step 1
     return config
+
+
+def _latent(data: Dataset, autoencoder: str | Path | None, upsample_from: int | None, inpainting: bool,
+            init_from: str | Path | None) -> tuple[LatentConfig | None, Dataset]:  # fmt: skip
+    """The LatentConfig of `autoencoder` and the data as its latents; (None, data) without one."""
+    if autoencoder is None:
+        return None, data
+    if data.kind != "images":
+        raise DifflabError(f"--autoencoder is for images; '{data.name}' holds {data.kind}")
+    given = [flag for flag, value in (("--upsample-from", upsample_from), ("--inpainting", inpainting),
+                                      ("--init-from", init_from)) if value]  # fmt: skip
+    if given:
+        raise DifflabError(f"{', '.join(given)} with --autoencoder is not supported yet; train in pixel space")
+    latent, model = latent_config_of(autoencoder)
+    return latent, latent_dataset(data, latent, model)
 
 
 def _num_classes(data: Dataset, conditional: bool) -> int | None:
@@ -248,8 +268,12 @@ def train_run(
     with run_lock(out):
         ckpt, config = _resumed(out, steps, minutes) if resume else (None, _new_run_config(config, out))
         data = data if data is not None else load_training_data(config)
+        autoencoder = None
+        if config.latent is not None:  # the latents of the images, from the run's own copy once it has one
+            autoencoder = training_autoencoder(config.latent, ckpt)
+            data = latent_dataset(data, config.latent, autoencoder)
         torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
-        task = DenoiserTask(config)
+        task = DenoiserTask(config, autoencoder)
         if ckpt is None and config.train.init_from is not None:
             initial_weights(task.module, config.train.init_from)
         trainer = Trainer(task, data.data, out, torch.device(device), cond_data=training_signals(config, data))
@@ -334,7 +358,7 @@ class PreviewHook:
 
         net = copy.deepcopy(trainer.module)
         net.load_state_dict(trainer.ema.state_dict())
-        pipe = Pipeline(self.config, trainer.task.formulation.denoiser(net))
+        pipe = Pipeline(self.config, trainer.task.formulation.denoiser(net), autoencoder=trainer.task.autoencoder)
         sampler = "ddim"  # eta 0: deterministic, so it suits Poisson kernels too
         n = self.n if self.config.data.kind == "images" else 1000
         low_res = {}

@@ -24,8 +24,9 @@ class DenoiserTask:
     upsampler's low-res input is noise-augmented (`difflab.cascade.augment_low_res`); an inpainting model gets random
     masks and masked images (`difflab.inpaint_model.training_inputs`)."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, autoencoder: torch.nn.Module | None = None):
         self.config = config
+        self.autoencoder = autoencoder  # a latent model's frozen autoencoder: saved with every checkpoint
         self.formulation = make_formulation(config.formulation)
         self.denoiser = self.formulation.denoiser(build_network(config.model))
         self.module = self.denoiser.net
@@ -36,6 +37,14 @@ class DenoiserTask:
 
     def to(self, device: torch.device) -> None:
         self.denoiser.to(device)
+
+    def frozen_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Weights saved with every checkpoint but not trained: a latent model's autoencoder."""
+        if self.autoencoder is None:
+            return {}
+        from difflab.latent import AUTOENCODER_FILE
+
+        return {AUTOENCODER_FILE.removesuffix(".safetensors"): self.autoencoder.state_dict()}
 
     def loss(self, x0: torch.Tensor, cond: Any, generator: torch.Generator) -> torch.Tensor:
         """Per-sample losses (B,) of clean data x0 (B, *shape); an upsampler's augmentation, then an inpainting model's
@@ -51,7 +60,8 @@ class DenoiserTask:
         from difflab.training.checkpoint import load_config
 
         saved = load_config(ckpt)
-        same = (saved.model, saved.formulation, saved.conditioning, saved.upsampler, saved.inpainting)
+        same = (saved.model, saved.formulation, saved.conditioning, saved.upsampler, saved.inpainting, saved.latent)
         config = self.config
-        if same != (config.model, config.formulation, config.conditioning, config.upsampler, config.inpainting):
+        if same != (config.model, config.formulation, config.conditioning, config.upsampler, config.inpainting,
+                    config.latent):  # fmt: skip
             raise DifflabError(f"'{ckpt}' was trained with another model or formulation config; use a new --out")

@@ -131,6 +131,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "training_state": state_tensors,
         }
+        tensors |= self.task.frozen_tensors() if hasattr(self.task, "frozen_tensors") else {}
         return save_checkpoint(self.run_dir, self.step, self.config, tensors, meta, self.train_config.keep_checkpoints)
 
     def resume(self, ckpt: Path | None = None) -> None:
@@ -202,6 +203,7 @@ class Trainer:
         """Append one JSONL record: the mean loss of the steps since the last record; returns it."""
         record = {"step": self.step, "loss": sum(window) / len(window), "lr": self.lr_at(self.step - 1)}
         record |= {"elapsed_s": round(self.elapsed, 2), "skipped_steps": self.skipped}
+        record |= getattr(self.task, "log_values", {})  # a task's own figures of its last step (loss parts)
         log.write(json.dumps(record) + "\n")
         log.flush()
         return record["loss"]
