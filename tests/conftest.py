@@ -132,3 +132,14 @@ def digits_autoencoder(tmp_path_factory):
                  "--out", str(out), "--no-progress"])  # fmt: skip
     assert code == 0
     return out
+
+
+@pytest.fixture
+def small_shapes(monkeypatch):
+    """`load_dataset("shapes", ...)` cut to its first 32 scenes (the same scenes and captions at every resolution:
+    rendering 20,000 takes seconds); returns them at 16x16."""
+    import difflab.data
+
+    real = difflab.data.load_dataset
+    monkeypatch.setattr(difflab.data, "load_dataset", lambda *a, **k: real(*a, **(k | {"size": 32})))
+    return real("shapes", resolution=16, size=32)

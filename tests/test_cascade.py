@@ -144,14 +144,6 @@ def test_an_upsampler_reproduces_the_image_its_low_res_holds(tmp_path):
 
 
 # ---- sampling: the API and difflab txt2img --upsampler ------------------------------------------------------------
-@pytest.fixture
-def small_shapes(monkeypatch):
-    """`load_dataset("shapes", ...)` cut to its first 32 scenes (the same scenes and captions at every resolution)."""
-    real = difflab.data.load_dataset
-    monkeypatch.setattr(difflab.data, "load_dataset", lambda *a, **k: real(*a, **(k | {"size": 32})))
-    return difflab.data.load_dataset
-
-
 def _train_cli(capsys, out, *flags):
     code, _, err = run_cli(capsys, "train", "--data", "shapes", "--text-encoder", "scratch", "--steps", 2,
                            "--batch-size", 4, "--out", out, "--no-progress", *flags)  # fmt: skip

@@ -17,6 +17,7 @@ import math
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ from difflab.errors import DifflabError
 
 diffusers = pytest.importorskip("diffusers")
 
+from difflab.generate import generate  # noqa: E402
 from difflab.interop import scheduler_sigmas  # noqa: E402
 from difflab.interop.diffusers_schedule import SchedulerSpec  # noqa: E402
 from difflab.sampling.ancestral import sample_ddim  # noqa: E402
@@ -274,6 +276,24 @@ def test_stable_diffusion_with_guidance_matches_the_diffusers_pipeline(sd_pair):
     unguided = ours.prepare(2, prompt="a red circle", guidance=1.0)  # guidance matters: w = 1 is far from w = 3
     got = difflab_ddim(unguided[1], theirs.scheduler, ours.formulation.discrete_schedule, noise, unguided[0])
     assert rel_err(got, expected) > 1e-2
+
+
+def test_txt2img_on_a_stable_diffusion_folder_writes_the_decoded_images(sd_pair, sd_folder, tmp_path, capsys):
+    """`difflab txt2img --ckpt sd-folder`: the pipeline samples 4x8x8 latents and decodes them with the folder's VAE
+    into 16x16 RGB images; decoding by hand gives the same images."""
+    from conftest import run_cli
+
+    ours, _ = sd_pair
+    assert ours.sample_shape == (3, 16, 16) and ours.model_shape == (4, 8, 8)
+    code, _, err = run_cli(capsys, "txt2img", "--ckpt", sd_folder, "a red circle", "--guidance", 3, "--steps", 4,
+                           "--n", 2, "--out", tmp_path / "sd.npy")  # fmt: skip
+    assert code == 0, err
+    images = torch.from_numpy(np.load(tmp_path / "sd.npy"))
+    cond, guided = ours.prepare(2, prompt="a red circle", guidance=3.0)
+    latents = generate(guided, (4, 8, 8), ours.sigmas(4), [0, 1], sampler="ddim", cond=cond)
+    with torch.no_grad():
+        torch.testing.assert_close(images, ours.autoencoder.decode(latents), rtol=0, atol=1e-5)
+    assert images.shape == (2, 3, 16, 16)
 
 
 def test_the_text_encoder_encodes_as_stable_diffusion_does(sd_pair):

@@ -194,7 +194,7 @@ def test_patch_sizes_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys):
 
 def test_presets_and_how_they_are_named():
     tiny = model_config_for("images", (1, 8, 8), "dit-tiny")
-    assert (tiny.backbone, tiny.preset) == ("dit", "dit-tiny")
+    assert (tiny.backbone, tiny.preset) == ("dit", "tiny")
     s = tiny.settings
     assert (s.width, s.depth, s.heads, s.patch_size, s.in_channels, s.resolution) == (128, 4, 4, 1, 1, 8)
     assert model_config_for("images", (1, 8, 8), "tiny", backbone_name="dit").settings == s
@@ -294,13 +294,6 @@ def test_every_formulation_trains_and_samples_a_dit(process, digits, tmp_path):
     assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
 
 
-@pytest.fixture
-def small_shapes(monkeypatch):
-    """`load_dataset("shapes", ...)` cut to its first 32 scenes."""
-    real = difflab.data.load_dataset
-    monkeypatch.setattr(difflab.data, "load_dataset", lambda *a, **k: real(*a, **(k | {"size": 32})))
-
-
 def test_a_scratch_text_dit_trains_samples_and_is_fine_tuned_into_inpainting(small_shapes, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--data", "shapes", "--resolution", 16, "--text-encoder", "scratch",
                            "--backbone", "dit", "--model", "tiny", "--process", "edm", "--steps", 2,
@@ -368,14 +361,20 @@ def test_train_and_info_from_the_command_line(tmp_path, capsys):
     assert "trained 3 steps" in stdout
     code, stdout, _ = run_cli(capsys, "info", out)
     assert code == 0
-    assert "network       dit 'dit-tiny'" in stdout
+    assert "network       dit 'tiny'" in stdout
     assert "parameters    1,270,145" in stdout and "GFLOPs/sample 0.11" in stdout
     code, stdout, _ = run_cli(capsys, "sample", "--ckpt", out, "--steps", 2, "--n", 2, "--out", tmp_path / "s.npy")
     assert code == 0
-    # --resume with the same flags continues the run
+    # --resume with the same flags continues the run, the preset spelled either way
     code, stdout, err = run_cli(capsys, "train", "--data", "digits", "--model", "dit-tiny", "--steps", 4,
                                 "--out", out, "--resume", "latest", "--no-progress")  # fmt: skip
     assert code == 0, err
+    code, stdout, err = run_cli(capsys, "train", "--data", "digits", "--backbone", "dit", "--model", "tiny",
+                                "--steps", 5, "--out", out, "--resume", "latest", "--no-progress")  # fmt: skip
+    assert code == 0 and "--model" not in err, err
+    code, stdout, err = run_cli(capsys, "train", "--data", "digits", "--model", "small", "--steps", 6,
+                                "--out", out, "--resume", "latest", "--no-progress")  # fmt: skip
+    assert_one_line_error(code, err, "--model small (the run has dit-tiny)")
 
 
 @pytest.mark.slow

@@ -190,14 +190,6 @@ def test_the_model_fills_a_region_with_the_colour_of_the_kept_one(tmp_path):
 
 
 # ---- difflab inpaint ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def small_shapes(monkeypatch):
-    """`load_dataset("shapes", ...)` cut to its first 32 scenes."""
-    real = difflab.data.load_dataset
-    monkeypatch.setattr(difflab.data, "load_dataset", lambda *a, **k: real(*a, **(k | {"size": 32})))
-    return real("shapes", resolution=16, size=32)
-
-
 def _save(array: np.ndarray, path, mode: str):
     Image.fromarray(array.astype(np.uint8), mode).save(path)
     return path

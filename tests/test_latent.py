@@ -165,3 +165,44 @@ def test_latent_training_errors_are_one_line(digits_autoencoder, tmp_path, capsy
     code, _, err = run_cli(capsys, "train", "--data", folder, "--resolution", 8, "--autoencoder", digits_autoencoder,
                            "--out", tmp_path / "d")  # fmt: skip
     assert_one_line_error(code, err, "takes 1-channel images but the data has 3")
+
+
+def test_nll_refuses_a_latent_model(latent_run, capsys):
+    code, _, err = run_cli(capsys, "nll", "--ckpt", latent_run, "--n", 2)
+    assert_one_line_error(code, err, "is a latent model")
+
+
+@pytest.mark.parametrize("process", ["ddpm", "vp", "ve", "pfgmpp", "pfgm"])
+def test_every_formulation_trains_and_samples_on_latents(process, digits_autoencoder, tmp_path):
+    """The latents are data like any other: each formulation derives its settings from them (PFGM's from their norm
+    and dimension, 2x4x4 = 32) and samples decode to 8x8 digits."""
+    data = difflab.load_dataset("digits")
+    pfgm = process == "pfgm"
+    settings = {"small_batch": 4, "batch_size": 8} if pfgm else {"batch_size": 4}
+    config = difflab.run_config(data, process=process, steps=2, warmup=1, autoencoder=str(digits_autoencoder),
+                                **settings)  # fmt: skip
+    assert config.model_shape == (2, 4, 4) and config.data.sample_shape == (1, 8, 8)
+    pipe = difflab.load(difflab.train(config, tmp_path / process, data=data, progress=False))
+    samples = pipe.sample(2, seed=0, steps=2, sampler="ddim")
+    assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_a_latent_text_model_draws_decoded_images_from_a_prompt(small_shapes, tmp_path, capsys):
+    """Stable Diffusion in miniature, end to end: an RGB autoencoder (f = 2), a scratch-text EDM model on its 4x8x8
+    latents, `difflab txt2img` writing 16x16 images whose PNG records the prompt."""
+    ae, run = tmp_path / "ae", tmp_path / "run"
+    code, _, err = run_cli(capsys, "train-autoencoder", "--data", "shapes", "--resolution", 16, "--factor", 2,
+                           "--width", 8, "--steps", 2, "--batch-size", 4, "--out", ae, "--no-progress")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--data", "shapes", "--resolution", 16, "--autoencoder", ae,
+                           "--text-encoder", "scratch", "--process", "edm", "--steps", 2, "--batch-size", 4,
+                           "--out", run, "--no-progress")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "txt2img", "--ckpt", run, "a red circle", "--guidance", 3, "--steps", 3, "--n", 2,
+                           "--out", tmp_path / "t.png")  # fmt: skip
+    assert code == 0, err
+    from difflab.outputs import read_generation_parameters
+
+    image = Image.open(tmp_path / "t.png")
+    assert image.mode == "RGB" and "Size: 16x16" in image.text["parameters"]  # the decoded images, not the latents
+    assert read_generation_parameters(tmp_path / "t.png")["prompt"] == "a red circle"

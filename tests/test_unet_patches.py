@@ -70,13 +70,6 @@ def test_patch_size_errors_are_one_line():
         model_config_for("points", (2,), "tiny", patch_size=2)
 
 
-@pytest.fixture
-def small_shapes(monkeypatch):
-    """`load_dataset("shapes", ...)` cut to its first 32 scenes."""
-    real = difflab.data.load_dataset
-    monkeypatch.setattr(difflab.data, "load_dataset", lambda *a, **k: real(*a, **(k | {"size": 32})))
-
-
 def test_a_patched_text_model_trains_samples_and_is_fine_tuned_into_inpainting(small_shapes, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--data", "shapes", "--resolution", 16, "--text-encoder", "scratch",
                            "--patch-size", 2, "--process", "edm", "--steps", 2, "--batch-size", 4,

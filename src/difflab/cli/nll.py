@@ -57,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
     data_cfg, formulation = model.config.data, model.formulation
     if formulation.nll_refusal:
         raise DifflabError(formulation.nll_refusal)
+    if model.autoencoder is not None:
+        raise DifflabError(
+            f"'{args.ckpt}' is a latent model: the ODE gives the likelihood of its latents, not of the images (the "
+            "decoder is not invertible); difflab nll takes pixel-space models"
+        )
     name = args.data or data_cfg.name
     res = data_cfg.resolution if data_cfg.kind == "images" else None
     data = load_dataset(name, split="test", resolution=res, channels=data_cfg.channels).data[: args.n]

@@ -150,7 +150,9 @@ MODEL_FLAGS = {
     "resolution": lambda c: c.data.resolution,
     "channels": lambda c: c.data.channels,
     "process": lambda c: c.process,
-    "model": lambda c: c.model.preset,
+    "model": lambda c: (
+        c.model.preset if c.model.backbone in ("unet", "mlp") else f"{c.model.backbone}-{c.model.preset}"
+    ),
     "backbone": lambda c: c.model.backbone,
     "dropout": lambda c: getattr(c.model.settings, "dropout", 0.0),
     "conditional": lambda c: bool(c.conditioning),
@@ -210,6 +212,8 @@ def _differs(dest: str, given, saved) -> str | None:
     if given == saved or (dest == "data" and saved and Path(given).resolve() == Path(saved).resolve()):
         return None
     if dest == "autoencoder" and saved and _same_checkpoint(given, saved):
+        return None
+    if dest == "model" and str(saved).endswith(f"-{given}"):  # "tiny" with --backbone dit is "dit-tiny"
         return None
     hf = dest == "text_encoder" and str(given).startswith("hf:") and str(saved).startswith("hf:")
     if hf and Path(given[3:]).resolve() == Path(saved[3:]).resolve():  # the folder as given, or as recorded

@@ -153,7 +153,7 @@ def model_config_for(
     extra = {k: v for k, v in inputs.items() if v is not None}
     size = preset.removeprefix(f"{spec.name}-")  # "dit-tiny" -> the dit preset "tiny"
     settings = spec.preset(size, tuple(sample_shape), dropout, extra_outputs, num_classes, **extra)
-    return ModelConfig(spec.name, settings, preset)
+    return ModelConfig(spec.name, settings, size)  # the preset's own name: the backbone is recorded beside it
 
 
 def preset_backbone(preset: str, backbone_name: str | None) -> str | None:
