@@ -281,16 +281,15 @@ def digits():
 
 @pytest.mark.parametrize("process", ["ddpm", "vp", "ve", "edm", "pfgmpp", "pfgm"])
 def test_every_formulation_trains_and_samples_a_dit(process, digits, tmp_path):
-    """Class-conditional with guidance, except PFGM (charges and perturbed points are different batches: its
-    conditional training fails with the U-Net as well)."""
+    """Class-conditional with guidance (PFGM: its 4 perturbed points take the first 4 rows of the 8 charges' labels)."""
     pfgm = process == "pfgm"
-    settings = {"small_batch": 4, "batch_size": 8} if pfgm else {"conditional": True, "batch_size": 4}
-    config = difflab.run_config(digits, process=process, model="dit-tiny", steps=2, warmup=1, **settings)
+    settings = {"small_batch": 4, "batch_size": 8} if pfgm else {"batch_size": 4}
+    config = difflab.run_config(digits, process=process, model="dit-tiny", steps=2, warmup=1, conditional=True,
+                                **settings)  # fmt: skip
     assert config.model.settings.out_channels == (2 if pfgm else None)  # PFGM's z component
     run = difflab.train(config, tmp_path / process, data=digits, progress=False)
     pipe = load(run)
-    guided = {} if pfgm else {"cond": {"class_label": 3}, "guidance": 2.0}
-    samples = pipe.sample(2, seed=0, steps=2, **guided)
+    samples = pipe.sample(2, seed=0, steps=2, cond={"class_label": 3}, guidance=2.0)
     assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
 
 

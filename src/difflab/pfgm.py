@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab.conditioning import slice_cond
 from difflab.kernels import PoissonKernel
 from difflab.oracles import PointSetDenoiser
 from difflab.sigmas import append_dims
@@ -152,6 +153,6 @@ class PoissonFieldLoss:
     ) -> torch.Tensor:
         x, z = perturb_augmented(x0[: self.config.small_batch], self.config, generator)
         target_x, target_z = normalised_field(x, z, x0, self.config.gamma)
-        v_x, v_z = denoiser.field(x, z, cond)
+        v_x, v_z = denoiser.field(x, z, slice_cond(cond, 0, len(x)))  # the perturbed points' rows of the signals
         sq = (v_x.float() - target_x.float()).pow(2).flatten(1).sum(1) + (v_z.float() - target_z.float()).pow(2)
         return sq / (x[0].numel() + 1)

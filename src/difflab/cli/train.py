@@ -69,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="GLIDE's inpainting model: the masked image and the mask as extra input channels, trained "
                      "on random rectangles erased per step (10%% of examples fully); for difflab inpaint")  # fmt: skip
     net.add_argument("--patch-size", type=int, metavar="P",
-                     help="U-Net on P x P patches of the image (pixel-unshuffled input): its levels start at "
-                     "resolution/P, about 1/P^2 of the compute (simple diffusion), e.g. 2 at 32x32")  # fmt: skip
+                     help="work on P x P patches of the image: the U-Net's levels start at resolution/P (pixel-"
+                     "unshuffled input, about 1/P^2 of the compute; simple diffusion), e.g. 2 at 32x32; a DiT's tokens "
+                     "(default: the smallest P keeping at most 16x16 tokens)")  # fmt: skip
     net.add_argument("--init-from", metavar="RUN",
                      help="fine-tune a trained run (GLIDE's inpainting model from its base): its network, text encoder "
                      "and formulation, its EMA weights as the start; new input channels start at zero")  # fmt: skip
