@@ -177,3 +177,11 @@ def test_a_checkpoint_saved_before_the_scale_factor_is_refused(digits_autoencode
     state_file.write_text(json.dumps(state))
     with pytest.raises(DifflabError, match="before its latent scale factor was measured"):
         load_autoencoder(copy)
+
+
+def test_info_shows_an_autoencoder_and_a_latent_run_s_latents(digits_autoencoder, capsys):
+    code, out, err = run_cli(capsys, "info", digits_autoencoder)
+    assert code == 0, err
+    state = json.loads((latest_checkpoint(digits_autoencoder) / "training_state.json").read_text())
+    assert "f = 2, 2 latent channels" in out and "latents 2x4x4" in out
+    assert f"scale factor {state['scale_factor']:.5g}" in out

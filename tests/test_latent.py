@@ -31,7 +31,7 @@ def latent_run(digits_autoencoder, tmp_path_factory):
     return difflab.train(config, tmp_path_factory.mktemp("latent") / "run", data=data, progress=False)
 
 
-def test_the_run_records_its_autoencoder_and_carries_a_copy(latent_run, digits_autoencoder):
+def test_the_run_records_its_autoencoder_and_carries_a_copy(latent_run, digits_autoencoder, capsys):
     ckpt = latest_checkpoint(latent_run)
     pipe = difflab.load(latent_run)
     latent = pipe.config.latent
@@ -44,6 +44,8 @@ def test_the_run_records_its_autoencoder_and_carries_a_copy(latent_run, digits_a
     for name, value in source.state_dict().items():
         assert torch.equal(pipe.autoencoder.state_dict()[name], value), name
     assert type(pipe.config).from_json(pipe.config.to_json()) == pipe.config
+    code, out, _ = run_cli(capsys, "info", latent_run)
+    assert code == 0 and f"latents       shape (2, 4, 4), scale factor {latent.scale_factor:.5g}" in out
 
 
 @pytest.mark.slow

@@ -46,6 +46,8 @@ def _show_run(path: Path, raw: bool) -> int:
     from difflab.training.checkpoint import checkpoint_step, list_checkpoints, load_config, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
+    if _show_autoencoder(ckpt, raw):
+        return 0
     config = load_config(ckpt)
     if raw:
         print(config.to_json())
@@ -58,6 +60,10 @@ def _show_run(path: Path, raw: bool) -> int:
     print(f"  parameters    {cost.parameters:,}")
     print(f"  GFLOPs/sample {cost.gflops:.3g} (one forward pass, a multiply-add = 2 FLOPs; difflab.nets.cost)")
     print(f"  data          {config.data.name} ({config.data.kind}, shape {tuple(config.data.sample_shape)})")
+    if config.latent is not None:
+        latent = config.latent
+        print(f"  latents       shape {config.model_shape}, scale factor {latent.scale_factor:.5g}, autoencoder "
+              f"{latent.source} (weights {latent.weights_hash})")  # fmt: skip
     signals = ", ".join(f"{s.name} (dropout {s.dropout:g})" for s in config.conditioning) or "none"
     print(f"  conditioning  {signals}")
     t = config.train
@@ -68,3 +74,31 @@ def _show_run(path: Path, raw: bool) -> int:
     if found:
         print(f"  checkpoints   {', '.join(p.name for p in found)} in {run_dir}")
     return 0
+
+
+def _show_autoencoder(ckpt: Path, raw: bool) -> bool:
+    """Print a `difflab train-autoencoder` checkpoint (True), or do nothing for another kind of run (False)."""
+    from difflab.autoencoder.training import is_autoencoder_config, read_run
+    from difflab.training.checkpoint import checkpoint_step
+    from difflab.weights import read_config_text
+
+    text = read_config_text(ckpt / "config.json")
+    if not is_autoencoder_config(text):
+        return False
+    if raw:
+        print(text)
+        return True
+    run, state = read_run(ckpt), json.loads((ckpt / "training_state.json").read_text())
+    ae, shape = run.autoencoder, run.data.sample_shape
+    print(f"{ckpt}: autoencoder, step {checkpoint_step(ckpt)}")
+    print(f"  network       f = {ae.factor}, {ae.latent_channels} latent channels, width {ae.width}: {ae}")
+    print(f"  data          {run.data.name} (shape {tuple(shape)}); latents {ae.latent_channels}x"
+          f"{shape[-2] // ae.factor}x{shape[-1] // ae.factor}")  # fmt: skip
+    print(f"  loss          {run.loss}")
+    if "scale_factor" in state:
+        print(
+            f"  latents       scale factor {state['scale_factor']:.5g}, reconstruction PSNR {state['psnr_db']:.2f} dB"
+        )
+    else:
+        print("  latents       scale factor not measured yet (training was stopped; resume it to finish)")
+    return True
