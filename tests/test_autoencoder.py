@@ -17,6 +17,7 @@ from difflab.autoencoder.losses import (
     adaptive_weight,
     generator_adversarial_loss,
     hinge_discriminator_loss,
+    reconstruction_error,
 )
 from difflab.autoencoder.nets import AutoencoderConfig, DiagonalGaussian, KLAutoencoder
 from difflab.autoencoder.training import load_autoencoder, measure_latents
@@ -58,6 +59,12 @@ def test_images_the_autoencoder_cannot_take_are_refused():
         AutoencoderConfig(factor=3)
     with pytest.raises(DifflabError, match="--reconstruction must be l1 or l2"):
         AutoencoderLossConfig(reconstruction="lpips")
+
+
+def test_the_reconstruction_errors_are_the_closed_forms():
+    x, y = torch.zeros(2, 1, 2, 2), torch.tensor([1.0, -1.0, 2.0, 0.0, 0.5, 0.5, 0.5, 0.5]).view(2, 1, 2, 2)
+    torch.testing.assert_close(reconstruction_error(x, y, "l1"), torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(reconstruction_error(x, y, "l2"), torch.tensor([1.5, 0.25]))
 
 
 def test_hinge_losses_are_the_closed_forms():

@@ -208,3 +208,13 @@ def test_a_latent_text_model_draws_decoded_images_from_a_prompt(small_shapes, tm
     image = Image.open(tmp_path / "t.png")
     assert image.mode == "RGB" and "Size: 16x16" in image.text["parameters"]  # the decoded images, not the latents
     assert read_generation_parameters(tmp_path / "t.png")["prompt"] == "a red circle"
+
+
+def test_a_dit_works_on_latents(digits_autoencoder, tmp_path):
+    data = difflab.load_dataset("digits")
+    config = difflab.run_config(data, process="edm", model="dit-tiny", conditional=True, steps=2, warmup=1,
+                                batch_size=4, autoencoder=str(digits_autoencoder))  # fmt: skip
+    assert config.model.backbone == "dit" and config.model.settings.in_channels == 2  # 16 tokens of the 2x4x4 latents
+    pipe = difflab.load(difflab.train(config, tmp_path / "dit", data=data, progress=False))
+    samples = pipe.sample(2, steps=2, cond={"class_label": 4}, guidance=2.0)
+    assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
