@@ -129,7 +129,7 @@ def digits_autoencoder(tmp_path_factory):
     out = tmp_path_factory.mktemp("ae") / "ae"
     code = main(["train-autoencoder", "--data", "digits", "--factor", "2", "--latent-channels", "2", "--width", "16",
                  "--steps", str(AE_STEPS), "--disc-weight", "0.5", "--disc-start", str(AE_STEPS * 2 // 3),
-                 "--out", str(out), "--no-progress"])  # fmt: skip
+                 "--lr", "5e-4", "--out", str(out), "--no-progress"])  # fmt: skip
     assert code == 0
     return out
 
