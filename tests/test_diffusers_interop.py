@@ -1,13 +1,13 @@
 """diffusers interop (difflab.interop), offline: tiny randomly initialised diffusers components saved to tmp folders.
 
-Equal-timestep equality of difflab's samplers and diffusers' own loops (DDIM, Euler, Stable Diffusion's pipeline with
-classifier-free guidance) is measured as max |difflab - diffusers| / max |diffusers| on the final state, asserted
-<= 1e-5. Measured (diffusers 0.42.1, torch 2.13 CPU): 2e-7 .. 1.4e-6. The two compute the same map in different float32
-orders: difflab works in sigma space (x = x_t / sqrt(abar), steps in sigma) and recovers the network's timestep from
-sigma (log-sigma interpolation in float64, returned in float32: t ~ 900 carries ~6e-5 of rounding into the time
-embedding), diffusers steps x_t with sqrt(abar) products in float32; the untrained networks' outputs (|x| ~ 30-50)
-amplify each rounding over the steps. An error in the maths (a wrong c_in, prediction, timestep or grid) is 1e-2 or
-more.
+Equal-timestep equality of difflab's samplers and diffusers' own loops (DDIM, Euler, Stable Diffusion's and DiT's
+pipelines with classifier-free guidance) is measured as max |difflab - diffusers| / max |diffusers| on the final
+state, asserted <= 1e-5. Measured (diffusers 0.42.1, torch 2.13 CPU): 2e-7 .. 1.4e-6. The two compute the same map in
+different float32 orders: difflab works in sigma space (x = x_t / sqrt(abar), steps in sigma) and recovers the
+network's timestep from sigma (log-sigma interpolation in float64, returned in float32: t ~ 900 carries ~6e-5 of
+rounding into the time embedding), diffusers steps x_t with sqrt(abar) products in float32; the untrained networks'
+outputs (|x| ~ 30-50, DiT's ~120) amplify each rounding over the steps. An error in the maths (a wrong c_in,
+prediction, timestep or grid) is 1e-2 or more.
 """
 
 from __future__ import annotations
@@ -296,6 +296,14 @@ def test_txt2img_on_a_stable_diffusion_folder_writes_the_decoded_images(sd_pair,
     assert images.shape == (2, 3, 16, 16)
 
 
+def test_info_describes_a_diffusers_folder(sd_folder, capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(capsys, "info", sd_folder)
+    assert code == 0, err
+    assert "shape (3, 16, 16); the network works at (4, 8, 8)" in out and "scale factor 0.18215" in out
+
+
 def test_the_text_encoder_encodes_as_stable_diffusion_does(sd_pair):
     ours, theirs = sd_pair
     embed, _ = theirs.encode_prompt(["a red circle", ""], "cpu", 1, False)
@@ -318,6 +326,99 @@ def test_the_vae_wrapper_is_the_diffusers_vae_scaled(sd_pair):
         z = ae.encode(images)
         torch.testing.assert_close(z, vae.encode(images).latent_dist.mean * 0.18215, rtol=0, atol=0)
         torch.testing.assert_close(ae.decode(z), vae.decode(z / 0.18215).sample, rtol=0, atol=0)
+
+
+# ---- DiTPipeline folders: a class-conditional transformer, learned sigma, VAE ------------------------------------
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    """A DiTPipeline folder: tiny DiTTransformer2DModel (2 layers, 2 heads of 8, patch 2, 8x8 latents, learned sigma:
+    out_channels 8 = 2 x 4, num_embeds_ada_norm 1000 as DiTPipeline's hard-coded null label 1000 needs), the SD test's
+    AutoencoderKL (factor 2: 16x16 images) and DiT's DDIMScheduler (linear 1e-4..0.02, set_alpha_to_one, no clip)."""
+    torch.manual_seed(0)
+    transformer = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=1000,
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        layers_per_block=1, sample_size=16,
+    )  # fmt: skip
+    scheduler = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+    folder = tmp_path_factory.mktemp("dit-folder")
+    diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(
+        str(folder), safe_serialization=True
+    )
+    return folder
+
+
+def test_dit_with_guidance_matches_the_dit_pipeline(dit_folder):
+    """difflab's ddim + classifier-free guidance (w = DiTPipeline's guidance_scale) on DiTPipeline's own initial
+    latents, at its timesteps: the final latents (recorded where DiTPipeline hands them to vae.decode; it has no
+    output_type="latent") and the decoded images (output_type="pt": (x / 2 + 0.5).clamp(0, 1)) are diffusers'.
+
+    diffusers 0.42's DiTPipeline guides all latent channels of the eps half (noise_pred[:, :in_channels]), which is
+    difflab's CFG exactly; the first 3 channels only (facebookresearch/DiT's forward_with_cfg, "for exact
+    reproducibility", and early diffusers ports) would leave channel 4 unguided, not reproduced by difflab. Its null
+    label is a hard-coded 1000; difflab's null -1 is row num_embeds_ada_norm (the same row here and in every published
+    DiT). w = 1 is the conditional model alone in both (no guidance branch), and is asserted too.
+    Measured (diffusers 0.42.1, torch 2.13 CPU): latents 2e-7 .. 5e-7 relative (|x| ~ 120), images 4e-7 absolute,
+    float32 rounding as in the module docstring; asserted RTOL = 1e-5. w = 1 against w = 4 differs by far more."""
+    import difflab
+
+    ours = difflab.load(dit_folder)
+    theirs = diffusers.DiTPipeline.from_pretrained(str(dit_folder))
+    theirs.set_progress_bar_config(disable=True)
+    assert ours.accepts == {"class_label"} and ours.num_classes == 1000 and ours.denoiser.net.null_class == 1000
+    assert ours.sample_shape == (3, 16, 16) and model_shape(ours) == (4, 8, 8)
+    seen = {}
+
+    def record_start(_module, args):  # the first step's input: DiTPipeline's initial latents (returns None: unchanged)
+        seen.setdefault("start", args[0].clone())
+
+    theirs.transformer.register_forward_pre_hook(record_start)
+    vae_decode = theirs.vae.decode
+    theirs.vae.decode = lambda z, **kw: vae_decode(seen.setdefault("end", z.clone()), **kw)  # the final latents
+    labels = [3, 7]
+    results = {}
+    for w in (4.0, 1.0):
+        seen.clear()
+        images = theirs(class_labels=labels, guidance_scale=w, num_inference_steps=5, output_type="pt",
+                        generator=torch.Generator().manual_seed(9)).images  # fmt: skip
+        noise, expected = seen["start"][:2], seen["end"][:2] * theirs.vae.config.scaling_factor
+        cond, guided = ours.prepare(2, cond={"class_label": torch.tensor(labels)}, guidance=w)
+        got = difflab_ddim(guided, theirs.scheduler, ours.formulation.discrete_schedule, noise, cond)
+        assert rel_err(got, expected) <= RTOL, (w, rel_err(got, expected))
+        with torch.no_grad():
+            decoded = (ours.autoencoder.decode(got) / 2 + 0.5).clamp(0, 1)
+        assert float((decoded - images).abs().max()) <= RTOL, (w, float((decoded - images).abs().max()))
+        results[w] = got
+    assert rel_err(results[1.0], results[4.0]) > 1e-2  # guidance matters
+
+
+def test_difflab_sample_on_a_dit_folder_writes_decoded_images(dit_folder, tmp_path, capsys):
+    """`difflab sample --ckpt dit-folder --class 3 --guidance 2`: 4x8x8 latents decoded by the folder's VAE into 16x16
+    RGB PNGs; other samplers run on the pipeline, and the null label (CFG's unconditional branch) is row 1000."""
+    from conftest import run_cli
+    from PIL import Image
+
+    import difflab
+
+    code, _, err = run_cli(capsys, "sample", "--ckpt", dit_folder, "--class", 3, "--guidance", 2, "--n", 2, "--steps",
+                           3, "--out-dir", tmp_path / "dit")  # fmt: skip
+    assert code == 0, err
+    pngs = sorted((tmp_path / "dit").glob("*.png"))
+    assert len(pngs) == 2 and all(Image.open(f).size == (16, 16) and Image.open(f).mode == "RGB" for f in pngs)
+    pipe = difflab.load(dit_folder)
+    x = pipe.sample(2, sampler="dpmpp_2m", steps=3, seed=1, cond={"class_label": 5}, guidance=3.0)
+    assert x.shape == (2, 3, 16, 16) and bool(x.isfinite().all())
+    net, t = pipe.denoiser.net, torch.tensor([10.0, 500.0])
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        theirs = net.transformer(z, timestep=t, class_labels=torch.tensor([1000, 2])).sample[:, :4]
+        torch.testing.assert_close(net(z, t, {"class_label": torch.tensor([-1, 2])}), theirs, rtol=0, atol=0)
+    with pytest.raises(DifflabError, match="class labels must lie in 0..999"):
+        pipe.sample(1, steps=2, cond={"class_label": 1000})
 
 
 # ---- export ---------------------------------------------------------------------------------------------------------
@@ -404,7 +505,30 @@ def test_folders_difflab_cannot_run_are_refused_in_one_line(pixel_folder, tmp_pa
     config.write_text(json.dumps(json.loads(config.read_text()) | {"time_embedding_type": "fourier"}))
     with pytest.raises(DifflabError, match="time_embedding_type 'fourier'"):
         load_diffusers(folder)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", "transformer": ["diffusers",
-                                                         "DiTTransformer2DModel"]}))  # fmt: skip
-    with pytest.raises(DifflabError, match="no unet/"):
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "scheduler": ["diffusers",
+                                                         "DDIMScheduler"]}))  # fmt: skip
+    with pytest.raises(DifflabError, match="no unet/ or transformer/"):
         load_diffusers(folder)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [({"_class_name": "PixArtTransformer2DModel", "norm_type": "ada_norm_single"}, "holds a PixArtTransformer2DModel;"),
+     ({"_class_name": "SD3Transformer2DModel"}, "holds a SD3Transformer2DModel;"),
+     ({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_single", "num_embeds_ada_norm": None},
+      "(norm_type 'ada_norm_single')")],
+)  # fmt: skip
+def test_text_conditional_transformers_are_refused_naming_dit(dit_folder, tmp_path, config, message):
+    """PixArt and SD3 folders (T5 / CLIP text transformers): one line naming what is read, DiTPipeline's DiT. DiT
+    folders saved under the old name Transformer2DModel (norm_type ada_norm_zero, facebook/DiT-XL-2-*) are DiT."""
+    from difflab.interop import load_diffusers
+    from difflab.interop.diffusers_models import check_transformer_config
+
+    folder = tmp_path / "copy"
+    shutil.copytree(dit_folder, folder)
+    (folder / "transformer" / "config.json").write_text(json.dumps(config | {"patch_size": 2}))
+    with pytest.raises(DifflabError, match="DiTPipeline's class-conditional DiTTransformer2DModel") as err:
+        load_diffusers(folder)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    dit_config = json.loads((dit_folder / "transformer" / "config.json").read_text())
+    check_transformer_config(dit_config | {"_class_name": "Transformer2DModel"}, "Transformer2DModel")  # accepted

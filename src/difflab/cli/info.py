@@ -20,7 +20,24 @@ def run(args: argparse.Namespace) -> int:
         raise DifflabError(f"'{path}' does not exist; pass a run folder, a checkpoint folder or a PNG")
     if path.is_file() and path.suffix in (".png", ".npy", ".json"):
         return _show_outputs(path, args.json)
+    if (path / "model_index.json").is_file():
+        return _show_diffusers(path)
     return _show_run(path, args.json)
+
+
+def _show_diffusers(path: Path) -> int:
+    """A diffusers pipeline folder, as difflab loads it."""
+    from difflab.pipeline import load
+
+    pipe = load(path)
+    print(f"{path}: diffusers pipeline folder, {pipe.config.model.preset} ({pipe.config.model.backbone})")
+    print(f"  samples       shape {pipe.sample_shape}; the network works at {pipe.model_shape}")
+    print(f"  formulation   {pipe.config.process}: {pipe.config.formulation}")
+    accepts = ", ".join(sorted(pipe.accepts)) or "none"
+    print(f"  conditioning  {accepts}" + (f" ({pipe.num_classes} classes)" if pipe.num_classes else ""))
+    if pipe.autoencoder is not None:
+        print(f"  autoencoder   factor {pipe.autoencoder.factor}, scale factor {pipe.autoencoder.scale_factor:g}")
+    return 0
 
 
 def _show_outputs(path: Path, raw: bool) -> int:

@@ -1,7 +1,7 @@
 """Interoperability with other toolkits, offline. diffusers (`pip install 'difflab[diffusers]'`):
 
-    load_diffusers(folder)       a diffusers pipeline folder (model_index.json) as a difflab Pipeline;
-                                 difflab.load(folder) calls it for such a folder
+    load_diffusers(folder)       a diffusers pipeline folder (model_index.json: unet/, or DiTPipeline's transformer/)
+                                 as a difflab Pipeline; difflab.load(folder) calls it for such a folder
     export_diffusers(run, out)   a difflab DDPM U-Net as a diffusers DDPMPipeline folder, where the architecture maps
     load_autoencoder(folder)     a diffusers AutoencoderKL as difflab's Autoencoder (encode/decode scaled latents)
     scheduler_sigmas(sched, ...) a diffusers scheduler's timesteps as a difflab sampling grid
@@ -17,7 +17,7 @@ _MODULES = {
     "diffusers_folder": ("load_diffusers", "is_diffusers_folder", "load_autoencoder"),
     "diffusers_export": ("export_diffusers", "export_refusal"),
     "diffusers_schedule": ("scheduler_sigmas", "SchedulerSpec", "DiffusersDDPM"),
-    "diffusers_models": ("DiffusersUNet", "DiffusersAutoencoder", "DiffusersTextEncoder"),
+    "diffusers_models": ("DiffusersUNet", "DiffusersDiT", "DiffusersAutoencoder", "DiffusersTextEncoder"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 

@@ -1,14 +1,17 @@
-"""A diffusers pipeline folder (model_index.json; unet/, scheduler/, optionally vae/, text_encoder/ + tokenizer/) as a
-difflab `Pipeline`, offline, from local files only (safetensors weights; nothing is downloaded).
+"""A diffusers pipeline folder (model_index.json; unet/ or DiTPipeline's transformer/, scheduler/, optionally vae/,
+text_encoder/ + tokenizer/) as a difflab `Pipeline`, offline, from local files only (safetensors weights; nothing is
+downloaded).
 
     pipe = difflab.load("path/to/ddpm-folder")          # difflab.load delegates here for a model_index.json folder
     x = pipe.sample(4, sampler="dpmpp_2m", steps=20)
 
-The U-Net becomes difflab's network F(x, c_noise, cond) (`DiffusersUNet`), the scheduler config the DDPM formulation
-with the folder's own float32 table and timestep spacing (`DiffusersDDPM`), CLIP's text tower a frozen text encoder
-encoding as diffusers' pipelines do (`DiffusersTextEncoder`), and the AutoencoderKL an `Autoencoder`
-(`DiffusersAutoencoder`, in `pipe.autoencoder`). A latent (Stable Diffusion) folder's pipeline samples latents of the
-U-Net's shape; decoding them with `pipe.autoencoder` is the pipeline's to do (see docs/architecture.md).
+The U-Net becomes difflab's network F(x, c_noise, cond) (`DiffusersUNet`), DiTPipeline's class-conditional
+DiTTransformer2DModel likewise with cond {"class_label"} (`DiffusersDiT`; PixArt, SD3 and other text transformers are
+refused in one line), the scheduler config the DDPM formulation with the folder's own float32 table and timestep
+spacing (`DiffusersDDPM`), CLIP's text tower a frozen text encoder encoding as diffusers' pipelines do
+(`DiffusersTextEncoder`), and the AutoencoderKL an `Autoencoder` (`DiffusersAutoencoder`, in `pipe.autoencoder`).
+A latent (Stable Diffusion, DiT) folder's pipeline samples latents of the network's shape (`pipe.model_shape`) and
+returns them decoded by `pipe.autoencoder` (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import torch
 from difflab.errors import DifflabError
 from difflab.interop.diffusers_models import (
     DiffusersAutoencoder,
+    DiffusersDiT,
     DiffusersTextEncoder,
     DiffusersUNet,
+    check_transformer_config,
     check_unet_config,
     import_diffusers,
 )
@@ -64,8 +69,9 @@ class DiffusersNetSettings:
     """What a diffusers network is: its folder, component and class (the weights are diffusers', not rebuilt)."""
 
     folder: str
-    component: str  # unet
-    class_name: str  # UNet2DModel, UNet2DConditionModel
+    component: str  # unet, transformer
+    class_name: str  # UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel (or its old name Transformer2DModel)
+    num_classes: int | None = None  # a DiT's classes (labels 0..K-1; difflab's null -1 is its row K)
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,8 @@ def load_autoencoder(folder: str | Path) -> DiffusersAutoencoder:
 
 def load_diffusers(path: str | Path, *, device: str | torch.device = "cpu") -> Any:
     """The difflab Pipeline of a diffusers pipeline folder (DDPMPipeline-like: unet + scheduler; Stable Diffusion-like:
-    + vae, text_encoder, tokenizer), on `device`. What difflab cannot run is a one-line DifflabError."""
+    + vae, text_encoder, tokenizer; DiTPipeline: transformer + vae + scheduler), on `device`. What difflab cannot run
+    is a one-line DifflabError."""
     from difflab.config import DataConfig, RunConfig
     from difflab.pipeline import Pipeline
 
@@ -149,55 +156,69 @@ def load_diffusers(path: str | Path, *, device: str | torch.device = "cpu") -> A
     if not is_diffusers_folder(folder):
         raise DifflabError(f"'{path}' is not a diffusers folder (no model_index.json)")
     components = _components(folder)
-    if "unet" not in components:
+    component = next((name for name in ("unet", "transformer") if name in components), None)
+    if component is None:
         found = ", ".join(sorted(components)) or "none"
-        raise DifflabError(f"'{folder}' has no unet/ (components: {found}); difflab loads diffusers U-Net pipelines "
-                           "(transformer/ folders: DiT, PixArt, SD3 are not supported)")  # fmt: skip
+        raise DifflabError(f"'{folder}' has no unet/ or transformer/ (components: {found}); difflab loads diffusers "
+                           "U-Net pipelines and DiTPipeline")  # fmt: skip
+    net_config = read_json(folder / component / "config.json", f"the {component}")
+    class_name = net_config.get("_class_name", components[component])
+    if component == "unet":
+        if class_name not in UNET_CLASSES:
+            raise DifflabError(f"'{folder / 'unet'}' holds a {class_name}; difflab loads "
+                               f"{' and '.join(UNET_CLASSES)}")  # fmt: skip
+        check_unet_config(net_config, class_name)
+    else:
+        check_transformer_config(net_config, class_name, f"'{folder / 'transformer'}'")
     if "scheduler" not in components:
         raise DifflabError(f"'{folder}' has no scheduler/; its config gives the noise schedule")
-    unet_config = read_json(folder / "unet" / "config.json", "the U-Net")
-    class_name = unet_config.get("_class_name", components["unet"])
-    if class_name not in UNET_CLASSES:
-        raise DifflabError(f"'{folder / 'unet'}' holds a {class_name}; difflab loads {' and '.join(UNET_CLASSES)}")
-    check_unet_config(unet_config, class_name)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "the noise schedule")
     spec = SchedulerSpec.from_config(scheduler_config, str(folder / "scheduler" / "scheduler_config.json"))
-    in_channels = int(unet_config.get("in_channels", 3))
-    out_channels = int(unet_config.get("out_channels", in_channels))
-    learned = scheduler_config.get("variance_type") in ("learned", "learned_range")
+    in_channels = int(net_config.get("in_channels", 3 if component == "unet" else 4))
+    out_channels = int(net_config.get("out_channels") or in_channels)
+    # a learned variance: the U-Net's scheduler says so; DiTPipeline splits whenever out_channels = 2 in_channels
+    learned = component == "transformer" or scheduler_config.get("variance_type") in ("learned", "learned_range")
     if out_channels != in_channels and not (learned and out_channels == 2 * in_channels):
-        raise DifflabError(f"'{folder / 'unet'}' maps {in_channels} channels to {out_channels}; difflab takes "
+        raise DifflabError(f"'{folder / component}' maps {in_channels} channels to {out_channels}; difflab takes "
                            "models predicting the input's channels (or 2x with a learned variance)")  # fmt: skip
-    unet = _load_model(getattr(diffusers, class_name), folder / "unet", "U-Net")
 
-    text_config, null_text = None, None
-    if class_name == "UNet2DConditionModel":
-        if not {"text_encoder", "tokenizer"} <= set(components):
-            raise DifflabError(f"'{folder}' has a text U-Net but no text_encoder/ and tokenizer/")
-        encoder = text_encoder(folder)
-        if encoder.dim != int(unet_config.get("cross_attention_dim") or 0):
-            raise DifflabError(f"the text encoder gives {encoder.dim}-d tokens but the U-Net's cross_attention_dim "
-                               f"is {unet_config.get('cross_attention_dim')}")  # fmt: skip
-        null_text = encoder.encode([""]).embed
-        text_config = DiffusersTextConfig(encoder.spec, encoder.name, encoder.dim, encoder.pooled_dim,
-                                          encoder.max_length, loaded=encoder)  # fmt: skip
-    null_class = unet_config.get(NULL_CLASS_KEY)
-    net = DiffusersUNet(unet, null_text=null_text, null_class=null_class, out_channels=in_channels)
+    text_config, num_classes = None, None
+    if component == "transformer":
+        net = DiffusersDiT(_load_model(diffusers.DiTTransformer2DModel, folder / "transformer", "transformer"))
+        num_classes = net.num_classes
+    else:
+        unet = _load_model(getattr(diffusers, class_name), folder / "unet", "U-Net")
+        null_text = None
+        if class_name == "UNet2DConditionModel":
+            if not {"text_encoder", "tokenizer"} <= set(components):
+                raise DifflabError(f"'{folder}' has a text U-Net but no text_encoder/ and tokenizer/")
+            encoder = text_encoder(folder)
+            if encoder.dim != int(net_config.get("cross_attention_dim") or 0):
+                raise DifflabError(f"the text encoder gives {encoder.dim}-d tokens but the U-Net's "
+                                   f"cross_attention_dim is {net_config.get('cross_attention_dim')}")  # fmt: skip
+            null_text = encoder.encode([""]).embed
+            text_config = DiffusersTextConfig(encoder.spec, encoder.name, encoder.dim, encoder.pooled_dim,
+                                              encoder.max_length, loaded=encoder)  # fmt: skip
+        null_class = net_config.get(NULL_CLASS_KEY)
+        net = DiffusersUNet(unet, null_text=null_text, null_class=null_class, out_channels=in_channels)
 
-    size = unet_config.get("sample_size") or 32
+    size = net_config.get("sample_size") or 32
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     autoencoder = load_autoencoder(folder) if "vae" in components else None
     channels = in_channels
-    if autoencoder is not None:  # the samples are the decoded images; the U-Net's shape is their latents'
+    if autoencoder is not None:  # the samples are the decoded images; the network's shape is their latents'
+        if autoencoder.latent_channels != in_channels:
+            raise DifflabError(f"'{folder / 'vae'}' has {autoencoder.latent_channels} latent channels but the "
+                               f"{component} takes {in_channels}")  # fmt: skip
         channels, height, width = autoencoder.image_channels, height * autoencoder.factor, width * autoencoder.factor
     data = DataConfig(name=f"diffusers:{folder}", kind="images", sample_shape=(channels, height, width),
                       resolution=height if height == width else None, channels=channels)  # fmt: skip
-    settings = DiffusersNetSettings(str(folder), "unet", class_name)
+    settings = DiffusersNetSettings(str(folder), component, class_name, num_classes)
     model = DiffusersModelConfig("diffusers", settings, preset=class_name, text=text_config)
     formulation = DiffusersDDPM(spec)
     config = RunConfig(data=data, model=model, formulation=formulation.config)
-    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"  # what from_pretrained reads (no variant)
-    weights = weights if weights.is_file() else sorted((folder / "unet").glob("*.safetensors"))[0]
+    weights = folder / component / "diffusion_pytorch_model.safetensors"  # what from_pretrained reads (no variant)
+    weights = weights if weights.is_file() else sorted((folder / component).glob("*.safetensors"))[0]
     pipe = Pipeline(config, formulation.denoiser(net).to(device), checkpoint=folder, weights=weights,
                     autoencoder=autoencoder)  # fmt: skip
     pipe.formulation = formulation  # the folder's own table and timestep spacing (config.formulation names its kind)

@@ -1,5 +1,6 @@
-"""diffusers components in difflab's interfaces: a UNet2DModel / UNet2DConditionModel as a network F(x, c_noise, cond),
-CLIP's text tower and tokenizer as a frozen text encoder, an AutoencoderKL as an `Autoencoder`.
+"""diffusers components in difflab's interfaces: a UNet2DModel / UNet2DConditionModel or DiTPipeline's
+DiTTransformer2DModel as a network F(x, c_noise, cond), CLIP's text tower and tokenizer as a frozen text encoder, an
+AutoencoderKL as an `Autoencoder`.
 
 The networks take difflab's fractional training timestep c_noise directly: diffusers' sinusoidal time projection
 (`Timesteps`) computes sin/cos of t times its frequencies for any float t, so integer t gives exactly what diffusers'
@@ -22,6 +23,8 @@ from difflab.text.base import FrozenTextEncoder, TextEncoding, TextTruncationWar
 from difflab.text.conditioned import TEXT_SIGNALS
 
 INSTALL_DIFFUSERS = "pip install 'difflab[diffusers]'"
+# DiTPipeline's transformer; DiT folders saved before diffusers' rename (facebook/DiT-XL-2-*) name it Transformer2DModel
+DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 
 
 def import_diffusers(what: str = "a diffusers folder", module: str = "diffusers") -> Any:
@@ -57,6 +60,36 @@ def check_unet_config(config: Any, class_name: str, where: str = "unet/config.js
             if config.get(key) is not None:
                 raise DifflabError(f"{where}: {key} ({what}) is not supported; difflab runs Stable Diffusion 1.x/2.x "
                                    "style text U-Nets")  # fmt: skip
+
+
+def check_transformer_config(config: Any, class_name: str, where: str = "transformer/config.json") -> None:
+    """Refuse, in one line, a diffusers transformer other than DiTPipeline's class-conditional DiT (adaLN-Zero with a
+    class table, patches, no cross-attention): PixArt, SD3, Flux, ... are text-conditional (T5, CLIP) and not read."""
+    norm = config.get("norm_type", "ada_norm_zero" if class_name == DIT_CLASSES[0] else "layer_norm")
+    dit = (class_name in DIT_CLASSES and norm == "ada_norm_zero" and config.get("num_embeds_ada_norm") is not None
+           and config.get("patch_size") is not None and config.get("cross_attention_dim") is None)  # fmt: skip
+    if not dit:
+        what = class_name + (f" (norm_type '{norm}')" if class_name in DIT_CLASSES else "")
+        raise DifflabError(f"{where} holds a {what}; difflab loads DiTPipeline's class-conditional "
+                           "DiTTransformer2DModel (text-conditional transformers: PixArt, SD3, Flux are not "
+                           "supported)")  # fmt: skip
+
+
+def class_labels(labels: torch.Tensor | None, batch: int, device: torch.device, null_class: int | None,
+                 num_classes: int | None = None) -> torch.Tensor:  # fmt: skip
+    """A network's class_labels: difflab's null label -1 (and no label) is the row `null_class`; a model without one
+    refuses it; a label outside 0..num_classes-1 is refused (when num_classes is known)."""
+    if labels is None:
+        labels = torch.full((batch,), NULL_LABEL, dtype=torch.long, device=device)
+    labels = labels.to(device=device, dtype=torch.long)
+    if num_classes is not None and bool(((labels < NULL_LABEL) | (labels >= num_classes)).any()):
+        raise DifflabError(f"class labels must lie in 0..{num_classes - 1} (or -1, the null label)")
+    if bool((labels == NULL_LABEL).any()):
+        if null_class is None:
+            raise DifflabError("this diffusers model has no null class: give a class label to every sample (no "
+                               "unconditional sampling, no classifier-free guidance)")  # fmt: skip
+        labels = torch.where(labels == NULL_LABEL, null_class, labels)
+    return labels
 
 
 class DiffusersUNet(nn.Module):
@@ -95,7 +128,7 @@ class DiffusersUNet(nn.Module):
         if self.text:
             kwargs.update(self._text_inputs(cond, x.shape[0]))
         if self.classes:
-            kwargs["class_labels"] = self._class_labels(cond.get("class_label"), x.shape[0], x.device)
+            kwargs["class_labels"] = class_labels(cond.get("class_label"), x.shape[0], x.device, self.null_class)
         dtype = self.unet.dtype
         out = self.unet(x.to(dtype), c_noise.to(torch.float32), **kwargs).sample
         return out[:, : self.out_channels].to(x.dtype)
@@ -123,16 +156,34 @@ class DiffusersUNet(nn.Module):
             out["encoder_attention_mask"] = keep
         return out
 
-    def _class_labels(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        if labels is None:
-            labels = torch.full((batch,), NULL_LABEL, dtype=torch.long, device=device)
-        labels = labels.to(device=device, dtype=torch.long)
-        if bool((labels == NULL_LABEL).any()):
-            if self.null_class is None:
-                raise DifflabError("this diffusers model has no null class: give a class label to every sample (no "
-                                   "unconditional sampling, no classifier-free guidance)")  # fmt: skip
-            labels = torch.where(labels == NULL_LABEL, self.null_class, labels)
-        return labels
+
+class DiffusersDiT(nn.Module):
+    """DiTPipeline's DiTTransformer2DModel as difflab's network F(x, c_noise, cond) -> (B, C, H, W), class-conditional.
+
+    It is called as DiTPipeline calls it, transformer(x, timestep=t, class_labels=y): t is difflab's c_noise, the
+    DDPM timestep as a float (DiT's sinusoidal projection takes any float t); y is cond["class_label"], with
+    difflab's null label -1 (and a missing label) mapped to row `num_embeds_ada_norm` of the class table, the
+    class-dropout row DiT was trained with for guidance (DiTPipeline passes 1000: the same row for every published
+    DiT, whose num_embeds_ada_norm is 1000). A learned-sigma output (2C channels) is cut to its first C, the eps
+    prediction, as DiTPipeline does; the variance half is unused (difflab's samplers pick their own variance)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer.eval().requires_grad_(False)
+        config = transformer.config
+        self.num_classes = int(config.num_embeds_ada_norm)
+        table = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+        self.null_class = self.num_classes if table.num_embeddings > self.num_classes else None
+        self.out_channels = int(config.in_channels)
+        self.accepts = frozenset({"class_label"})
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        cond = as_cond(cond) or {}
+        check_cond(cond, self.accepts)
+        labels = class_labels(cond.get("class_label"), x.shape[0], x.device, self.null_class, self.num_classes)
+        t = c_noise.to(device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        out = self.transformer(x.to(self.transformer.dtype), timestep=t, class_labels=labels).sample
+        return out[:, : self.out_channels].to(x.dtype)
 
 
 class DiffusersTextEncoder(FrozenTextEncoder):
