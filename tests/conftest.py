@@ -143,3 +143,26 @@ def small_shapes(monkeypatch):
     real = difflab.data.load_dataset
     monkeypatch.setattr(difflab.data, "load_dataset", lambda *a, **k: real(*a, **(k | {"size": 32})))
     return real("shapes", resolution=16, size=32)
+
+
+def tiny_clip_tokenizer(src, words):
+    """A CLIP BPE tokenizer (context 16) of the 26 letters and merges that build each of `words`, saved in folder
+    `src`: (tokenizer, vocab). No download: tests build their tiny CLIP text models on it."""
+    import json
+
+    import transformers
+
+    vocab, merges = {}, []
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
+    for word in words:  # merges that build each word from its letters
+        parts = [*word[:-1], word[-1] + "</w>"]
+        merged = parts[0]
+        for part in parts[1:]:
+            merges.append(f"{merged} {part}")
+            merged += part
+            vocab.setdefault(merged, len(vocab))
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    (src / "vocab.json").write_text(json.dumps(vocab))
+    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return transformers.CLIPTokenizer.from_pretrained(str(src), model_max_length=16), vocab

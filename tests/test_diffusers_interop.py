@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_clip_tokenizer
 
 from difflab.errors import DifflabError
 
@@ -197,20 +198,7 @@ def sd_folder(tmp_path_factory):
     import transformers
 
     src = tmp_path_factory.mktemp("clip-src")
-    vocab, merges = {}, []
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
-    for word in CLIP_WORDS:
-        parts = [*word[:-1], word[-1] + "</w>"]
-        merged = parts[0]
-        for part in parts[1:]:
-            merges.append(f"{merged} {part}")
-            merged += part
-            vocab.setdefault(merged, len(vocab))
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    (src / "vocab.json").write_text(json.dumps(vocab))
-    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(src), model_max_length=16)
+    tokenizer, vocab = tiny_clip_tokenizer(src, CLIP_WORDS)
     torch.manual_seed(0)
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

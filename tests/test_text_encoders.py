@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_clip_tokenizer
 
 import difflab.text.cache as text_cache
 from difflab.errors import DifflabError
@@ -203,20 +204,7 @@ def clip_folder(tmp_path_factory):
     import transformers
 
     src, folder = tmp_path_factory.mktemp("clip-src"), tmp_path_factory.mktemp("clip")
-    vocab, merges = {}, []
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
-    for word in CLIP_WORDS:  # merges that build each word from its letters
-        parts = [*word[:-1], word[-1] + "</w>"]
-        merged = parts[0]
-        for part in parts[1:]:
-            merges.append(f"{merged} {part}")
-            merged += part
-            vocab.setdefault(merged, len(vocab))
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    (src / "vocab.json").write_text(json.dumps(vocab))
-    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(src), model_max_length=16)
+    tokenizer, vocab = tiny_clip_tokenizer(src, CLIP_WORDS)
     config = transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=16, projection_dim=16, bos_token_id=vocab["<|startoftext|>"],
