@@ -120,3 +120,20 @@ def test_a_text_model_draws_the_colour_its_prompt_names(encoder, tmp_path):
         images = pipe.sample(8, prompt=prompt, steps=20, guidance=2.0, seed=1)
         means = images.mean(dim=(2, 3))  # (8, 3): each image's mean colour
         assert bool((means[:, high] - means[:, low] > 1.0).all()), (prompt, means)  # the data's gap is 1.6
+
+
+def test_sampling_encodes_the_prompts_once_and_draws_the_same_images(text_run):
+    """Every sampling step passes the same tokens: the scratch encoder runs once per batch (its last encoding is
+    reused while the tokens are equal), and the images are those of encoding at every step."""
+    pipe = difflab.load(text_run)
+    net, calls = pipe.denoiser.net, []
+    forward = net.text_encoder.forward
+    net.text_encoder.forward = lambda tokens: calls.append(tokens.shape) or forward(tokens)
+    kwargs = {"prompt": ["a red circle", "a blue square"], "guidance": 3.0, "steps": 5, "sampler": "dpmpp_2m"}
+    cached = pipe.sample(seeds=[0, 1], **kwargs)
+    assert len(calls) == 1  # 5 steps, conditional and null captions in one batch of 4
+    net._encode = lambda tokens: net.text_encoder(tokens)  # no reuse
+    assert torch.equal(pipe.sample(seeds=[0, 1], **kwargs), cached) and len(calls) == 6
+    del net._encode  # reuse again: new prompts are encoded anew (once), not served from the last encoding
+    other = pipe.sample(seeds=[0, 1], **(kwargs | {"prompt": ["a green cross", "a blue square"]}))
+    assert len(calls) == 7 and not torch.equal(other, cached)
