@@ -5,6 +5,7 @@ latent-space text models at equal CPU training time, DiT vs U-Net at equal time 
     python benchmarks/latent.py timing             # steps/s of each model, side by side: WORK/timing.json
     python benchmarks/latent.py train [MODEL...]   # each model for BUDGET_MINUTES of its measured rate (in steps)
     python benchmarks/latent.py eval               # -> benchmarks/results/latent.{md,json}
+    python benchmarks/latent.py figure             # -> benchmarks/results/latent_samples.png
     python benchmarks/latent.py --quick ae timing train eval   # tiny budgets: a smoke test (minutes)
 
 Models (all EDM with the text-to-image benchmark's recipe: scratch text encoder, batch 64, lr 2e-3, noise levels
@@ -164,6 +165,27 @@ def evaluate(work: Path, quick: bool, out: Path) -> None:
     print(out.with_suffix(".md").read_text())
 
 
+def figure(work: Path, out: Path, count: int = 8) -> Path:
+    """Rows: test scenes as rendered, their reconstructions, then each model's samples for the scenes' captions (w =
+    W, seeds 0..count-1)."""
+    from difflab.viz.text import save_prompt_rows
+
+    test = shapes(False, "test", count)
+    ae = load_autoencoder(work / "ae")
+    with torch.no_grad():
+        rows = [test.data, ae.decode(ae.encode(test.data)).clamp(-1, 1)]
+    labels = ["test scenes as rendered", f"their reconstructions (f = {AE['factor']}, C = {AE['latent_channels']})"]
+    for name in MODELS:
+        if (work / name / "checkpoints").exists():
+            pipe = difflab.load(work / name)
+            images = pipe.sample(seeds=range(count), prompt=list(test.captions), guidance=W, sampler=SAMPLER,
+                                 steps=SAMPLE_STEPS)  # fmt: skip
+            rows.append(images.clamp(-1, 1))
+            labels.append(f"{name}: the scenes' captions, w = {W:g}")
+    title = f"the first {count} test-split scenes (held-out compositions); the models draw from their captions"
+    return save_prompt_rows(torch.cat(rows), labels, out.with_name(out.name + "_samples.png"), title=title)
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
@@ -196,13 +218,13 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench-latent")
     p.add_argument("--out", default="benchmarks/results/latent")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("phases", nargs="+", help="ae, timing, train [MODEL...], eval (in that order)")
+    p.add_argument("phases", nargs="+", help="ae, timing, train [MODEL...], eval, figure (in that order)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work + ("-quick" if args.quick else ""))
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out + ("_quick" if args.quick else ""))
-    phases, names = [a for a in args.phases if a in ("ae", "timing", "train", "eval")], [
+    phases, names = [a for a in args.phases if a in ("ae", "timing", "train", "eval", "figure")], [
         a for a in args.phases if a in MODELS]  # fmt: skip
     for phase in phases:
         if phase == "ae":
@@ -211,6 +233,8 @@ def main() -> None:
             timing(work, args.quick)
         elif phase == "train":
             train(names, work, args.quick)
+        elif phase == "figure":
+            print(figure(work, out))
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             evaluate(work, args.quick, out)
