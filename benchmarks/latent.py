@@ -13,7 +13,8 @@ P_mean -0.4, P_std 1.4):
 * pixel: the tiny U-Net on the 32x32 images on 2 x 2 patches (issue 12's scratch32 configuration);
 * latent-unet: the tiny U-Net on the autoencoder's 4x8x8 latents;
 * latent-dit: dit-tiny on the latents (patch 1: 64 tokens), the same minutes;
-* latent-dit-flops: dit-tiny given the training FLOPs latent-unet used (steps x forward GFLOPs equal).
+* latent-dit-flops: dit-tiny given the training FLOPs latent-unet used (steps x forward GFLOPs equal);
+* latent-dit-p2: dit-tiny on 2 x 2 patches of the latents (16 tokens instead of 64), the same minutes.
 "Equal CPU time" is enforced in steps: each model trains BUDGET_MINUTES x its steps/s measured side by side in one
 `timing` run (one thread), so a busy machine does not favour whichever model ran when it was quiet.
 
@@ -52,6 +53,7 @@ MODELS = {
     "latent-unet": {"model": "tiny", "latent": True},
     "latent-dit": {"model": "dit-tiny", "latent": True},
     "latent-dit-flops": {"model": "dit-tiny", "latent": True, "flops_of": "latent-unet"},
+    "latent-dit-p2": {"model": "dit-tiny", "latent": True, "patch_size": 2},
 }
 AE = {"factor": 4, "latent_channels": 4, "width": 16, "steps": 2500, "lr": 1e-3, "batch_size": 32}
 BUDGET_MINUTES, QUICK_MINUTES = 10.0, 0.2
@@ -85,10 +87,12 @@ def model_config(name: str, work: Path, quick: bool, steps: int):
     return difflab.run_config(data, steps=steps, checkpoint_every=500, **RECIPE, **settings), data
 
 
-def timing(work: Path, quick: bool) -> None:
-    """Training steps/s of every model (TIMING_STEPS after 2 untimed), one after the other in this process."""
-    rates = {}
-    for name in MODELS:
+def timing(work: Path, quick: bool, names: list[str]) -> None:
+    """Training steps/s of the models (all by default; TIMING_STEPS after 2 untimed), one after the other in this
+    process, added to WORK/timing.json."""
+    path = work / "timing.json"
+    rates = json.loads(path.read_text()) if path.exists() else {}
+    for name in names or list(MODELS):
         if "flops_of" in MODELS[name]:
             continue
         config, data = model_config(name, work, quick, 2)
@@ -100,7 +104,7 @@ def timing(work: Path, quick: bool) -> None:
         rates[name] = TIMING_STEPS / (time.monotonic() - start)
         rates[f"{name} gflops"] = network_cost(config.model, config.model_shape).gflops
         print(f"{name}: {rates[name]:.3f} steps/s", flush=True)
-    (work / "timing.json").write_text(json.dumps(rates, indent=2))
+    path.write_text(json.dumps(rates, indent=2))
 
 
 def budget_steps(name: str, work: Path, quick: bool) -> int:
@@ -230,7 +234,7 @@ def main() -> None:
         if phase == "ae":
             train_ae(work, args.quick)
         elif phase == "timing":
-            timing(work, args.quick)
+            timing(work, args.quick, names)
         elif phase == "train":
             train(names, work, args.quick)
         elif phase == "figure":
