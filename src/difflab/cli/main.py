@@ -33,6 +33,8 @@ COMMANDS = {
                          "difflab train-classifier --data digits --out runs/clf --for runs/digits"),
     "train-autoencoder": ("difflab.cli.autoencoder:train", "train the KL autoencoder of latent diffusion",
                           "difflab train-autoencoder --data shapes --out runs/ae --factor 4 --latent-channels 4"),
+    "train-clip": ("difflab.cli.train_clip", "train a small CLIP (image-text embeddings) on the captioned shapes",
+                   "difflab train-clip --data shapes --out runs/clip --steps 2000"),
     "encode": ("difflab.cli.autoencoder:encode", "encode images to an autoencoder's latents (.npy)",
                "difflab encode --autoencoder runs/ae a.png b.png --out latents.npy"),
     "decode": ("difflab.cli.autoencoder:decode", "decode latents (.npy) to images with an autoencoder",

@@ -202,6 +202,8 @@ def load_config(ckpt_dir: Path) -> RunConfig:
             raise DifflabError(
                 f"'{ckpt_dir}' holds a noise-aware classifier, not a diffusion model; pass it as --classifier"
             )
+        if '"difflab-clip"' in text:
+            raise DifflabError(f"'{ckpt_dir}' holds a CLIP (image-text embeddings), not a diffusion model")
         if '"difflab-autoencoder"' in text:
             raise DifflabError(
                 f"'{ckpt_dir}' holds an autoencoder, not a diffusion model; train a latent model on it with "
@@ -304,7 +306,7 @@ def check_run_folder(run_dir: Path) -> None:
 def _is_difflab_config(path: Path) -> bool:
     try:
         text = path.read_text()
-        if json.loads(text).get("format") in ("difflab-noisy-classifier", "difflab-autoencoder"):
+        if json.loads(text).get("format") in ("difflab-noisy-classifier", "difflab-autoencoder", "difflab-clip"):
             return True
         RunConfig.from_json(text)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

@@ -1,0 +1,226 @@
+"""A small CLIP (Radford et al. 2021, Sec. 2.3 and Fig. 3): an image encoder and a text encoder projected into one
+embedding space, both L2-normalised, trained with the symmetric InfoNCE loss and a learned temperature; and top-1
+retrieval accuracy. The first piece of unCLIP (Ramesh et al. 2022), whose prior and decoder work on these embeddings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflab.config import DataConfig, TrainConfig
+from difflab.errors import DifflabError
+from difflab.nets.attention import group_norm
+from difflab.text.conditioned import TextConfig
+from difflab.text.scratch import ScratchTextEncoder
+
+FORMAT = "difflab-clip"
+MAX_LOGIT_SCALE = 100.0  # CLIP clips its learned temperature so that logits are scaled by at most 100
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Image side: a CNN of `width` channels (doubling at each of `levels` strided stages) on (C, R, R) images; text
+    side: the scratch transformer of `text` (its pooled end-token output); both projected to `embed_dim`."""
+
+    image_channels: int
+    resolution: int
+    text: TextConfig
+    embed_dim: int = 64
+    width: int = 32
+    levels: int = 3
+
+    def __post_init__(self):
+        if not 1 <= self.embed_dim <= 4096 or not 1 <= self.width <= 1024 or not 1 <= self.levels <= 6:
+            raise DifflabError("CLIP sizes out of range: embed_dim 1..4096, width 1..1024, levels 1..6")
+
+
+class ImageEncoder(nn.Module):
+    """(B, C, R, R) -> (B, D): stride-2 conv stages (GroupNorm, SiLU), global average pooling, a linear map."""
+
+    def __init__(self, config: ClipConfig):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(config.image_channels, config.width, 3, padding=1)]
+        c = config.width
+        for i in range(config.levels):
+            c_out = config.width * 2 ** min(i + 1, 3)
+            layers += [group_norm(8, c), nn.SiLU(), nn.Conv2d(c, c_out, 3, stride=2, padding=1)]
+            c = c_out
+        self.body = nn.Sequential(*layers, group_norm(8, c), nn.SiLU())
+        self.proj = nn.Linear(c, config.embed_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.body(images).mean(dim=(2, 3)))
+
+
+class Clip(nn.Module):
+    """encode_image, encode_text -> unit vectors (B, D); logit_scale = exp(t), t learned, from ln(1/0.07) (CLIP)."""
+
+    def __init__(self, config: ClipConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config)
+        self.text_encoder = ScratchTextEncoder(config.text.encoder_config())
+        self.text_proj = nn.Linear(config.text.width, config.embed_dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        c, r = self.config.image_channels, self.config.resolution
+        if images.ndim != 4 or tuple(images.shape[1:]) != (c, r, r):
+            raise DifflabError(f"this CLIP takes images of shape (B, {c}, {r}, {r}), got {tuple(images.shape)}")
+        return F.normalize(self.image_encoder(images), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_encoder(tokens).pooled), dim=-1)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Unit text embeddings of prompts, tokenised with the CLIP's own vocabulary (unknown words are an error)."""
+        tokens = self.config.text.tokenizer().encode(prompts).to(self.log_scale.device)
+        return self.encode_text(tokens)
+
+
+def info_nce(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric loss per pair (B,): logits = s * I T^T; the mean of the image->text and text->image cross
+    entropies with the matching pair (the diagonal) as the target (Radford et al. 2021, Fig. 3)."""
+    logits = logit_scale * image_embed @ text_embed.T
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (
+        F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")
+    )
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: Clip, images: torch.Tensor, tokens: torch.Tensor, pool: int = 100) -> dict[str, float]:
+    """Top-1 retrieval among `pool` candidates at a time (consecutive groups of the data): the share of images whose
+    most similar caption is their own ("image_to_text") and of captions whose most similar image is their own
+    ("text_to_image"). Chance is 1 / pool."""
+    device = model.log_scale.device
+    hits = {"image_to_text": 0, "text_to_image": 0}
+    count = 0
+    for start in range(0, len(images) - pool + 1, pool):
+        img = model.encode_image(images[start : start + pool].to(device))
+        txt = model.encode_text(tokens[start : start + pool].to(device))
+        sims, target = img @ txt.T, torch.arange(pool, device=device)
+        hits["image_to_text"] += int((sims.argmax(1) == target).sum())
+        hits["text_to_image"] += int((sims.argmax(0) == target).sum())
+        count += pool
+    if count == 0:
+        raise DifflabError(f"retrieval needs at least {pool} images, got {len(images)}")
+    return {k: v / count for k, v in hits.items()}
+
+
+@dataclass(frozen=True)
+class ClipRun:
+    """What a CLIP folder's config.json holds: the data, the model, the training settings."""
+
+    data: DataConfig
+    clip: ClipConfig
+    train: TrainConfig
+
+    def to_json(self) -> str:
+        values = {"format": FORMAT, "version": 1} | {f.name: dataclasses.asdict(getattr(self, f.name))
+                                                     for f in dataclasses.fields(self)}  # fmt: skip
+        return json.dumps(values, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ClipRun:
+        from difflab.config import check_keys, dataclass_from_dict
+
+        values = json.loads(text)
+        if not isinstance(values, dict) or values.get("format") != FORMAT or values.get("version") != 1:
+            raise ValueError(f"not a {FORMAT} config of version 1")
+        check_keys(
+            values, "clip run", {"format", "version", "data", "clip", "train"}, required=("data", "clip", "train")
+        )
+        return cls(dataclass_from_dict(DataConfig, values["data"], "data"),
+                   dataclass_from_dict(ClipConfig, values["clip"], "clip"),
+                   dataclass_from_dict(TrainConfig, values["train"], "train"))  # fmt: skip
+
+
+class ClipTask:
+    """The shared Trainer's view of CLIP: the captions arrive as text_tokens (never dropped); per-pair InfoNCE."""
+
+    signals = ("text_tokens",)
+    dropout: dict[str, float] = {}
+
+    def __init__(self, run: ClipRun):
+        self.config = run
+        torch.manual_seed(run.train.seed)
+        self.module = Clip(run.clip)
+
+    def to(self, device: torch.device) -> None:
+        self.module.to(device)
+
+    def loss(self, x0: torch.Tensor, cond: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        m = self.module
+        return info_nce(m.encode_image(x0), m.encode_text(cond["text_tokens"]), m.logit_scale)
+
+    def check_resume(self, ckpt: Path) -> None:
+        raise DifflabError("CLIP runs do not resume; train into a new --out")
+
+
+def clip_train_config(**overrides: Any) -> TrainConfig:
+    """2000 steps of batch 128 (the negatives of InfoNCE are the batch), AdamW lr 1e-3, weight decay 0.01, 100
+    warm-up steps, EMA 0.999; keyword arguments override."""
+    base = TrainConfig(steps=2000, batch_size=128, lr=1e-3, weight_decay=0.01, warmup_steps=100, log_every=50,
+                       keep_checkpoints=1)  # fmt: skip
+    return dataclasses.replace(base, **overrides)
+
+
+def train_clip(
+    run: ClipRun,
+    images: torch.Tensor,
+    captions: list[str],
+    test: tuple[torch.Tensor, list[str]],
+    out: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train `run`'s CLIP on (images, captions) into `out` with the shared Trainer; then the EMA weights' retrieval
+    accuracy on the `test` pairs (held-out scenes) is saved with the final checkpoint and returned."""
+    from difflab.training.trainer import Trainer
+
+    tokenizer = run.clip.text.tokenizer()
+    task = ClipTask(run)
+    trainer = Trainer(
+        task, images, Path(out), torch.device(device), cond_data={"text_tokens": tokenizer.encode(captions)}
+    )
+    result = trainer.run(progress=progress)
+    final = Clip(run.clip).to(device)
+    final.load_state_dict(trainer.ema.state_dict())
+    final.eval()
+    accuracy = retrieval_accuracy(final, test[0], tokenizer.encode(test[1]))
+    trainer.extra_state = {"stopped_by": result.stopped_by, "retrieval": accuracy}
+    trainer.save()
+    return {"step": result.step, "stopped_by": result.stopped_by, "retrieval": accuracy}
+
+
+def load_clip(path: str | Path, device: torch.device | str = "cpu") -> Clip:
+    """A trained CLIP (EMA weights) from its folder, checkpoint or weights file, header checked first."""
+    from difflab.training.checkpoint import load_tensors, resolve_checkpoint
+    from difflab.weights import check_header, meta_state, read_config_text
+
+    ckpt = resolve_checkpoint(path, f"train one with `difflab train-clip --data shapes --out {path}`")
+    try:
+        run = ClipRun.from_json(read_config_text(ckpt / "config.json"))
+    except (ValueError, TypeError, KeyError) as err:
+        raise DifflabError(
+            f"'{ckpt}/config.json' is not a difflab CLIP ({err}); train one with difflab train-clip"
+        ) from None
+    weights = Path(path) if Path(path).is_file() else ckpt / "ema.safetensors"
+    check_header(weights, meta_state(lambda: Clip(run.clip), "the CLIP"))
+    model = Clip(run.clip)
+    model.load_state_dict(load_tensors(weights))
+    return model.to(device).eval()
