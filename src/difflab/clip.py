@@ -18,6 +18,7 @@ from torch import nn
 from difflab.config import DataConfig, TrainConfig
 from difflab.errors import DifflabError
 from difflab.nets.attention import group_norm
+from difflab.nets.embeddings import NoiseEmbedding
 from difflab.text.conditioned import TextConfig
 from difflab.text.scratch import ScratchTextEncoder
 
@@ -36,6 +37,10 @@ class ClipConfig:
     embed_dim: int = 64
     width: int = 32
     levels: int = 3
+    noise_aware: bool = False  # the image encoder also takes sigma, trained on x0 + sigma n (GLIDE's noised CLIP)
+    sigma_min: float = 0.002  # the noise-aware training range (log-uniform), as the noise-aware classifiers'
+    sigma_max: float = 160.0
+    sigma_data: float = 0.5
 
     def __post_init__(self):
         if not 1 <= self.embed_dim <= 4096 or not 1 <= self.width <= 1024 or not 1 <= self.levels <= 6:
@@ -43,21 +48,32 @@ class ClipConfig:
 
 
 class ImageEncoder(nn.Module):
-    """(B, C, R, R) -> (B, D): stride-2 conv stages (GroupNorm, SiLU), global average pooling, a linear map."""
+    """(B, C, R, R) -> (B, D): stride-2 conv stages (GroupNorm, SiLU), global average pooling, a linear map. A
+    noise-aware encoder adds an embedding of c_noise (a projection per stage) to each stage's features."""
 
     def __init__(self, config: ClipConfig):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(config.image_channels, config.width, 3, padding=1)]
-        c = config.width
+        self.conv_in = nn.Conv2d(config.image_channels, config.width, 3, padding=1)
+        stages, widths, c = [], [], config.width
         for i in range(config.levels):
             c_out = config.width * 2 ** min(i + 1, 3)
-            layers += [group_norm(8, c), nn.SiLU(), nn.Conv2d(c, c_out, 3, stride=2, padding=1)]
+            stages.append(nn.Sequential(group_norm(8, c), nn.SiLU(), nn.Conv2d(c, c_out, 3, stride=2, padding=1)))
+            widths.append(c_out)
             c = c_out
-        self.body = nn.Sequential(*layers, group_norm(8, c), nn.SiLU())
+        self.stages = nn.ModuleList(stages)
+        self.out = nn.Sequential(group_norm(8, c), nn.SiLU())
         self.proj = nn.Linear(c, config.embed_dim)
+        self.noise = NoiseEmbedding(64, 4 * config.width) if config.noise_aware else None
+        self.noise_proj = nn.ModuleList(nn.Linear(4 * config.width, w) for w in widths) if config.noise_aware else None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.body(images).mean(dim=(2, 3)))
+    def forward(self, images: torch.Tensor, c_noise: torch.Tensor | None = None) -> torch.Tensor:
+        emb = F.silu(self.noise(c_noise)) if self.noise is not None else None
+        h = self.conv_in(images)
+        for i, stage in enumerate(self.stages):
+            h = stage(h)
+            if emb is not None:
+                h = h + self.noise_proj[i](emb)[:, :, None, None]
+        return self.proj(self.out(h).mean(dim=(2, 3)))
 
 
 class Clip(nn.Module):
@@ -75,11 +91,19 @@ class Clip(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        c, r = self.config.image_channels, self.config.resolution
+    def encode_image(self, images: torch.Tensor, sigma: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Unit image embeddings (B, D). A noise-aware CLIP reads x = x0 + sigma n at noise level sigma (default:
+        sigma_min, clean images) with EDM's input scaling c_in = 1/sqrt(sigma^2 + sigma_data^2) and c_noise =
+        ln(sigma)/4, so one model serves every process in sigma space."""
+        c, r, cfg = self.config.image_channels, self.config.resolution, self.config
         if images.ndim != 4 or tuple(images.shape[1:]) != (c, r, r):
             raise DifflabError(f"this CLIP takes images of shape (B, {c}, {r}, {r}), got {tuple(images.shape)}")
-        return F.normalize(self.image_encoder(images), dim=-1)
+        if not cfg.noise_aware:
+            return F.normalize(self.image_encoder(images), dim=-1)
+        sigma = torch.as_tensor(cfg.sigma_min if sigma is None else sigma, dtype=images.dtype, device=images.device)
+        sigma = sigma.expand(images.shape[0]).clamp(cfg.sigma_min, cfg.sigma_max)
+        c_in = (sigma**2 + cfg.sigma_data**2).rsqrt()
+        return F.normalize(self.image_encoder(c_in[:, None, None, None] * images, sigma.log() / 4), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_encoder(tokens).pooled), dim=-1)
@@ -88,6 +112,22 @@ class Clip(nn.Module):
         """Unit text embeddings of prompts, tokenised with the CLIP's own vocabulary (unknown words are an error)."""
         tokens = self.config.text.tokenizer().encode(prompts).to(self.log_scale.device)
         return self.encode_text(tokens)
+
+
+def clip_guidance(denoiser: Any, clip: Clip, text_embed: torch.Tensor, scale: float, *,
+                  condition_model: bool = False) -> Any:  # fmt: skip
+    """CLIP guidance (Nichol et al. 2022, GLIDE, Sec. 2.3): D + s sigma^2 grad_x <E_img(x, sigma), E_txt(c)>, the
+    gradient of the noise-aware CLIP's image-text similarity at the noisy state (text_embed: (1 or B, D) unit
+    vectors). Needs a noise-aware CLIP: a clean-image CLIP's gradient at high noise is meaningless."""
+    from difflab.guidance.wrappers import GradientGuidance
+
+    if not clip.config.noise_aware:
+        raise DifflabError("CLIP guidance needs a noise-aware CLIP: train one with difflab train-clip --noise-aware")
+
+    def similarity(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor, cond: Any) -> torch.Tensor:
+        return (clip.encode_image(x, sigma) * text_embed.to(x.device)).sum(dim=1)
+
+    return GradientGuidance(denoiser, similarity, scale, condition_model=condition_model)
 
 
 def info_nce(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -163,8 +203,14 @@ class ClipTask:
         self.module.to(device)
 
     def loss(self, x0: torch.Tensor, cond: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        m = self.module
-        return info_nce(m.encode_image(x0), m.encode_text(cond["text_tokens"]), m.logit_scale)
+        """InfoNCE of the batch's pairs; a noise-aware CLIP sees x0 + sigma n, ln sigma ~ U[ln sigma_min, ln
+        sigma_max] per image (GLIDE, Sec. 3.2: CLIP trained on noised images)."""
+        m, cfg, sigma = self.module, self.module.config, None
+        if cfg.noise_aware:
+            lo, hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
+            sigma = (lo + (hi - lo) * torch.rand(len(x0), generator=generator, device=x0.device)).exp()
+            x0 = x0 + sigma[:, None, None, None] * torch.randn(x0.shape, generator=generator, device=x0.device)
+        return info_nce(m.encode_image(x0, sigma), m.encode_text(cond["text_tokens"]), m.logit_scale)
 
     def check_resume(self, ckpt: Path) -> None:
         raise DifflabError("CLIP runs do not resume; train into a new --out")

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128, help="pairs per step: the negatives of InfoNCE")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--noise-aware", action="store_true",
+                   help="train on noised images x0 + sigma n with sigma as an input (GLIDE's noised CLIP, for CLIP "
+                   "guidance); retrieval is reported on clean images")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     add_runtime_arguments(p)
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     test = load_dataset("shapes", resolution=args.resolution, split="test", size=1000)
     shape = tuple(train.sample_shape)
     text = TextConfig.from_captions(list(train.captions), width=64, layers=2, heads=4)
-    config = ClipConfig(shape[0], shape[-1], text, embed_dim=args.embed_dim)
+    config = ClipConfig(shape[0], shape[-1], text, embed_dim=args.embed_dim, noise_aware=args.noise_aware)
     tc = clip_train_config(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     result = train_clip(ClipRun(DataConfig("shapes", "images", shape, shape[-1], shape[0]), config, tc),
                         train.data, list(train.captions), (test.data, list(test.captions)), out,
