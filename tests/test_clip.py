@@ -111,3 +111,59 @@ def test_train_clip_errors_are_one_line(tmp_path, capsys):
     train_clip(run, data.data, list(data.captions), (data.data, list(data.captions)), tmp_path / "tiny")
     code, _, err = run_cli(capsys, "sample", "--ckpt", tmp_path / "tiny", "--out", tmp_path / "x.png")
     assert_one_line_error(code, err, "holds a CLIP")
+
+
+def _tiny_clip_run(folder, noise_aware: bool = True):
+    """A tiny CLIP folder trained one step on 100 scenes at 16x16 (its vocabulary theirs)."""
+    from difflab.clip import ClipRun, clip_train_config, train_clip
+    from difflab.config import DataConfig
+
+    data = difflab.load_dataset("shapes", resolution=16, size=100)
+    text = TextConfig.from_captions(list(data.captions), width=16, layers=1, heads=2)
+    config = ClipConfig(3, 16, text, embed_dim=8, width=8, levels=2, noise_aware=noise_aware)
+    run = ClipRun(DataConfig("shapes", "images", (3, 16, 16), 16, 3), config, clip_train_config(steps=1))
+    train_clip(run, data.data, list(data.captions), (data.data, list(data.captions)), folder)
+    return folder
+
+
+def test_clip_guidance_from_the_command_line_is_recorded_and_reproduced(small_shapes, tmp_path, capsys):
+    """`difflab sample --clip RUN --clip-prompt TEXT --clip-scale S` on an unconditional model: the samples are those
+    of clip_guidance around the model's denoiser, the PNG records the guidance and --from-png redraws it exactly."""
+    from difflab.clip import clip_guidance
+    from difflab.generate import generate
+
+    clip_dir = _tiny_clip_run(tmp_path / "clip")
+    model = tmp_path / "model"
+    code, _, err = run_cli(capsys, "train", "--data", "shapes", "--resolution", 16, "--process", "edm", "--steps", 2,
+                           "--batch-size", 4, "--out", model, "--no-progress")  # fmt: skip
+    assert code == 0, err
+    out = tmp_path / "g.png"
+    code, _, err = run_cli(capsys, "sample", "--ckpt", model, "--clip", clip_dir, "--clip-prompt", "a red circle",
+                           "--clip-scale", 4, "--sampler", "euler", "--steps", 3, "--n", 2, "--out", out)  # fmt: skip
+    assert code == 0, err
+    from difflab.outputs import read_generation_parameters
+
+    meta = read_generation_parameters(out)
+    assert (meta["clip"], meta["clip_prompt"], meta["clip_scale"]) == (str(clip_dir), "a red circle", 4.0)
+    code, _, err = run_cli(capsys, "sample", "--from-png", out, "--out", tmp_path / "again.png")
+    assert code == 0, err
+    import numpy as np
+    from PIL import Image
+
+    assert np.array_equal(np.array(Image.open(out)), np.array(Image.open(tmp_path / "again.png")))
+    pipe, clip = difflab.load(model), load_clip(clip_dir)
+    text = clip.encode_prompts(["a red circle"]).detach()
+    expected = generate(clip_guidance(pipe.denoiser, clip, text, 4.0), pipe.model_shape, pipe.sigmas(3), [0, 1],
+                        sampler="euler")  # fmt: skip
+    got = pipe.sample(seeds=[0, 1], sampler="euler", steps=3, clip=clip, clip_prompt="a red circle", clip_scale=4.0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # batched matmuls round differently (~1e-6)
+    plain = pipe.sample(seeds=[0, 1], sampler="euler", steps=3)
+    assert (got - plain).abs().max() > 1e-4  # the guidance moved the samples
+    code, _, err = run_cli(capsys, "sample", "--ckpt", model, "--clip-scale", 2, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "--clip-scale needs --clip RUN")
+    code, _, err = run_cli(capsys, "sample", "--ckpt", model, "--clip", clip_dir, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "give --clip-prompt TEXT")
+    clean = _tiny_clip_run(tmp_path / "clean", noise_aware=False)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", model, "--clip", clean, "--clip-prompt", "a red circle",
+                           "--out", tmp_path / "x.png")  # fmt: skip
+    assert_one_line_error(code, err, "needs a noise-aware CLIP")

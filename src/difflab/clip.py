@@ -247,7 +247,7 @@ def train_clip(
     final = Clip(run.clip).to(device)
     final.load_state_dict(trainer.ema.state_dict())
     final.eval()
-    accuracy = retrieval_accuracy(final, test[0], tokenizer.encode(test[1]))
+    accuracy = retrieval_accuracy(final, test[0], tokenizer.encode(test[1]), pool=min(100, len(test[0])))
     trainer.extra_state = {"stopped_by": result.stopped_by, "retrieval": accuracy}
     trainer.save()
     return {"step": result.step, "stopped_by": result.stopped_by, "retrieval": accuracy}

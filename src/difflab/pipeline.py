@@ -32,7 +32,7 @@ from difflab.types import Denoiser, StepCallback
 
 # `prepare`'s keywords: what `sample` passes on to make the condition and the guided denoiser
 CONDITION_KEYWORDS = ("cond", "guidance", "guidance_interval", "negative_cond", "classifier", "classifier_scale",
-                      "prompt", "negative_prompt")  # fmt: skip
+                      "prompt", "negative_prompt", "clip", "clip_prompt", "clip_scale")  # fmt: skip
 
 
 class Pipeline:
@@ -201,10 +201,15 @@ class Pipeline:
         classifier_scale: float | None = None,
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | None = None,
+        clip: Any = None,
+        clip_prompt: str | None = None,
+        clip_scale: float | None = None,
     ) -> tuple[dict[str, torch.Tensor] | None, Denoiser]:
         """(cond with n rows, guided denoiser) for `sample`, inpainting and img2img. classifier: a noise-aware
         classifier module or its folder, checked against the model (kernel, shape, class count); negative_cond: one
-        row, used for every sample; prompt (one for all, or n) and negative_prompt: text, for a text model."""
+        row, used for every sample; prompt (one for all, or n) and negative_prompt: text, for a text model; clip: a
+        noise-aware CLIP (module or `difflab train-clip` folder) guiding towards clip_prompt (default: the prompt,
+        when it is one string) with scale clip_scale (GLIDE's CLIP guidance, any model)."""
         if prompt is not None:
             cond = {**(dict(cond) if cond else {}), **self.text_cond(prompt, n)}
         if negative_prompt is not None:
@@ -217,8 +222,33 @@ class Pipeline:
         cond = self.make_cond(cond, n, also, num_classes)
         self._check_upsampler_cond(cond, guidance)
         negative = self.make_cond(negative_cond, 1, num_classes=num_classes) if negative_cond is not None else None
-        plan = Guidance(guidance, guidance_interval, negative, classifier, classifier_scale)
+        clip_text = None
+        if clip is not None:
+            check_classifier_kernel(self.kernel)
+            clip, clip_text = self.clip_target(clip, clip_prompt if clip_prompt is not None else prompt)
+        elif clip_prompt is not None:
+            raise DifflabError("--clip-prompt is the text of CLIP guidance: give --clip RUN too")
+        plan = Guidance(guidance, guidance_interval, negative, classifier, classifier_scale, clip, clip_text,
+                        clip_scale)  # fmt: skip
         return cond, self.guided_denoiser(plan, cond)
+
+    def clip_target(self, clip: Any, prompt: Any) -> tuple[Any, torch.Tensor]:
+        """A noise-aware CLIP (module or folder) checked to read this model's samples, and the unit text embedding
+        (1, D) of the one prompt it guides towards."""
+        from difflab.clip import load_clip
+
+        if isinstance(clip, (str, Path)):
+            clip = load_clip(clip, self.device)
+        if not isinstance(prompt, str):
+            raise DifflabError("CLIP guidance needs one prompt to guide towards: give --clip-prompt TEXT")
+        shape = (clip.config.image_channels, clip.config.resolution, clip.config.resolution)
+        if tuple(self.model_shape) != shape:
+            raise DifflabError(
+                f"the CLIP reads images of shape {shape} but this model makes {tuple(self.model_shape)}; train a "
+                "CLIP at the model's resolution (a latent model's latents cannot be read by it)"
+            )
+        with torch.no_grad():
+            return clip, clip.encode_prompts([prompt]).to(self.device)
 
     def _check_upsampler_cond(self, cond: dict[str, torch.Tensor] | None, guidance: float | None) -> None:
         """An upsampler samples only from a low-res image; guidance needs a signal besides it (the image is kept in

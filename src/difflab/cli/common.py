@@ -102,6 +102,16 @@ def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="classifier guidance scale s: adds s sigma^2 grad_x log p(y | x, sigma) (default 1)",
     )
+    group.add_argument("--clip", metavar="RUN",
+                       help="CLIP guidance (GLIDE) with a noise-aware CLIP from `difflab train-clip --noise-aware`, "
+                       "towards --clip-prompt (any model, also unconditional)")  # fmt: skip
+    group.add_argument("--clip-prompt", metavar="TEXT", help="the text CLIP guidance steers towards")
+    group.add_argument(
+        "--clip-scale",
+        type=float,
+        metavar="S",
+        help="CLIP guidance scale s: adds s sigma^2 grad_x <E_img(x, sigma), E_txt> (default 1)",
+    )
 
 
 def class_labels(label: str | None, n: int, num_classes: int | None):
@@ -141,5 +151,8 @@ def guidance_settings(args: argparse.Namespace, pipe, n: int) -> tuple[Any, dict
         "negative_cond": {"class_label": negative} if negative is not None else None,
         "classifier": classifier,
         "classifier_scale": args.classifier_scale,
+        "clip": getattr(args, "clip", None),
+        "clip_prompt": getattr(args, "clip_prompt", None),
+        "clip_scale": getattr(args, "clip_scale", None),
     }
     return (None if labels is None else {"class_label": labels}), kwargs

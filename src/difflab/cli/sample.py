@@ -97,7 +97,8 @@ def generation_metadata(pipe, args: argparse.Namespace, options: dict[str, Any])
             "batch_first_seed": args.seed, "batch_n": args.n, "checkpoint": str(Path(pipe.checkpoint).resolve()),
             "use_ema": not args.no_ema, "train_step": pipe.step, "model_hash": pipe.weights_hash(),
             "size": f"{shape[-1]}x{shape[-2]}" if len(shape) == 3 else None}  # fmt: skip
-    meta |= {k: getattr(args, k) for k in ("guidance", "guidance_interval", "classifier", "classifier_scale")}
+    meta |= {k: getattr(args, k) for k in ("guidance", "guidance_interval", "classifier", "classifier_scale", "clip",
+                                           "clip_prompt", "clip_scale")}  # fmt: skip
     meta |= {"negative_class": args.negative_class, "class": args.label}
     meta |= {"prompt": getattr(args, "prompt", None), "negative_prompt": getattr(args, "negative", None)}
     return meta
@@ -127,7 +128,8 @@ def reproduce(args: argparse.Namespace) -> int:
         guidance_interval=meta.get("guidance_interval"), classifier=classifier,
         negative_cond=None if negative is None else {"class_label": negative},
         classifier_scale=meta.get("classifier_scale"), batch_size=meta.get("batch_size", len(seeds)),
-        prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), **meta.get("options", {}),
+        prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), clip=meta.get("clip"),
+        clip_prompt=meta.get("clip_prompt"), clip_scale=meta.get("clip_scale"), **meta.get("options", {}),
     )  # fmt: skip
     return write_reproduction(args, meta, seeds, samples, pipe.config.data.kind)
 

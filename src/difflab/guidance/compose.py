@@ -1,6 +1,6 @@
 """Composing guidance around a model's denoiser, once for every command and the Python API: classifier-free guidance
 over any set of signals (Ho & Salimans 2022) with an optional negative condition and sigma interval, then classifier
-guidance (Dhariwal & Nichol 2021) on top."""
+guidance (Dhariwal & Nichol 2021) and CLIP guidance (GLIDE) on top."""
 
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ class Guidance:
     negative: Cond | None = None
     classifier: Any = None
     classifier_scale: float | None = None
+    clip: Any = None  # a noise-aware CLIP (difflab.clip.Clip): CLIP guidance towards clip_text
+    clip_text: Any = None  # its unit text embedding (1, D) of the prompt to guide towards
+    clip_scale: float | None = None
 
     def __post_init__(self):
-        for flag, value in (("--guidance", self.scale), ("--classifier-scale", self.classifier_scale)):
+        for flag, value in (("--guidance", self.scale), ("--classifier-scale", self.classifier_scale),
+                            ("--clip-scale", self.clip_scale)):  # fmt: skip
             if value is not None and not math.isfinite(value):
                 raise DifflabError(f"{flag} must be a finite number, got {value}")
 
@@ -61,10 +65,18 @@ def guide(
             raise DifflabError("--guidance needs --class K (or --class all) and a model trained with --conditional")
         interval = tuple(guidance.interval) if guidance.interval is not None else None
         denoiser = ClassifierFreeGuidance(denoiser, guidance.scale, interval, guidance.negative)
-    if guidance.classifier is None:
-        return denoiser
-    check_classifier_kernel(kernel)
-    if not has_cond:
-        raise DifflabError("--classifier needs --class K (or --class all): the class to guide the samples towards")
-    scale = 1.0 if guidance.classifier_scale is None else guidance.classifier_scale
-    return classifier_guidance(denoiser, guidance.classifier, scale, condition_model=conditional)
+    if guidance.clip_scale is not None and guidance.clip is None:
+        raise DifflabError("--clip-scale needs --clip RUN (a noise-aware CLIP from `difflab train-clip --noise-aware`)")
+    if guidance.classifier is not None:
+        check_classifier_kernel(kernel)
+        if not has_cond:
+            raise DifflabError("--classifier needs --class K (or --class all): the class to guide the samples towards")
+        scale = 1.0 if guidance.classifier_scale is None else guidance.classifier_scale
+        denoiser = classifier_guidance(denoiser, guidance.classifier, scale, condition_model=conditional)
+    if guidance.clip is not None:
+        from difflab.clip import clip_guidance
+
+        check_classifier_kernel(kernel)
+        scale = 1.0 if guidance.clip_scale is None else guidance.clip_scale
+        denoiser = clip_guidance(denoiser, guidance.clip, guidance.clip_text, scale, condition_model=conditional)
+    return denoiser
