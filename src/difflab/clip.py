@@ -130,6 +130,23 @@ def clip_guidance(denoiser: Any, clip: Clip, text_embed: torch.Tensor, scale: fl
     return GradientGuidance(denoiser, similarity, scale, condition_model=condition_model)
 
 
+def clip_target(clip: Any, prompt: Any, model_shape: tuple[int, ...], device: Any) -> tuple[Clip, torch.Tensor]:
+    """A noise-aware CLIP (module or `difflab train-clip` folder) checked to read a model's samples of
+    `model_shape`, and the unit text embedding (1, D) of the one prompt CLIP guidance steers towards."""
+    if isinstance(clip, (str, Path)):
+        clip = load_clip(clip, device)
+    if not isinstance(prompt, str):
+        raise DifflabError("CLIP guidance needs one prompt to guide towards: give --clip-prompt TEXT")
+    shape = (clip.config.image_channels, clip.config.resolution, clip.config.resolution)
+    if tuple(model_shape) != shape:
+        raise DifflabError(
+            f"the CLIP reads images of shape {shape} but this model makes {tuple(model_shape)}; train a CLIP at the "
+            "model's resolution (a latent model's latents cannot be read by it)"
+        )
+    with torch.no_grad():
+        return clip, clip.encode_prompts([prompt]).to(device)
+
+
 def info_nce(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric loss per pair (B,): logits = s * I T^T; the mean of the image->text and text->image cross
     entropies with the matching pair (the diagonal) as the target (Radford et al. 2021, Fig. 3)."""

@@ -27,7 +27,6 @@ from difflab.guidance.compose import Guidance, check_classifier_kernel, guide
 from difflab.kernels import Kernel
 from difflab.nets import build_network
 from difflab.text.conditioned import FrozenTextConfig
-from difflab.training.checkpoint import checkpoint_step, load_config, load_tensors, resolve_checkpoint
 from difflab.types import Denoiser, StepCallback
 
 # `prepare`'s keywords: what `sample` passes on to make the condition and the guided denoiser
@@ -225,30 +224,15 @@ class Pipeline:
         clip_text = None
         if clip is not None:
             check_classifier_kernel(self.kernel)
-            clip, clip_text = self.clip_target(clip, clip_prompt if clip_prompt is not None else prompt)
+            from difflab.clip import clip_target
+
+            target = clip_prompt if clip_prompt is not None else prompt
+            clip, clip_text = clip_target(clip, target, self.model_shape, self.device)
         elif clip_prompt is not None:
             raise DifflabError("--clip-prompt is the text of CLIP guidance: give --clip RUN too")
         plan = Guidance(guidance, guidance_interval, negative, classifier, classifier_scale, clip, clip_text,
                         clip_scale)  # fmt: skip
         return cond, self.guided_denoiser(plan, cond)
-
-    def clip_target(self, clip: Any, prompt: Any) -> tuple[Any, torch.Tensor]:
-        """A noise-aware CLIP (module or folder) checked to read this model's samples, and the unit text embedding
-        (1, D) of the one prompt it guides towards."""
-        from difflab.clip import load_clip
-
-        if isinstance(clip, (str, Path)):
-            clip = load_clip(clip, self.device)
-        if not isinstance(prompt, str):
-            raise DifflabError("CLIP guidance needs one prompt to guide towards: give --clip-prompt TEXT")
-        shape = (clip.config.image_channels, clip.config.resolution, clip.config.resolution)
-        if tuple(self.model_shape) != shape:
-            raise DifflabError(
-                f"the CLIP reads images of shape {shape} but this model makes {tuple(self.model_shape)}; train a "
-                "CLIP at the model's resolution (a latent model's latents cannot be read by it)"
-            )
-        with torch.no_grad():
-            return clip, clip.encode_prompts([prompt]).to(self.device)
 
     def _check_upsampler_cond(self, cond: dict[str, torch.Tensor] | None, guidance: float | None) -> None:
         """An upsampler samples only from a low-res image; guidance needs a signal besides it (the image is kept in
@@ -413,39 +397,4 @@ def _rows(name: str, value: Any, n: int) -> torch.Tensor:
     return value
 
 
-def load(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
-    """The pipeline of a run folder, a checkpoint folder (EMA weights by default) or one of its .safetensors weights
-    files (that file), on `device`. Weights are only read with safetensors; version 1 configs are migrated.
-
-    Nothing is allocated before the weights file is checked (`difflab.weights`): a regular file whose header's tensor
-    names, shapes and floating-point dtypes match the network config.json describes; then its values must be finite.
-    Any failure is a one-line DifflabError naming the file and the tensor."""
-    from difflab.weights import check_header, meta_state
-
-    if (Path(path) / "model_index.json").is_file():  # a diffusers pipeline folder (difflab[diffusers])
-        from difflab.interop.diffusers_folder import load_diffusers
-
-        return load_diffusers(path, device=device)
-    ckpt = resolve_checkpoint(path)
-    config = load_config(ckpt)
-    if Path(path).is_file():  # a weights file named on purpose is the one loaded
-        weights = Path(path)
-    else:
-        ema = ckpt / "ema.safetensors"  # present but broken (a directory, a dangling link) is refused, not skipped
-        weights = ema if use_ema and (ema.exists() or ema.is_symlink()) else ckpt / "model.safetensors"
-    check_header(weights, meta_state(lambda: build_network(config.model)))
-    tensors = load_tensors(weights)
-    net = build_network(config.model)
-    try:
-        net.load_state_dict(tensors)
-    except RuntimeError as err:
-        raise DifflabError(f"'{weights}' does not match its config.json ({str(err).splitlines()[0]})") from None
-    formulation = make_formulation(config.formulation)
-    denoiser = formulation.denoiser(net).to(device)
-    autoencoder = None
-    if config.latent is not None:
-        from difflab.latent import load_latent_autoencoder
-
-        autoencoder = load_latent_autoencoder(ckpt, config.latent, device)
-    return Pipeline(config, denoiser, checkpoint=ckpt, step=checkpoint_step(ckpt), weights=weights,
-                    autoencoder=autoencoder)  # fmt: skip
+from difflab.loading import load  # noqa: E402, F401  (difflab.pipeline.load, as before: the loader lives in loading.py)
