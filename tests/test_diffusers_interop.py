@@ -190,6 +190,15 @@ def test_difflab_sample_runs_on_a_diffusers_folder(pixel_folder, tmp_path, capsy
     assert float(scheduler_sigmas(scheduler, difflab.load(pixel_folder).formulation.discrete_schedule)[-1]) == 0
 
 
+def tiny_vae():
+    """An AutoencoderKL with factor 2 and 4 latent channels, for 16x16 RGB images (random weights)."""
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        layers_per_block=1, sample_size=16,
+    )  # fmt: skip
+
+
 # ---- Stable Diffusion-like folders: text, guidance, VAE ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
@@ -210,11 +219,7 @@ def sd_folder(tmp_path_factory):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=4, attention_head_dim=4,
     )  # fmt: skip
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-        layers_per_block=1, sample_size=16,
-    )  # fmt: skip
+    vae = tiny_vae()
     scheduler = diffusers.DDIMScheduler(prediction_type="epsilon", **SD_SCHEDULER)
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
@@ -327,11 +332,7 @@ def dit_folder(tmp_path_factory):
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
         patch_size=2, num_embeds_ada_norm=1000,
     )  # fmt: skip
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-        layers_per_block=1, sample_size=16,
-    )  # fmt: skip
+    vae = tiny_vae()
     scheduler = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
     folder = tmp_path_factory.mktemp("dit-folder")
     diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(

@@ -112,12 +112,20 @@ def test_img2img_and_inpainting_edit_the_latents(latent_run, tmp_path, capsys):
     assert (fills[:, 0, :, 4:] - original[:, 4:]).abs().max() > 0.05  # the other half is drawn anew
 
 
-def test_the_denoising_figure_shows_decoded_predictions(latent_run, tmp_path):
-    from difflab.cli.demo import denoising_figure
+def test_the_denoising_figure_shows_decoded_predictions(latent_run, tmp_path, monkeypatch):
+    """The figure's frames are the decoded x_t and x0_hat: 8x8 digits, not the 2x4x4 latents the sampler holds."""
+    import difflab.cli.demo as demo
 
-    path = denoising_figure(difflab.load(latent_run), tmp_path / "d.png", seeds=(0, 1), steps=6, frames=3)
-    width, height = Image.open(path).size
-    assert width > 3 * 8 and height > 4 * 8
+    seen = {}
+    real = demo.save_denoising_figure
+    monkeypatch.setattr(demo, "save_denoising_figure", lambda xt, x0, *a, **k: seen.update(xt=xt, x0=x0) or real(
+        xt, x0, *a, **k))  # fmt: skip
+    pipe = difflab.load(latent_run)
+    path = demo.denoising_figure(pipe, tmp_path / "d.png", seeds=(0, 1), steps=6, frames=3)
+    assert Image.open(path).size[0] > 3 * 8
+    assert len(seen["x0"]) == 3 and all(f.shape == (2, 1, 8, 8) for f in seen["xt"] + seen["x0"])
+    last = pipe.sample(seeds=[0, 1], sampler="ddpm", steps=6)  # the last x0_hat is what the sampler returns
+    torch.testing.assert_close(seen["x0"][-1], last, rtol=0, atol=1e-5)
 
 
 def test_a_latent_run_resumes_from_its_own_copy_of_the_autoencoder(digits_autoencoder, tmp_path, capsys):
