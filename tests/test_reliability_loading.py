@@ -95,13 +95,15 @@ def test_weights_of_another_dtype_shape_or_names_are_refused_naming_the_tensor(c
 
 def _built_on(monkeypatch) -> list[str]:
     """The default device of every build_network call that difflab.load makes ("meta" = no memory)."""
-    calls, real = [], difflab.pipeline.build_network
+    import difflab.loading
+
+    calls, real = [], difflab.loading.build_network
 
     def recording(config):
         calls.append(str(torch.get_default_device()))
         return real(config)
 
-    monkeypatch.setattr(difflab.pipeline, "build_network", recording)
+    monkeypatch.setattr(difflab.loading, "build_network", recording)
     return calls
 
 
