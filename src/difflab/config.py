@@ -33,6 +33,7 @@ from difflab.inpaint_model import InpaintingConfig
 from difflab.latent import LatentConfig
 from difflab.limits import check_limits
 from difflab.nets import ModelConfig
+from difflab.unclip.config import UnclipConfig
 
 CONFIG_VERSION = 2
 
@@ -114,6 +115,7 @@ class RunConfig:
     upsampler: UpsamplerConfig | None = None  # the super-resolution stage of a cascade: its low-res input
     inpainting: InpaintingConfig | None = None  # GLIDE's inpainting model: its training masks
     latent: LatentConfig | None = None  # latent diffusion: the frozen autoencoder whose latents the model generates
+    unclip: UnclipConfig | None = None  # unCLIP's prior or decoder: the frozen CLIP whose embeddings it reads
 
     def __post_init__(self):
         """The formulation's sizes (ddpm timesteps, pfgm batch) are checked against `difflab.limits`; an upsampler
@@ -133,6 +135,8 @@ class RunConfig:
             if self.upsampler is not None:
                 raise DifflabError("a latent model cannot be a cascade's upsampler: drop --upsample-from or "
                                    "--autoencoder")  # fmt: skip
+        if self.unclip is not None:
+            check_unclip(self)
         if (self.inpainting is None) != (getattr(self.model.settings, "inpaint_channels", None) is None):
             raise DifflabError("inpainting and model.settings.inpaint_channels must be set together (an inpainting "
                                "model takes the masked image and the mask as extra channels)")  # fmt: skip
@@ -163,6 +167,7 @@ class RunConfig:
             | ({"upsampler": dataclasses.asdict(self.upsampler)} if self.upsampler is not None else {})
             | ({"inpainting": dataclasses.asdict(self.inpainting)} if self.inpainting is not None else {})
             | ({"latent": dataclasses.asdict(self.latent)} if self.latent is not None else {})
+            | ({"unclip": dataclasses.asdict(self.unclip)} if self.unclip is not None else {})
         )
 
     def to_json(self) -> str:
@@ -183,7 +188,8 @@ class RunConfig:
         if version == 1:
             values = migrate_v1(values)
         check_keys(values, "config", {"version", "data", "model", "formulation", "train", "conditioning", "upsampler",
-                                      "inpainting", "latent"}, required=("data", "model", "formulation"))  # fmt: skip
+                                      "inpainting", "latent", "unclip"},
+                   required=("data", "model", "formulation"))  # fmt: skip
         conditioning = values.get("conditioning", [])
         if not isinstance(conditioning, list):
             raise ValueError(f"conditioning must be a list, got {_show(conditioning)}")
@@ -204,11 +210,28 @@ class RunConfig:
             latent=dataclass_from_dict(LatentConfig, values["latent"], "latent")
             if values.get("latent") is not None
             else None,
+            unclip=dataclass_from_dict(UnclipConfig, values["unclip"], "unclip")
+            if values.get("unclip") is not None
+            else None,
         )
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
         return cls.from_dict(json.loads(text))
+
+
+def check_unclip(config: RunConfig) -> None:
+    """An unCLIP prior generates E-dimensional embeddings (data of kind points, shape (E,)); a decoder is an image model
+    whose network takes image_embed of size E; neither is a cascade stage, an inpainting or a latent model yet."""
+    unclip, shape = config.unclip, tuple(config.data.sample_shape)
+    if unclip.role == "prior" and (config.data.kind != "points" or shape != (unclip.embed_dim,)):
+        raise DifflabError(f"an unCLIP prior generates embeddings of shape ({unclip.embed_dim},), not {shape}")
+    if unclip.role == "decoder" and getattr(config.model.settings, "image_embed_dim", None) != unclip.embed_dim:
+        raise DifflabError(f"an unCLIP decoder's network must take image_embed of size {unclip.embed_dim}")
+    if config.upsampler is not None or config.inpainting is not None or config.latent is not None:
+        raise DifflabError(
+            "an unCLIP prior or decoder cannot also be an upsampler, an inpainting or a latent model yet"
+        )
 
 
 _V1_FORMULATION_FIELDS = {

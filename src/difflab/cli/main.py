@@ -35,6 +35,17 @@ COMMANDS = {
                           "difflab train-autoencoder --data shapes --out runs/ae --factor 4 --latent-channels 4"),
     "train-clip": ("difflab.cli.train_clip", "train a small CLIP (image-text embeddings) on the captioned shapes",
                    "difflab train-clip --data shapes --out runs/clip --steps 2000"),
+    "train-prior": ("difflab.cli.train:prior", "train unCLIP's prior: CLIP text embedding -> CLIP image embedding",
+                    "difflab train-prior --clip runs/clip --data shapes --out runs/prior --steps 4000"),
+    "train-decoder": ("difflab.cli.train:decoder", "train unCLIP's decoder: an image model conditioned on CLIP image "
+                      "embeddings", "difflab train-decoder --clip runs/clip --data shapes --out runs/decoder"),
+    "variations": ("difflab.cli.unclip:variations", "variations of an image: its CLIP embedding decoded with new noise",
+                   "difflab variations --ckpt runs/decoder --image a.png --n 8 --out variations.png"),
+    "interpolate": ("difflab.cli.unclip:interpolate", "interpolate between two images in CLIP embedding space",
+                    "difflab interpolate --ckpt runs/decoder --image a.png --image b.png --frames 8 --out path.png"),
+    "textdiff": ("difflab.cli.unclip:textdiff", "edit an image towards a text change (unCLIP's text diffs)",
+                 "difflab textdiff --ckpt runs/decoder --image a.png --from \"a red circle\" --to \"a blue circle\" "
+                 "--out edit.png"),
     "encode": ("difflab.cli.autoencoder:encode", "encode images to an autoencoder's latents (.npy)",
                "difflab encode --autoencoder runs/ae a.png b.png --out latents.npy"),
     "decode": ("difflab.cli.autoencoder:decode", "decode latents (.npy) to images with an autoencoder",

@@ -11,13 +11,19 @@ from difflab.cli.common import add_runtime_arguments, setup_runtime, stopped_by_
 FORMULATION_FLAGS = ("schedule", "timesteps", "prediction", "sigma_min", "sigma_max", "aug_dim")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None:
+    """`difflab train`'s flags; with `unclip` ("prior" or "decoder") those of train-prior / train-decoder: --clip, and
+    the captioned shapes and unCLIP's dropouts as defaults."""
     data = p.add_argument_group("data and output")
     data.add_argument(
         "--data",
+        default="shapes" if unclip else None,
         help="moons, swissroll, 8gaussians, checkerboard, rings, heart, digits or a folder of images (required "
         "unless --resume: a run remembers its data)",
     )
+    if unclip:
+        data.add_argument("--clip", required=True, metavar="RUN", help="the CLIP (difflab train-clip) whose "
+                          "embeddings the model reads; images default to its size")  # fmt: skip
     data.add_argument("--out", required=True, help="run folder (config, checkpoints, log, loss curve)")
     data.add_argument("--resolution", type=int, help="image size (digits: 8..64, multiple of 8; folders: 32)")
     data.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 = grey, 3 = RGB")
@@ -53,9 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--caption-dropout",
         type=float,
-        default=0.2,
+        default={"prior": 0.1, "decoder": 0.5}.get(unclip, 0.2),
         help="text models: share of captions replaced by the empty one, for classifier-free guidance",
     )
+    if unclip == "decoder":
+        net.add_argument("--image-embed-dropout", type=float, default=0.1,
+                         help="share of image embeddings nulled in training, for classifier-free guidance")  # fmt: skip
     net.add_argument("--upsample-from", type=int, metavar="R",
                      help="train the upsampler of a cascade: conditioned on the RxR area average of each image (R "
                      "divides --resolution, e.g. 16 for 32), for difflab txt2img --upsampler")  # fmt: skip
@@ -119,7 +128,8 @@ def config_from_args(args: argparse.Namespace, data):
         checkpoint_every=args.checkpoint_every, preview_every=args.preview_every, tensorboard=args.tensorboard,
         text_encoder=args.text_encoder, caption_dropout=args.caption_dropout, upsample_from=args.upsample_from,
         low_res_noise_max=args.low_res_noise_max, inpainting=args.inpainting, init_from=args.init_from,
-        patch_size=args.patch_size, autoencoder=args.autoencoder, **settings,
+        patch_size=args.patch_size, autoencoder=args.autoencoder, clip=getattr(args, "clip", None),
+        unclip=getattr(args, "unclip", None), image_embed_dropout=getattr(args, "image_embed_dropout", 0.1), **settings,
     )  # fmt: skip
 
 
@@ -140,7 +150,12 @@ def train(args: argparse.Namespace):
         raise DifflabError(f"'{args.out}' already holds a run; pass --resume latest to continue it, or a new --out")
     from difflab.data import load_dataset
 
-    data = load_dataset(args.data, resolution=args.resolution, channels=args.channels)
+    resolution = args.resolution
+    if getattr(args, "clip", None) is not None and resolution is None:  # unCLIP: the CLIP's image size
+        from difflab.clip import load_clip
+
+        resolution = load_clip(args.clip).config.resolution
+    data = load_dataset(args.data, resolution=resolution, channels=args.channels)
     config = config_from_args(args, data)
     return train_run(config, args.out, data=data, device=device, progress=not args.no_progress)
 
@@ -234,6 +249,26 @@ def _same_checkpoint(given: str, saved: str) -> bool:
         return resolve_checkpoint(given).resolve() == Path(saved).resolve()
     except DifflabError:
         return False
+
+
+def add_prior_arguments(p: argparse.ArgumentParser) -> None:
+    add_arguments(p, unclip="prior")
+
+
+def add_decoder_arguments(p: argparse.ArgumentParser) -> None:
+    add_arguments(p, unclip="decoder")
+
+
+def prior(args: argparse.Namespace) -> int:
+    """`difflab train-prior`: unCLIP's prior (DALL-E 2, Sec. 2.2) on the CLIP's embeddings of the data."""
+    args.unclip = "prior"
+    return run(args)
+
+
+def decoder(args: argparse.Namespace) -> int:
+    """`difflab train-decoder`: unCLIP's decoder (DALL-E 2, Sec. 2.1), conditioned on the CLIP's image embeddings."""
+    args.unclip = "decoder"
+    return run(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`difflab txt2img`: a prompt goes in, images come out (GLIDE, Nichol et al. 2022): `difflab sample` for a text model,
 with the prompt, an optional negative prompt and classifier-free guidance; `--prompts FILE` draws each line in turn.
-`--upsampler RUN` makes it a cascade (Ho et al. 2021): the base model's images, then the upsampler's from them."""
+`--upsampler RUN` makes it a cascade (Ho et al. 2021): the base model's images, then the upsampler's from them.
+`--pipeline unclip --prior RUN --decoder RUN` draws through DALL-E 2's prior and decoder (`difflab.cli.unclip`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          help="the upsampler's augmentation level: Gaussian noise of std S added to the base images "
                          "and given to the model (default 0; at most the run's --low-res-noise-max)")  # fmt: skip
     sample.add_arguments(p)
+    from difflab.cli.unclip import add_unclip_arguments
+
+    add_unclip_arguments(p)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -176,7 +180,12 @@ def _run(args: argparse.Namespace) -> int:
         )
         if len(prompts) > 1:
             print(f"[{index + 1}/{len(prompts)}] {prompt}")
-        code = sample.run(args) if args.upsampler is None else run_cascade(args)
+        if args.pipeline == "unclip":
+            from difflab.cli.unclip import run_txt2img
+
+            code = run_txt2img(args, prompt)
+        else:
+            code = sample.run(args) if args.upsampler is None else run_cascade(args)
         if code:
             return code
     return 0

@@ -16,6 +16,7 @@ from difflab.errors import DifflabError
 from difflab.limits import check_limits
 from difflab.nets.dit import DiT, DiTConfig, dit_preset
 from difflab.nets.mlp import MLP, MLPConfig
+from difflab.nets.prior import DiffusionPrior, PriorConfig, prior_preset
 from difflab.nets.unet import UNet, UNetConfig, unet_preset
 
 
@@ -33,7 +34,7 @@ class Backbone:
 # Image settings a U-Net or DiT preset takes beyond the common ones: text (context_dim, pooled_dim), a cascade's low-res
 # input (low_res_channels), GLIDE's inpainting channels (inpaint_channels), patches (patch_size). One list, for every
 # preset.
-IMAGE_INPUTS = ("context_dim", "pooled_dim", "low_res_channels", "inpaint_channels", "patch_size")
+IMAGE_INPUTS = ("context_dim", "pooled_dim", "low_res_channels", "inpaint_channels", "patch_size", "image_embed_dim")
 
 
 def _unet(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None,
@@ -68,12 +69,22 @@ def _mlp(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outpu
     return MLPConfig(data_dim=dim, hidden=hidden[preset], out_dim=dim + extra_outputs, num_classes=num_classes)
 
 
+def _prior(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None,
+           **inputs: int | None):  # fmt: skip
+    given = sorted(k for k, v in inputs.items() if v is not None and k not in ("context_dim", "pooled_dim"))
+    if given or num_classes or extra_outputs:
+        raise DifflabError("the prior backbone takes text only (context_dim, pooled_dim): it is unCLIP's prior over "
+                           "image embeddings; train it with difflab train-prior")  # fmt: skip
+    return prior_preset(preset, sample_shape[0], dropout, inputs.get("context_dim"), inputs.get("pooled_dim"))
+
+
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
         Backbone("unet", UNetConfig, UNet, _unet, ("images",)),
         Backbone("dit", DiTConfig, DiT, _dit, ("images",)),
         Backbone("mlp", MLPConfig, MLP, _mlp, ("points",)),
+        Backbone("prior", PriorConfig, DiffusionPrior, _prior, ("points",)),
     )
 }
 DEFAULT_BACKBONE = {"images": "unet", "points": "mlp"}

@@ -35,8 +35,9 @@ from difflab.errors import DifflabError
 from difflab.limits import MAX_DIT_TOKENS, SIZE_LIMITS, check_limits, check_size
 from difflab.nets.attention import TextContext, normalised_context, zero_init
 from difflab.nets.embeddings import AugmentationEmbedding, LabelEmbedding, NoiseEmbedding, PooledEmbedding, conditioning
+from difflab.nets.image_embed import ImageEmbedConditioning, with_image_tokens
 from difflab.nets.inputs import with_inpainting, with_low_res
-from difflab.nets.unet import unet_signals
+from difflab.nets.unet import attention_context_dim, unet_signals
 
 POSITION_EMBEDDINGS = ("sincos", "learned")
 FREQUENCY_DIM = 256  # sinusoidal features of c_noise before the embedding MLP (DiT's frequency_embedding_size)
@@ -60,6 +61,8 @@ class DiTConfig:
     pooled_dim: int | None = None  # P of text_pooled (B, P): added to the conditioning vector when set
     low_res_channels: int | None = None  # C of low_res (B, C, r, r): an upsampler's extra input channels when set
     inpaint_channels: int | None = None  # C of masked_image (B, C, R, R): inpainting's C + 1 extra channels when set
+    image_embed_dim: int | None = None  # E of image_embed (B, E): unCLIP's decoder conditioning when set
+    image_tokens: int = 4  # the context tokens the image embedding is projected into (unCLIP: four)
 
     @property
     def grid(self) -> int:
@@ -193,6 +196,9 @@ class DiT(nn.Module):
         self.pooled_embed = PooledEmbedding(cfg.pooled_dim, dim) if cfg.pooled_dim else None
         self.low_res_noise_embed = AugmentationEmbedding(FREQUENCY_DIM, dim) if cfg.low_res_channels else None
         self.context_norm = nn.LayerNorm(cfg.context_dim) if cfg.context_dim else None
+        context_dim = attention_context_dim(cfg)
+        self.image_embed = (ImageEmbedConditioning(cfg.image_embed_dim, dim, context_dim, cfg.image_tokens)
+                            if cfg.image_embed_dim else None)  # fmt: skip
         extra = (cfg.low_res_channels or 0) + (cfg.inpaint_channels + 1 if cfg.inpaint_channels else 0)
         self.patch_embed = nn.Conv2d(cfg.in_channels + extra, dim, p, stride=p)
         if cfg.position_embedding == "learned":
@@ -200,7 +206,7 @@ class DiT(nn.Module):
         else:  # fixed: a buffer rebuilt with the network, not stored in its weights
             self.register_buffer("position", sincos_position_embedding(cfg.grid, dim)[None], persistent=False)
         self.blocks = nn.ModuleList(
-            DiTBlock(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.context_dim) for _ in range(cfg.depth)
+            DiTBlock(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, context_dim) for _ in range(cfg.depth)
         )
         self.out_channels = cfg.out_channels or cfg.in_channels
         outputs = self.out_channels * (2 if cfg.learn_variance else 1)
@@ -248,8 +254,11 @@ class DiT(nn.Module):
         c = conditioning(self.embed, self.label_embed, c_noise, cond, self.pooled_embed, self.accepts)
         if self.low_res_noise_embed is not None:
             c = c + self.low_res_noise_embed((cond or {}).get("low_res_noise"), x.shape[0], x.device)
-        c = nn.functional.silu(c)  # adaLN's regressions all read SiLU(c)
         context = self._context(cond, x.shape[0])
+        if self.image_embed is not None:
+            image_c, image_tokens = self.image_embed(cond, x.shape[0], x.device)
+            c, context = c + image_c, with_image_tokens(context, image_tokens)
+        c = nn.functional.silu(c)  # adaLN's regressions all read SiLU(c)
         h = with_inpainting(with_low_res(x, cond, self.config.low_res_channels), cond, self.config.inpaint_channels,
                             x.shape)  # fmt: skip
         h = self.patch_embed(h).flatten(2).transpose(1, 2)  # (B, N, D)

@@ -32,6 +32,7 @@ from difflab.nets.embeddings import (
     PooledEmbedding,
     conditioning,
 )
+from difflab.nets.image_embed import ImageEmbedConditioning, with_image_tokens
 from difflab.nets.inputs import with_inpainting, with_low_res
 
 
@@ -53,6 +54,8 @@ class UNetConfig:
     low_res_channels: int | None = None  # C of low_res (B, C, r, r): an upsampler's extra input channels when set
     inpaint_channels: int | None = None  # C of masked_image (B, C, R, R): inpainting's C + 1 extra channels when set
     patch_size: int = 1  # p > 1: the levels start at R/p on p x p patches (pixel-unshuffled input, shuffled output)
+    image_embed_dim: int | None = None  # E of image_embed (B, E): unCLIP's decoder conditioning when set
+    image_tokens: int = 4  # the context tokens the image embedding is projected into (unCLIP: four)
 
 
 def unet_signals(cfg: UNetConfig) -> frozenset[str]:
@@ -62,7 +65,14 @@ def unet_signals(cfg: UNetConfig) -> frozenset[str]:
     signals |= {"text_pooled"} if cfg.pooled_dim else set()
     signals |= {"low_res", "low_res_noise"} if cfg.low_res_channels else set()
     signals |= {"masked_image", "mask"} if cfg.inpaint_channels else set()
+    signals |= {"image_embed"} if cfg.image_embed_dim else set()
     return frozenset(signals)
+
+
+def attention_context_dim(cfg) -> int | None:
+    """The width of the tokens the attention layers read: the text's (context_dim), or without text an unCLIP
+    decoder's image tokens, which then take the image embedding's width."""
+    return cfg.context_dim or cfg.image_embed_dim
 
 
 class ResBlock(nn.Module):
@@ -124,13 +134,16 @@ class UNet(nn.Module):
         # GLIDE's text transformer ends in a LayerNorm before the per-layer projections; the encoder is external here
         self.context_norm = nn.LayerNorm(cfg.context_dim) if cfg.context_dim else None
         self.low_res_noise_embed = AugmentationEmbedding(cfg.channels, emb_dim) if cfg.low_res_channels else None
+        context_dim = attention_context_dim(cfg)
+        self.image_embed = (ImageEmbedConditioning(cfg.image_embed_dim, emb_dim, context_dim, cfg.image_tokens)
+                            if cfg.image_embed_dim else None)  # fmt: skip
         self.accepts = unet_signals(cfg)
         extra = (cfg.low_res_channels or 0) + (cfg.inpaint_channels + 1 if cfg.inpaint_channels else 0)
         self.conv_in = nn.Conv2d((cfg.in_channels + extra) * p * p, cfg.channels, 3, padding=1)
 
         def level(c_ins: list[int], c_out: int, res: int) -> _Level:
             blocks = [ResBlock(c, c_out, emb_dim, cfg.dropout, g) for c in c_ins]
-            return _Level(blocks, res in cfg.attention_resolutions, cfg.attention_heads, g, cfg.context_dim)
+            return _Level(blocks, res in cfg.attention_resolutions, cfg.attention_heads, g, context_dim)
 
         widths = [cfg.channels * m for m in cfg.channel_mult]
         skips, c, res = [cfg.channels], cfg.channels, cfg.resolution // p
@@ -144,7 +157,7 @@ class UNet(nn.Module):
                 skips.append(c)
                 res //= 2
         self.mid1 = ResBlock(c, c, emb_dim, cfg.dropout, g)
-        self.mid_attn = SelfAttention(c, cfg.attention_heads, g, cfg.context_dim)
+        self.mid_attn = SelfAttention(c, cfg.attention_heads, g, context_dim)
         self.mid2 = ResBlock(c, c, emb_dim, cfg.dropout, g)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
@@ -166,7 +179,11 @@ class UNet(nn.Module):
         emb = conditioning(self.embed, self.label_embed, c_noise, cond, self.pooled_embed, self.accepts)
         if self.low_res_noise_embed is not None:
             emb = emb + self.low_res_noise_embed((cond or {}).get("low_res_noise"), x.shape[0], x.device)
-        emb, ctx = nn.functional.silu(emb), self._context(cond, x.shape[0])
+        ctx = self._context(cond, x.shape[0])
+        if self.image_embed is not None:
+            image_emb, image_tokens = self.image_embed(cond, x.shape[0], x.device)
+            emb, ctx = emb + image_emb, with_image_tokens(ctx, image_tokens)
+        emb = nn.functional.silu(emb)
         h = with_low_res(x, cond, self.config.low_res_channels)
         h = with_inpainting(h, cond, self.config.inpaint_channels, x.shape)
         h = self.conv_in(nn.functional.pixel_unshuffle(h, self.config.patch_size))

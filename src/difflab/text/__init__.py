@@ -34,15 +34,18 @@ __all__ = [
 
 
 def parse_text_encoder(spec: str) -> tuple[str, str | None]:
-    """Split a `--text-encoder` value into (kind, path): ("scratch", None), ("minilm", None) or ("hf", PATH)."""
+    """Split a `--text-encoder` value into (kind, path): ("scratch", None), ("minilm", None), ("hf", PATH) or
+    ("clip", PATH) (a `difflab train-clip` folder's text tower)."""
     if spec in ("scratch", "minilm"):
         return spec, None
-    if isinstance(spec, str) and spec.startswith("hf:"):
-        if not spec[3:].strip():
-            raise DifflabError("--text-encoder hf:PATH needs a folder after 'hf:', e.g. hf:models/clip-text")
-        return "hf", spec[3:]
+    for kind in ("hf", "clip"):
+        if isinstance(spec, str) and spec.startswith(f"{kind}:"):
+            if not spec[len(kind) + 1 :].strip():
+                raise DifflabError(f"--text-encoder {kind}:PATH needs a folder after '{kind}:', e.g. {kind}:runs/clip")
+            return kind, spec[len(kind) + 1 :]
     raise DifflabError(
-        f"unknown text encoder {spec!r}; choose scratch, minilm or hf:PATH (a local Hugging Face folder)"
+        f"unknown text encoder {spec!r}; choose scratch, minilm, hf:PATH (a local Hugging Face folder) or clip:PATH "
+        "(a difflab train-clip folder)"
     )
 
 
@@ -58,4 +61,8 @@ def make_text_encoder(
         return ScratchTextEncoder(ScratchTextConfig.for_tokenizer(tokenizer, **scratch_sizes))
     if scratch_sizes:
         raise DifflabError(f"{sorted(scratch_sizes)} apply to the scratch text encoder only, not to {spec}")
+    if kind == "clip":
+        from difflab.unclip.link import ClipTextEncoder
+
+        return ClipTextEncoder(path, max_length)
     return MiniLMEncoder(max_length) if kind == "minilm" else HFTextEncoder(path, max_length)

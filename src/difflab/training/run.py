@@ -4,6 +4,7 @@ trains it (or continues it) and returns the run folder. The CLI's `difflab train
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from difflab.training.lock import run_lock
 from difflab.training.tasks import DenoiserTask
 from difflab.training.threads import oversubscription_warning
 from difflab.training.trainer import Trainer, TrainResult, read_log
+from difflab.unclip.config import UnclipConfig
 
 # Defaults that differ between low-dimensional points and images.
 DEFAULTS = {"points": {"batch_size": 256, "lr": 1e-3}, "images": {"batch_size": 128, "lr": 5e-4}}
@@ -64,6 +66,9 @@ def run_config(
     init_from: str | Path | None = None,
     patch_size: int | None = None,
     autoencoder: str | Path | None = None,
+    clip: str | Path | None = None,
+    unclip: str | None = None,
+    image_embed_dropout: float = 0.1,
     **formulation_settings: Any,
 ) -> RunConfig:
     """The RunConfig of a new run on `data` (a loaded `difflab.data.Dataset`). `process` names the formulation
@@ -76,12 +81,21 @@ def run_config(
     `patch_size` p runs a U-Net on p x p patches (about 1/p^2 of the cost; `difflab.nets.unet.UNet`).
     `init_from` (a run or checkpoint) fine-tunes it: network, text encoder and formulation are that run's, its weights
     the start (`difflab.training.init_from`). `autoencoder` (a `difflab train-autoencoder` folder) makes it a latent
-    model: it learns the autoencoder's scaled latents of the images (`difflab.latent`). Steps default to 5000 unless
-    `minutes` is given."""
+    model: it learns the autoencoder's scaled latents of the images (`difflab.latent`). `unclip` ("prior" or "decoder")
+    with `clip` (a `difflab train-clip` folder) makes it one of unCLIP's models (`difflab.unclip`): the prior, a
+    transformer over the CLIP's image embeddings conditioned on its text tower (ddpm: cosine schedule, x0-prediction
+    unless given), or the decoder, an image model conditioned on the embedding (`image_embed_dropout` of them nulled).
+    Steps default to 5000 unless `minutes` is given."""
     if init_from is not None and text_encoder is not None:
         raise DifflabError("--init-from takes the text encoder of the run it starts from: drop --text-encoder")
     defaults = DEFAULTS[data.kind]
     latent, model_data = _latent(data, autoencoder, upsample_from, inpainting, init_from)
+    unclip_config, model_data = _unclip(model_data, clip, unclip, init_from)
+    if unclip == "prior":
+        if text_encoder is not None:
+            raise DifflabError("the prior reads its CLIP's text tower: drop --text-encoder")
+        text_encoder, backbone = f"clip:{unclip_config.clip}", backbone or "prior"
+        formulation_settings = _prior_settings(process, formulation_settings)
     norm = float(model_data.data.flatten(1).pow(2).sum(1).mean().sqrt())
     info = DataInfo(model_data.sample_shape, norm, defaults["batch_size"])
     formulation = make_config(process, info, **formulation_settings)
@@ -90,7 +104,9 @@ def run_config(
     num_classes = _num_classes(data, conditional)
     resolution = data.sample_shape[-1] if data.kind == "images" else None
     channels = data.sample_shape[0] if data.kind == "images" else 1
-    data_config = DataConfig(data.name, data.kind, tuple(data.sample_shape), resolution, channels)
+    data_config = DataConfig(data.name, model_data.kind if unclip == "prior" else data.kind,
+                             tuple(model_data.sample_shape if unclip == "prior" else data.sample_shape), resolution,
+                             channels)  # fmt: skip
     text = _text_config(data, text_encoder)
     upsampler = _upsampler_config(data, upsample_from, low_res_noise_max)
     inpaint = _inpainting_config(data, inpainting)
@@ -98,7 +114,8 @@ def run_config(
     width |= {} if upsampler is None else {"low_res_channels": channels}
     width |= {} if inpaint is None else {"inpaint_channels": channels}
     width |= {} if patch_size is None else {"patch_size": patch_size}
-    model_config = model_config_for(data.kind, model_data.sample_shape, model, dropout, klass.extra_outputs,
+    width |= {"image_embed_dim": unclip_config.embed_dim} if unclip == "decoder" else {}
+    model_config = model_config_for(model_data.kind, model_data.sample_shape, model, dropout, klass.extra_outputs,
                                     num_classes, backbone, **width)  # fmt: skip
     model_config = replace(model_config, text=text)
     train = TrainConfig(
@@ -120,8 +137,9 @@ def run_config(
         caption = "text" if isinstance(text, FrozenTextConfig) else "text_tokens"
         conditioning += (SignalConfig(caption, caption_dropout),)
     conditioning += (SignalConfig("low_res", 0.0),) if upsampler is not None else ()  # never dropped
+    conditioning += (SignalConfig("image_embed", image_embed_dropout),) if unclip == "decoder" else ()
     config = RunConfig(data_config, model_config, formulation, train, conditioning, upsampler=upsampler,
-                       inpainting=inpaint, latent=latent)  # fmt: skip
+                       inpainting=inpaint, latent=latent, unclip=unclip_config)  # fmt: skip
     if init_from is not None:
         config = finetune_config(config, init_from, caption_dropout)
     make_formulation(config.formulation).loss(min_snr_gamma)  # refuse what the loss cannot take now, not at step 1
@@ -141,6 +159,34 @@ def _latent(data: Dataset, autoencoder: str | Path | None, upsample_from: int | 
         raise DifflabError(f"{', '.join(given)} with --autoencoder is not supported yet; train in pixel space")
     latent, model = latent_config_of(autoencoder)
     return latent, latent_dataset(data, latent, model)
+
+
+def _unclip(data: Dataset, clip: str | Path | None, role: str | None,
+            init_from: str | Path | None) -> tuple[UnclipConfig | None, Dataset]:  # fmt: skip
+    """The UnclipConfig of a prior or decoder reading `clip`, and the data the network learns (a prior: embeddings)."""
+    if (clip is None) != (role is None):
+        raise DifflabError("an unCLIP model needs both its role (prior or decoder) and --clip RUN")
+    if role is None:
+        return None, data
+    if data.kind != "images" or not data.captions:
+        raise DifflabError(f"unCLIP models train on captioned images; '{data.name}' has none (use --data shapes)")
+    if init_from is not None:
+        raise DifflabError("--init-from with an unCLIP model is not supported yet")
+    from difflab.unclip.link import embedding_dataset, unclip_config_of
+
+    config, model = unclip_config_of(clip, role)
+    return config, embedding_dataset(data, config, model) if role == "prior" else data
+
+
+# DALL-E 2's prior: a cosine schedule, predicting the clean embedding (where the formulation has these settings)
+PRIOR_DEFAULTS = {"schedule": "cosine", "prediction": "x0"}
+
+
+def _prior_settings(process: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The formulation settings of a prior: PRIOR_DEFAULTS for those the process takes and the user left unset."""
+    fields = {f.name for f in dataclasses.fields(formulation_class(process).Config)}
+    return {k: v for k, v in PRIOR_DEFAULTS.items() if k in fields} | {
+        k: v for k, v in settings.items() if v is not None}  # fmt: skip
 
 
 def _num_classes(data: Dataset, conditional: bool) -> int | None:
@@ -272,11 +318,17 @@ def train_run(
         if config.latent is not None:  # the latents of the images, from the run's own copy once it has one
             autoencoder = training_autoencoder(config.latent, ckpt)
             data = latent_dataset(data, config.latent, autoencoder)
+        signals = None
+        if config.unclip is not None:  # a prior learns the CLIP's embeddings; a decoder is conditioned on them
+            from difflab.unclip.link import unclip_training_data
+
+            data, signals = unclip_training_data(config.unclip, data)
         torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
         task = DenoiserTask(config, autoencoder)
         if ckpt is None and config.train.init_from is not None:
             initial_weights(task.module, config.train.init_from)
-        trainer = Trainer(task, data.data, out, torch.device(device), cond_data=training_signals(config, data))
+        cond_data = (training_signals(config, data) or {}) | (signals or {})
+        trainer = Trainer(task, data.data, out, torch.device(device), cond_data=cond_data or None)
         if ckpt is not None:
             trainer.resume(ckpt)
         warning = oversubscription_warning()  # once the settings are known to be valid: errors stay one line

@@ -60,8 +60,9 @@ class DenoiserTask:
         from difflab.training.checkpoint import load_config
 
         saved = load_config(ckpt)
-        same = (saved.model, saved.formulation, saved.conditioning, saved.upsampler, saved.inpainting, saved.latent)
+        same = (saved.model, saved.formulation, saved.conditioning, saved.upsampler, saved.inpainting, saved.latent,
+                saved.unclip)  # fmt: skip
         config = self.config
         if same != (config.model, config.formulation, config.conditioning, config.upsampler, config.inpainting,
-                    config.latent):  # fmt: skip
+                    config.latent, config.unclip):  # fmt: skip
             raise DifflabError(f"'{ckpt}' was trained with another model or formulation config; use a new --out")

@@ -158,6 +158,22 @@ def save_image_grid(
     return p
 
 
+def save_image_gif(frames: torch.Tensor, path: str | Path, *, upscale: int = 1, duration_ms: int = 250,
+                   bounce: bool = True) -> Path:  # fmt: skip
+    """An animated GIF of image frames (K, C, H, W) in [-1, 1], each enlarged `upscale` times (nearest neighbour),
+    `duration_ms` per frame, looping; `bounce` plays the frames forwards then backwards."""
+    pixels = images_to_uint8(frames)  # (K, H, W, C)
+    if upscale > 1:
+        pixels = pixels.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    images = [Image.fromarray(np.ascontiguousarray(f[:, :, 0] if f.shape[2] == 1 else f)) for f in pixels]
+    if bounce and len(images) > 2:
+        images = images + images[-2:0:-1]
+    p = Path(path)
+    with atomic_output(p) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+    return p
+
+
 def read_png_metadata(path: str | Path) -> dict[str, Any]:
     """Return the dict stored by ``save_image_grid`` in the PNG's ``difflab`` chunk ({} if none)."""
     p = Path(path)

@@ -1,0 +1,288 @@
+"""unCLIP (DALL-E 2) on the captioned shapes world at 16x16 (issue 14): CLIP retrieval, unCLIP (prior + decoder)
+against a GLIDE-style text model at equal training time, variations and interpolation.
+
+    python benchmarks/unclip.py clip            # the CLIP: WORK/clip (retrieval on 1,000 held-out scenes)
+    python benchmarks/unclip.py timing          # steps/s of glide16, prior and decoder side by side: WORK/timing.json
+    python benchmarks/unclip.py train [MODEL]   # each model for its share of BUDGET_MINUTES, in steps from the rates
+    python benchmarks/unclip.py eval            # -> benchmarks/results/unclip.{md,json}
+    python benchmarks/unclip.py figure          # -> benchmarks/results/unclip_*.png
+    python benchmarks/unclip.py --quick clip timing train eval   # tiny budgets: a smoke test (minutes)
+
+Models (16x16; the tiny U-Net with the text-to-image benchmark's EDM recipe):
+* glide16: GLIDE-style, the caption through a scratch text encoder (20 % caption dropout), BUDGET_MINUTES;
+* prior: DALL-E 2's prior (the `small` transformer, ddpm cosine, x0-prediction, 10 % caption dropout) on the CLIP's
+  embeddings, PRIOR_SHARE of the budget;
+* decoder: the tiny U-Net conditioned on the CLIP image embedding (10 % dropout) and the caption (50 %), the rest.
+"Equal training time" is enforced in steps from rates measured side by side in one `timing` run (one thread); the
+CLIP's own training is not counted (the GLIDE-style model does not use it).
+
+Evaluation: CLIP top-1 retrieval among 100 held-out scenes; caption adherence (the exact evaluator) and FD on the fixed
+prompt set at w = W; diversity = the mean pairwise distance of DIVERSITY_SAMPLES samples of one caption in the
+evaluator's feature space, over DIVERSITY_CAPTIONS captions; variations: the share of VARIATIONS_PER_IMAGE decodes of a
+held-out scene's embedding whose objects have the source's colours and shapes (as multisets), and their diversity;
+interpolation: the endpoints' mean absolute error after DDIM inversion and decoding, and how evenly the path moves
+(the largest step between consecutive frames over the path's length; 1/(K-1) is perfectly even).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import difflab
+from difflab.clip import ClipConfig, ClipRun, clip_train_config, train_clip
+from difflab.config import DataConfig
+from difflab.eval.adherence import prompt_reference, prompt_set, score_prompt_samples
+from difflab.eval.shapes import ShapesFeatures, recover_scene
+from difflab.text.conditioned import TextConfig
+from difflab.training.run import train_run
+from difflab.unclip.pipeline import UnclipPipeline
+
+RESOLUTION = 16
+RECIPE = {"process": "edm", "model": "tiny", "batch_size": 64, "lr": 2e-3, "p_mean": -0.4, "p_std": 1.4}
+MODELS = {
+    "glide16": {"text_encoder": "scratch", "caption_dropout": 0.2, **RECIPE},
+    "prior": {"unclip": "prior", "model": "small", "batch_size": 128, "lr": 1e-3, "caption_dropout": 0.1},
+    "decoder": {"unclip": "decoder", "text_encoder": "scratch", "caption_dropout": 0.5, **RECIPE},
+}
+CLIP = {"steps": 3000, "embed_dim": 64, "width": 32, "text_width": 64}
+BUDGET_MINUTES, QUICK_MINUTES, PRIOR_SHARE = 20.0, 0.2, 0.25
+SCENES, QUICK_SCENES = 20_000, 500
+PROMPTS, W, PRIOR_W, SAMPLER, SAMPLE_STEPS, PRIOR_STEPS = 100, 3.0, 2.0, "dpmpp_2m", 20, 25
+DIVERSITY_CAPTIONS, DIVERSITY_SAMPLES = 20, 8
+VARIATION_SOURCES, VARIATIONS_PER_IMAGE = 50, 4
+INTERPOLATION_PAIRS, FRAMES, INVERSION_STEPS = 10, 8, 50
+TIMING_STEPS = 8
+
+
+def shapes(quick: bool, split: str = "train", size: int | None = None):
+    return difflab.load_dataset("shapes", resolution=RESOLUTION, split=split,
+                                size=size or (QUICK_SCENES if quick else SCENES))  # fmt: skip
+
+
+def train_clip_phase(work: Path, quick: bool) -> None:
+    data, test = shapes(quick), shapes(False, "test", 1000)
+    text = TextConfig.from_captions(list(data.captions), width=CLIP["text_width"], layers=2, heads=4)
+    config = ClipConfig(3, RESOLUTION, text, embed_dim=CLIP["embed_dim"], width=CLIP["width"])
+    run = ClipRun(DataConfig("shapes", "images", (3, RESOLUTION, RESOLUTION), RESOLUTION, 3), config,
+                  clip_train_config(steps=20 if quick else CLIP["steps"]))  # fmt: skip
+    shutil.rmtree(work / "clip", ignore_errors=True)
+    start = time.monotonic()
+    result = train_clip(run, data.data, list(data.captions), (test.data, list(test.captions)), work / "clip")
+    result["minutes"] = (time.monotonic() - start) / 60
+    (work / "clip" / "bench_train.json").write_text(json.dumps(result))
+    print(f"clip: {result['step']} steps in {result['minutes']:.1f} min, retrieval {result['retrieval']}", flush=True)
+
+
+def model_config(name: str, work: Path, quick: bool, steps: int):
+    settings = dict(MODELS[name])
+    if "unclip" in settings:
+        settings["clip"] = str(work / "clip")
+    data = shapes(quick)
+    return difflab.run_config(data, steps=steps, checkpoint_every=1000, **settings), data
+
+
+def timing(work: Path, quick: bool) -> None:
+    """Training steps/s of each model (TIMING_STEPS after 2 untimed), one after the other: WORK/timing.json."""
+    rates = {}
+    for name in MODELS:
+        config, data = model_config(name, work, quick, 2)
+        run = work / "timing" / name
+        shutil.rmtree(run, ignore_errors=True)
+        train_run(config, run, data=data, progress=False)
+        start = time.monotonic()
+        train_run(None, run, data=data, resume=True, steps=2 + TIMING_STEPS, progress=False)
+        rates[name] = TIMING_STEPS / (time.monotonic() - start)
+        print(f"{name}: {rates[name]:.3f} steps/s", flush=True)
+    (work / "timing.json").write_text(json.dumps(rates, indent=2))
+
+
+def budget_steps(name: str, work: Path, quick: bool) -> int:
+    rate = json.loads((work / "timing.json").read_text())[name]
+    share = {"glide16": 1.0, "prior": PRIOR_SHARE, "decoder": 1 - PRIOR_SHARE}[name]
+    return max(1, round(rate * share * (QUICK_MINUTES if quick else BUDGET_MINUTES) * 60))
+
+
+def train(names: list[str], work: Path, quick: bool) -> None:
+    for name in names or list(MODELS):
+        out = work / name
+        if (out / "checkpoints").exists():
+            print(f"{out} exists: skipped (delete it to train again)", flush=True)
+            continue
+        config, data = model_config(name, work, quick, budget_steps(name, work, quick))
+        start = time.monotonic()
+        outcome = train_run(config, out, data=data, progress=False)
+        minutes = (time.monotonic() - start) / 60
+        print(f"{name}: {outcome.step} steps in {minutes:.1f} min", flush=True)
+        (out / "bench_train.json").write_text(json.dumps({"steps": outcome.step, "minutes": minutes}))
+
+
+def _unclip(work: Path) -> UnclipPipeline:
+    return UnclipPipeline(difflab.load(work / "decoder"), difflab.load(work / "prior"))
+
+
+def _draw(name: str, pipes: dict, prompts: list[str], seeds) -> torch.Tensor:
+    if name == "glide16":
+        return pipes[name].sample(seeds=seeds, prompt=prompts, guidance=W, sampler=SAMPLER, steps=SAMPLE_STEPS)
+    return pipes[name].sample(prompts, seeds=seeds, prior_steps=PRIOR_STEPS, prior_guidance=PRIOR_W, guidance=W,
+                              sampler=SAMPLER, steps=SAMPLE_STEPS)  # fmt: skip
+
+
+def diversity(features: torch.Tensor, groups: int) -> float:
+    """The mean pairwise Euclidean distance within each of `groups` consecutive equal groups of rows, averaged."""
+    per = features.reshape(groups, -1, features.shape[-1])
+    d = torch.cdist(per, per)
+    k = per.shape[1]
+    return float(d.sum(dim=(1, 2)).mean() / (k * (k - 1)))
+
+
+def _objects(image: torch.Tensor) -> tuple[Counter, Counter]:
+    found = recover_scene(image)
+    return Counter(o.colour for o in found), Counter(o.shape for o in found)
+
+
+def variation_rows(pipe: UnclipPipeline, quick: bool) -> dict:
+    sources = shapes(False, "test", 8 if quick else VARIATION_SOURCES).data
+    k, kept, colours, shapes_kept, feats = VARIATIONS_PER_IMAGE, 0, 0, 0, []
+    for i, image in enumerate(sources):
+        out = pipe.variations(image, k, seed=1000 * i, guidance=W, sampler=SAMPLER, steps=SAMPLE_STEPS)
+        want_c, want_s = _objects(image)
+        for v in out:
+            got_c, got_s = _objects(v)
+            colours += got_c == want_c
+            shapes_kept += got_s == want_s
+            kept += (got_c == want_c) and (got_s == want_s)
+        feats.append(ShapesFeatures().features(out.clamp(-1, 1)))
+    n = len(sources) * k
+    return {"n": n, "colours_and_shapes": kept / n, "colours": colours / n, "shapes": shapes_kept / n,
+            "diversity": diversity(torch.cat(feats), len(sources))}  # fmt: skip
+
+
+def interpolation_rows(pipe: UnclipPipeline, quick: bool) -> dict:
+    scenes = shapes(False, "test", 4 if quick else 2 * INTERPOLATION_PAIRS).data
+    errors, evenness = [], []
+    for a, b in zip(scenes[0::2], scenes[1::2], strict=True):
+        frames = pipe.interpolate(a, b, FRAMES, steps=INVERSION_STEPS)
+        errors += [float((frames[0] - a).abs().mean()), float((frames[-1] - b).abs().mean())]
+        steps = (frames[1:] - frames[:-1]).flatten(1).norm(dim=1)
+        evenness.append(float(steps.max() / steps.sum()))
+    return {"pairs": len(scenes) // 2, "frames": FRAMES, "endpoint_mae": sum(errors) / len(errors),
+            "largest_step_share": sum(evenness) / len(evenness), "even": 1 / (FRAMES - 1)}  # fmt: skip
+
+
+def evaluate(work: Path, quick: bool, out: Path) -> None:
+    prompts = prompt_set(8 if quick else PROMPTS)
+    reference = prompt_reference(prompts, RESOLUTION)
+    results = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
+               f"thread(s), torch {torch.__version__}", "quick": quick, "models": {},
+               "clip": json.loads((work / "clip" / "bench_train.json").read_text()),
+               "timing": json.loads((work / "timing.json").read_text())}  # fmt: skip
+    pipes = {"glide16": difflab.load(work / "glide16"), "unclip": _unclip(work)}
+    captions = prompts[: 4 if quick else DIVERSITY_CAPTIONS]
+    repeated = [c for c in captions for _ in range(DIVERSITY_SAMPLES)]
+    for name in pipes:
+        row = score_prompt_samples(_draw(name, pipes, prompts, range(len(prompts))), reference)
+        samples = _draw(name, pipes, repeated, range(10_000, 10_000 + len(repeated)))
+        row["diversity"] = diversity(ShapesFeatures().features(samples.clamp(-1, 1)), len(captions))
+        results["models"][name] = row
+        print(name, row["adherence"]["all"].get("full"), row["diversity"], flush=True)
+    results["train"] = {n: json.loads((work / n / "bench_train.json").read_text()) for n in MODELS}
+    results["variations"] = variation_rows(pipes["unclip"], quick)
+    results["interpolation"] = interpolation_rows(pipes["unclip"], quick)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=float))
+    out.with_suffix(".md").write_text(report(results))
+    print(out.with_suffix(".md").read_text())
+
+
+def figure(work: Path, out: Path) -> None:
+    """Three figures: prompts (glide16 vs unCLIP), variations, and interpolation paths."""
+    from difflab.viz.text import save_prompt_rows
+
+    pipe, glide = _unclip(work), difflab.load(work / "glide16")
+    test = shapes(False, "test", 8)
+    caps = list(test.captions[:4])
+    rows = [_draw("glide16", {"glide16": glide}, [c for c in caps for _ in range(6)], range(24)),
+            _draw("unclip", {"unclip": pipe}, [c for c in caps for _ in range(6)], range(24))]  # fmt: skip
+    labels = [f"{who}: {c}" for who in ("glide16", "unCLIP") for c in caps]
+    save_prompt_rows(torch.cat(rows).clamp(-1, 1), labels, out.with_name(out.name + "_prompts.png"),
+                     title="six seeds per caption: GLIDE-style (top four rows) and unCLIP (bottom four)")  # fmt: skip
+    var = [torch.cat([img[None], pipe.variations(img, 5, seed=0, guidance=W, sampler=SAMPLER, steps=SAMPLE_STEPS)])
+           for img in test.data[:4]]  # fmt: skip
+    save_prompt_rows(torch.cat(var).clamp(-1, 1), [f"source, then variations: {c}" for c in caps],
+                     out.with_name(out.name + "_variations.png"), title="unCLIP variations")  # fmt: skip
+    paths = [pipe.interpolate(a, b, FRAMES, steps=INVERSION_STEPS) for a, b in zip(test.data[0:8:2], test.data[1:8:2],
+                                                                                  strict=True)]  # fmt: skip
+    title = "slerp of the embeddings and of the inverted noise"
+    save_prompt_rows(torch.cat(paths).clamp(-1, 1), [f"pair {i + 1}" for i in range(4)],
+                     out.with_name(out.name + "_interpolation.png"), title=title)  # fmt: skip
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def report(results: dict) -> str:
+    keys = ("colour", "shape", "size", "position", "relation", "full")
+    clip, timing, train = results["clip"], results["timing"], results["train"]
+    lines = [f"# unCLIP ({results['date']}, {results['machine']}{', QUICK' if results['quick'] else ''})", "",
+             f"CLIP ({clip['step']} steps, {clip['minutes']:.0f} min): top-1 retrieval among 100 held-out scenes, "
+             f"image->text {_pct(clip['retrieval']['image_to_text'])}, text->image "
+             f"{_pct(clip['retrieval']['text_to_image'])} (chance 1%)", "",
+             "| model | training steps (steps/s) | minutes | " + " | ".join(keys) + " | FD | diversity |",
+             "|---" * (len(keys) + 5) + "|"]  # fmt: skip
+    for name, row in results["models"].items():
+        parts = ["glide16"] if name == "glide16" else ["prior", "decoder"]
+        steps = " + ".join(f"{train[p]['steps']} ({timing[p]:.2g})" for p in parts)
+        minutes = sum(train[p]["minutes"] for p in parts)
+        acc = row["adherence"]["all"]
+        lines.append(f"| {name} | {steps} | {minutes:.0f} | " + " | ".join(_pct(acc.get(k)) for k in keys)
+                     + f" | {row['fd']['all']:.2f} | {row['diversity']:.3f} |")  # fmt: skip
+    v, i = results["variations"], results["interpolation"]
+    lines += ["", f"Variations ({v['n']}: {VARIATIONS_PER_IMAGE} of each of {v['n'] // VARIATIONS_PER_IMAGE} held-out "
+              f"scenes): colours and shapes kept {_pct(v['colours_and_shapes'])} (colours {_pct(v['colours'])}, "
+              f"shapes {_pct(v['shapes'])}); diversity {v['diversity']:.3f}", "",
+              f"Interpolation ({i['pairs']} pairs, {i['frames']} frames, DDIM {INVERSION_STEPS} steps): endpoint mean "
+              f"absolute error {i['endpoint_mae']:.4f} (images in [-1, 1]); largest step {i['largest_step_share']:.2f} "
+              f"of the path (perfectly even: {i['even']:.2f})"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test")
+    p.add_argument("--work", default="runs/bench-unclip")
+    p.add_argument("--out", default="benchmarks/results/unclip")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("phases", nargs="+", help="clip, timing, train [MODEL...], eval, figure (in that order)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work + ("-quick" if args.quick else ""))
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out + ("_quick" if args.quick else ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = [a for a in args.phases if a in MODELS]
+    for phase in [a for a in args.phases if a not in MODELS]:
+        if phase == "clip":
+            train_clip_phase(work, args.quick)
+        elif phase == "timing":
+            timing(work, args.quick)
+        elif phase == "train":
+            train(names, work, args.quick)
+        elif phase == "eval":
+            evaluate(work, args.quick, out)
+        elif phase == "figure":
+            figure(work, out)
+        else:
+            raise SystemExit(f"unknown phase {phase!r}: clip, timing, train, eval, figure")
+
+
+if __name__ == "__main__":
+    main()

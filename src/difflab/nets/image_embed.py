@@ -1,0 +1,45 @@
+"""unCLIP's decoder conditioning (Ramesh et al. 2022, Sec. 2.1): the CLIP image embedding z_i (B, E) is projected and
+added to the noise-level embedding, and projected into `tokens` extra context tokens (four in the paper) that join the
+text sequence the attention layers read (GLIDE's). The null image embedding is zeros (`difflab.conditioning`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from difflab.errors import DifflabError
+from difflab.nets.attention import TextContext
+
+
+class ImageEmbedConditioning(nn.Module):
+    """z_i -> (a vector added to the block embedding (B, emb_dim), context tokens (B, tokens, context_dim))."""
+
+    def __init__(self, embed_dim: int, emb_dim: int, context_dim: int, tokens: int):
+        super().__init__()
+        self.embed_dim, self.tokens, self.context_dim = embed_dim, tokens, context_dim
+        self.to_emb = nn.Linear(embed_dim, emb_dim)
+        self.to_tokens = nn.Linear(embed_dim, tokens * context_dim)
+        self.token_norm = nn.LayerNorm(context_dim)
+
+    def forward(self, cond, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.to_emb.weight.dtype
+        z = (cond or {}).get("image_embed")
+        if z is None:
+            z = torch.zeros(batch, self.embed_dim, dtype=dtype, device=device)
+        if z.shape != (batch, self.embed_dim) or not z.is_floating_point():
+            raise DifflabError(
+                f"image_embed must be a float tensor of shape ({batch}, {self.embed_dim}), got {z.dtype} "
+                f"{tuple(z.shape)}; use the CLIP this decoder was trained with"
+            )
+        z = z.to(dtype)
+        tokens = self.token_norm(self.to_tokens(z).reshape(batch, self.tokens, self.context_dim))
+        return self.to_emb(z), tokens
+
+
+def with_image_tokens(context: TextContext | None, tokens: torch.Tensor) -> TextContext:
+    """The context with the image embedding's tokens appended (always real: they are never masked)."""
+    keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    if context is None:
+        return tokens, keep
+    text, text_keep = context
+    return torch.cat([text, tokens.to(text.dtype)], dim=1), torch.cat([text_keep.bool(), keep], dim=1)
