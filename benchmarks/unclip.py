@@ -6,6 +6,7 @@ against a GLIDE-style text model at equal training time, variations and interpol
     python benchmarks/unclip.py train [MODEL]   # each model for its share of BUDGET_MINUTES, in steps from the rates
     python benchmarks/unclip.py eval            # -> benchmarks/results/unclip.{md,json}
     python benchmarks/unclip.py figure          # -> benchmarks/results/unclip_*.png
+    python benchmarks/unclip.py guidance        # noise-aware CLIP; CLIP guidance vs CFG: unclip_guidance.*
     python benchmarks/unclip.py --quick clip timing train eval   # tiny budgets: a smoke test (minutes)
 
 Models (16x16; the tiny U-Net with the text-to-image benchmark's EDM recipe):
@@ -22,6 +23,9 @@ evaluator's feature space, over DIVERSITY_CAPTIONS captions; variations: the sha
 held-out scene's embedding whose objects have the source's colours and shapes (as multisets), and their diversity;
 interpolation: the endpoints' mean absolute error after DDIM inversion and decoding, and how evenly the path moves
 (the largest step between consecutive frames over the path's length; 1/(K-1) is perfectly even).
+GLIDE's comparison (`guidance`): glide16 with classifier-free guidance at w in CFG_SCALES against glide16 conditional
+(w = 1) plus CLIP guidance from a noise-aware CLIP (the same CLIP recipe trained on noised images) at s in CLIP_SCALES;
+adherence, FD and diversity on the first GUIDANCE_PROMPTS prompts of each split.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ DIVERSITY_CAPTIONS, DIVERSITY_SAMPLES = 20, 8
 VARIATION_SOURCES, VARIATIONS_PER_IMAGE = 50, 4
 INTERPOLATION_PAIRS, FRAMES, INVERSION_STEPS = 10, 8, 50
 TIMING_STEPS = 8
+CFG_SCALES, CLIP_SCALES, GUIDANCE_PROMPTS = (1.0, 2.0, 3.0, 5.0), (2.0, 5.0, 10.0, 20.0), 50
 
 
 def shapes(quick: bool, split: str = "train", size: int | None = None):
@@ -68,18 +73,66 @@ def shapes(quick: bool, split: str = "train", size: int | None = None):
                                 size=size or (QUICK_SCENES if quick else SCENES))  # fmt: skip
 
 
-def train_clip_phase(work: Path, quick: bool) -> None:
+def train_clip_phase(work: Path, quick: bool, noise_aware: bool = False) -> None:
     data, test = shapes(quick), shapes(False, "test", 1000)
     text = TextConfig.from_captions(list(data.captions), width=CLIP["text_width"], layers=2, heads=4)
-    config = ClipConfig(3, RESOLUTION, text, embed_dim=CLIP["embed_dim"], width=CLIP["width"])
+    config = ClipConfig(3, RESOLUTION, text, embed_dim=CLIP["embed_dim"], width=CLIP["width"], noise_aware=noise_aware)
     run = ClipRun(DataConfig("shapes", "images", (3, RESOLUTION, RESOLUTION), RESOLUTION, 3), config,
                   clip_train_config(steps=20 if quick else CLIP["steps"]))  # fmt: skip
-    shutil.rmtree(work / "clip", ignore_errors=True)
+    out = work / ("clip-noised" if noise_aware else "clip")
+    shutil.rmtree(out, ignore_errors=True)
     start = time.monotonic()
-    result = train_clip(run, data.data, list(data.captions), (test.data, list(test.captions)), work / "clip")
+    result = train_clip(run, data.data, list(data.captions), (test.data, list(test.captions)), out)
     result["minutes"] = (time.monotonic() - start) / 60
-    (work / "clip" / "bench_train.json").write_text(json.dumps(result))
-    print(f"clip: {result['step']} steps in {result['minutes']:.1f} min, retrieval {result['retrieval']}", flush=True)
+    (out / "bench_train.json").write_text(json.dumps(result))
+    print(f"{out.name}: {result['step']} steps in {result['minutes']:.1f} min, retrieval {result['retrieval']}",
+          flush=True)  # fmt: skip
+
+
+def guidance(work: Path, quick: bool, out: Path) -> None:
+    """GLIDE's comparison: classifier-free guidance against CLIP guidance (noise-aware CLIP) on glide16."""
+    if not (work / "clip-noised" / "checkpoints").exists():
+        train_clip_phase(work, quick, noise_aware=True)
+    prompts = prompt_set(4 if quick else GUIDANCE_PROMPTS)
+    reference = prompt_reference(prompts, RESOLUTION)
+    pipe = difflab.load(work / "glide16")
+    captions = prompts[: 4 if quick else DIVERSITY_CAPTIONS]
+    repeated = [c for c in captions for _ in range(DIVERSITY_SAMPLES)]
+    rows = []
+    settings = [("cfg", w, {"guidance": w}) for w in CFG_SCALES]
+    settings += [("clip", s, {"guidance": 1.0, "clip": str(work / "clip-noised"), "clip_scale": s})
+                 for s in CLIP_SCALES]  # fmt: skip
+    for kind, scale, extra in settings:
+
+        def draw(ps, seeds, extra=extra):
+            images = [pipe.sample(seeds=[seed], prompt=p, clip_prompt=p if "clip" in extra else None,
+                                  sampler=SAMPLER, steps=SAMPLE_STEPS, **extra)
+                      for p, seed in zip(ps, seeds, strict=True)]  # fmt: skip
+            return torch.cat(images)
+
+        row = score_prompt_samples(draw(prompts, range(len(prompts))), reference)
+        samples = draw(repeated, range(10_000, 10_000 + len(repeated)))
+        row |= {"kind": kind, "scale": scale,
+                "diversity": diversity(ShapesFeatures().features(samples.clamp(-1, 1)), len(captions))}  # fmt: skip
+        rows.append(row)
+        print(kind, scale, row["adherence"]["all"].get("full"), row["adherence"]["all"].get("colour"), flush=True)
+    results = {"date": datetime.date.today().isoformat(), "quick": quick, "rows": rows,
+               "clip": json.loads((work / "clip-noised" / "bench_train.json").read_text())}  # fmt: skip
+    path = out.with_name(out.name + "_guidance")
+    path.with_suffix(".json").write_text(json.dumps(results, indent=2, default=float))
+    keys = ("colour", "shape", "size", "position", "relation", "full")
+    lines = [
+        f"# CLIP guidance vs classifier-free guidance on glide16 ({results['date']})",
+        "",
+        "| guidance | scale | " + " | ".join(keys) + " | FD | diversity |",
+        "|---" * (len(keys) + 4) + "|",
+    ]
+    for row in rows:
+        acc = row["adherence"]["all"]
+        lines.append(f"| {row['kind']} | {row['scale']:g} | " + " | ".join(_pct(acc.get(k)) for k in keys)
+                     + f" | {row['fd']['all']:.2f} | {row['diversity']:.3f} |")  # fmt: skip
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(path.with_suffix(".md").read_text())
 
 
 def model_config(name: str, work: Path, quick: bool, steps: int):
@@ -280,8 +333,10 @@ def main() -> None:
             evaluate(work, args.quick, out)
         elif phase == "figure":
             figure(work, out)
+        elif phase == "guidance":
+            guidance(work, args.quick, out)
         else:
-            raise SystemExit(f"unknown phase {phase!r}: clip, timing, train, eval, figure")
+            raise SystemExit(f"unknown phase {phase!r}: clip, timing, train, eval, figure, guidance")
 
 
 if __name__ == "__main__":

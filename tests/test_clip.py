@@ -49,10 +49,10 @@ def test_embeddings_are_unit_vectors_and_the_temperature_starts_at_clips():
 
 @pytest.mark.slow
 def test_a_trained_noise_aware_clip_retrieves_held_out_scenes_clean_and_noised(tmp_path, capsys):
-    """`difflab train-clip --noise-aware`: 100 steps of batch 128 on 2,000 scenes at 16x16 (about 25 s). Measured,
-    top-1 among 100 held-out scenes, image->text / text->image: clean 0.364 / 0.379 and 0.350 / 0.353 (seeds 0, 1),
-    image->text at sigma 1 0.25 and 0.21 (at 150 steps, seed 0: clean 0.43 / 0.43, sigma 1 0.28; a CLIP trained on
-    clean images only reads 0.04 at sigma 1); an untrained one is at chance (0.01)."""
+    """`difflab train-clip --noise-aware`: 100 steps of batch 128 on 2,000 scenes at 16x16 (about 25 s). Measured
+    with CLIP's attention pooling, top-1 among 100 held-out scenes, image->text / text->image: clean 0.383 / 0.388 and
+    0.340 / 0.358 (seeds 0, 1), image->text at sigma 1 0.16 and 0.15 (a CLIP trained on clean images only reads 0.04
+    at sigma 1); an untrained one is at chance (0.01)."""
     out = tmp_path / "clip"
     code, stdout, err = run_cli(capsys, "train-clip", "--out", out, "--scenes", 2000, "--steps", 100, "--noise-aware",
                                 "--no-progress")  # fmt: skip
@@ -67,7 +67,7 @@ def test_a_trained_noise_aware_clip_retrieves_held_out_scenes_clean_and_noised(t
     noised = test.data + torch.randn(test.data.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         sims = model.encode_image(noised[:100], 1.0) @ model.encode_text(tokens[:100]).T
-    assert float((sims.argmax(1) == torch.arange(100)).float().mean()) > 0.12  # it reads images under noise
+    assert float((sims.argmax(1) == torch.arange(100)).float().mean()) > 0.08  # it reads images under noise
     torch.manual_seed(0)
     untrained = retrieval_accuracy(Clip(model.config).eval(), test.data, tokens)
     assert max(untrained.values()) < 0.1, untrained

@@ -123,7 +123,7 @@ def unclip_runs(tmp_path_factory):
     return {k: root / k for k in ("clip", "prior", "decoder")}
 
 
-def test_prior_and_decoder_configs_say_what_they_are(unclip_runs):
+def test_prior_and_decoder_configs_say_what_they_are(unclip_runs, capsys):
     prior, decoder = difflab.load(unclip_runs["prior"]), difflab.load(unclip_runs["decoder"])
     p, d = prior.config, decoder.config
     assert (p.unclip.role, p.data.kind, p.data.sample_shape, p.model.backbone) == ("prior", "points", (32,), "prior")
@@ -132,6 +132,8 @@ def test_prior_and_decoder_configs_say_what_they_are(unclip_runs):
     assert [(s.name, s.dropout) for s in d.conditioning] == [("text_tokens", 0.5), ("image_embed", 0.1)]
     assert d.unclip.role == "decoder" and d.model.settings.image_embed_dim == 32 and d.unclip.clip == p.unclip.clip
     assert type(p).from_json(p.to_json()) == p and type(d).from_json(d.to_json()) == d
+    code, out, _ = run_cli(capsys, "info", unclip_runs["prior"])
+    assert code == 0 and f"the prior, reading the CLIP in {p.unclip.clip}" in out
     with pytest.raises(DifflabError, match=r"prior generates embeddings of shape \(32,\)"):
         replace(p, unclip=replace(p.unclip, embed_dim=32), data=replace(p.data, sample_shape=(16,)))
 
@@ -298,3 +300,27 @@ def test_a_changed_clip_is_refused(unclip_runs, tmp_path):
         linked_clip(moved)
     with pytest.raises(DifflabError, match="not an unCLIP decoder"):
         UnclipPipeline(prior)
+
+
+def test_the_decoder_feeds_a_cascade_upsampler(unclip_runs, small_shapes, tmp_path, capsys):
+    """txt2img --pipeline unclip --upsampler: the decoder's 16x16 images, then the upsampler's 32x32 from them, as the
+    Python pipeline makes them (bit for bit)."""
+    up = tmp_path / "up"
+    code, _, err = run_cli(capsys, "train", "--data", "shapes", "--text-encoder", "scratch", "--steps", 2,
+                           "--batch-size", 4, "--resolution", 32, "--upsample-from", 16, "--out", up,
+                           "--no-progress")  # fmt: skip
+    assert code == 0, err
+    dec, prior = unclip_runs["decoder"], unclip_runs["prior"]
+    code, _, err = run_cli(capsys, "txt2img", "--pipeline", "unclip", "--prior", prior, "--decoder", dec,
+                           "--upsampler", up, "a red circle", "--n", 2, "--steps", 3, "--prior-steps", 3,
+                           "--upsampler-steps", 2, "--low-res-noise", 0.1, "--out", tmp_path / "u.png")  # fmt: skip
+    assert code == 0, err
+    pipe = difflab.load_unclip(dec, prior, up)
+    images = pipe.sample("a red circle", 2, prior_steps=3, steps=3, upsampler_steps=2, low_res_noise=0.1)
+    assert images.shape == (2, 3, 32, 32)
+    from difflab.outputs import write_png
+
+    write_png(images, tmp_path / "again.png", {})
+    assert Image.open(tmp_path / "u.png").tobytes() == Image.open(tmp_path / "again.png").tobytes()
+    with pytest.raises(DifflabError):
+        load_unclip(up, prior)  # an upsampler is not a decoder

@@ -4,6 +4,7 @@
     pipe = difflab.load("runs/digits")                        # a run folder or a checkpoint folder
     images = pipe.sample(16, sampler="dpmpp_2m", steps=20, seed=0)
     run = difflab.train(difflab.run_config(difflab.load_dataset("moons"), process="edm", steps=2000), "runs/moons")
+    unclip = difflab.load_unclip("runs/decoder", "runs/prior")  # DALL-E 2: .sample, .variations, .interpolate
 
 Names are imported on first use, so `import difflab` (and `difflab --help`) stays fast.
 """
@@ -27,6 +28,8 @@ _EXPORTS = {
     "FORMULATIONS": "difflab.formulations",
     "SAMPLERS": "difflab.sampling",
     "DifflabError": "difflab.errors",
+    "load_unclip": "difflab.unclip.pipeline",
+    "UnclipPipeline": "difflab.unclip.pipeline",
 }
 __all__ = ["__version__", *_EXPORTS]
 

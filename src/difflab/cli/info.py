@@ -81,6 +81,10 @@ def _show_run(path: Path, raw: bool) -> int:
         latent = config.latent
         print(f"  latents       shape {config.model_shape}, scale factor {latent.scale_factor:.5g}, autoencoder "
               f"{latent.source} (weights {latent.weights_hash})")  # fmt: skip
+    if config.unclip is not None:
+        u = config.unclip
+        print(f"  unCLIP        the {u.role}, reading the CLIP in {u.clip} (weights {u.clip_hash}, embeddings of size "
+              f"{u.embed_dim}, images {u.image_size}x{u.image_size})")  # fmt: skip
     signals = ", ".join(f"{s.name} (dropout {s.dropout:g})" for s in config.conditioning) or "none"
     print(f"  conditioning  {signals}")
     t = config.train
