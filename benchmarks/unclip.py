@@ -6,12 +6,13 @@ against a GLIDE-style text model at equal training time, variations and interpol
     python benchmarks/unclip.py train [MODEL]   # each model for its share of BUDGET_MINUTES, in steps from the rates
     python benchmarks/unclip.py eval            # -> benchmarks/results/unclip.{md,json}
     python benchmarks/unclip.py figure          # -> benchmarks/results/unclip_*.png
-    python benchmarks/unclip.py guidance        # noise-aware CLIP; CLIP guidance vs CFG: unclip_guidance.*
+    python benchmarks/unclip.py noised-clip     # the noise-aware CLIP for CLIP guidance: WORK/clip-noised
+    python benchmarks/unclip.py guidance        # CLIP guidance vs CFG on glide16: unclip_guidance.{md,json}
     python benchmarks/unclip.py --quick clip timing train eval   # tiny budgets: a smoke test (minutes)
 
 Models (16x16; the tiny U-Net with the text-to-image benchmark's EDM recipe):
 * glide16: GLIDE-style, the caption through a scratch text encoder (20 % caption dropout), BUDGET_MINUTES;
-* prior: DALL-E 2's prior (the `small` transformer, ddpm cosine, x0-prediction, 10 % caption dropout) on the CLIP's
+* prior: DALL-E 2's prior (the `tiny` transformer, ddpm cosine, x0-prediction, 10 % caption dropout) on the CLIP's
   embeddings, PRIOR_SHARE of the budget;
 * decoder: the tiny U-Net conditioned on the CLIP image embedding (10 % dropout) and the caption (50 %), the rest.
 "Equal training time" is enforced in steps from rates measured side by side in one `timing` run (one thread); the
@@ -24,7 +25,8 @@ held-out scene's embedding whose objects have the source's colours and shapes (a
 interpolation: the endpoints' mean absolute error after DDIM inversion and decoding, and how evenly the path moves
 (the largest step between consecutive frames over the path's length; 1/(K-1) is perfectly even).
 GLIDE's comparison (`guidance`): glide16 with classifier-free guidance at w in CFG_SCALES against glide16 conditional
-(w = 1) plus CLIP guidance from a noise-aware CLIP (the same CLIP recipe trained on noised images) at s in CLIP_SCALES;
+(w = 1) plus CLIP guidance from a noise-aware CLIP (the same CLIP recipe trained on noised images for NOISED_CLIP_STEPS,
+`noised-clip`) at s in CLIP_SCALES;
 adherence, FD and diversity on the first GUIDANCE_PROMPTS prompts of each split.
 """
 
@@ -37,6 +39,7 @@ import platform
 import shutil
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,13 +51,14 @@ from difflab.eval.adherence import prompt_reference, prompt_set, score_prompt_sa
 from difflab.eval.shapes import ShapesFeatures, recover_scene
 from difflab.text.conditioned import TextConfig
 from difflab.training.run import train_run
+from difflab.training.trainer import read_log
 from difflab.unclip.pipeline import UnclipPipeline
 
 RESOLUTION = 16
 RECIPE = {"process": "edm", "model": "tiny", "batch_size": 64, "lr": 2e-3, "p_mean": -0.4, "p_std": 1.4}
 MODELS = {
     "glide16": {"text_encoder": "scratch", "caption_dropout": 0.2, **RECIPE},
-    "prior": {"unclip": "prior", "model": "small", "batch_size": 128, "lr": 1e-3, "caption_dropout": 0.1},
+    "prior": {"unclip": "prior", "model": "tiny", "batch_size": 128, "lr": 1e-3, "caption_dropout": 0.1},
     "decoder": {"unclip": "decoder", "text_encoder": "scratch", "caption_dropout": 0.5, **RECIPE},
 }
 CLIP = {"steps": 3000, "embed_dim": 64, "width": 32, "text_width": 64}
@@ -65,7 +69,7 @@ DIVERSITY_CAPTIONS, DIVERSITY_SAMPLES = 20, 8
 VARIATION_SOURCES, VARIATIONS_PER_IMAGE = 50, 4
 INTERPOLATION_PAIRS, FRAMES, INVERSION_STEPS = 10, 8, 50
 TIMING_STEPS = 8
-CFG_SCALES, CLIP_SCALES, GUIDANCE_PROMPTS = (1.0, 2.0, 3.0, 5.0), (2.0, 5.0, 10.0, 20.0), 50
+CFG_SCALES, CLIP_SCALES, GUIDANCE_PROMPTS, NOISED_CLIP_STEPS = (1.0, 3.0, 5.0), (5.0, 10.0, 20.0), 25, 1500
 
 
 def shapes(quick: bool, split: str = "train", size: int | None = None):
@@ -77,8 +81,9 @@ def train_clip_phase(work: Path, quick: bool, noise_aware: bool = False) -> None
     data, test = shapes(quick), shapes(False, "test", 1000)
     text = TextConfig.from_captions(list(data.captions), width=CLIP["text_width"], layers=2, heads=4)
     config = ClipConfig(3, RESOLUTION, text, embed_dim=CLIP["embed_dim"], width=CLIP["width"], noise_aware=noise_aware)
+    steps = 20 if quick else NOISED_CLIP_STEPS if noise_aware else CLIP["steps"]
     run = ClipRun(DataConfig("shapes", "images", (3, RESOLUTION, RESOLUTION), RESOLUTION, 3), config,
-                  clip_train_config(steps=20 if quick else CLIP["steps"]))  # fmt: skip
+                  clip_train_config(steps=steps))  # fmt: skip
     out = work / ("clip-noised" if noise_aware else "clip")
     shutil.rmtree(out, ignore_errors=True)
     start = time.monotonic()
@@ -91,8 +96,6 @@ def train_clip_phase(work: Path, quick: bool, noise_aware: bool = False) -> None
 
 def guidance(work: Path, quick: bool, out: Path) -> None:
     """GLIDE's comparison: classifier-free guidance against CLIP guidance (noise-aware CLIP) on glide16."""
-    if not (work / "clip-noised" / "checkpoints").exists():
-        train_clip_phase(work, quick, noise_aware=True)
     prompts = prompt_set(4 if quick else GUIDANCE_PROMPTS)
     reference = prompt_reference(prompts, RESOLUTION)
     pipe = difflab.load(work / "glide16")
@@ -144,16 +147,17 @@ def model_config(name: str, work: Path, quick: bool, steps: int):
 
 
 def timing(work: Path, quick: bool) -> None:
-    """Training steps/s of each model (TIMING_STEPS after 2 untimed), one after the other: WORK/timing.json."""
+    """Training steps/s of each model, one after the other: from the training log's clock (training steps only, not
+    loading the data or encoding it with the CLIP), over TIMING_STEPS steps after 2 untimed: WORK/timing.json."""
     rates = {}
     for name in MODELS:
-        config, data = model_config(name, work, quick, 2)
+        config, data = model_config(name, work, quick, 2 + TIMING_STEPS)
+        config = replace(config, train=replace(config.train, log_every=1))
         run = work / "timing" / name
         shutil.rmtree(run, ignore_errors=True)
         train_run(config, run, data=data, progress=False)
-        start = time.monotonic()
-        train_run(None, run, data=data, resume=True, steps=2 + TIMING_STEPS, progress=False)
-        rates[name] = TIMING_STEPS / (time.monotonic() - start)
+        log = {r["step"]: r["elapsed_s"] for r in read_log(run)}
+        rates[name] = TIMING_STEPS / (log[2 + TIMING_STEPS] - log[2])
         print(f"{name}: {rates[name]:.3f} steps/s", flush=True)
     (work / "timing.json").write_text(json.dumps(rates, indent=2))
 
@@ -333,10 +337,12 @@ def main() -> None:
             evaluate(work, args.quick, out)
         elif phase == "figure":
             figure(work, out)
+        elif phase == "noised-clip":
+            train_clip_phase(work, args.quick, noise_aware=True)
         elif phase == "guidance":
             guidance(work, args.quick, out)
         else:
-            raise SystemExit(f"unknown phase {phase!r}: clip, timing, train, eval, figure, guidance")
+            raise SystemExit(f"unknown phase {phase!r}: clip, timing, train, eval, figure, noised-clip, guidance")
 
 
 if __name__ == "__main__":

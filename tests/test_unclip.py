@@ -272,6 +272,7 @@ def test_unclip_commands_refuse_bad_input_in_one_line(unclip_runs, tmp_path, cap
         (["textdiff", "--ckpt", dec, "--image", good, "--from", "a", "--to", "b", "--amounts", "x"], "--amounts"),
         (["txt2img", "--pipeline", "unclip", "--decoder", dec, "a red circle"], "needs the prior"),
         (["txt2img", "--pipeline", "unclip", "--decoder", dec, "--prior", prior, "a red zebra"], "zebra"),
+        (["txt2img", "--pipeline", "unclip", "--decoder", dec, "--prior", prior, "a", "--negative", "b"], "--negative"),
     ]
     for argv, fragment in cases:
         code, _, err = run_cli(capsys, *argv, "--out", tmp_path / "x.png")

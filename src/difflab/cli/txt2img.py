@@ -167,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     check_cascade_flags(args)
     if args.from_png is not None:
+        if args.pipeline == "unclip":
+            raise DifflabError("--from-png does not reproduce unCLIP images yet; run the command the PNG records again")
         return sample.run(args)
     prompts = read_prompts(args)
     if any(not p.strip() for p in prompts):

@@ -83,6 +83,17 @@ def run_txt2img(args: argparse.Namespace, prompt: str) -> int:
         raise DifflabError("--pipeline unclip takes --decoder RUN (and --prior RUN for text), not --ckpt")
     if args.prior is None:
         raise DifflabError("text to image with unCLIP needs the prior: give --prior RUN (difflab train-prior)")
+    given = {
+        "--negative": args.negative,
+        "--class": args.label,
+        "--negative-class": args.negative_class,
+        "--classifier": args.classifier,
+        "--clip": args.clip,
+        "--guidance-interval": args.guidance_interval,
+    }
+    unsupported = [flag for flag, value in given.items() if value is not None]
+    if unsupported:
+        raise DifflabError(f"{', '.join(unsupported)} is not supported with --pipeline unclip yet; drop it")
     if args.out is None and args.out_dir is None:
         raise DifflabError("give --out FILE (.png) or --out-dir FOLDER (one PNG per sample)")
     check_sampling_request(args.n, args.steps, args.batch_size, args.seed)
