@@ -264,12 +264,16 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The tiny MLP: pfgm on heart, 600 steps, and pfgmpp (D = 8) on moons, 800 steps (at 600: SW2 0.037-0.041
-    against 0.05, too close). A pfgm step costs about 1.7 pfgmpp steps (the empirical field over a large batch)."""
+    """The tiny MLP: pfgm on heart, 350 steps after a 50-step warm-up (as good as 600 steps after the default 200:
+    SW2 in the test below), and pfgmpp (D = 8) on moons, 400 steps of batch 512 at lr 2e-3 after a 50-step warm-up
+    (as good as 800 steps of the default batch 256 at lr 1e-3, in less time: SW2 in the test below; 600 of those
+    scored 0.037-0.041, and 500 after a 50-step warm-up 0.041, too close to 0.05). A pfgm step costs about 1.7
+    pfgmpp steps (the empirical field over a large batch)."""
     root = tmp_path_factory.mktemp("pfgm_trained")
+    pfgmpp = ("--process", "pfgmpp", "--aug-dim", 8, "--steps", 400, "--batch-size", 512, "--lr", 2e-3, "--warmup", 50)
     return {
-        "pfgm": _train(root / "pfgm", "--data", "heart", "--process", "pfgm", "--steps", 600),
-        "pfgmpp": _train(root / "pfgmpp", "--data", "moons", "--process", "pfgmpp", "--aug-dim", 8, "--steps", 800),
+        "pfgm": _train(root / "pfgm", "--data", "heart", "--process", "pfgm", "--steps", 350, "--warmup", 50),
+        "pfgmpp": _train(root / "pfgmpp", "--data", "moons", *pfgmpp),
     }
 
 
@@ -283,8 +287,9 @@ def _sample_swd(capsys, path, run, data, *options, n=1000):
 
 @pytest.mark.slow
 def test_pfgm_trained_on_heart_samples_with_log_z_euler_and_rk45(trained, runs, tmp_path, capsys):
-    # trained 600 steps, seeds 0, 1, 2: SW2 0.152, 0.144, 0.135 (euler, 100 steps in log z) and 0.156, 0.147, 0.139
-    # (rk45); at 1000 steps 0.139 and 0.143 (seed 0); untrained: 1.8e11 and 2.2e11.
+    # trained 350 steps after a 50-step warm-up, seeds 0, 1: SW2 0.154, 0.146 (euler, 100 steps in log z) and 0.155,
+    # 0.148 (rk45); 600 steps after the default 200 scored 0.152, 0.144, 0.135 and 0.156, 0.147, 0.139 (seeds 0, 1,
+    # 2), 1000 steps 0.139 and 0.143 (seed 0); untrained: 1.8e11 and 2.2e11.
     # For scale: the exact empirical field of 4096 heart points, from the same prior and grid, scores 0.089, and
     # real heart sets of 1000 score 0.02-0.06 against the held-out set (swd_floor 0.028).
     threshold = 0.2
@@ -298,8 +303,9 @@ def test_pfgm_trained_on_heart_samples_with_log_z_euler_and_rk45(trained, runs, 
 
 @pytest.mark.slow
 def test_pfgmpp_trained_on_moons_samples_with_heun(trained, runs, tmp_path, capsys):
-    # trained 800 steps, heun 20 steps, seeds 0, 1, 2: SW2 0.034, 0.031, 0.033 (1000 steps: 0.028, 0.029, 0.031;
-    # floor 0.0074); untrained: 0.247
+    # trained 400 steps of batch 512 at lr 2e-3, heun 20 steps, seeds 0, 1: SW2 0.030, 0.033 (800 steps of batch 256
+    # at lr 1e-3: 0.034, 0.031, 0.033 with seeds 0, 1, 2; 1000 steps: 0.028, 0.029, 0.031; floor 0.0074); untrained:
+    # 0.247
     threshold = 0.05
     heun = ("--sampler", "heun", "--steps", 20)
     assert _sample_swd(capsys, tmp_path / "trained.npy", trained["pfgmpp"], "moons", *heun) < threshold

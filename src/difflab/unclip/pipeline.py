@@ -104,7 +104,8 @@ class UnclipPipeline:
                **settings: Any) -> torch.Tensor:  # fmt: skip
         """Images of image embeddings (n, E): the decoder's `sample` with cond {"image_embed"} and its keyword
         arguments (steps, sampler, guidance on the embedding, prompt for a caption-conditioned decoder, ...), then the
-        upsampler's from them if there is one (its steps: `upsampler_steps`, its augmentation: `low_res_noise`)."""
+        upsampler's from them if there is one (its steps: `upsampler_steps`, its augmentation: `low_res_noise`; a
+        text-conditional one reads the prompt and the guidance scale)."""
         upsampler_settings = {"steps": settings.pop("upsampler_steps", None) or settings.get("steps", 50),
                               "low_res_noise": settings.pop("low_res_noise", None)}  # fmt: skip
         seeds = sample_seeds(len(image_embed), seed, seeds)
@@ -112,7 +113,9 @@ class UnclipPipeline:
         images = self.decoder.sample(seeds=seeds, cond=cond, **settings)
         if self.upsampler is None:
             return images
-        text = {"prompt": settings["prompt"]} if settings.get("prompt") and self.upsampler.config.model.text else {}
+        text = {}  # a text-conditional upsampler reads the prompt and guidance, as txt2img's cascade does
+        if settings.get("prompt") and self.upsampler.config.model.text is not None:
+            text = {"prompt": settings["prompt"], "guidance": settings.get("guidance")}
         return self.upsampler.sample(seeds=seeds, low_res=images, sampler=settings.get("sampler", "ddim"), **text,
                                      **upsampler_settings)  # fmt: skip
 
