@@ -42,7 +42,8 @@ def _add_common(p: argparse.ArgumentParser, sampler: bool = False) -> None:
     add_runtime_arguments(p)
 
 
-def _load(args: argparse.Namespace, prior: str | None = None) -> Any:
+def _load(args: argparse.Namespace) -> Any:
+    """The decoder --ckpt names as an UnclipPipeline, after the request's sizes and output path are checked."""
     from difflab.generate import check_sampling_request
     from difflab.outputs import check_output_path
     from difflab.unclip.pipeline import UnclipPipeline
@@ -52,8 +53,7 @@ def _load(args: argparse.Namespace, prior: str | None = None) -> Any:
     device = setup_runtime(args)
     from difflab.loading import load
 
-    decoder = load(args.ckpt, use_ema=not args.no_ema, device=device)
-    return UnclipPipeline(decoder, load(prior, use_ema=not args.no_ema, device=device) if prior else None)
+    return UnclipPipeline(load(args.ckpt, use_ema=not args.no_ema, device=device))
 
 
 def _image(pipe: Any, path: str) -> Any:
