@@ -66,7 +66,7 @@ MODELS = {
     "decoder": {"unclip": "decoder", "text_encoder": "scratch", "caption_dropout": 0.5, **RECIPE},
 }
 CLIP = {"steps": 3000, "embed_dim": 64, "width": 32, "text_width": 64}
-BUDGET_MINUTES, QUICK_MINUTES, PRIOR_SHARE = 20.0, 0.2, 0.25
+BUDGET_MINUTES, QUICK_MINUTES, PRIOR_SHARE = 12.0, 0.2, 0.25
 SCENES, QUICK_SCENES = 20_000, 500
 PROMPTS, W, PRIOR_W, SAMPLER, SAMPLE_STEPS, PRIOR_STEPS = 100, 3.0, 2.0, "dpmpp_2m", 20, 25
 DIVERSITY_CAPTIONS, DIVERSITY_SAMPLES = 20, 8
