@@ -325,3 +325,18 @@ def test_the_decoder_feeds_a_cascade_upsampler(unclip_runs, small_shapes, tmp_pa
     assert Image.open(tmp_path / "u.png").tobytes() == Image.open(tmp_path / "again.png").tobytes()
     with pytest.raises(DifflabError):
         load_unclip(up, prior)  # an upsampler is not a decoder
+
+
+def test_a_prior_and_a_decoder_resume_bit_for_bit(unclip_runs, tmp_path):
+    from conftest import assert_exact_resume
+
+    data = difflab.load_dataset("shapes", resolution=16, size=64)
+    decoder_weight = "backbone.image_embed.to_emb.weight"  # behind the scratch text encoder
+    cases = [("prior", "out.weight", {}), ("decoder", decoder_weight, {"text_encoder": "scratch"})]
+    for role, changed, extra in cases:
+
+        def make(steps, role=role, extra=extra):
+            return difflab.run_config(data, clip=unclip_runs["clip"], unclip=role, steps=steps, batch_size=8,
+                                      checkpoint_every=3, **extra)  # fmt: skip
+
+        assert_exact_resume(make, data, tmp_path / role, changed)
