@@ -7,6 +7,7 @@ against a GLIDE-style text model at equal training time, variations and interpol
     python benchmarks/unclip.py eval            # -> benchmarks/results/unclip.{md,json}
     python benchmarks/unclip.py figure          # -> benchmarks/results/unclip_*.png
     python benchmarks/unclip.py retrieval       # retrieval against what the captions determine: unclip_retrieval.json
+    python benchmarks/unclip.py long            # decoder-long, glide16-long at equal time: unclip_long.json
     python benchmarks/unclip.py noised-clip     # the noise-aware CLIP for CLIP guidance: WORK/clip-noised
     python benchmarks/unclip.py guidance        # CLIP guidance vs CFG on glide16: unclip_guidance.{md,json}
     python benchmarks/unclip.py --quick clip timing train eval   # tiny budgets: a smoke test (minutes)
@@ -73,6 +74,7 @@ DIVERSITY_CAPTIONS, DIVERSITY_SAMPLES = 20, 8
 VARIATION_SOURCES, VARIATIONS_PER_IMAGE = 50, 4
 INTERPOLATION_PAIRS, FRAMES, INVERSION_STEPS = 10, 8, 50
 TIMING_STEPS = 8
+LONG_DECODER_STEPS, LONG_GLIDE_STEPS = 2400, 2570  # decoder 2,400 steps + the prior's 3 min = glide16's 2,570 steps
 CFG_SCALES, CLIP_SCALES, GUIDANCE_PROMPTS, NOISED_CLIP_STEPS = (1.0, 3.0, 5.0), (5.0, 10.0, 20.0), 25, 1500
 
 
@@ -96,6 +98,31 @@ def train_clip_phase(work: Path, quick: bool, noise_aware: bool = False) -> None
     (out / "bench_train.json").write_text(json.dumps(result))
     print(f"{out.name}: {result['step']} steps in {result['minutes']:.1f} min, retrieval {result['retrieval']}",
           flush=True)  # fmt: skip
+
+
+def long_runs(work: Path, out: Path) -> None:
+    """The decoder trained LONG_DECODER_STEPS (with the same prior) against glide16 trained the same total time
+    (LONG_GLIDE_STEPS): adherence, FD and diversity of both, and the long decoder's variations."""
+    for name, base, steps in (("decoder-long", "decoder", LONG_DECODER_STEPS), ("glide16-long", "glide16",
+                                                                                LONG_GLIDE_STEPS)):  # fmt: skip
+        if not (work / name / "checkpoints").exists():
+            config, data = model_config(base, work, False, steps)
+            train_run(config, work / name, data=data, progress=False)
+    pipes = {"glide16": difflab.load(work / "glide16-long"),
+             "unclip": UnclipPipeline(difflab.load(work / "decoder-long"), difflab.load(work / "prior"))}  # fmt: skip
+    prompts = prompt_set(PROMPTS)
+    reference = prompt_reference(prompts, RESOLUTION)
+    captions = prompts[:DIVERSITY_CAPTIONS]
+    repeated = [c for c in captions for _ in range(DIVERSITY_SAMPLES)]
+    results = {}
+    for name in pipes:
+        row = score_prompt_samples(_draw(name, pipes, prompts, range(len(prompts))), reference)
+        samples = _draw(name, pipes, repeated, range(10_000, 10_000 + len(repeated)))
+        row["diversity"] = diversity(ShapesFeatures().features(samples.clamp(-1, 1)), len(captions))
+        results[name] = row
+        print(name, row["adherence"]["all"], row["fd"]["all"], row["diversity"], flush=True)
+    results["variations"] = variation_rows(pipes["unclip"], False)
+    out.with_name(out.name + "_long.json").write_text(json.dumps(results, indent=2, default=float))
 
 
 def retrieval(work: Path, out: Path, count: int = 1000, pool: int = 100) -> None:
@@ -373,6 +400,8 @@ def main() -> None:
             evaluate(work, args.quick, out)
         elif phase == "figure":
             figure(work, out)
+        elif phase == "long":
+            long_runs(work, out)
         elif phase == "retrieval":
             retrieval(work, out)
         elif phase == "noised-clip":
