@@ -8,6 +8,7 @@ against a GLIDE-style text model at equal training time, variations and interpol
     python benchmarks/unclip.py figure          # -> benchmarks/results/unclip_*.png
     python benchmarks/unclip.py retrieval       # retrieval against what the captions determine: unclip_retrieval.json
     python benchmarks/unclip.py long            # decoder-long, glide16-long at equal time: unclip_long.json
+    python benchmarks/unclip.py cliptext        # glide16 on the CLIP's text tower: unclip_cliptext.json
     python benchmarks/unclip.py noised-clip     # the noise-aware CLIP for CLIP guidance: WORK/clip-noised
     python benchmarks/unclip.py guidance        # CLIP guidance vs CFG on glide16: unclip_guidance.{md,json}
     python benchmarks/unclip.py --quick clip timing train eval   # tiny budgets: a smoke test (minutes)
@@ -123,6 +124,23 @@ def long_runs(work: Path, out: Path) -> None:
         print(name, row["adherence"]["all"], row["fd"]["all"], row["diversity"], flush=True)
     results["variations"] = variation_rows(pipes["unclip"], False)
     out.with_name(out.name + "_long.json").write_text(json.dumps(results, indent=2, default=float))
+
+
+def cliptext(work: Path, out: Path) -> None:
+    """glide16's recipe and steps with the CLIP's text tower (`--text-encoder clip:PATH`) instead of its own scratch
+    encoder: adherence and FD on the fixed prompt set."""
+    run = work / "glide16-cliptext"
+    if not (run / "checkpoints").exists():
+        steps = json.loads((work / "glide16" / "bench_train.json").read_text())["steps"]
+        data = shapes(False)
+        settings = MODELS["glide16"] | {"text_encoder": f"clip:{work / 'clip'}"}
+        train_run(difflab.run_config(data, steps=steps, checkpoint_every=1000, **settings), run, data=data,
+                  progress=False)  # fmt: skip
+    prompts = prompt_set(PROMPTS)
+    row = score_prompt_samples(_draw("glide16", {"glide16": difflab.load(run)}, prompts, range(len(prompts))),
+                               prompt_reference(prompts, RESOLUTION))  # fmt: skip
+    print(row["adherence"]["all"], row["fd"]["all"], flush=True)
+    out.with_name(out.name + "_cliptext.json").write_text(json.dumps(row, indent=2, default=float))
 
 
 def retrieval(work: Path, out: Path, count: int = 1000, pool: int = 100) -> None:
@@ -400,6 +418,8 @@ def main() -> None:
             evaluate(work, args.quick, out)
         elif phase == "figure":
             figure(work, out)
+        elif phase == "cliptext":
+            cliptext(work, out)
         elif phase == "long":
             long_runs(work, out)
         elif phase == "retrieval":
