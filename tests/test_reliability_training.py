@@ -121,13 +121,13 @@ def test_a_stop_signal_during_training_checkpoints_the_step_reached(name, tmp_pa
 def test_the_cli_reports_the_checkpoint_of_a_stop_signal(name, code, tmp_path, capsys, monkeypatch):
     from difflab.training import run as run_mod
 
-    add_hooks = run_mod._add_hooks
+    add_hooks = run_mod.add_hooks
 
     def with_a_signal(trainer, config, out):
         add_hooks(trainer, config, out)
         trainer.hooks.append(lambda t: os.kill(os.getpid(), getattr(signal, name)) if t.step == 3 else None)
 
-    monkeypatch.setattr(run_mod, "_add_hooks", with_a_signal)
+    monkeypatch.setattr(run_mod, "add_hooks", with_a_signal)
     got, stdout, _ = run_cli(capsys, "train", "--data", "moons", "--out", tmp_path, "--steps", 50, "--no-progress")
     ckpt = tmp_path / "checkpoints" / "step_00000003"
     assert got == code and stdout.strip() == (
