@@ -66,3 +66,26 @@ def test_bad_schedule_inputs_raise_clear_errors():
         DiscreteSchedule.from_name("quadratic")
     with pytest.raises(DifflabError, match="--steps must be between 1 and 1000"):
         DiscreteSchedule.from_name("linear").respaced_sigmas(0)
+
+
+def test_trailing_ddpm_grid_is_diffusers_trailing_spacing_and_nests():
+    from difflab.formulations import DDPMConfig, make_formulation
+
+    ddpm = make_formulation(DDPMConfig())
+    table = ddpm.discrete_schedule.sigmas.float()
+    four = ddpm.sigmas(4, "trailing")
+    assert torch.allclose(four[:-1], table[[999, 749, 499, 249]]) and four[-1] == 0  # diffusers: 999 749 499 249
+    eight = ddpm.sigmas(8, "trailing")
+    assert torch.allclose(eight[::2], four)  # N steps are every other point of 2N (progressive distillation)
+    assert torch.allclose(ddpm.sigmas(1000, "trailing")[:-1], table.flip(0))
+
+
+def test_trailing_karras_grid_nests_and_one_step_goes_from_sigma_max_to_zero():
+    from difflab.formulations import EDMConfig, make_formulation
+
+    edm = make_formulation(EDMConfig())
+    assert edm.sigmas(1, "trailing").tolist() == [80.0, 0.0]
+    for n in (1, 2, 4, 16):
+        assert torch.allclose(edm.sigmas(2 * n, "trailing")[::2], edm.sigmas(n, "trailing"))
+    grid = edm.sigmas(2, "trailing")
+    assert grid[1] == pytest.approx((80 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7, rel=1e-5)

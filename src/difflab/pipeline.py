@@ -115,8 +115,17 @@ class Pipeline:
         return self
 
     def sigmas(self, steps: int, grid: str | None = None) -> torch.Tensor:
-        """The sampling grid: `steps` noise levels then 0, (steps + 1,); the formulation's default grid if None."""
-        return self.formulation.sigmas(steps, grid)
+        """The sampling grid: `steps` noise levels then 0, (steps + 1,); the model's default grid if None."""
+        return self.formulation.sigmas(steps, grid or self.sampling_defaults()["grid"])
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """What the model samples with when nothing is asked for: a distilled student its own sampler, step count and
+        grid (`RunConfig.distill`), any other model its formulation's (ddim, 50 steps; a consistency model 1 step)."""
+        distill = getattr(self.config, "distill", None)
+        if distill is not None:
+            return {"sampler": distill.sampler, "steps": distill.steps, "grid": distill.grid}
+        f = self.formulation
+        return {"sampler": f.default_sampler, "steps": f.default_steps, "grid": f.default_grid}
 
     def weights_hash(self) -> str:
         """The first 10 hex digits of the SHA-256 of the weights file (AUTOMATIC1111's "Model hash")."""
@@ -280,8 +289,9 @@ class Pipeline:
     def sample(self, n: int | None = None, **kwargs: Any) -> torch.Tensor:
         """n samples (n, *sample_shape) in data space on the CPU; sample i uses seed `seed + i` (or seeds[i]).
 
-        Takes the keyword arguments of `sample_batches` and concatenates its batches: seed, seeds, sampler ("ddim";
-        a registered name or an alias: "DPM++ 2M Karras" also picks the karras grid), steps (50), grid, cond
+        Takes the keyword arguments of `sample_batches` and concatenates its batches: seed, seeds, sampler (a
+        registered name or an alias: "DPM++ 2M Karras" also picks the karras grid), steps and grid (None: the
+        model's `sampling_defaults`, ddim and 50 steps for most), cond
         ({"class_label": 7} or per-sample tensors), guidance (CFG scale w), guidance_interval, negative_cond (one
         row, for every sample), classifier (a noise-aware classifier, module or folder) with classifier_scale,
         prompt (text: one for all samples or one each) and negative_prompt for a text model, low_res (an upsampler's
@@ -297,8 +307,8 @@ class Pipeline:
         *,
         seed: int = 0,
         seeds: Sequence[int] | None = None,
-        sampler: str = "ddim",
-        steps: int = 50,
+        sampler: str | None = None,
+        steps: int | None = None,
         grid: str | None = None,
         low_res: torch.Tensor | None = None,
         low_res_noise: float | None = None,
@@ -315,8 +325,11 @@ class Pipeline:
         from difflab.sampling import resolve_sampler
 
         seeds = sample_seeds(n, seed, seeds)
+        defaults = self.sampling_defaults()
+        sampler, steps = sampler or defaults["sampler"], steps or defaults["steps"]
         check_sampling_request(len(seeds), steps, batch_size, seed=None)
         spec, implied_grid = resolve_sampler(sampler)
+        self.formulation.check_sampler(spec)
         request = {k: settings.pop(k) for k in CONDITION_KEYWORDS if k in settings}
         options = settings  # what is left: the sampler's own options, checked by generate_batches
         request["cond"] = self.upsampler_cond(request.get("cond"), low_res, low_res_noise, seeds)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from difflab.errors import DifflabError
-from difflab.sigmas import sigma_from_alpha_bar, sigma_to_t, vp_input_scale
+from difflab.sigmas import sigma_from_alpha_bar, sigma_to_t, t_to_sigma, vp_input_scale
 
 SCHEDULE_NAMES = ("linear", "cosine", "sigmoid", "scaled_linear")
 
@@ -107,6 +107,15 @@ class DiscreteSchedule:
         ts = torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long()
         return torch.cat([self.sigmas[ts], self.sigmas.new_zeros(1)]).float()
 
+    def trailing_sigmas(self, steps: int) -> torch.Tensor:
+        """diffusers' "trailing" spacing (Lin et al. 2024, Table 2): t_i = T (N - i) / N - 1 for i = 0..N-1 (fractional
+        where N does not divide T), then sigma = 0. The grid of N steps is every other point of the grid of 2N, which
+        progressive distillation needs. (steps + 1,) float32."""
+        if not 1 <= steps <= self.num_steps:
+            raise DifflabError(f"--steps must be between 1 and {self.num_steps}, got {steps}")
+        t = self.num_steps * torch.arange(steps, 0, -1, dtype=torch.float64) / steps - 1
+        return torch.cat([t_to_sigma(t, self.sigmas), self.sigmas.new_zeros(1)]).float()
+
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
@@ -126,8 +135,22 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     """
     _check_range(steps, sigma_min, sigma_max)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return _append_zero(karras_ramp(ramp, sigma_min, sigma_max, rho)).float()
+
+
+def karras_ramp(u: torch.Tensor, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022, Eq. 5 as a function of u in [0, 1]: (s_max^(1/rho) + u (s_min^(1/rho) -
+    s_max^(1/rho)))^rho."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return _append_zero((hi + ramp * (lo - hi)) ** rho).float()
+    return (hi + u * (lo - hi)) ** rho
+
+
+def trailing_karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """The Karras ramp at u = i/N, i = 0..N-1 (sigma_min itself is not visited), then 0: N steps nest in 2N, as the
+    DDPM "trailing" grid does (progressive distillation; one step = sigma_max -> 0). (steps + 1,) float32."""
+    _check_range(steps, sigma_min, sigma_max)
+    u = torch.arange(steps, dtype=torch.float64) / steps
+    return _append_zero(karras_ramp(u, sigma_min, sigma_max, rho)).float()
 
 
 def log_snr_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:

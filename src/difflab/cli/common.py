@@ -49,14 +49,21 @@ def stopped_by_signal(result, run_dir, next_step: str) -> int | None:
     return 130 if result.signal == "SIGINT" else 0
 
 
-def add_sampler_arguments(p: argparse.ArgumentParser, default_sampler: str | None = "ddim") -> None:
+def add_sampler_arguments(
+    p: argparse.ArgumentParser, default_sampler: str | None = "ddim", default_steps: int | None = 50
+) -> None:
+    """--sampler, --steps, --grid and every sampler option; a None default means "the model's own"
+    (`Pipeline.sampling_defaults`, filled in by `apply_model_defaults` once the model is loaded)."""
     from difflab.sampling import GRID_NAMES, SAMPLERS, all_sampler_options
 
     group = p.add_argument_group("sampler", "the sampler, its grid of noise levels and its options")
     group.add_argument("--sampler", default=default_sampler,
                        help=f"{', '.join(SAMPLERS)}, or a name from another tool ('DPM++ 2M Karras'; see "
                        "`difflab samplers`)")  # fmt: skip
-    group.add_argument("--steps", type=int, default=50, help="number of sampling steps")
+    group.add_argument("--steps", type=int, default=default_steps,
+                       help="number of sampling steps" + (" (default: the model's; 50 for most, 1 for a consistency "
+                                                          "model, a distilled student's own)" if default_steps is None
+                                                          else ""))  # fmt: skip
     group.add_argument("--grid", help=f"noise levels: {', '.join(GRID_NAMES)} (or exponential = log_snr); "
                        "default: the model's (respaced for ddpm, log_snr for pfgm, else karras)")  # fmt: skip
     for option in all_sampler_options().values():
@@ -66,6 +73,13 @@ def add_sampler_arguments(p: argparse.ArgumentParser, default_sampler: str | Non
                                help=option.help)  # fmt: skip
         else:
             group.add_argument(flag, dest=option.name, type=option.type, help=option.help)
+
+
+def apply_model_defaults(args: argparse.Namespace, pipe) -> None:
+    """Fill --sampler and --steps left unset with the loaded model's defaults (`Pipeline.sampling_defaults`)."""
+    defaults = pipe.sampling_defaults()
+    args.sampler = args.sampler or defaults["sampler"]
+    args.steps = args.steps or defaults["steps"]
 
 
 def sampler_options(name: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from difflab.cli.common import (
     add_guidance_arguments,
     add_runtime_arguments,
     add_sampler_arguments,
+    apply_model_defaults,
     guidance_settings,
     sampler_options,
     setup_runtime,
@@ -30,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i")
     io.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
     io.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    add_sampler_arguments(p)
+    add_sampler_arguments(p, default_sampler=None, default_steps=None)
     add_guidance_arguments(p)
     add_runtime_arguments(p)
 
@@ -59,12 +60,14 @@ def run(args: argparse.Namespace) -> int:
     from difflab.outputs import SampleWriter, check_output_size
     from difflab.sampling import resolve_sampler
 
-    spec, _ = resolve_sampler(args.sampler)  # fail fast on an unknown name, before loading anything
-    options = sampler_options(spec.name, args)
+    if args.sampler is not None:
+        resolve_sampler(args.sampler)  # fail fast on an unknown name, before loading anything
     device = setup_runtime(args)
     from difflab.pipeline import load
 
     pipe = load(args.ckpt, use_ema=not args.no_ema, device=device)
+    apply_model_defaults(args, pipe)
+    options = sampler_options(resolve_sampler(args.sampler)[0].name, args)
     check_output_size(args.out, pipe.config.data.kind, args.n, pipe.sample_shape)
     cond, guidance = guidance_settings(args, pipe, args.n)
     settings = {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "batch_size": args.batch_size}

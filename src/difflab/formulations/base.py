@@ -13,7 +13,7 @@ from torch import nn
 
 from difflab.errors import DifflabError
 from difflab.kernels import GAUSSIAN, Kernel
-from difflab.schedules import DiscreteSchedule, karras_sigmas, log_snr_sigmas
+from difflab.schedules import DiscreteSchedule, karras_sigmas, log_snr_sigmas, trailing_karras_sigmas
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class Formulation:
     kernel: Kernel = GAUSSIAN  # the training perturbation and, at sigma_max, the prior
     extra_outputs: ClassVar[int] = 0  # network outputs beyond the data's channels (PFGM's z component: 1)
     default_grid: ClassVar[str] = "karras"
+    default_sampler: ClassVar[str] = "ddim"
+    default_steps: ClassVar[int] = 50
+    sampler_family: ClassVar[str] = "diffusion"  # the samplers it admits: a SamplerSpec's `family`
     nll_refusal: ClassVar[str | None] = None  # why the PF-ODE likelihood does not apply, if it does not
     discrete_schedule: DiscreteSchedule | None = None  # a discrete-time model's schedule (the DDPM bound needs it)
 
@@ -77,9 +80,14 @@ class Formulation:
     def respaced_sigmas(self, steps: int) -> torch.Tensor:
         raise DifflabError("--grid respaced needs a discrete (ddpm) model; use karras, uniform_t or log_snr")
 
+    def trailing_sigmas(self, steps: int) -> torch.Tensor:
+        """N steps that nest in 2N: the Karras ramp at u = i/N, i < N, then 0 (DDPM: diffusers' trailing timesteps)."""
+        return trailing_karras_sigmas(steps, *self.sigma_range())
+
     def sigmas(self, steps: int, grid: str | None = None) -> torch.Tensor:
         """A decreasing grid of `steps` noise levels ending in 0, (steps + 1,): Karras (rho = 7), uniform in
-        log-SNR (= k-diffusion's exponential), uniform in the process's t, or the respaced DDPM timesteps."""
+        log-SNR (= k-diffusion's exponential), uniform in the process's t, the respaced DDPM timesteps, or the
+        trailing grid (N nested in 2N)."""
         from difflab.sampling import resolve_grid  # the grid names and their aliases live with the samplers
 
         grid = resolve_grid(grid) if grid else self.default_grid
@@ -89,6 +97,8 @@ class Formulation:
             return self.respaced_sigmas(steps)
         if grid == "uniform_t":
             return self.uniform_t_sigmas(steps)
+        if grid == "trailing":
+            return self.trailing_sigmas(steps)
         sigma_min, sigma_max = self.sigma_range()
         return (karras_sigmas if grid == "karras" else log_snr_sigmas)(steps, sigma_min, sigma_max)
 
@@ -97,7 +107,19 @@ class Formulation:
         not Gaussian (PFGM/PFGM++: the Gaussian reverse SDE does not reverse a Poisson kernel)."""
         from difflab.sampling import sampler_for_kernel
 
-        return sampler_for_kernel(name, dict(options or {}), self.kernel)
+        spec = sampler_for_kernel(name, dict(options or {}), self.kernel)
+        self.check_sampler(spec)
+        return spec
+
+    def check_sampler(self, spec) -> None:
+        """Refuse a sampler of another family: a consistency model's samplers call a consistency function, every
+        other sampler a denoiser (the two are not interchangeable)."""
+        if spec.family != self.sampler_family:
+            from difflab.sampling import SAMPLERS
+
+            mine = ", ".join(s.name for s in SAMPLERS.values() if s.family == self.sampler_family)
+            raise DifflabError(f"sampler '{spec.name}' is for {spec.family} models; a {self.name} model samples with "
+                               f"{mine}")  # fmt: skip
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

@@ -65,6 +65,9 @@ class DDPM(Formulation):
     def respaced_sigmas(self, steps: int) -> torch.Tensor:
         return self.discrete_schedule.respaced_sigmas(steps)
 
+    def trailing_sigmas(self, steps: int) -> torch.Tensor:
+        return self.discrete_schedule.trailing_sigmas(steps)
+
     def uniform_t_sigmas(self, steps: int) -> torch.Tensor:
         """Uniform in the DDPM time t in [0, T-1], fractional."""
         schedule = self.discrete_schedule

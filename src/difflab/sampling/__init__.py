@@ -36,7 +36,8 @@ _LAZY = {
     "sample_ddim": "ancestral", "sample_ddpm": "ancestral", "sample_ald": "langevin", "sample_pc": "langevin",
     "GeneratorNoise": "noise", "PerSampleNoise": "noise", "sample_dpmpp_2m": "ode", "sample_euler": "ode",
     "sample_heun": "ode", "sample_lms": "ode", "sample_rk45": "ode", "repaint_sigmas": "repaint",
-    "sample_repaint": "repaint", "sample_dpmpp_2m_sde": "sde", "sample_euler_ancestral": "sde",
+    "sample_repaint": "repaint", "sample_consistency": "consistency", "sample_dpmpp_2m_sde": "sde",
+    "sample_euler_ancestral": "sde",
     "sample_euler_maruyama": "sde",
 }  # fmt: skip
 
@@ -193,6 +194,7 @@ class SamplerSpec:
     # where it is not, `batch_note` says why and how to get it, and `difflab samplers` shows it
     batch_independent_if: Condition = field(default=_always(True))
     batch_note: str = ""
+    family: str = "diffusion"  # what it calls: a denoiser ("diffusion") or a consistency function ("consistency")
     option_specs: tuple[SamplerOption, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -284,6 +286,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("ald", "langevin:sample_ald",
                     "annealed Langevin dynamics (Song & Ermon 2019, Alg. 1), final denoising",
                     lambda steps, o: o["n_steps_each"] * steps + int(bool(o["denoise_last"])), _always(False)),
+        SamplerSpec("consistency", "consistency:sample_consistency",
+                    "consistency models only (Song et al. 2023, Alg. 1): one step, or multistep with fresh noise",
+                    deterministic_if=lambda o: False, family="consistency"),
     )
 }  # fmt: skip
 

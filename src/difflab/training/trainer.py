@@ -37,6 +37,7 @@ from difflab.weights import check_header
 
 MAX_NONFINITE_IN_A_ROW = 10
 LOG_FILE = "train_log.jsonl"
+TASK_STATE = "task_state"  # a task's own training state in a checkpoint: task_state.safetensors
 # What schedulers send on pre-emption (TERM), a closed terminal (HUP) and Ctrl-C (INT): finish the step, save, stop.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name))
 
@@ -132,6 +133,8 @@ class Trainer:
             "training_state": state_tensors,
         }
         tensors |= self.task.frozen_tensors() if hasattr(self.task, "frozen_tensors") else {}
+        task_state = self.task.state_tensors() if hasattr(self.task, "state_tensors") else {}
+        tensors |= {TASK_STATE: task_state} if task_state else {}
         return save_checkpoint(self.run_dir, self.step, self.config, tensors, meta, self.train_config.keep_checkpoints)
 
     def resume(self, ckpt: Path | None = None) -> None:
@@ -162,6 +165,10 @@ class Trainer:
         if self.device.type == "cuda" and "rng.torch_cuda" in state:
             torch.cuda.set_rng_state(state["rng.torch_cuda"], self.device)
         self.step, self.skipped, self.elapsed = meta["step"], meta["skipped_steps"], meta["elapsed_s"]
+        if hasattr(self.task, "load_state_tensors"):  # a task's own training state (a target network, loss history)
+            path = ckpt / f"{TASK_STATE}.safetensors"
+            check_header(path, self.task.state_tensors())
+            self.task.load_state_tensors(load_tensors(path))
 
     # ---- one step --------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -181,6 +188,8 @@ class Trainer:
             cond = drop_signals(cond, self.task.dropout, self.noise_gen)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
+        if hasattr(self.task, "begin_step"):  # a task whose loss changes with the step (consistency training's N)
+            self.task.begin_step(self.step)
         with _autocast(self.device, tc.mixed_precision):
             loss = self.task.loss(x0, cond, self.noise_gen).mean()
         if not torch.isfinite(loss):
@@ -196,6 +205,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.ema.update(self.module, self.step)
+        if hasattr(self.task, "end_step"):  # e.g. consistency distillation's target network follows the weights
+            self.task.end_step(self.step)
         return loss.item()
 
     # ---- the loop --------------------------------------------------------------------------------------
