@@ -55,6 +55,22 @@ class DenoiserTask:
             cond = training_inputs(x0, cond, self.config.inpainting, generator)
         return self.loss_fn(self.denoiser, x0, generator, cond)
 
+    # A loss with its own training state (consistency training's schedule of N, iDDPM's loss history per t) has
+    # begin_step / end_step / state_tensors / load_state_tensors; the trainer reaches them through the task.
+    def begin_step(self, step: int) -> None:
+        if hasattr(self.loss_fn, "begin_step"):
+            self.loss_fn.begin_step(step, self.config.train.steps)
+
+    def end_step(self, step: int) -> None:
+        if hasattr(self.loss_fn, "end_step"):
+            self.loss_fn.end_step(self.denoiser)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.loss_fn.state_tensors() if hasattr(self.loss_fn, "state_tensors") else {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.loss_fn.load_state_tensors(tensors)
+
     def check_resume(self, ckpt: Path) -> None:
         """Refuse to continue a checkpoint of another model, formulation or conditioning."""
         from difflab.training.checkpoint import load_config

@@ -165,9 +165,10 @@ class Trainer:
         if self.device.type == "cuda" and "rng.torch_cuda" in state:
             torch.cuda.set_rng_state(state["rng.torch_cuda"], self.device)
         self.step, self.skipped, self.elapsed = meta["step"], meta["skipped_steps"], meta["elapsed_s"]
-        if hasattr(self.task, "load_state_tensors"):  # a task's own training state (a target network, loss history)
+        task_state = self.task.state_tensors() if hasattr(self.task, "state_tensors") else {}
+        if task_state:  # a task's own training state (a target network, a loss history)
             path = ckpt / f"{TASK_STATE}.safetensors"
-            check_header(path, self.task.state_tensors())
+            check_header(path, task_state)
             self.task.load_state_tensors(load_tensors(path))
 
     # ---- one step --------------------------------------------------------------------------------------
