@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from difflab.cascade import UpsamplerConfig, check_upsample_from
+from difflab.distill.config import DistillConfig
 from difflab.errors import DifflabError
 from difflab.formulations import config_from_dict, config_to_dict
 from difflab.formulations.ddpm import DDPMConfig
@@ -116,6 +117,7 @@ class RunConfig:
     inpainting: InpaintingConfig | None = None  # GLIDE's inpainting model: its training masks
     latent: LatentConfig | None = None  # latent diffusion: the frozen autoencoder whose latents the model generates
     unclip: UnclipConfig | None = None  # unCLIP's prior or decoder: the frozen CLIP whose embeddings it reads
+    distill: DistillConfig | None = None  # a distilled student: its teacher and how it samples
 
     def __post_init__(self):
         """The formulation's sizes (ddpm timesteps, pfgm batch) are checked against `difflab.limits`; an upsampler
@@ -168,6 +170,7 @@ class RunConfig:
             | ({"inpainting": dataclasses.asdict(self.inpainting)} if self.inpainting is not None else {})
             | ({"latent": dataclasses.asdict(self.latent)} if self.latent is not None else {})
             | ({"unclip": dataclasses.asdict(self.unclip)} if self.unclip is not None else {})
+            | ({"distill": dataclasses.asdict(self.distill)} if self.distill is not None else {})
         )
 
     def to_json(self) -> str:
@@ -188,7 +191,7 @@ class RunConfig:
         if version == 1:
             values = migrate_v1(values)
         check_keys(values, "config", {"version", "data", "model", "formulation", "train", "conditioning", "upsampler",
-                                      "inpainting", "latent", "unclip"},
+                                      "inpainting", "latent", "unclip", "distill"},
                    required=("data", "model", "formulation"))  # fmt: skip
         conditioning = values.get("conditioning", [])
         if not isinstance(conditioning, list):
@@ -212,6 +215,9 @@ class RunConfig:
             else None,
             unclip=dataclass_from_dict(UnclipConfig, values["unclip"], "unclip")
             if values.get("unclip") is not None
+            else None,
+            distill=dataclass_from_dict(DistillConfig, values["distill"], "distill")
+            if values.get("distill") is not None
             else None,
         )
 

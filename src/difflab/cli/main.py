@@ -29,6 +29,8 @@ COMMANDS = {
                 "difflab inpaint --ckpt runs/digits --image digit.png --mask mask.png --out filled.png"),
     "img2img": ("difflab.cli.img2img", "image-to-image (SDEdit): noise an image to a strength and denoise it",
                 "difflab img2img --ckpt runs/digits --image digit.png --strength 0.6 --out edited.png"),
+    "distill": ("difflab.cli.distill", "distil a model into a few-step student (progressive or consistency)",
+                "difflab distill --teacher runs/digits --method progressive --rounds 4 --out runs/digits-distilled"),
     "train-classifier": ("difflab.cli.train_classifier", "train a noise-aware classifier for classifier guidance",
                          "difflab train-classifier --data digits --out runs/clf --for runs/digits"),
     "train-autoencoder": ("difflab.cli.autoencoder:train", "train the KL autoencoder of latent diffusion",

@@ -1,6 +1,6 @@
 """Formulations by name: the one place where a process name is looked up. A formulation (ddpm, vp, subvp, ve, edm,
-pfgmpp, pfgm) turns a network into a sigma-space denoiser and owns its loss, prior kernel, sigma range, default grid
-and admissible samplers. Adding one = a module + a row here + tests."""
+pfgmpp, pfgm; the consistency models ct and cd) turns a network into a sigma-space denoiser and owns its loss, prior
+kernel, sigma range, default grid and admissible samplers. Adding one = a module + a row here + tests."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ from typing import Any
 
 from difflab.errors import DifflabError
 from difflab.formulations.base import DataInfo, Formulation
+from difflab.formulations.consistency import CDConfig, ConsistencyDistillation, ConsistencyTraining, CTConfig
 from difflab.formulations.ddpm import DDPM, DDPMConfig
 from difflab.formulations.edm import EDM, PFGMPP, EDMConfig, PFGMPPConfig
 from difflab.formulations.pfgm import PFGM
 from difflab.formulations.score_sde import VE, VP, SubVP, SubVPConfig, VEConfig, VPConfig
 from difflab.pfgm import PFGMConfig
 
-FORMULATIONS: dict[str, type[Formulation]] = {f.name: f for f in (DDPM, VP, SubVP, VE, EDM, PFGMPP, PFGM)}
+FORMULATIONS: dict[str, type[Formulation]] = {
+    f.name: f for f in (DDPM, VP, SubVP, VE, EDM, PFGMPP, PFGM, ConsistencyTraining, ConsistencyDistillation)
+}
 
 
 def formulation_class(name: str) -> type[Formulation]:
@@ -59,13 +62,13 @@ def config_from_dict(values: dict[str, Any]) -> Any:
     from difflab.config import dataclass_from_dict, read_value
 
     if not isinstance(values, dict) or "name" not in values:
-        raise ValueError("formulation.name is missing (ddpm, vp, subvp, ve, edm, pfgmpp or pfgm)")
+        raise ValueError(f"formulation.name is missing ({', '.join(FORMULATIONS)})")
     values = dict(values)
     cls = formulation_class(read_value(str, values.pop("name"), "formulation.name"))
     return dataclass_from_dict(cls.Config, values, "formulation")
 
 
 __all__ = [
-    "FORMULATIONS", "DDPMConfig", "DataInfo", "EDMConfig", "Formulation", "PFGMConfig",
+    "FORMULATIONS", "CDConfig", "CTConfig", "DDPMConfig", "DataInfo", "EDMConfig", "Formulation", "PFGMConfig",
     "PFGMPPConfig", "SubVPConfig", "VEConfig", "VPConfig", "make_config", "make_formulation",
 ]  # fmt: skip

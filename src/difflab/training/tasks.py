@@ -30,13 +30,20 @@ class DenoiserTask:
         self.formulation = make_formulation(config.formulation)
         self.denoiser = self.formulation.denoiser(build_network(config.model))
         self.module = self.denoiser.net
-        self.loss_fn = self.formulation.loss(config.train.min_snr_gamma)
+        if config.distill is not None:  # a student: the loss reads its teacher (difflab.distill)
+            from difflab.distill.losses import distillation_loss
+
+            self.loss_fn = distillation_loss(config, self.formulation, self.denoiser)
+        else:
+            self.loss_fn = self.formulation.loss(config.train.min_snr_gamma)
         # the signals the trainer hands over: a group (a frozen encoder's caption, "text") is its members
         self.signals = tuple(m for s in config.conditioning for m in SIGNAL_GROUPS.get(s.name, (s.name,)))
         self.dropout = {s.name: s.dropout for s in config.conditioning}
 
     def to(self, device: torch.device) -> None:
         self.denoiser.to(device)
+        if hasattr(self.loss_fn, "to"):  # a distillation loss's teacher and target network
+            self.loss_fn.to(device)
 
     def frozen_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Weights saved with every checkpoint but not trained: a latent model's autoencoder."""
@@ -77,8 +84,8 @@ class DenoiserTask:
 
         saved = load_config(ckpt)
         same = (saved.model, saved.formulation, saved.conditioning, saved.upsampler, saved.inpainting, saved.latent,
-                saved.unclip)  # fmt: skip
+                saved.unclip, saved.distill)  # fmt: skip
         config = self.config
         if same != (config.model, config.formulation, config.conditioning, config.upsampler, config.inpainting,
-                    config.latent, config.unclip):  # fmt: skip
+                    config.latent, config.unclip, config.distill):  # fmt: skip
             raise DifflabError(f"'{ckpt}' was trained with another model or formulation config; use a new --out")
