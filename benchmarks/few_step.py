@@ -1,0 +1,146 @@
+"""Few-step generation on the digits (issue 15): progressive distillation, consistency distillation and consistency
+training against the best solver at the same NFE, with their extra training cost.
+
+    python benchmarks/few_step.py --out runs/few_step                # ~1.5-2 h on one busy CPU core
+    python benchmarks/few_step.py --out runs/few_step --steps 500    # a smoke test (poor figures)
+
+Teachers at the demo's budget (tiny U-Net, 8x8 digits, `--steps`, default 4000): a DDPM with v-prediction (progressive
+distillation needs x- or v-prediction: an eps student cannot predict x0 at sigma_max in one step, Salimans & Ho 2022,
+Sec. 4) and an EDM model (the consistency distillation teacher). Students: progressive distillation from 64 DDIM steps
+on the trailing grid, 6 rounds (32, 16, ..., 1 steps) of `--round-steps` each; consistency distillation (`--cd-steps`,
+target EMA 0.95, L2); consistency training from scratch at the teacher's budget (`--steps`). Each is scored with the
+digits classifier's Frechet distance (FD) and the share of confident (p >= 0.9) samples on `--n` samples (seeds
+0..n-1) at NFE 1, 2, 4, 8, beside the best solver of the teachers at the same NFE (every deterministic sampler of the
+registry, the model's default grid and the trailing grid), DDIM at 50 NFE, and the real-vs-real floor. Training cost
+is the wall time of each run's own log (one thread), as a multiple of its teacher's.
+
+Writes OUT (the runs; a finished run is reused) and benchmarks/results/few_step.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+import difflab
+from difflab.distill.run import distill
+from difflab.eval.quality import digits_quality
+from difflab.sampling import SAMPLERS
+from difflab.training.checkpoint import latest_checkpoint
+from difflab.training.trainer import read_log
+
+NFES = (1, 2, 4, 8)
+PD_TEACHER_STEPS, PD_ROUNDS = 64, 6
+RESULTS = Path(__file__).parent / "results"
+
+
+def train_once(out: Path, **settings) -> Path:
+    if latest_checkpoint(out) is None:
+        data = difflab.load_dataset("digits")
+        difflab.train(difflab.run_config(data, model="tiny", seed=0, **settings), out, progress=False)
+    return out
+
+
+def training_seconds(run: Path) -> float:
+    return read_log(run)[-1]["elapsed_s"]
+
+
+def score(pipe, n: int, **kwargs) -> dict:
+    stats: dict = {}
+    samples = pipe.sample(n, seed=0, batch_size=500, stats=stats, **kwargs)
+    q = digits_quality(samples)
+    return {"fd": q["frechet"], "conf90": q["confident_share"], "floor": q["frechet_floor"], "nfe": stats["nfe"]}
+
+
+def best_solver(pipe, nfe: int, n: int) -> dict:
+    """The lowest FD over the deterministic diffusion samplers whose cost fits `nfe`, on the default and trailing
+    grids."""
+    best = None
+    for spec in SAMPLERS.values():
+        if spec.family != "diffusion" or spec.cost is None or not spec.deterministic() or spec.nfe(1) > nfe:
+            continue
+        steps = spec.steps_for_nfe(nfe)
+        for grid in (None, "trailing"):
+            result = score(pipe, n, sampler=spec.name, steps=steps, grid=grid) | {
+                "sampler": spec.name,
+                "grid": grid or "default",
+            }
+            print(f"  {spec.name:<12} nfe {nfe} grid {grid or 'default':<9} FD {result['fd']:.3f}", flush=True)
+            if best is None or result["fd"] < best["fd"]:
+                best = result
+    return best
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/few_step")
+    p.add_argument("--steps", type=int, default=4000, help="teacher and consistency-training steps")
+    p.add_argument("--round-steps", type=int, default=500, help="progressive distillation: steps per round")
+    p.add_argument("--cd-steps", type=int, default=2000)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ddpm = train_once(out / "ddpm_v", prediction="v", steps=args.steps)
+    edm = train_once(out / "edm", process="edm", steps=args.steps)
+    ct = train_once(out / "ct", process="ct", steps=args.steps)
+    pd_dir = out / "pd"
+    pd_runs = [pd_dir / f"steps_{PD_TEACHER_STEPS >> r}" for r in range(1, PD_ROUNDS + 1)]
+    if latest_checkpoint(pd_runs[-1]) is None:
+        pd_runs = distill(ddpm, pd_dir, rounds=PD_ROUNDS, teacher_steps=PD_TEACHER_STEPS, steps=args.round_steps,
+                          progress=False)  # fmt: skip
+    cd = out / "cd"
+    if latest_checkpoint(cd) is None:
+        distill(edm, cd, method="consistency", steps=args.cd_steps, progress=False)
+
+    rows, teacher_s = {}, {"ddpm": training_seconds(ddpm), "edm": training_seconds(edm)}
+    rows["ddim 50 (DDPM teacher)"] = score(difflab.load(ddpm), args.n, sampler="ddim", steps=50)
+    rows["euler 50 (EDM teacher)"] = score(difflab.load(edm), args.n, sampler="euler", steps=50)
+    for nfe in NFES:
+        print(f"NFE {nfe}", flush=True)
+        student = next(r for r in pd_runs if r.name == f"steps_{nfe}")
+        rows[f"progressive distillation, {nfe} NFE"] = score(difflab.load(student), args.n)
+        rows[f"consistency distillation, {nfe} NFE"] = score(difflab.load(cd), args.n, steps=nfe)
+        rows[f"consistency training, {nfe} NFE"] = score(difflab.load(ct), args.n, steps=nfe)
+        for name, run in (("DDPM-v", ddpm), ("EDM", edm)):
+            rows[f"best solver on the {name} teacher, {nfe} NFE"] = best_solver(difflab.load(run), nfe, args.n)
+    cost = {
+        "progressive distillation (all rounds)": sum(training_seconds(r) for r in pd_runs) / teacher_s["ddpm"],
+        "consistency distillation": training_seconds(cd) / teacher_s["edm"],
+        "consistency training (from scratch)": training_seconds(ct) / teacher_s["edm"],
+    }
+    write(args, rows, cost)
+    return 0
+
+
+def write(args, rows: dict, cost: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    floor = next(iter(rows.values()))["floor"]
+    lines = [
+        "# Few-step generation on the digits", "",
+        f"`python benchmarks/few_step.py --out {args.out} --steps {args.steps} --round-steps {args.round_steps} "
+        f"--cd-steps {args.cd_steps} --n {args.n}`; {datetime.date.today()}, {platform.machine()} "
+        f"({platform.processor() or 'cpu'}), torch {torch.__version__}, {args.threads} thread(s).", "",
+        f"Real-vs-real floor (FD of {args.n} training digits to the test split): {floor:.3f}.", "",
+        "| setting | NFE | FD | FD / floor | conf90 | sampler |", "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, r in rows.items():
+        sampler = f"{r['sampler']} ({r['grid']})" if "sampler" in r else ""
+        lines.append(f"| {name} | {r['nfe']:g} | {r['fd']:.3f} | {r['fd'] / floor:.2f} | {r['conf90']:.2f} | "
+                     f"{sampler} |")  # fmt: skip
+    lines += ["", "Extra training cost (wall time of the run's own log, as a multiple of its teacher's):", ""]
+    lines += [f"- {name}: {ratio:.2f}x" for name, ratio in cost.items()]
+    (RESULTS / "few_step.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "few_step.json").write_text(json.dumps({"rows": rows, "cost": cost}, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
