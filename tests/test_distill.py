@@ -49,7 +49,7 @@ def test_one_student_ddim_step_on_the_progressive_target_lands_where_two_teacher
     torch.testing.assert_close(losses, weight * target.pow(2).mean(1))
 
 
-def test_progressive_distillation_halves_the_steps_and_beats_the_teacher_there(moons_ddpm_run, tmp_path):
+def test_progressive_distillation_halves_the_steps_and_beats_the_teacher_there(moons_ddpm_run, tmp_path, capsys):
     """The teacher (the shared v-prediction DDPM) with ddim on the trailing grid: SW2 0.37, 0.25, 0.14 in 2, 4, 8
     steps. A student matches its teacher at twice its steps (one round 4 -> 2, 300 steps: 0.247); two rounds 8 -> 4
     -> 2 of 150 steps each: 0.14 in 2 steps, the teacher's 8-step quality."""
@@ -62,6 +62,8 @@ def test_progressive_distillation_halves_the_steps_and_beats_the_teacher_there(m
     assert config["distill"] == {"method": "progressive", "teacher": str(ckpt), "teacher_hash": digest, "steps": 2,
                                  "sampler": "ddim", "grid": "trailing"}  # fmt: skip
     teacher = quality(difflab.load(moons_ddpm_run), sampler="ddim", steps=2, grid="trailing")
+    assert main(["info", str(student)]) == 0
+    assert "progressive distillation of" in capsys.readouterr().out
     distilled = quality(pipe)
     assert distilled < teacher / 2
 
@@ -73,12 +75,15 @@ def edm_teacher(tmp_path_factory):
     return difflab.train(difflab.run_config(MOONS, process="edm", steps=500), out / "run", progress=False)
 
 
-def test_consistency_distillation_samples_in_one_step(edm_teacher, tmp_path):
+def test_consistency_distillation_samples_in_one_step(edm_teacher, tmp_path, capsys):
     """Measured (200 steps from the 500-step teacher, target EMA 0.5): one step SW2 0.09 (0.34 with the paper's 0.95,
     which needs ~800 steps here: 0.03); the teacher's one Euler step (its denoiser at sigma_max, about the data mean)
     0.43, its heun in 10 steps 0.055."""
-    (student,) = distill(edm_teacher, tmp_path / "cd", method="consistency", steps=200, target_ema=0.5,
-                         progress=False)  # fmt: skip
+    student = tmp_path / "cd"
+    argv = ["distill", "--teacher", edm_teacher, "--method", "consistency", "--steps", 200, "--target-ema", 0.5,
+            "--out", student, "--no-progress"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    assert f"student: {student}" in capsys.readouterr().out
     pipe = difflab.load(student)
     assert pipe.config.process == "cd" and pipe.sampling_defaults()["steps"] == 1
     assert quality(pipe) < 0.15

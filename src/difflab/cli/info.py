@@ -85,6 +85,10 @@ def _show_run(path: Path, raw: bool) -> int:
         u = config.unclip
         print(f"  unCLIP        the {u.role}, reading the CLIP in {u.clip} (weights {u.clip_hash}, embeddings of size "
               f"{u.embed_dim}, images {u.image_size}x{u.image_size})")  # fmt: skip
+    if config.distill is not None:
+        d = config.distill
+        print(f"  distilled     {d.method} distillation of {d.teacher} (weights {d.teacher_hash}); samples with "
+              f"{d.sampler} in {d.steps} step{'s' if d.steps > 1 else ''} on the {d.grid} grid")  # fmt: skip
     signals = ", ".join(f"{s.name} (dropout {s.dropout:g})" for s in config.conditioning) or "none"
     print(f"  conditioning  {signals}")
     t = config.train
