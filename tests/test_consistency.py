@@ -185,3 +185,19 @@ def test_consistency_training_on_moons_samples_in_one_step(tmp_path):
     untrained = difflab.load(run / "checkpoints" / "step_00000600", use_ema=False)
     untrained.denoiser.net.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
     assert moons_quality(untrained) > 0.3
+
+
+def test_consistency_training_resumes_exactly(tmp_path):
+    """N(k) is a function of the step and the budget: 3 steps + resume to 6 equal 6 straight (s0 = 2, s1 = 64: K' = 1
+    for K = 3 and 6 alike, so N doubles every step in both)."""
+    from conftest import assert_exact_resume
+
+    data = difflab.load_dataset("moons")
+    make = lambda steps: difflab.run_config(data, process="ct", steps=steps, checkpoint_every=3, s0=2, s1=64)  # noqa: E731
+    assert_exact_resume(make, data, tmp_path, first_weight(make(1)))
+
+
+def first_weight(config) -> str:
+    from difflab.nets import build_network
+
+    return next(iter(build_network(config.model).state_dict()))
