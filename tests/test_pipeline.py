@@ -14,6 +14,7 @@ import difflab
 from difflab.errors import DifflabError
 from difflab.generate import generate
 from difflab.guidance import ClassifierFreeGuidance
+from difflab.guidance.thresholding import Thresholding
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -38,7 +39,7 @@ def test_sample_matches_the_low_level_api_and_seeds_are_per_sample(moons_run):
     pipe = difflab.load(moons_run)
     labels = torch.tensor([0, 1, 1, 0])
     got = pipe.sample(4, seed=10, sampler="heun", steps=8, cond={"class_label": labels}, guidance=2.0)
-    guided = ClassifierFreeGuidance(pipe.denoiser, 2.0)
+    guided = Thresholding(ClassifierFreeGuidance(pipe.denoiser, 2.0), pipe.data_range)  # images: x0 clipped by default
     wanted = generate(guided, (2,), pipe.sigmas(8), [10, 11, 12, 13], sampler="heun",
                       cond={"class_label": labels})  # fmt: skip
     torch.testing.assert_close(got, wanted, rtol=0, atol=0)
@@ -102,7 +103,8 @@ def test_a_negative_condition_is_cfg_with_that_branch(moons_run):
     pipe = difflab.load(moons_run)
     got = pipe.sample(4, seed=5, sampler="heun", steps=6, cond={"class_label": 1}, guidance=3.0,
                       negative_cond={"class_label": 0})  # fmt: skip
-    guided = ClassifierFreeGuidance(pipe.denoiser, 3.0, negative={"class_label": torch.tensor([0])})
+    negative = {"class_label": torch.tensor([0])}
+    guided = Thresholding(ClassifierFreeGuidance(pipe.denoiser, 3.0, negative=negative), pipe.data_range)
     ones = torch.ones(4, dtype=torch.long)
     wanted = generate(guided, (2,), pipe.sigmas(6), [5, 6, 7, 8], sampler="heun", cond={"class_label": ones})
     torch.testing.assert_close(got, wanted, rtol=0, atol=0)

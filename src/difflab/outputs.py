@@ -62,10 +62,26 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         "Size": meta.get("size"),
         "Model hash": meta.get("model_hash"),
         "Model": meta.get("checkpoint"),
+        "Clip x0": _clip_text(meta),  # after A1111's own keys, as its extensions' settings come
+        "Threshold percentile": meta.get("dynamic_threshold"),
         "Version": f"difflab {__version__}",
     }
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items() if v is not None))
     return "\n".join(lines)
+
+
+def _clip_text(meta: dict[str, Any]) -> str | None:
+    """The x0 limit as the `parameters` text shows it: "-1..1", a per-coordinate "[-1.03 -0.56]..[1.04 0.56]" or
+    "off" (no commas: A1111's readers split on them); None where the metadata predate it."""
+    if "clip_x0" not in meta:
+        return None
+    if not meta["clip_x0"] or meta.get("x0_range") is None:
+        return "off"
+
+    def text(v: Any) -> str:
+        return f"[{' '.join(text(e) for e in v)}]" if isinstance(v, list) else f"{v:g}"
+
+    return "..".join(text(v) for v in meta["x0_range"])
 
 
 def write_png(images: torch.Tensor, path: Path, meta: dict[str, Any], nrow: int | None = None) -> Path:

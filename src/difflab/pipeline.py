@@ -10,6 +10,7 @@ A pipeline holds the run's config, its formulation and the denoiser built from t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -18,12 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflab.conditioning import GUIDANCE_KEEPS, accepted_signals, as_cond, check_cond
+from difflab.conditioning import accepted_signals, as_cond, check_cond
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
 from difflab.formulations import Formulation, make_formulation
 from difflab.generate import check_sampling_request, check_seeds, generate_batches
-from difflab.guidance.compose import Guidance, check_classifier_kernel, guide
+from difflab.guidance.compose import Guidance, guide
+from difflab.guidance.thresholding import X0Range, model_x0_range, refuse_diffusers_names, resolve_thresholding
 from difflab.kernels import Kernel
 from difflab.nets import build_network
 from difflab.text.conditioned import FrozenTextConfig
@@ -31,7 +33,8 @@ from difflab.types import Denoiser, StepCallback
 
 # `prepare`'s keywords: what `sample` passes on to make the condition and the guided denoiser
 CONDITION_KEYWORDS = ("cond", "guidance", "guidance_interval", "negative_cond", "classifier", "classifier_scale",
-                      "prompt", "negative_prompt", "clip", "clip_prompt", "clip_scale")  # fmt: skip
+                      "prompt", "negative_prompt", "clip", "clip_prompt", "clip_scale", "clip_x0", "dynamic_threshold",
+                      "x0_range")  # fmt: skip
 
 
 class Pipeline:
@@ -127,6 +130,18 @@ class Pipeline:
         f = self.formulation
         return {"sampler": f.default_sampler, "steps": f.default_steps, "grid": f.default_grid}
 
+    @functools.cached_property
+    def data_range(self) -> X0Range | None:
+        """(lo, hi) that the model's x0 lies in, to which x0_hat is clipped by default: [-1, 1] for pixel images, a 2-D
+        toy's training-set box; None (no known range: not clipped) for latents and embeddings (`model_x0_range`)."""
+        return model_x0_range(self.config, latent=self.autoencoder is not None)
+
+    def thresholding(self, clip_x0: bool | None = None, dynamic_threshold: float | None = None,
+                     x0_range: X0Range | None = None) -> tuple[X0Range | None, float | None]:  # fmt: skip
+        """(the range x0_hat is limited to or None, the dynamic-thresholding percentile or None) that sampling with
+        these settings uses (None, None, None: the model's default, `data_range`; `resolve_thresholding`)."""
+        return resolve_thresholding(clip_x0, dynamic_threshold, x0_range, self.data_range)
+
     def weights_hash(self) -> str:
         """The first 10 hex digits of the SHA-256 of the weights file (AUTOMATIC1111's "Model hash")."""
         if self.weights is None:
@@ -212,51 +227,19 @@ class Pipeline:
         clip: Any = None,
         clip_prompt: str | None = None,
         clip_scale: float | None = None,
+        clip_x0: bool | None = None,
+        dynamic_threshold: float | None = None,
+        x0_range: X0Range | None = None,
     ) -> tuple[dict[str, torch.Tensor] | None, Denoiser]:
-        """(cond with n rows, guided denoiser) for `sample`, inpainting and img2img. classifier: a noise-aware
-        classifier module or its folder, checked against the model (kernel, shape, class count); negative_cond: one
-        row, used for every sample; prompt (one for all, or n) and negative_prompt: text, for a text model; clip: a
-        noise-aware CLIP (module or `difflab train-clip` folder) guiding towards clip_prompt (default: the prompt,
-        when it is one string) with scale clip_scale (GLIDE's CLIP guidance, any model)."""
-        if prompt is not None:
-            cond = {**(dict(cond) if cond else {}), **self.text_cond(prompt, n)}
-        if negative_prompt is not None:
-            negative_cond = {**(dict(negative_cond) if negative_cond else {}), **self.text_cond(negative_prompt, 1)}
-        if classifier is not None:
-            check_classifier_kernel(self.kernel)
-            classifier = self.load_classifier(classifier)
-        num_classes = self.num_classes or getattr(getattr(classifier, "config", None), "num_classes", None)
-        also = frozenset({"class_label"}) if classifier is not None else frozenset()
-        cond = self.make_cond(cond, n, also, num_classes)
-        self._check_upsampler_cond(cond, guidance)
-        negative = self.make_cond(negative_cond, 1, num_classes=num_classes) if negative_cond is not None else None
-        clip_text = None
-        if clip is not None:
-            check_classifier_kernel(self.kernel)
-            from difflab.clip import clip_target
+        """(cond with n rows, guided denoiser) for `sample`, inpainting and img2img (`compose.prepare_guidance`).
+        classifier: a noise-aware classifier module or its folder, checked against the model (kernel, shape, class
+        count); negative_cond: one row, used for every sample; prompt (one for all, or n) and negative_prompt: text,
+        for a text model; clip: a noise-aware CLIP (module or `difflab train-clip` folder) guiding towards clip_prompt
+        (default: the prompt, when it is one string) with scale clip_scale (GLIDE's CLIP guidance, any model);
+        clip_x0, dynamic_threshold, x0_range: x0_hat's limits, outermost (`thresholding`)."""
+        from difflab.guidance.compose import prepare_guidance
 
-            target = clip_prompt if clip_prompt is not None else prompt
-            clip, clip_text = clip_target(clip, target, self.model_shape, self.device)
-        elif clip_prompt is not None:
-            raise DifflabError("--clip-prompt is the text of CLIP guidance: give --clip RUN too")
-        plan = Guidance(guidance, guidance_interval, negative, classifier, classifier_scale, clip, clip_text,
-                        clip_scale)  # fmt: skip
-        return cond, self.guided_denoiser(plan, cond)
-
-    def _check_upsampler_cond(self, cond: dict[str, torch.Tensor] | None, guidance: float | None) -> None:
-        """An upsampler samples only from a low-res image; guidance needs a signal besides it (the image is kept in
-        both branches of classifier-free guidance)."""
-        up = self.config.upsampler
-        if up is not None and "low_res" not in (cond or {}):
-            c, r = self.sample_shape[0], up.low_res
-            raise DifflabError(
-                f"this model is an upsampler of {r}x{r} images: give low_res, images ({c}, {r}, {r}) to upsample "
-                "(difflab txt2img --ckpt BASE --upsampler RUN runs a base model and then it)"
-            )
-        if guidance is not None and cond and not set(cond) - GUIDANCE_KEEPS:
-            raise DifflabError("--guidance needs a condition to guide on (a prompt or a class); an upsampler's "
-                               "low-resolution image is not guided, nor an inpainting model's masked "
-                               "image")  # fmt: skip
+        return prepare_guidance(self, n, **{k: v for k, v in locals().items() if k in CONDITION_KEYWORDS})
 
     def upsampler_cond(self, cond: Any, low_res: Any, low_res_noise: float | None, seeds: Sequence[int]) -> Any:
         """cond with an upsampler's low_res (n or 1 rows, augmented at level low_res_noise; `difflab.cascade`) and
@@ -294,7 +277,9 @@ class Pipeline:
         model's `sampling_defaults`, ddim and 50 steps for most), cond
         ({"class_label": 7} or per-sample tensors), guidance (CFG scale w), guidance_interval, negative_cond (one
         row, for every sample), classifier (a noise-aware classifier, module or folder) with classifier_scale,
-        prompt (text: one for all samples or one each) and negative_prompt for a text model, low_res (an upsampler's
+        prompt (text: one for all samples or one each) and negative_prompt for a text model, clip_x0 (None: the model's
+        default, clip x0_hat to `data_range` where known; True; False), dynamic_threshold (Imagen's percentile p, e.g.
+        99.5), x0_range ((lo, hi) instead of the model's), low_res (an upsampler's
         input images (n or 1, C, r, r) in [-1, 1]) and low_res_noise (its augmentation level, default 0),
         batch_size (256), progress, callback, stats (stats["nfe"]: network evaluations per sample), and the sampler's
         own options (eta, s_churn, ...).
@@ -332,6 +317,7 @@ class Pipeline:
         self.formulation.check_sampler(spec)
         request = {k: settings.pop(k) for k in CONDITION_KEYWORDS if k in settings}
         options = settings  # what is left: the sampler's own options, checked by generate_batches
+        refuse_diffusers_names(options)
         request["cond"] = self.upsampler_cond(request.get("cond"), low_res, low_res_noise, seeds)
         cond, denoiser = self.prepare(len(seeds), **request)
         sigmas = self.sigmas(steps, grid or implied_grid)

@@ -126,6 +126,27 @@ def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="CLIP guidance scale s: adds s sigma^2 grad_x <E_img(x, sigma), E_txt> (default 1)",
     )
+    add_thresholding_arguments(group)
+
+
+def add_thresholding_arguments(group: Any) -> None:
+    """--clip-x0/--no-clip-x0, --dynamic-threshold P, --x0-range LO HI (`difflab.guidance.thresholding`)."""
+    group.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                       help="clip the predicted x0 to the data range at every step, outermost (diffusers' clip_sample;"
+                       " default: on where the range is known: images [-1, 1], a 2-D toy's training box; off for "
+                       "latents)")  # fmt: skip
+    group.add_argument("--dynamic-threshold", type=float, metavar="P",
+                       help="Imagen's dynamic thresholding: per sample, clip x0 at the P-th percentile s of |x0| "
+                       "(s >= 1) and divide by s (e.g. 99.5; diffusers' dynamic_thresholding_ratio P/100)")  # fmt: skip
+    group.add_argument("--x0-range", type=float, nargs=2, metavar=("LO", "HI"),
+                       help="the range to clip x0 to, instead of the model's (a latent model has none)")  # fmt: skip
+
+
+def thresholding_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """`Pipeline.sample`'s clip_x0, dynamic_threshold and x0_range from the flags (None where not given)."""
+    x0_range = getattr(args, "x0_range", None)
+    return {"clip_x0": getattr(args, "clip_x0", None), "dynamic_threshold": getattr(args, "dynamic_threshold", None),
+            "x0_range": tuple(x0_range) if x0_range else None}  # fmt: skip
 
 
 def class_labels(label: str | None, n: int, num_classes: int | None):
@@ -168,5 +189,6 @@ def guidance_settings(args: argparse.Namespace, pipe, n: int) -> tuple[Any, dict
         "clip": getattr(args, "clip", None),
         "clip_prompt": getattr(args, "clip_prompt", None),
         "clip_scale": getattr(args, "clip_scale", None),
+        **thresholding_settings(args),
     }
     return (None if labels is None else {"class_label": labels}), kwargs

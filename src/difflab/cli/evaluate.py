@@ -15,7 +15,9 @@ from difflab.cli.common import (
     guidance_settings,
     sampler_options,
     setup_runtime,
+    thresholding_settings,
 )
+from difflab.cli.sample import thresholding_metadata
 from difflab.errors import DifflabError
 
 
@@ -115,7 +117,7 @@ def _run_prompts(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else model.checkpoint.parent.parent / "eval-prompts"
     check_output_dir(out, "--out")
     sample_kwargs = {"sampler": spec.name, "steps": args.steps, "grid": args.grid or implied_grid,
-                     "negative_prompt": args.negative, **options}  # fmt: skip
+                     "negative_prompt": args.negative, **thresholding_settings(args), **options}  # fmt: skip
     if args.guidance_interval:
         sample_kwargs["guidance_interval"] = tuple(args.guidance_interval)
     rows = adherence.sweep_guidance(model, prompts, scales, n_per_prompt=args.n_per_prompt, seed=args.seed,
@@ -126,7 +128,7 @@ def _run_prompts(args: argparse.Namespace) -> int:
         "n_prompts": len(prompts), "n_per_prompt": args.n_per_prompt, "seed": args.seed, "resolution": resolution,
         "evaluator": adherence.ShapesFeatures.name, "reference": adherence.reference_description(resolution),
         **{k: v for k, v in sample_kwargs.items() if k not in options}, "options": options,
-    }  # fmt: skip
+    } | thresholding_metadata(model, args)  # fmt: skip
     written = write_prompt_report({"settings": settings, "rows": rows}, out)
     print("wrote " + ", ".join(str(p) for p in written))
     print("\n".join(prompt_table(rows)))
@@ -200,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         settings["options"] = sampler_options(args.sampler, args)
         settings |= {k: getattr(args, k) for k in ("label", "guidance", "guidance_interval", "classifier",
                                                    "classifier_scale") if getattr(args, k) is not None}  # fmt: skip
+        settings |= thresholding_metadata(model, args)
     channels = shape[0] if kind == "images" else 1
     extractor = make_extractor(kind, data_name, channels, args.inception_weights, str(device))
     reference = reference_statistics(data_name, shape, extractor, split="test")

@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading the model: required flags, sizes and seeds, output places."""
     from difflab.generate import check_sampling_request
+    from difflab.guidance.thresholding import check_percentile, check_range
     from difflab.outputs import check_output_dir, check_output_path
 
     if args.from_png is None and args.ckpt is None:
@@ -47,6 +48,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DifflabError("give --out FILE (.png or .npy) or --out-dir FOLDER (one PNG per sample)")
     if args.from_png is None:
         check_sampling_request(args.n, args.steps, args.batch_size, args.seed)
+    check_percentile(getattr(args, "dynamic_threshold", None))
+    if getattr(args, "x0_range", None) is not None:
+        check_range(args.x0_range)
     if args.out is not None:
         check_output_path(args.out)
     if args.out_dir is not None:
@@ -104,7 +108,24 @@ def generation_metadata(pipe, args: argparse.Namespace, options: dict[str, Any])
                                            "clip_prompt", "clip_scale")}  # fmt: skip
     meta |= {"negative_class": args.negative_class, "class": args.label}
     meta |= {"prompt": getattr(args, "prompt", None), "negative_prompt": getattr(args, "negative", None)}
-    return meta
+    return meta | thresholding_metadata(pipe, args)
+
+
+def thresholding_metadata(pipe, args: argparse.Namespace) -> dict[str, Any]:
+    """What limited x0_hat (the model's default resolved): clip_x0, dynamic_threshold and x0_range as JSON."""
+    from difflab.cli.common import thresholding_settings
+    from difflab.guidance.thresholding import range_as_json
+
+    limit, percentile = pipe.thresholding(**thresholding_settings(args))
+    return {"clip_x0": limit is not None, "dynamic_threshold": percentile, "x0_range": range_as_json(limit)}
+
+
+def recorded_thresholding(meta: dict[str, Any]) -> dict[str, Any]:
+    """The x0 limits a PNG records, as `Pipeline.sample` keywords; a PNG from before they existed was not clipped."""
+    from difflab.guidance.thresholding import range_from_json
+
+    return {"clip_x0": meta.get("clip_x0", False), "dynamic_threshold": meta.get("dynamic_threshold"),
+            "x0_range": range_from_json(meta.get("x0_range"))}  # fmt: skip
 
 
 def reproduce(args: argparse.Namespace) -> int:
@@ -132,7 +153,8 @@ def reproduce(args: argparse.Namespace) -> int:
         negative_cond=None if negative is None else {"class_label": negative},
         classifier_scale=meta.get("classifier_scale"), batch_size=meta.get("batch_size", len(seeds)),
         prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), clip=meta.get("clip"),
-        clip_prompt=meta.get("clip_prompt"), clip_scale=meta.get("clip_scale"), **meta.get("options", {}),
+        clip_prompt=meta.get("clip_prompt"), clip_scale=meta.get("clip_scale"), **recorded_thresholding(meta),
+        **meta.get("options", {}),
     )  # fmt: skip
     return write_reproduction(args, meta, seeds, samples, pipe.config.data.kind)
 

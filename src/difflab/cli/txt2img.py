@@ -75,17 +75,20 @@ def run_cascade(args: argparse.Namespace) -> int:
     upsampler's images, whose metadata describe the upsampler (checkpoint, steps, hash, size) and under "base" the
     base model, with the augmentation level."""
     from difflab.cascade import cascade_batches, check_cascade
-    from difflab.cli.common import guidance_settings, sampler_options, setup_runtime
+    from difflab.cli.common import apply_model_defaults, guidance_settings, sampler_options, setup_runtime
     from difflab.outputs import SampleWriter, check_output_size
     from difflab.pipeline import load
     from difflab.sampling import resolve_sampler
 
     sample._check_args(args)
-    spec, _ = resolve_sampler(args.sampler)
-    options = sampler_options(spec.name, args)
+    if args.sampler is not None:
+        resolve_sampler(args.sampler)  # fail fast on an unknown name, before loading anything
     device = setup_runtime(args)
     base = load(args.ckpt, use_ema=not args.no_ema, device=device)
     upsampler = load(args.upsampler, use_ema=not args.no_ema, device=device)
+    apply_model_defaults(args, base)  # --sampler and --steps left unset: the base model's (the upsampler shares them)
+    spec, _ = resolve_sampler(args.sampler)
+    options = sampler_options(spec.name, args)
     check_cascade(base, upsampler)
     check_output_size(args.out, "images", args.n, upsampler.sample_shape)
     cond, guidance = guidance_settings(args, base, args.n)
@@ -132,7 +135,8 @@ def reproduce_cascade(args: argparse.Namespace, meta: dict[str, Any], device: An
         base, upsampler, seeds=seeds, sampler=meta["sampler"], steps=meta["base"]["steps"], grid=meta.get("grid"),
         upsampler_steps=meta["steps"], low_res_noise=meta.get("low_res_noise"), guidance=meta.get("guidance"),
         guidance_interval=meta.get("guidance_interval"), batch_size=meta.get("batch_size", len(seeds)),
-        prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), **meta.get("options", {}),
+        prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), **sample.recorded_thresholding(meta),
+        **meta.get("options", {}),
     )  # fmt: skip
     images = torch.cat([high for _, _, high in batches])
     return sample.write_reproduction(args, meta, seeds, images, "images")
@@ -166,6 +170,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     check_cascade_flags(args)
+    if args.pipeline == "unclip":
+        given = [flag for flag, key in (("--clip-x0", "clip_x0"), ("--dynamic-threshold", "dynamic_threshold"),
+                                        ("--x0-range", "x0_range")) if getattr(args, key) is not None]  # fmt: skip
+        if given:
+            raise DifflabError(f"{', '.join(given)} is not passed to --pipeline unclip yet (its decoder clips x0 to "
+                               "[-1, 1] by default); drop it")  # fmt: skip
     if args.from_png is not None:
         if args.pipeline == "unclip":
             raise DifflabError("--from-png does not reproduce unCLIP images yet; run the command the PNG records again")
