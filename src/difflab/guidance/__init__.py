@@ -1,8 +1,10 @@
-"""Guidance as denoiser wrappers (`wrappers`), their composition for commands and the Python API (`compose`), and
-the noise-aware classifier for classifier guidance (`classifier`)."""
+"""Guidance as denoiser wrappers (`wrappers`), x0 clipping and dynamic thresholding (`thresholding`), their
+composition for commands and the Python API (`compose`), and the noise-aware classifier for classifier guidance
+(`classifier`)."""
 
 from difflab.conditioning import NULL_LABEL
 from difflab.guidance.compose import Guidance, guide
+from difflab.guidance.thresholding import Thresholding
 from difflab.guidance.wrappers import (
     ClassifierFreeGuidance,
     GradientGuidance,
@@ -17,6 +19,7 @@ __all__ = [
     "GradientGuidance",
     "Guidance",
     "Inpainting",
+    "Thresholding",
     "classifier_guidance",
     "guide",
     "semantic_guidance",
