@@ -67,6 +67,8 @@ def test_the_options_users_know_and_the_internal_parameters_left_out():
     assert SAMPLERS["pc"].options == ("snr", "corrector_steps", "norm_scope")
     assert SAMPLERS["ald"].options == ("step_size", "n_steps_each", "denoise_last")
     assert SAMPLERS["dpmpp_2m"].options == () and SAMPLERS["euler_maruyama"].options == ()
+    assert SAMPLERS["dpmpp_3m"].options == () and SAMPLERS["unipc"].options == ("order",)
+    assert all_sampler_options()["order"].help.endswith("[default depends on the sampler: unipc 2, lms 4]")
     step_size = SAMPLERS["ald"].option_specs[0]
     assert (step_size.type, step_size.default) == (float, None) and "0.2 sigma_min^2" in step_size.help
     assert SAMPLERS["heun"].option_specs[2].default == math.inf
@@ -182,12 +184,13 @@ ALIASES = [
     ("Euler", "euler", None), ("Euler a", "euler_ancestral", None), ("Heun", "heun", None), ("LMS", "lms", None),
     ("LMS Karras", "lms", "karras"), ("DPM++ 2M", "dpmpp_2m", None), ("DPM++ 2M Karras", "dpmpp_2m", "karras"),
     ("DPM++ 2M SDE", "dpmpp_2m_sde", None), ("DPM++ 2M SDE Karras", "dpmpp_2m_sde", "karras"),
-    ("DPM++ 2M SDE Exponential", "dpmpp_2m_sde", "log_snr"), ("DDIM", "ddim", None),
+    ("DPM++ 2M SDE Exponential", "dpmpp_2m_sde", "log_snr"), ("DDIM", "ddim", None), ("UniPC", "unipc", None),
     ("k_euler_a", "euler_ancestral", None), ("k_dpmpp_2m_ka", "dpmpp_2m", "karras"),
     # diffusers
     ("DDPMScheduler", "ddpm", None), ("DDIMScheduler", "ddim", None), ("EulerDiscreteScheduler", "euler", None),
     ("EulerAncestralDiscreteScheduler", "euler_ancestral", None), ("HeunDiscreteScheduler", "heun", None),
     ("LMSDiscreteScheduler", "lms", None), ("DPMSolverMultistepScheduler", "dpmpp_2m", None),
+    ("UniPCMultistepScheduler", "unipc", None),
     # k-diffusion
     ("sample_euler", "euler", None), ("sample_euler_ancestral", "euler_ancestral", None), ("sample_heun", "heun", None),
     ("sample_lms", "lms", None), ("sample_dpmpp_2m", "dpmpp_2m", None), ("sample_dpmpp_2m_sde", "dpmpp_2m_sde", None),
@@ -232,7 +235,7 @@ def test_the_alias_table_points_at_registered_samplers_and_grids():
     assert resolve_sampler("Euler")[0] is SAMPLERS["euler"]
 
 
-@pytest.mark.parametrize("name", ["plms", "Euler Karras", "DPM++ SDE", "UniPC", ""])
+@pytest.mark.parametrize("name", ["plms", "Euler Karras", "DPM++ SDE", "DPM++ 3M SDE", "k_dpmpp_3m_sde", ""])
 def test_unknown_names_are_one_line_errors_listing_the_registered_names(name):
     with pytest.raises(DifflabError) as info:
         get_sampler(name)
@@ -278,6 +281,40 @@ def test_unknown_grids_are_difflab_errors_listing_the_choices(name):
         f"unknown grid '{name}': choose one of respaced, karras, uniform_t, log_snr, trailing, or an alias: "
         "exponential (= log_snr), uniform (= uniform_t)"
     )
+
+
+def test_a_sampler_with_a_grid_of_its_own_gets_it_when_none_is_named():
+    from difflab.formulations import make_config, make_formulation
+
+    assert {n for n, s in SAMPLERS.items() if s.grid} == {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "unipc"}
+    for process in ("ddpm", "edm"):
+        f = make_formulation(make_config(process))
+        own = f.sigmas(10, sampler="dpmpp_2m")
+        torch.testing.assert_close(own, f.sigmas(10, "log_snr"), rtol=0, atol=0)
+        torch.testing.assert_close(f.sigmas(10, sampler="DPM++ 2M"), own, rtol=0, atol=0)  # aliases too
+        for sampler in ("ddim", "heun", None):  # the formulation's default grid
+            torch.testing.assert_close(f.sigmas(10, sampler=sampler), f.sigmas(10, f.default_grid), rtol=0, atol=0)
+        torch.testing.assert_close(f.sigmas(10, "karras", sampler="unipc"), f.sigmas(10, "karras"), rtol=0, atol=0)
+    assert f.default_grid_for("unipc") == "log_snr" and f.default_grid_for("euler") == f.default_grid == "karras"
+
+
+# ---- the NFE budget ----------------------------------------------------------------------------------------------
+
+
+def test_steps_for_nfe_never_exceeds_the_budget_and_refuses_one_it_cannot_meet():
+    ald = SAMPLERS["ald"]  # n_steps_each 5 per level + 1 final denoising: 6 for one step
+    with pytest.raises(DifflabError) as info:
+        ald.steps_for_nfe(5)
+    assert str(info.value) == "sampler 'ald' needs 6 network evaluations for one step, more than the budget of 5"
+    assert ald.steps_for_nfe(6) == 1 and ald.steps_for_nfe(10) == 1 and ald.steps_for_nfe(11) == 2
+    assert ald.steps_for_nfe(5, {"n_steps_each": 2}) == 2  # 2 + 2 + 1
+    with pytest.raises(DifflabError, match="'heun' needs 1 network evaluation for one step, more than the budget of 0"):
+        SAMPLERS["heun"].steps_for_nfe(0)
+    for spec in SAMPLERS.values():
+        if spec.cost is not None:
+            for budget in (1, 2, 3, 7, 20):
+                if spec.nfe(1) <= budget:
+                    assert spec.nfe(spec.steps_for_nfe(budget)) <= budget < spec.nfe(spec.steps_for_nfe(budget) + 1)
 
 
 # ---- the kernel check takes aliases and asks the kernel whether it is Gaussian ------------------------------------

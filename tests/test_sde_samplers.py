@@ -8,8 +8,9 @@ from difflab.errors import DifflabError
 from difflab.sampling.ancestral import sample_ddim
 from difflab.sampling.langevin import sample_ald, sample_pc
 from difflab.sampling.noise import GeneratorNoise, PerSampleNoise
+from difflab.sampling.ode import sample_dpmpp_2m
 from difflab.sampling.sde import sample_dpmpp_2m_sde, sample_euler_ancestral, sample_euler_maruyama
-from difflab.schedules import karras_sigmas
+from difflab.schedules import DiscreteSchedule, karras_sigmas
 
 MU = torch.tensor([0.5, -1.0])
 STD = torch.tensor([0.3, 0.8])
@@ -147,6 +148,17 @@ def test_dpmpp_2m_sde_with_eta_0_is_a_second_order_pf_ode_solver():
         errors.append(float((out - expected).abs().max()))
     assert 3.5 < errors[0] / errors[1] < 6 and 3.5 < errors[1] / errors[2] < 6
     sample_euler_ancestral(denoiser, x, karras_sigmas(5, SIGMA_MIN, SIGMA_MAX).double(), eta=0.0, noise=_no_noise)
+
+
+def test_dpmpp_2m_sde_with_eta_0_is_dpmpp_2m_with_its_step_rule():
+    """On DDPM's respaced grid (its last positive step is 3.4x the one before in log sigma, which drops to first
+    order: `multistep_order`) the SDE solver without noise is the ODE solver, step for step."""
+    sigmas = DiscreteSchedule.from_name("linear").respaced_sigmas(50).double()
+    x = PerSampleNoise(range(20)).initial((2,), float(sigmas[0])).double()
+    denoiser = GaussianMixtureDenoiser(MEANS.double(), WIDTHS.double(), WEIGHTS.double())
+    ode = sample_dpmpp_2m(denoiser, x, sigmas)
+    torch.testing.assert_close(sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=0.0, noise=_no_noise), ode, rtol=1e-12,
+                               atol=1e-12)  # fmt: skip
 
 
 @pytest.mark.parametrize(

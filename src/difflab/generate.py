@@ -55,6 +55,15 @@ class CountedDenoiser:
         self.calls += 1
         return self.denoiser(x, sigma, cond)
 
+    @property
+    def learns_variance(self) -> bool:
+        """Whether the wrapped model has a learned variance (iDDPM), which `denoise_with_variance` passes on."""
+        return getattr(self.denoiser, "learns_variance", False)
+
+    def denoise_with_variance(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None):
+        self.calls += 1
+        return self.denoiser.denoise_with_variance(x, sigma, cond)
+
 
 def generate(denoiser: Denoiser, sample_shape: Sequence[int], sigmas: torch.Tensor, seeds: Sequence[int],
              **kwargs: Any) -> torch.Tensor:  # fmt: skip

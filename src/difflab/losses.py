@@ -9,13 +9,24 @@ models and exactly Karras et al.'s lambda(sigma) = (sigma^2 + sd^2)/(sigma sd)^2
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from difflab.conditioning import as_cond, cat_cond
+from difflab.iddpm import (
+    HYBRID_LAMBDA,
+    ImportanceTimesteps,
+    learned_log_variance,
+    schedule_step,
+    variance_interpolation,
+    vlb_terms,
+)
 from difflab.kernels import GAUSSIAN, Kernel
-from difflab.precond import PreconditionedDenoiser, network_target
+from difflab.precond import PreconditionedDenoiser, Scalings, denoised_from_output, network_target
 from difflab.schedules import DiscreteSchedule
 from difflab.sigmas import snr
 
@@ -83,8 +94,80 @@ class DenoisingLoss:
         sigma = self.noise_levels.sample(x0.shape[0], generator, x0.device)
         x = x0 + self.kernel.noise(x0.shape, sigma, generator, x0.device, x0.dtype)
         out, scalings = denoiser.network_output(x, sigma, cond)
-        target = network_target(scalings, x, x0)
-        per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
-        if self.min_snr_gamma is not None:
-            per_sample = per_sample * snr(sigma).clamp(max=self.min_snr_gamma) * scalings.c_out**2
-        return per_sample
+        return regression_loss(out, scalings, x, x0, sigma, self.min_snr_gamma)
+
+
+def regression_loss(out: torch.Tensor, scalings: Scalings, x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
+                    min_snr_gamma: float | None) -> torch.Tensor:  # fmt: skip
+    """The F-space MSE per sample (B,) of network output `out` against F* = (x0 - c_skip x)/c_out, weighted by
+    min(SNR, gamma) c_out^2 when `min_snr_gamma` is set (`DenoisingLoss`)."""
+    target = network_target(scalings, x, x0)
+    per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    if min_snr_gamma is not None:
+        per_sample = per_sample * snr(sigma).clamp(max=min_snr_gamma) * scalings.c_out**2
+    return per_sample
+
+
+@dataclass(frozen=True, eq=False)
+class HybridLoss:
+    """Improved DDPM's hybrid objective (Nichol & Dhariwal 2021, Eq. 16): L_simple + lambda L_vlb, lambda = 0.001,
+    for a network with a learned variance (`difflab.adapters.LearnedVarianceDenoiser`).
+
+    L_simple is the F-space MSE at t ~ U{0..T-1} (`DenoisingLoss`, min-SNR weighting included). L_vlb = sum_t L_t is
+    estimated by T L_t at one t per sample, L_t in bits/dim (`difflab.iddpm.vlb_terms`: the KL for t > 0, the decoder
+    with `levels` levels, or the Gaussian density for levels = 0, at t = 0), with the mean x0_hat detached: the
+    bound trains only the variance (Sec. 3.1). Per sample: L_simple + lambda T w L_t.
+
+    With `importance` (`difflab.iddpm.ImportanceTimesteps`, Sec. 3.3) the bound's t is drawn from p_t and w =
+    1 / (T p_t), while L_simple keeps its uniform t: both go through the network in one batch of 2B. Without it both
+    terms share one t and w = 1. The history is this loss's training state (`state_tensors`, saved in checkpoints).
+    """
+
+    schedule: DiscreteSchedule
+    min_snr_gamma: float | None = None
+    levels: int = 256
+    importance: ImportanceTimesteps | None = None
+
+    def __call__(self, denoiser, x0: torch.Tensor, generator: torch.Generator | None = None, cond: Any = None):
+        """x0: (B, *shape) clean data; returns the per-sample loss (B,)."""
+        terms = self.terms(denoiser, x0, generator, cond)
+        weight = HYBRID_LAMBDA * self.schedule.num_steps * terms["weight"]
+        return terms["simple"] + (weight * terms["vlb"]).to(terms["simple"].dtype)
+
+    def terms(self, denoiser, x0: torch.Tensor, generator: torch.Generator | None = None, cond: Any = None) -> dict:
+        """{"simple": (B,), "vlb": L_t in bits/dim (B,), "t": the bound's t (B,), "weight": 1 / (T p_t) (B,)}."""
+        B, T = x0.shape[0], self.schedule.num_steps
+        t = torch.randint(0, T, (B,), generator=generator, device=x0.device)
+        t_vlb, weight = t, torch.ones(B, dtype=torch.float64, device=x0.device)
+        if self.importance is not None:
+            t_vlb, weight = self.importance.sample(B, generator, x0.device)
+            x0, t, cond = torch.cat([x0, x0]), torch.cat([t, t_vlb]), cat_cond([as_cond(cond), as_cond(cond)])
+        sigma = self.schedule.sigma_at(t)
+        x = x0 + GAUSSIAN.noise(x0.shape, sigma, generator, x0.device, x0.dtype)
+        out, r, scalings = denoiser.network_outputs(x, sigma, cond)
+        rows = slice(B if self.importance is not None else 0, None)  # the bound's rows
+        simple = regression_loss(out[:B], _rows(scalings, slice(0, B)), x[:B], x0[:B], sigma[:B], self.min_snr_gamma)
+        x0_hat = denoised_from_output(_rows(scalings, rows), x[rows], out[rows]).detach()  # stop-gradient: Sec. 3.1
+        sigma_t, sigma_next, log_beta, log_beta_tilde = schedule_step(self.schedule, t_vlb)
+        log_var = learned_log_variance(variance_interpolation(r[rows].double()), log_beta, log_beta_tilde)
+        nats = vlb_terms(x0[rows], x0_hat, log_var, sigma_t, sigma_next, log_beta_tilde, self.levels)
+        vlb = nats / (x0[0].numel() * math.log(2))
+        if self.importance is not None:
+            self.importance.record(t_vlb, vlb)
+        return {"simple": simple, "vlb": vlb, "t": t_vlb, "weight": weight}
+
+    # the trainer's hooks (through DenoiserTask): the history enters when a step is kept, and is saved and restored
+    def end_step(self, denoiser) -> None:
+        if self.importance is not None:
+            self.importance.commit()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.importance.state_tensors() if self.importance is not None else {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.importance is not None:
+            self.importance.load_state_tensors(tensors)
+
+
+def _rows(scalings: Scalings, rows: slice) -> Scalings:
+    return Scalings(*(getattr(scalings, f.name)[rows] for f in dataclasses.fields(Scalings)))

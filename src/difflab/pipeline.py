@@ -117,9 +117,11 @@ class Pipeline:
         self.denoiser.to(device)
         return self
 
-    def sigmas(self, steps: int, grid: str | None = None) -> torch.Tensor:
-        """The sampling grid: `steps` noise levels then 0, (steps + 1,); the model's default grid if None."""
-        return self.formulation.sigmas(steps, grid or self.sampling_defaults()["grid"])
+    def sigmas(self, steps: int, grid: str | None = None, sampler: str | None = None) -> torch.Tensor:
+        """The sampling grid: `steps` noise levels then 0, (steps + 1,). grid None: a student's own, else the
+        formulation's default for `sampler` (log_snr for the lambda-multistep solvers, else the model's grid)."""
+        distill = self.config.distill
+        return self.formulation.sigmas(steps, grid or (distill.grid if distill is not None else None), sampler)
 
     def sampling_defaults(self) -> dict[str, Any]:
         """What the model samples with when nothing is asked for: a distilled student its own sampler, step count and
@@ -128,7 +130,7 @@ class Pipeline:
         if distill is not None:
             return {"sampler": distill.sampler, "steps": distill.steps, "grid": distill.grid}
         f = self.formulation
-        return {"sampler": f.default_sampler, "steps": f.default_steps, "grid": f.default_grid}
+        return {"sampler": f.default_sampler, "steps": f.default_steps, "grid": f.default_grid_for(f.default_sampler)}
 
     @functools.cached_property
     def data_range(self) -> X0Range | None:
@@ -320,7 +322,7 @@ class Pipeline:
         refuse_diffusers_names(options)
         request["cond"] = self.upsampler_cond(request.get("cond"), low_res, low_res_noise, seeds)
         cond, denoiser = self.prepare(len(seeds), **request)
-        sigmas = self.sigmas(steps, grid or implied_grid)
+        sigmas = self.sigmas(steps, grid or implied_grid, spec.name)
         batches = generate_batches(
             denoiser, self.model_shape, sigmas, seeds, sampler=spec.name, options=options, kernel=self.kernel,
             cond=cond, batch_size=batch_size, device=self.device, callback=callback, progress=progress, stats=stats,

@@ -99,6 +99,12 @@ def make_prediction(name: str, **kwargs: Any) -> EpsPrediction | X0Prediction | 
     return PREDICTIONS[name](**kwargs)
 
 
+def denoised_from_output(scalings: Scalings, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """D = c_skip x + c_out F  (Karras et al. 2022, Eq. 7), for x (B, *shape) and the network output F."""
+    c_skip, c_out = (append_dims(c, x.ndim).to(x.dtype) for c in (scalings.c_skip, scalings.c_out))
+    return c_skip * x + c_out * out.to(x.dtype)
+
+
 def network_target(scalings: Scalings, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """The F that makes D exact: F* = (x0 - c_skip x) / c_out  (Karras et al. 2022, Eq. 8)."""
     c_skip, c_out = (append_dims(c, x.ndim) for c in (scalings.c_skip, scalings.c_out))
@@ -127,5 +133,4 @@ class PreconditionedDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         out, sc = self.network_output(x, sigma, cond)
-        c_skip, c_out = (append_dims(c, x.ndim).to(x.dtype) for c in (sc.c_skip, sc.c_out))
-        return c_skip * x + c_out * out.to(x.dtype)
+        return denoised_from_output(sc, x, out)

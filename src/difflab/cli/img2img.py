@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     stats: dict[str, Any] = {}
     seeds = [args.seed + i for i in range(args.n)]
     results, noised = img2img(  # a latent model edits the image's latents (Rombach et al. 2022, Sec. 4.3)
-        denoiser, pipe.encode(image), pipe.sigmas(args.steps, args.grid), args.strength, seeds, sampler=args.sampler,
-        options=options, kernel=pipe.kernel, cond=cond, device=pipe.device, stats=stats,
+        denoiser, pipe.encode(image), pipe.sigmas(args.steps, args.grid, args.sampler), args.strength, seeds,
+        sampler=args.sampler, options=options, kernel=pipe.kernel, cond=cond, device=pipe.device, stats=stats,
     )  # fmt: skip
     extra = {"strength": args.strength, "sigma_start": stats["sigma_start"], "nfe": stats["nfe"]}
     meta = metadata(args, pipe, options, extra) | {"layout": "original, noised input (seed S), results 1..n"}

@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         cond, denoiser = pipe.prepare(args.n, cond=cond, **guidance)
         known, region = pipe.encode(image), latent_fill(fill, pipe)  # a latent model fills its latents
         results = inpaint(
-            denoiser, known, region, pipe.sigmas(args.steps, args.grid), seeds, sampler=args.sampler, options=options,
-            repaint=repaint, kernel=pipe.kernel, cond=cond, device=pipe.device, stats=stats,
+            denoiser, known, region, pipe.sigmas(args.steps, args.grid, args.sampler), seeds, sampler=args.sampler,
+            options=options, repaint=repaint, kernel=pipe.kernel, cond=cond, device=pipe.device, stats=stats,
         )  # fmt: skip
         results = paste_known(pipe.decode(results), image, fill) if pipe.autoencoder is not None else results
     jump, resamplings = repaint if repaint is not None else (None, None)

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", choices=("rademacher", "gaussian"), default="rademacher")
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--vlb", action="store_true", help="ddpm models: also the variational bound (T network calls)")
+    p.add_argument("--vlb", action="store_true", help="ddpm models: also the variational bound (T network calls), "
+                   "with the model's learned variance if it has one")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the figures as JSON here")
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         raise DifflabError(f"data of shape {tuple(data.shape[1:])} do not fit a model of {data_cfg.sample_shape}")
     sigma_min, sigma_max = formulation.sigma_range()
     n_bins = DIGIT_LEVELS if name == "digits" else 256
+    if args.vlb and (formulation.discrete_schedule is None or name in TOY_NAMES):
+        raise DifflabError("--vlb needs a discrete (ddpm) model of image data (its decoder is discrete)")
     g = torch.Generator().manual_seed(args.seed)
     kw = dict(sigma_min=sigma_min, sigma_max=sigma_max, divergence=args.divergence, probe=args.probe, generator=g,
               rtol=args.rtol, atol=args.atol, kernel=model.kernel)  # fmt: skip
@@ -83,12 +86,9 @@ def run(args: argparse.Namespace) -> int:
         bpd.append(out["bits_per_dim"].cpu())
         nfe += out["nfe"]
         if args.vlb:
-            schedule = formulation.discrete_schedule
-            if schedule is None or name in TOY_NAMES:
-                raise DifflabError("--vlb needs a discrete (ddpm) model of image data (its decoder is discrete)")
-            vlb.append(
-                ddpm_vlb_bits_per_dim(model.denoiser, schedule, batch, n_bins=n_bins, generator=g)["bits_per_dim"]
-            )
+            bound = ddpm_vlb_bits_per_dim(model.denoiser, formulation.discrete_schedule, batch, n_bins=n_bins,
+                                          generator=g)  # fmt: skip
+            vlb.append(bound["bits_per_dim"])
     result = {"data": name, "n": len(data), "checkpoint": str(model.checkpoint), "sigma_min": sigma_min,
               "sigma_max": sigma_max, "divergence": args.divergence, "nfe": nfe,
               "dequantized": name not in TOY_NAMES, "n_bins": None if name in TOY_NAMES else n_bins}  # fmt: skip
@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     line = f"PF-ODE NLL: {result['bits_per_dim']:.4f} +- {result['bits_per_dim_stderr']:.4f} bits/dim"
     if vlb:
         result["vlb_bits_per_dim"], result["vlb_bits_per_dim_stderr"] = _mean_and_error(torch.cat(vlb).cpu())
+        result["vlb_learned_variance"] = bool(getattr(model.denoiser, "learns_variance", False))
         line += f"; DDPM bound: {result['vlb_bits_per_dim']:.4f} +- {result['vlb_bits_per_dim_stderr']:.4f}"
+        line += " (learned variance)" if result["vlb_learned_variance"] else ""
     print(f"{line} (n={len(data)}, {nfe} network evaluations)")
     if args.out:
         from difflab.atomic import write_text_atomic

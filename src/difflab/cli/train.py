@@ -8,7 +8,8 @@ from pathlib import Path
 
 from difflab.cli.common import add_runtime_arguments, setup_runtime, stopped_by_signal
 
-FORMULATION_FLAGS = ("schedule", "timesteps", "prediction", "sigma_min", "sigma_max", "aug_dim")
+FORMULATION_FLAGS = ("schedule", "timesteps", "prediction", "sigma_min", "sigma_max", "aug_dim", "learn_sigma",
+                     "hybrid_loss", "importance_t")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None:
@@ -40,6 +41,13 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
     form.add_argument("--sigma-min", type=float, help="ve/edm/pfgmpp: smallest noise level (0.01 / 0.002)")
     form.add_argument("--sigma-max", type=float, help="ve/edm/pfgmpp: largest noise level (50 / 80)")
     form.add_argument("--aug-dim", type=int, help="pfgmpp: the number D of extra dimensions (default 128)")
+    # improved DDPM (Nichol & Dhariwal 2021); None when not given, so that other processes see no setting
+    form.add_argument("--learn-sigma", action="store_true", default=None,
+                      help="ddpm: also learn the reverse variance (Eq. 15); with --hybrid-loss")  # fmt: skip
+    form.add_argument("--hybrid-loss", action="store_true", default=None,
+                      help="ddpm: L_simple + 0.001 L_vlb, the bound training the learned variance only")  # fmt: skip
+    form.add_argument("--importance-t", action="store_true", default=None,
+                      help="ddpm --hybrid-loss: the bound's t drawn with p_t ~ sqrt(E[L_t^2])")  # fmt: skip
     net = p.add_argument_group("network and conditioning")
     net.add_argument("--model", choices=("tiny", "small", "base", "dit-tiny", "dit-small"), default="tiny",
                      help="network size preset: tiny, small, base (U-Net for images, MLP for points; tiny and small "

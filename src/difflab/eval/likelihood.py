@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.errors import DifflabError
+from difflab.iddpm import check_levels, discretized_gaussian_log_prob, learned_log_variance, schedule_step, vlb_terms
 from difflab.kernels import GAUSSIAN, Kernel, gaussian_prior_log_prob
 from difflab.schedules import DiscreteSchedule
 from difflab.sigmas import append_dims
@@ -201,28 +202,16 @@ def dequantized_bits_per_dim(
     return out
 
 
-def _log_prob_between(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """log(Phi(hi) - Phi(lo)) for lo <= hi (either may be infinite), accurate in both tails."""
-    flip = (lo + hi) > 0  # in the upper tail use Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)
-    lo, hi = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
-    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
-    return log_hi + torch.log(-torch.expm1(log_lo - log_hi))
-
-
-def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, std: float, n_bins: int = 256):
+def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, std, n_bins: int = 256):
     """Ho et al. 2020, Eq. 13: log p(x0 | x1) of data on the grid -1 + 2k/(n_bins - 1), per sample (B,).
 
-    Each value owns [x0 - 1/(n_bins - 1), x0 + 1/(n_bins - 1)] under N(mean, std^2); the edge bins extend to -inf
-    (at -1) and +inf (at 1). Computed in float64.
+    Each value owns [x0 - 1/(n_bins - 1), x0 + 1/(n_bins - 1)] under N(mean, std^2) (std a float or a tensor
+    broadcasting against x0); the edge bins extend to -inf (at -1) and +inf (at 1). Computed in float64.
     """
-    x0, mean = x0.double(), mean.double()
-    half = 1.0 / (n_bins - 1)
-    lo = torch.where(x0 < -1 + half, -math.inf, (x0 - half - mean) / std)
-    hi = torch.where(x0 > 1 - half, math.inf, (x0 + half - mean) / std)
-    return _log_prob_between(lo, hi).flatten(1).sum(1)
+    return discretized_gaussian_log_prob(x0, mean, std, n_bins).flatten(1).sum(1)
 
 
-def _check_vlb_args(schedule: DiscreteSchedule, x0: torch.Tensor, n_bins: int, timesteps: int | None) -> None:
+def _check_vlb_args(schedule: DiscreteSchedule, x0: torch.Tensor, n_bins: int | None, timesteps: int | None) -> None:
     if schedule.num_steps < 2:
         raise DifflabError(f"the DDPM bound needs a schedule of at least 2 steps, got {schedule.num_steps}")
     if timesteps is not None and (
@@ -231,6 +220,9 @@ def _check_vlb_args(schedule: DiscreteSchedule, x0: torch.Tensor, n_bins: int, t
         raise DifflabError(f"timesteps must be a positive integer or None, got {timesteps!r}")
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 2 or x0.shape[0] == 0:
         raise DifflabError("x0 must be a floating-point tensor of shape (B, *shape) with B >= 1")
+    if n_bins is None:
+        return
+    check_levels(n_bins)
     k = (x0.double() + 1) / 2 * (n_bins - 1)
     if not bool(((k - k.round()).abs() < 1e-3).all()) or float(k.min()) < -1e-3 or float(k.max()) > n_bins - 1 + 1e-3:
         raise DifflabError(
@@ -238,22 +230,23 @@ def _check_vlb_args(schedule: DiscreteSchedule, x0: torch.Tensor, n_bins: int, t
         )
 
 
-def _kl_terms(denoiser, schedule: DiscreteSchedule, x0, k: torch.Tensor, generator, cond) -> torch.Tensor:
-    """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) in nats (B,) at repo indices k = t - 1 (B,), k >= 1.
-
-    Both Gaussians have variance beta-tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t and means c1 x0 + c2 x_t
-    and c1 x0_hat + c2 x_t, c1 = sqrt(abar_{t-1}) beta_t / (1 - abar_t) (Ho et al. 2020, Eq. 7), so
-    KL = c1^2 |x0 - x0_hat|^2 / (2 beta-tilde_t) (= (SNR_{t-1} - SNR_t) / 2 |x0 - x0_hat|^2).
-    """
-    betas, abars, sigmas = (v.to(x0.device) for v in (schedule.betas, schedule.alpha_bars, schedule.sigmas))
-    beta, abar, abar_prev = betas[k], abars[k], abars[k - 1]
-    c1 = abar_prev.sqrt() * beta / (1 - abar)
-    var = (1 - abar_prev) / (1 - abar) * beta
+def _vlb_row(denoiser, schedule: DiscreteSchedule, x0, k: torch.Tensor, generator, cond, levels: int) -> torch.Tensor:
+    """The bound's term at schedule indices k (B,) (DDPM's t = k + 1) in nats (B,): L_{t-1} for k >= 1, the decoder L_0
+    for k = 0 (`difflab.iddpm.vlb_terms`), with one x ~ q(x_t | x0) per sample. The model's variance: its own (Eq. 15)
+    when it learns one, else beta-tilde for the KL terms (Ho et al.'s small variance; the KL is then
+    (SNR_{t-1} - SNR_t) / 2 |x0 - x0_hat|^2) and beta_1 for the decoder (Ho et al.'s sigma_1^2)."""
+    sigma, sigma_next, log_beta, log_beta_tilde = schedule_step(schedule, k)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-    sigma = sigmas[k].to(x0.dtype)
-    x0_hat = denoiser(x0 + append_dims(sigma, x0.ndim) * noise, sigma, cond)  # x = x_t / sqrt(abar_t)
-    sq = (x0.double() - x0_hat.double()).pow(2).flatten(1).sum(1)
-    return c1**2 / (2 * var) * sq
+    sigma_x = sigma.to(x0.dtype)
+    x = x0 + append_dims(sigma_x, x0.ndim) * noise  # = x_t / sqrt(abar_t)
+    if getattr(denoiser, "learns_variance", False):
+        x0_hat, v = denoiser.denoise_with_variance(x, sigma_x, cond)
+        log_var = learned_log_variance(v.double(), log_beta, log_beta_tilde)
+    else:
+        x0_hat = denoiser(x, sigma_x, cond)
+        fixed = torch.where(k > 0, log_beta_tilde, log_beta)
+        log_var = append_dims(fixed, x0.ndim).expand(x0.shape)
+    return vlb_terms(x0, x0_hat, log_var, sigma, sigma_next, log_beta_tilde, levels)
 
 
 @torch.no_grad()
@@ -264,22 +257,26 @@ def ddpm_vlb_bits_per_dim(
     *,
     timesteps: int | None = None,
     generator: torch.Generator | None = None,
-    n_bins: int = 256,
+    n_bins: int | None = 256,
     cond: Any = None,
     progress: bool = False,
 ) -> dict:
     """The discrete DDPM variational bound in bits/dim (Ho et al. 2020, Eq. 5; Nichol & Dhariwal 2021, Sec. 2):
-    L = L_T + sum_{t=2}^T L_{t-1} + L_0, for the model sampled with the beta-tilde posterior variance.
+    L = L_T + sum_{t=2}^T L_{t-1} + L_0, for the model sampled with its learned variance (Nichol & Dhariwal 2021,
+    Eq. 15) when it has one (a denoiser with `learns_variance`: `difflab.adapters.LearnedVarianceDenoiser`), else with
+    the beta-tilde posterior variance.
 
     Indexing: the repo's schedule index k = 0..T-1 is DDPM's t = k + 1, so abar_t = schedule.alpha_bars[t - 1] and
     x_t = sqrt(abar_t) (x0 + sigma n) with sigma = schedule.sigmas[t - 1]: the model's x0_hat at step t is
     D(x_t / sqrt(abar_t), schedule.sigmas[t - 1]).
     - prior L_T = KL(N(sqrt(abar_T) x0, (1 - abar_T) I) || N(0, I)), closed form, no model call;
-    - L_{t-1}, t = 2..T: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), p = N(posterior mean at x0_hat, beta-tilde_t),
-      with one x_t ~ q(x_t | x0) per term (see `_kl_terms`);
-    - decoder L_0 = -log p(x0 | x1), Ho et al.'s discretised Gaussian (Eq. 13) with mean x0_hat at t = 1 (the
-      posterior mean reduces to it there, since abar_0 = 1) and variance beta_1 (Ho et al.'s sigma_1^2 = beta_1; the
-      beta-tilde choice is degenerate at t = 1). x0 must lie on the n_bins-level grid -1 + 2k/(n_bins - 1).
+    - L_{t-1}, t = 2..T: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), p = N(posterior mean at x0_hat, Sigma_t),
+      with one x_t ~ q(x_t | x0) per term (`_vlb_row`);
+    - decoder L_0 = -log p(x0 | x1) with mean x0_hat at t = 1 (the posterior mean reduces to it there, since
+      abar_0 = 1): Ho et al.'s discretised Gaussian (Eq. 13) for data on the n_bins-level grid -1 + 2k/(n_bins - 1),
+      or for n_bins=None (continuous data such as 2-D points) the Gaussian density, which makes the bound one on
+      -log p(x0) of a density (it can be negative). Its variance is beta_1 (Ho et al.'s sigma_1^2; the beta-tilde
+      choice is degenerate at t = 1), or the learned interpolation between beta_1 and beta-tilde_2.
     timesteps=None sums all T - 1 KL terms (T model calls per batch with the decoder). timesteps=n instead draws n
     t ~ U{2..T} per sample (with replacement) and scales their sum by (T - 1) / n: an unbiased estimate of the sum;
     the decoder (1 call) and the prior are always exact. progress: a tqdm bar over the KL terms (one per model
@@ -288,6 +285,7 @@ def ddpm_vlb_bits_per_dim(
     """
     _check_vlb_args(schedule, x0, n_bins, timesteps)
     T, B, dim = schedule.num_steps, x0.shape[0], x0[0].numel()
+    levels = n_bins or 0
     to_bits = 1.0 / (dim * math.log(2))
     abar_T = float(schedule.alpha_bars[-1])
     x0d = x0.double()
@@ -298,14 +296,12 @@ def ddpm_vlb_bits_per_dim(
     else:
         rows = list(torch.randint(1, T, (timesteps, B), generator=generator, device=x0.device))
     for row in tqdm(rows, desc="ddpm bound", unit="step", disable=not progress or len(rows) < 2, dynamic_ncols=True):
-        terms += _kl_terms(denoiser, schedule, x0, row, generator, cond)
+        terms += _vlb_row(denoiser, schedule, x0, row, generator, cond, levels)
     nfe = len(rows)
     if timesteps is not None:
         terms *= (T - 1) / timesteps
-    sigma_1 = schedule.sigmas[0].to(x0.dtype)
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-    x0_hat = denoiser(x0 + sigma_1 * noise, sigma_1.expand(B).to(x0.device), cond)
-    decoder = -discretized_gaussian_log_likelihood(x0, x0_hat, math.sqrt(float(schedule.betas[0])), n_bins)
+    decoder = _vlb_row(denoiser, schedule, x0, torch.zeros(B, dtype=torch.long, device=x0.device), generator, cond,
+                       levels)  # fmt: skip
     prior_bpd, terms_bpd, decoder_bpd = prior * to_bits, terms * to_bits, decoder * to_bits
     return {
         "bits_per_dim": prior_bpd + terms_bpd + decoder_bpd,

@@ -67,7 +67,20 @@ class ClassifierFreeGuidance:
         self.denoiser, self.scale, self.interval = denoiser, float(scale), interval
         self.negative = as_cond(negative)
 
+    @property
+    def learns_variance(self) -> bool:
+        return getattr(self.denoiser, "learns_variance", False)
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return self._guide(self.denoiser, x, sigma, cond)
+
+    def denoise_with_variance(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None):
+        """(guided x0_hat, the conditional branch's variance interpolation v), as GLIDE guides a model with a learned
+        variance (Nichol et al. 2022): guidance moves the mean only."""
+        return self._guide(self.denoiser.denoise_with_variance, x, sigma, cond)
+
+    def _guide(self, denoise: Callable, x: torch.Tensor, sigma: torch.Tensor, cond: Any):
+        """D (or (D, v) when `denoise` returns both) guided; one batched call of both branches."""
         cond = as_cond(cond)
         if not cond:
             raise TypeError("classifier-free guidance needs a condition: pass cond, e.g. {'class_label': labels}")
@@ -75,12 +88,14 @@ class ClassifierFreeGuidance:
         if self.interval is not None:
             active = (sigma >= self.interval[0]) & (sigma <= self.interval[1])
         if self.scale == 1.0 or not bool(active.any()):
-            return self.denoiser(x, sigma, cond)
+            return denoise(x, sigma, cond)
         both_cond = cat_cond([cond, _unconditional(cond, self.negative)])
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), both_cond)
-        conditional, unconditional = both.chunk(2)
+        both = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both_cond)
+        mean, variance = both if isinstance(both, tuple) else (both, None)
+        conditional, unconditional = mean.chunk(2)
         guided = unconditional + self.scale * (conditional - unconditional)
-        return torch.where(append_dims(active, x.ndim), guided, conditional)
+        guided = torch.where(append_dims(active, x.ndim), guided, conditional)
+        return guided if variance is None else (guided, variance.chunk(2)[0])
 
 
 class GradientGuidance:
@@ -105,17 +120,30 @@ class GradientGuidance:
         self.denoiser, self.log_f, self.scale = denoiser, log_f, float(scale)
         self.through_denoiser, self.condition_model = through_denoiser, condition_model
 
+    @property
+    def learns_variance(self) -> bool:
+        return getattr(self.denoiser, "learns_variance", False)
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return self._guide(self.denoiser, x, sigma, cond)
+
+    def denoise_with_variance(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None):
+        """(guided x0_hat, the model's variance interpolation v): the gradient moves the mean only."""
+        return self._guide(self.denoiser.denoise_with_variance, x, sigma, cond)
+
+    def _guide(self, denoise: Callable, x: torch.Tensor, sigma: torch.Tensor, cond: Any):
         model_cond = cond if self.condition_model else None
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             if self.through_denoiser:
-                denoised = self.denoiser(x_in, sigma, model_cond)
+                out = denoise(x_in, sigma, model_cond)
             else:
                 with torch.no_grad():
-                    denoised = self.denoiser(x, sigma, model_cond)
+                    out = denoise(x, sigma, model_cond)
+            denoised, variance = out if isinstance(out, tuple) else (out, None)
             (grad,) = torch.autograd.grad(self.log_f(x_in, sigma, denoised, cond).sum(), x_in)
-        return denoised.detach() + self.scale * append_dims(sigma**2, x.ndim) * grad
+        guided = denoised.detach() + self.scale * append_dims(sigma**2, x.ndim) * grad
+        return guided if variance is None else (guided, variance.detach())
 
 
 def classifier_guidance(
@@ -170,6 +198,16 @@ class Inpainting:
         """The first state: y + sigma_max n in the known region, sigma_max n elsewhere."""
         return prior_noise + self.mask * self.known
 
+    @property
+    def learns_variance(self) -> bool:
+        return getattr(self.denoiser, "learns_variance", False)
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         denoised = self.denoiser(x, sigma, cond)
         return self.mask * self.known + (1 - self.mask) * denoised
+
+    def denoise_with_variance(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None):
+        """(D, v) with v = 0 in the known region: there x0 = y is known, so the step's variance is beta-tilde, the
+        exact posterior's, which keeps the known region on y + sigma' n; the model's v elsewhere."""
+        denoised, v = self.denoiser.denoise_with_variance(x, sigma, cond)
+        return self.mask * self.known + (1 - self.mask) * denoised, (1 - self.mask) * v

@@ -38,7 +38,7 @@ _LAZY = {
     "sample_heun": "ode", "sample_lms": "ode", "sample_rk45": "ode", "repaint_sigmas": "repaint",
     "sample_repaint": "repaint", "sample_consistency": "consistency", "sample_dpmpp_2m_sde": "sde",
     "sample_euler_ancestral": "sde",
-    "sample_euler_maruyama": "sde",
+    "sample_euler_maruyama": "sde", "sample_dpmpp_3m": "multistep", "sample_unipc": "multistep",
 }  # fmt: skip
 
 
@@ -54,14 +54,15 @@ NOT_OPTIONS = frozenset({"cond", "noise", "callback", "info"})
 
 # One short line per option name, shared by every sampler that takes it; where the default is None, what None means.
 OPTION_HELP: dict[str, str] = {
-    "variance": "DDPM step variance: small (beta-tilde, the true posterior) or large (beta)",
+    "variance": "DDPM step variance: small (beta-tilde), large (beta), learned; default learned if the model has it, "
+    "else small",
     "eta": "ancestral noise: 0 deterministic, 1 = DDPM (the reverse SDE)",
     "log_sigma": "step in log sigma (PFGM's log z) instead of sigma",
     "s_churn": "churn (Karras et al. 2022, Alg. 2): noise added per step; 0 = deterministic",
     "s_tmin": "lowest sigma that gets churn",
     "s_tmax": "highest sigma that gets churn",
     "s_noise": "scale of the added noise (1 = as derived)",
-    "order": "multistep order: how many past derivatives each step uses",
+    "order": "multistep order: how many past evaluations each step uses (unipc: its predictor's; the corrector adds 1)",
     "rtol": "relative tolerance of the adaptive step size",
     "atol": "absolute tolerance of the adaptive step size",
     "max_nfe": "stop with an error after this many network evaluations (a diverging sample, too tight tolerances)",
@@ -195,6 +196,7 @@ class SamplerSpec:
     batch_independent_if: Condition = field(default=_always(True))
     batch_note: str = ""
     family: str = "diffusion"  # what it calls: a denoiser ("diffusion") or a consistency function ("consistency")
+    grid: str | None = None  # the grid it gets when none is named (None: the model's; `Formulation.default_grid_for`)
     option_specs: tuple[SamplerOption, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -232,7 +234,10 @@ class SamplerSpec:
         return self.cost(steps, self.with_defaults(options))
 
     def steps_for_nfe(self, nfe: int, options: dict[str, Any] | None = None) -> int:
-        """The most steps whose cost fits in `nfe` network evaluations (at least 1)."""
+        """The most steps whose cost fits in `nfe` network evaluations; a DifflabError if not even one step fits."""
+        if (least := self.nfe(1, options)) > nfe:
+            raise DifflabError(f"sampler '{self.name}' needs {least} network evaluation{'s' * (least != 1)} for one "
+                               f"step, more than the budget of {nfe}")  # fmt: skip
         steps = 1
         while self.nfe(steps + 1, options) <= nfe:
             steps += 1
@@ -262,7 +267,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
                     "Heun 2nd order (Karras et al. 2022, Alg. 2); s_churn > 0 adds noise",
                     lambda steps, o: 2 * steps - 1, _is_zero("s_churn")),
         SamplerSpec("dpmpp_2m", "ode:sample_dpmpp_2m",
-                    "DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), 2nd-order multistep"),
+                    "DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), 2nd-order multistep", grid="log_snr"),
+        SamplerSpec("dpmpp_3m", "multistep:sample_dpmpp_3m",
+                    "DPM-Solver++(3M) (Lu et al. 2022b), 3rd-order multistep", grid="log_snr"),
+        SamplerSpec("unipc", "multistep:sample_unipc",
+                    "UniPC (Zhao et al. 2023): UniP predictor + UniC corrector (bh2), no extra evaluations",
+                    grid="log_snr"),
         SamplerSpec("lms", "ode:sample_lms",
                     "linear multistep (Adams-Bashforth) on the PF-ODE"),
         SamplerSpec("rk45", "ode:sample_rk45",
@@ -276,7 +286,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
                     deterministic_if=_always(False)),
         SamplerSpec("dpmpp_2m_sde", "sde:sample_dpmpp_2m_sde",
                     "DPM-Solver++(2M) SDE (Lu et al. 2022b), midpoint",
-                    deterministic_if=_is_zero("eta")),
+                    deterministic_if=_is_zero("eta"), grid="log_snr"),
         SamplerSpec("pc", "langevin:sample_pc",
                     "predictor-corrector (Song et al. 2021, Alg. 2): Langevin + reverse diffusion",
                     lambda steps, o: (o["corrector_steps"] + 1) * steps, _always(False),
@@ -355,7 +365,7 @@ def sampler_for_kernel(name: str, options: dict[str, Any], kernel: Any) -> Sampl
     if not kernel.is_gaussian and not spec.deterministic(options):
         raise DifflabError(
             f"sampler '{name}' adds Gaussian noise, which does not reverse a {kernel.name}-kernel model; use an "
-            "ODE sampler: euler, heun, dpmpp_2m, lms, rk45 or ddim with eta 0"
+            "ODE sampler: euler, heun, dpmpp_2m, dpmpp_3m, unipc, lms, rk45 or ddim with eta 0"
         )
     return spec
 
@@ -379,6 +389,7 @@ __all__ = [
     "sample_ddpm",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m",
     "sample_euler",
     "sample_euler_ancestral",
     "sample_euler_maruyama",
@@ -387,6 +398,7 @@ __all__ = [
     "sample_pc",
     "sample_repaint",
     "sample_rk45",
+    "sample_unipc",
     "sampler_aliases",
     "sampler_for_kernel",
 ]

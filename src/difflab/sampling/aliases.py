@@ -26,6 +26,9 @@ SAMPLER_ALIASES: dict[str, tuple[str, str | None]] = {
     "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
     "DPM++ 2M SDE Exponential": ("dpmpp_2m_sde", "log_snr"),
     "DDIM": ("ddim", None),
+    # A1111's UniPC (modules/sd_samplers_timesteps.py; its settings default to variant bh1 and order 3, which differ
+    # from difflab's bh2 only where one coefficient is left (rho = 1/2); pass --order 3 for its order)
+    "UniPC": ("unipc", None),
     # A1111's short aliases of the same samplers (its API accepts them too)
     "k_euler": ("euler", None),
     "k_euler_a": ("euler_ancestral", None),
@@ -45,7 +48,8 @@ SAMPLER_ALIASES: dict[str, tuple[str, str | None]] = {
     "EulerAncestralDiscreteScheduler": ("euler_ancestral", None),
     "HeunDiscreteScheduler": ("heun", None),
     "LMSDiscreteScheduler": ("lms", None),
-    "DPMSolverMultistepScheduler": ("dpmpp_2m", None),
+    "DPMSolverMultistepScheduler": ("dpmpp_2m", None),  # its default solver_order 2 (order 3 has no name)
+    "UniPCMultistepScheduler": ("unipc", None),  # its defaults: bh2, solver_order 2
     "ScoreSdeVeScheduler": ("pc", None),
     # k-diffusion sampler functions (k_diffusion.sampling)
     "sample_euler": ("euler", None),

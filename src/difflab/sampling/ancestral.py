@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from difflab.errors import DifflabError
+from difflab.iddpm import learned_log_variance, step_log_variances
 from difflab.sampling.common import NoiseFn, check_grid, noise_or_default
 from difflab.sigmas import eps_from_denoised
 from difflab.types import Denoiser, StepCallback, StepInfo
@@ -67,13 +68,53 @@ def _step_loop(
 ) -> torch.Tensor:
     """`ancestral_step` along the grid; levels(sigma, sigma_next) -> (sigma_down, sigma_up)."""
     noise = noise_or_default(noise)
+
+    def step(x: torch.Tensor, sigma: float, sigma_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return ancestral_step(denoiser, x, sigma, *levels(sigma, sigma_next), noise=noise, cond=cond)
+
+    return _run_steps(step, x, sigmas, callback)
+
+
+def _run_steps(step: Callable, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None) -> torch.Tensor:
+    """step(x, sigma, sigma_next) -> (x', x0_hat) along the grid, reporting each step to the callback."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x_next, denoised = ancestral_step(denoiser, x, sigma, *levels(sigma, sigma_next), noise=noise, cond=cond)
+        x_next, denoised = step(x, sigma, sigma_next)
         if callback is not None:
             callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
         x = x_next
     return x
+
+
+def learned_variance_step(
+    denoise_with_variance: Callable, x: torch.Tensor, sigma: float, sigma_next: float, *, noise: NoiseFn, cond: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDPM step with the model's variance (Nichol & Dhariwal 2021, Eq. 15): the posterior mean at x0_hat,
+    x0_hat + (sigma'^2/sigma) eps_hat (DDIM's eta = 1 mean), plus noise of variance
+    exp(v log beta + (1 - v) log beta-tilde) per element, beta and beta-tilde those of this step of the grid (respaced:
+    recomputed from abar at the visited timesteps, `difflab.iddpm.step_log_variances`). The last step (to sigma = 0)
+    adds no noise. denoise_with_variance(x, sigma, cond) -> (x0_hat, v). Returns (x', x0_hat)."""
+    denoised, v = denoise_with_variance(x, sigma * x.new_ones(x.shape[0]), cond)
+    sigma_down, _ = ddim_noise_levels(sigma, sigma_next, eta=1.0)
+    x_next = denoised + sigma_down * eps_from_denoised(x, denoised, sigma)
+    if sigma_next > 0:
+        bounds = step_log_variances(*torch.tensor([sigma, sigma_next], dtype=torch.float64, device=x.device))
+        std = (0.5 * learned_log_variance(v.double(), *bounds)).exp().to(x.dtype)
+        x_next = x_next + std * noise(x)
+    return x_next, denoised
+
+
+def learned_variance(denoiser: Denoiser) -> Callable | None:
+    """The denoiser's denoise_with_variance(x, sigma, cond) -> (x0_hat, v) when it learns its variance (a
+    `LearnedVarianceDenoiser`, or a guidance wrapper around one, which say so by `learns_variance`), else None.
+    A wrapper that hides an inner model's learned variance is refused in one line."""
+    if getattr(denoiser, "learns_variance", False):
+        return denoiser.denoise_with_variance
+    inner = getattr(denoiser, "denoiser", None)
+    if inner is not None and learned_variance(inner) is not None:
+        raise DifflabError(f"{type(denoiser).__name__} does not pass on the model's learned variance; sample with "
+                           "--variance small or large")  # fmt: skip
+    return None
 
 
 @torch.no_grad()
@@ -87,7 +128,10 @@ def sample_ddim(
     noise: NoiseFn | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021, Eq. 12): x (B, *shape) at sigmas[0] -> sample at sigmas[-1]; eta=0 deterministic."""
+    """DDIM (Song et al. 2021, Eq. 12): x (B, *shape) at sigmas[0] -> sample at sigmas[-1]; eta=0 deterministic.
+
+    A model with a learned variance samples with its mean x0_hat alone: eta sets the noise (as improved-diffusion's
+    and diffusers' DDIM do); for the learned variance use ddpm."""
     check_grid(sigmas)
     if eta < 0:
         raise DifflabError(f"--eta must be >= 0, got {eta}")
@@ -100,19 +144,32 @@ def sample_ddpm(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    variance: str = "small",
+    variance: str | None = None,
     cond: Any = None,
     noise: NoiseFn | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) on any respaced grid.
 
-    variance "small" uses beta-tilde_t (the true posterior variance), "large" uses beta_t. The posterior mean is
-    the same for both; the last step (to sigma = 0) adds no noise, as in Algorithm 2 at t = 1.
+    variance "small" uses beta-tilde_t (the true posterior variance), "large" uses beta_t, "learned" the model's own
+    (Nichol & Dhariwal 2021, Eq. 15: `learned_variance_step`); None (the default) is learned for a model that learns
+    its variance, else small. The posterior mean is the same for all; the last step (to sigma = 0) adds no noise, as
+    in Algorithm 2 at t = 1.
     """
     check_grid(sigmas)
-    if variance not in ("small", "large"):
-        raise DifflabError(f"DDPM variance must be 'small' (beta-tilde) or 'large' (beta), got '{variance}'")
+    if variance not in (None, "small", "large", "learned"):
+        raise DifflabError(f"DDPM variance must be 'small' (beta-tilde), 'large' (beta) or 'learned' (the model's), "
+                           f"got '{variance}'")  # fmt: skip
+    with_variance = learned_variance(denoiser) if variance in (None, "learned") else None
+    if variance == "learned" and with_variance is None:
+        raise DifflabError("--variance learned needs a model trained with --learn-sigma; use small or large")
+    if with_variance is not None:
+        noise_fn = noise_or_default(noise)
+
+        def step(x: torch.Tensor, sigma: float, sigma_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+            return learned_variance_step(with_variance, x, sigma, sigma_next, noise=noise_fn, cond=cond)
+
+        return _run_steps(step, x, sigmas, callback)
 
     def levels(sigma: float, sigma_next: float) -> tuple[float, float]:
         sigma_down, sigma_up = ddim_noise_levels(sigma, sigma_next, eta=1.0)

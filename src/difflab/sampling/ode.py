@@ -1,7 +1,8 @@
 """Probability-flow ODE samplers (Karras et al. 2022, Eq. 1 in sigma space): dx/dsigma = (x - D(x, sigma)) / sigma.
 
-Euler and Heun (Karras et al. 2022, Alg. 1-2), DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), linear multistep
-(k-diffusion `sample_lms`) and adaptive Dormand-Prince RK45 (per-sample step control, `sampling/dopri.py`). All
+Euler and Heun (Karras et al. 2022, Alg. 1-2), DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2; its loop is shared with
+3M and UniPC in `sampling/multistep.py`), linear multistep (k-diffusion `sample_lms`) and adaptive Dormand-Prince
+RK45 (per-sample step control, `sampling/dopri.py`). All
 share the sampler signature (denoiser, x, sigmas, *, cond, noise, callback, **options) -> x; the deterministic ones
 ignore `noise`.
 """
@@ -19,6 +20,7 @@ from numpy.polynomial import Polynomial
 from difflab.errors import DifflabError
 from difflab.sampling.common import NoiseFn, check_grid, noise_or_default
 from difflab.sampling.dopri import dopri5_per_sample
+from difflab.sampling.multistep import multistep_loop
 from difflab.sigmas import eps_from_denoised
 from difflab.types import Denoiser, StepCallback, StepInfo
 
@@ -124,30 +126,17 @@ def sample_dpmpp_2m(
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), data-prediction form in t = -log(sigma), h = t_next - t.
 
-    x' = (sigma'/sigma) x - (exp(-h) - 1) D_d with D_d = (1 + 1/(2r)) D - 1/(2r) D_prev, r = h_prev / h.
-    The first and the last step are first order (D_d = D; the last step is DDIM, and returns D when sigma' = 0).
+    x' = (sigma'/sigma) x - (exp(-h) - 1) D_d with D_d = (1 + 1/(2r)) D - 1/(2r) D_prev, r = h_prev / h
+    (`multistep.exponential_step` with two nodes). The first step is first order (D_d = D), and so is a step more
+    than MAX_STEP_RATIO = 2 times the one before it (`multistep_order`): on DDPM's respaced grid the last positive
+    step (e.g. sigma 0.08 -> 0.01 at 50 steps, h / h_prev = 3.4) weighted D - D_prev by h / (2 h_prev) = 1.7.
+    Measured on the 64-D mixture with DDPM's respaced grid (benchmarks/samplers.py; 10 / 20 / 50 / 100 NFE), RMS
+    distance to the exact PF-ODE endpoint: before 1.61 / 0.96 / 0.224 / 0.056, after 0.86 / 0.19 / 0.013 / 0.0098
+    (euler 1.12 / 0.56 / 0.23 / 0.12); Frechet distance: before 2.69 / 1.09 / 0.212 / 0.160, after 0.82 / 0.18 /
+    0.155 / 0.155 (the exact endpoint's 0.155); log-SNR grids, and Karras grids ending in 0 from 10 steps on, are
+    unaffected. A step to sigma = 0 returns D (a grid ending above 0 takes its last step at second order).
     """
-    check_grid(sigmas)
-    ones = x.new_ones(x.shape[0])
-    steps = len(sigmas) - 1
-    old_denoised, h_last = None, 0.0
-    for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, sigma * ones, cond)
-        if sigma_next == 0:
-            x_next = denoised
-        else:
-            h = math.log(sigma) - math.log(sigma_next)
-            denoised_d = denoised
-            if old_denoised is not None and i < steps - 1:
-                half_inv_r = h / (2 * h_last)
-                denoised_d = (1 + half_inv_r) * denoised - half_inv_r * old_denoised
-            x_next = (sigma_next / sigma) * x - math.expm1(-h) * denoised_d
-            h_last = h
-        if callback is not None:
-            callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
-        old_denoised, x = denoised, x_next
-    return x
+    return multistep_loop(denoiser, x, sigmas, 2, corrector=False, cond=cond, callback=callback)
 
 
 def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:

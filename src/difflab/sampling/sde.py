@@ -16,6 +16,7 @@ import torch
 from difflab.errors import DifflabError
 from difflab.sampling.ancestral import sample_ddim
 from difflab.sampling.common import NoiseFn, check_grid, noise_or_default, reverse_sde_step
+from difflab.sampling.multistep import multistep_order
 from difflab.types import Denoiser, StepCallback, StepInfo
 
 
@@ -96,17 +97,19 @@ def sample_dpmpp_2m_sde(
 
     With t = -log sigma, h = t_next - t and eta_h = eta h, a step is
     x' = (sigma_next / sigma) e^(-eta_h) x + (1 - e^(-h - eta_h)) D                    (first order, exact for D const)
-       + 0.5 (1 - e^(-h - eta_h)) (h / h_last) (D - D_last)                             (from the second step on)
+       + 0.5 (1 - e^(-h - eta_h)) (h / h_last) (D - D_last)             (from the second step on, `multistep_order`)
        + sigma_next sqrt(1 - e^(-2 eta_h)) s_noise z.
-    eta = 0 is the deterministic DPM-Solver++(2M) and draws no noise; eta = 1 follows the reverse SDE. A step to
-    sigma = 0 returns D.
+    The second-order term is left out, as in dpmpp_2m, where h > MAX_STEP_RATIO h_last: on DDPM's respaced grid
+    (64-D mixture, Frechet distance at 10 / 20 / 50 / 100 NFE) before 8.16 / 4.53 / 0.661 / 0.222, after 1.17 / 0.204 /
+    0.179 / 0.181 (exact samples 0.168). eta = 0 is the deterministic DPM-Solver++(2M) and draws no noise; eta = 1
+    follows the reverse SDE. A step to sigma = 0 returns D.
     """
     check_grid(sigmas)
     check_nonnegative("eta", eta)
     check_nonnegative("s_noise", s_noise)
     noise = noise_or_default(noise)
     ones = x.new_ones(x.shape[0])
-    denoised_last, h_last = None, 0.0
+    denoised_last, steps = None, []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoiser(x, sigma * ones, cond)
@@ -114,15 +117,15 @@ def sample_dpmpp_2m_sde(
             x_next = denoised
         else:
             h = math.log(sigma) - math.log(sigma_next)
+            steps.append(h)
             eta_h = eta * h
             weight = -math.expm1(-h - eta_h)  # 1 - e^(-h - eta_h)
             x_next = sigma_next / sigma * math.exp(-eta_h) * x + weight * denoised
-            if denoised_last is not None:
-                x_next = x_next + 0.5 * weight * (h / h_last) * (denoised - denoised_last)
+            if multistep_order(steps, 2) == 2:
+                x_next = x_next + 0.5 * weight * (h / steps[-2]) * (denoised - denoised_last)
             noise_std = sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
             if noise_std > 0:
                 x_next = x_next + noise_std * noise(x)
-            h_last = h
         if callback is not None:
             callback(StepInfo(i, sigma, sigma_next, x_next, denoised))
         denoised_last, x = denoised, x_next

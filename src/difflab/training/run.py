@@ -98,6 +98,7 @@ def run_config(
         formulation_settings = _prior_settings(process, formulation_settings)
     norm = float(model_data.data.flatten(1).pow(2).sum(1).mean().sqrt())
     info = DataInfo(model_data.sample_shape, norm, defaults["batch_size"])
+    formulation_settings = _decoder_levels(process, formulation_settings, model_data.kind == "images" and not latent)
     formulation = make_config(process, info, **formulation_settings)
     klass = formulation_class(process)
     formulation_object = klass(formulation)
@@ -115,7 +116,8 @@ def run_config(
     width |= {} if inpaint is None else {"inpaint_channels": channels}
     width |= {} if patch_size is None else {"patch_size": patch_size}
     width |= {"image_embed_dim": unclip_config.embed_dim} if unclip == "decoder" else {}
-    model_config = model_config_for(model_data.kind, model_data.sample_shape, model, dropout, klass.extra_outputs,
+    extra_outputs = formulation_object.extra_outputs_for(model_data.sample_shape)
+    model_config = model_config_for(model_data.kind, model_data.sample_shape, model, dropout, extra_outputs,
                                     num_classes, backbone, **width)  # fmt: skip
     model_config = replace(model_config, text=text)
     train = TrainConfig(
@@ -187,6 +189,16 @@ def _prior_settings(process: str, settings: dict[str, Any]) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(formulation_class(process).Config)}
     return {k: v for k, v in PRIOR_DEFAULTS.items() if k in fields} | {
         k: v for k, v in settings.items() if v is not None}  # fmt: skip
+
+
+def _decoder_levels(process: str, settings: dict[str, Any], pixels: bool) -> dict[str, Any]:
+    """Improved DDPM's hybrid loss discretises its decoder over 256 levels for pixel images; points and latents are
+    continuous (decoder_levels 0: the Gaussian density), unless given."""
+    if not settings.get("hybrid_loss") or settings.get("decoder_levels") is not None:
+        return settings
+    if "decoder_levels" not in {f.name for f in dataclasses.fields(formulation_class(process).Config)}:
+        return settings  # make_config names the foreign flags
+    return settings | {"decoder_levels": 256 if pixels else 0}
 
 
 def _num_classes(data: Dataset, conditional: bool) -> int | None:
