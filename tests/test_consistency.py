@@ -201,3 +201,20 @@ def first_weight(config) -> str:
     from difflab.nets import build_network
 
     return next(iter(build_network(config.model).state_dict()))
+
+
+def test_multistep_consistency_sampling_at_chosen_levels_through_the_cli(tmp_path, capsys):
+    from conftest import assert_one_line_error, run_cli
+
+    run = difflab.train(difflab.run_config(difflab.load_dataset("moons"), process="ct", steps=2), tmp_path / "ct",
+                        progress=False)  # fmt: skip
+    pipe = difflab.load(run)
+    assert pipe.sigmas(1, "80,0.8").tolist() == pytest.approx([80.0, 0.8, 0.0])
+    stats = {}
+    chosen = pipe.sample(4, grid=[80.0, 0.8], stats=stats)
+    assert stats["nfe"] == 2 and not torch.allclose(chosen, pipe.sample(4))
+    code, out, _ = run_cli(capsys, "sample", "--ckpt", run, "--grid", "80,2,0.5", "--n", 4, "--out", tmp_path / "a.npy")
+    assert code == 0 and "(3 network evaluations per sample)" in out
+    for bad in ("80,0.8,0.8", "0.8,80", "80,x"):
+        code, _, err = run_cli(capsys, "sample", "--ckpt", run, "--grid", bad, "--out", tmp_path / "b.npy")
+        assert_one_line_error(code, err, "noise levels" if bad != "80,x" else "numbers separated by commas")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -158,3 +159,24 @@ def log_snr_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tens
     _check_range(steps, sigma_min, sigma_max)
     log_sigma = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64)
     return _append_zero(log_sigma.exp()).float()
+
+
+def is_custom_grid(grid: object) -> bool:
+    """Whether `grid` lists noise levels ("80,0.8" or a sequence of numbers) rather than naming a grid."""
+    return isinstance(grid, (list, tuple)) or (isinstance(grid, str) and grid[:1].isdigit())
+
+
+def custom_sigmas(grid: str | Sequence[float]) -> torch.Tensor:
+    """Noise levels chosen by the user, "80,0.8" or [80, 0.8] (e.g. multistep consistency sampling at chosen levels,
+    Song et al. 2023, Alg. 1), then 0: (len + 1,) float32; they must be finite, positive and strictly decreasing."""
+    try:
+        values = [float(v) for v in (grid.split(",") if isinstance(grid, str) else grid)]
+    except ValueError:
+        raise DifflabError(f"a grid of noise levels is numbers separated by commas (80,0.8), got '{grid}'") from None
+    if (
+        not values
+        or not all(math.isfinite(v) and v > 0 for v in values)
+        or any(b >= a for a, b in zip(values, values[1:], strict=False))
+    ):
+        raise DifflabError(f"noise levels must be positive and strictly decreasing (80,0.8), got '{grid}'")
+    return torch.tensor([*values, 0.0], dtype=torch.float32)

@@ -64,8 +64,10 @@ def add_sampler_arguments(
                        help="number of sampling steps" + (" (default: the model's; 50 for most, 1 for a consistency "
                                                           "model, a distilled student's own)" if default_steps is None
                                                           else ""))  # fmt: skip
-    group.add_argument("--grid", help=f"noise levels: {', '.join(GRID_NAMES)} (or exponential = log_snr); "
-                       "default: the model's (respaced for ddpm, log_snr for pfgm, else karras)")  # fmt: skip
+    group.add_argument("--grid", help=f"noise levels: {', '.join(GRID_NAMES)} (or exponential = log_snr), or "
+                       "the levels themselves, 80,0.8 (their number sets --steps); default: log_snr for the "
+                       "dpmpp/unipc solvers, else the model's (respaced for ddpm, log_snr for pfgm, trailing for "
+                       "consistency models and distilled students, else karras)")  # fmt: skip
     for option in all_sampler_options().values():
         flag = "--" + option.name.replace("_", "-")
         if option.type is bool:

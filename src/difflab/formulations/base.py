@@ -13,7 +13,14 @@ from torch import nn
 
 from difflab.errors import DifflabError
 from difflab.kernels import GAUSSIAN, Kernel
-from difflab.schedules import DiscreteSchedule, karras_sigmas, log_snr_sigmas, trailing_karras_sigmas
+from difflab.schedules import (
+    DiscreteSchedule,
+    custom_sigmas,
+    is_custom_grid,
+    karras_sigmas,
+    log_snr_sigmas,
+    trailing_karras_sigmas,
+)
 
 
 @dataclass(frozen=True)
@@ -104,9 +111,12 @@ class Formulation:
     def sigmas(self, steps: int, grid: str | None = None, sampler: str | None = None) -> torch.Tensor:
         """A decreasing grid of `steps` noise levels ending in 0, (steps + 1,): Karras (rho = 7), uniform in
         log-SNR (= k-diffusion's exponential), uniform in the process's t, the respaced DDPM timesteps, or the
-        trailing grid (N nested in 2N). grid None: `default_grid_for(sampler)`."""
+        trailing grid (N nested in 2N); or levels the user lists ("80,0.8": `steps` is then their number).
+        grid None: `default_grid_for(sampler)`."""
         from difflab.sampling import resolve_grid  # the grid names and their aliases live with the samplers
 
+        if is_custom_grid(grid):  # noise levels the user chose: they set the number of steps
+            return custom_sigmas(grid)
         grid = resolve_grid(grid) if grid else self.default_grid_for(sampler)
         if steps < 1:
             raise DifflabError(f"--steps must be at least 1, got {steps}")
