@@ -85,20 +85,26 @@ def main() -> int:
     p.add_argument("--cd-steps", type=int, default=2000)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--phase", choices=("all", "progressive", "consistency", "eval"), default="all",
+                   help="run the progressive chain (DDPM teacher, students) or the consistency chain (EDM teacher, CD, "
+                   "CT) alone, e.g. in two processes, then eval")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    ddpm = train_once(out / "ddpm_v", prediction="v", steps=args.steps)
-    edm = train_once(out / "edm", process="edm", steps=args.steps)
-    ct = train_once(out / "ct", process="ct", steps=args.steps)
-    pd_dir = out / "pd"
+    ddpm, edm, ct, cd, pd_dir = out / "ddpm_v", out / "edm", out / "ct", out / "cd", out / "pd"
     pd_runs = [pd_dir / f"steps_{PD_TEACHER_STEPS >> r}" for r in range(1, PD_ROUNDS + 1)]
-    if latest_checkpoint(pd_runs[-1]) is None:
-        pd_runs = distill(ddpm, pd_dir, rounds=PD_ROUNDS, teacher_steps=PD_TEACHER_STEPS, steps=args.round_steps,
-                          progress=False)  # fmt: skip
-    cd = out / "cd"
-    if latest_checkpoint(cd) is None:
-        distill(edm, cd, method="consistency", steps=args.cd_steps, progress=False)
+    if args.phase in ("all", "progressive"):
+        train_once(ddpm, prediction="v", steps=args.steps)
+        if latest_checkpoint(pd_runs[-1]) is None:
+            distill(ddpm, pd_dir, rounds=PD_ROUNDS, teacher_steps=PD_TEACHER_STEPS, steps=args.round_steps,
+                    progress=False)  # fmt: skip
+    if args.phase in ("all", "consistency"):
+        train_once(edm, process="edm", steps=args.steps)
+        if latest_checkpoint(cd) is None:
+            distill(edm, cd, method="consistency", steps=args.cd_steps, progress=False)
+        train_once(ct, process="ct", steps=args.steps)
+    if args.phase not in ("all", "eval"):
+        return 0
 
     rows, teacher_s = {}, {"ddpm": training_seconds(ddpm), "edm": training_seconds(edm)}
     rows["ddim 50 (DDPM teacher)"] = score(difflab.load(ddpm), args.n, sampler="ddim", steps=50)
