@@ -7,7 +7,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from difflab.cli.common import add_runtime_arguments, add_sampler_arguments, sampler_options, setup_runtime
+from difflab.cli.common import (
+    add_runtime_arguments,
+    add_sampler_arguments,
+    apply_model_defaults,
+    sampler_options,
+    setup_runtime,
+)
 from difflab.errors import DifflabError
 
 
@@ -98,13 +104,15 @@ def run_txt2img(args: argparse.Namespace, prompt: str) -> int:
         raise DifflabError("give --out FILE (.png) or --out-dir FOLDER (one PNG per sample)")
     check_sampling_request(args.n, args.steps, args.batch_size, args.seed)
     check_sampling_request(1, args.prior_steps)
-    spec, _ = resolve_sampler(args.sampler)
-    options = sampler_options(spec.name, args)
+    if args.sampler is not None:
+        resolve_sampler(args.sampler)  # fail fast on an unknown name, before loading anything
     device = setup_runtime(args)
     use_ema = not args.no_ema
     pipe = UnclipPipeline(load(args.decoder, use_ema=use_ema, device=device),
                           load(args.prior, use_ema=use_ema, device=device),
                           load(args.upsampler, use_ema=use_ema, device=device) if args.upsampler else None)  # fmt: skip
+    apply_model_defaults(args, pipe.decoder)  # --sampler and --steps left unset: the decoder's
+    options = sampler_options(resolve_sampler(args.sampler)[0].name, args)
     final = pipe.upsampler or pipe.decoder
     check_output_size(args.out, "images", args.n, final.sample_shape)
     images = pipe.sample(prompt, args.n, seed=args.seed, prior_steps=args.prior_steps,
