@@ -68,15 +68,14 @@ def test_progressive_distillation_halves_the_steps_and_beats_the_teacher_there(m
     assert distilled < teacher / 2
 
 
-@pytest.fixture(scope="module")
-def edm_teacher(tmp_path_factory):
-    """An EDM MLP on moons, 500 steps (measured: heun 10 steps SW2 0.055)."""
-    out = tmp_path_factory.mktemp("edm")
-    return difflab.train(difflab.run_config(MOONS, process="edm", steps=500), out / "run", progress=False)
+@pytest.fixture
+def edm_teacher(edm_run):
+    """The session's EDM MLP on moons (tests/conftest.py: 600 steps, heun 20 steps SW2 0.025)."""
+    return edm_run
 
 
 def test_consistency_distillation_samples_in_one_step(edm_teacher, tmp_path, capsys):
-    """Measured (200 steps from the 500-step teacher, target EMA 0.5): one step SW2 0.09 (0.34 with the paper's 0.95,
+    """Measured (200 steps from a 500-step teacher, target EMA 0.5; the shared teacher has 600): one step SW2 0.09 (0.34 with the paper's 0.95,
     which needs ~800 steps here: 0.03); the teacher's one Euler step (its denoiser at sigma_max, about the data mean)
     0.43, its heun in 10 steps 0.055."""
     student = tmp_path / "cd"

@@ -79,18 +79,6 @@ def test_edm_preconditioning_matches_karras_table_1():
         torch.testing.assert_close(d(x, sig), x0)
 
 
-@pytest.fixture(scope="module")
-def edm_run(tmp_path_factory):
-    """A tiny MLP trained on moons with the EDM process, 600 steps. Measured (seeds 0, 1, 2): heun 20 steps SW2
-    0.025, 0.029, 0.029 against a threshold of 0.047; every sampler at most 0.073, 0.080, 0.077 against 0.12 with 500
-    samples (0.088, 0.095, 0.093 with the 300 the test draws). At 1000 steps 0.025, 0.022, 0.028 and 0.074, 0.075,
-    0.074; at 2000 steps no better (0.025; 0.078)."""
-    folder = tmp_path_factory.mktemp("edm")
-    argv = ["train", "--data", "moons", "--process", "edm", "--out", str(folder), "--steps", "600", "--no-progress"]
-    assert main(argv) == 0
-    return folder
-
-
 @pytest.fixture
 def runs(moons_ddpm_run, edm_run):
     """Tiny MLPs trained on moons as a discrete DDPM (the session's, v-prediction, 2000 steps: tests/conftest.py) and
