@@ -75,9 +75,9 @@ def edm_teacher(edm_run):
 
 
 def test_consistency_distillation_samples_in_one_step(edm_teacher, tmp_path, capsys):
-    """Measured (200 steps from a 500-step teacher, target EMA 0.5; the shared teacher has 600): one step SW2 0.09 (0.34 with the paper's 0.95,
-    which needs ~800 steps here: 0.03); the teacher's one Euler step (its denoiser at sigma_max, about the data mean)
-    0.43, its heun in 10 steps 0.055."""
+    """Measured (200 steps from a 500-step teacher, target EMA 0.5; the shared teacher has 600): one step SW2 0.09
+    (0.34 with the paper's 0.95, which needs ~800 steps here: 0.03); the teacher's one Euler step (its denoiser at
+    sigma_max, about the data mean) 0.43, its heun in 10 steps 0.055."""
     student = tmp_path / "cd"
     argv = ["distill", "--teacher", edm_teacher, "--method", "consistency", "--steps", 200, "--target-ema", 0.5,
             "--out", student, "--no-progress"]  # fmt: skip
