@@ -149,6 +149,7 @@ BAD_OPTIONS = {
     "points model": ("img2img", "moons", (), ["editing needs an image model"]),
     "output suffix": ("inpaint", "ddpm", ("--out", "o.jpg"), ["must end in .png"]),
     "foreign option": ("img2img", "ddpm", ("--variance", "large"), ["does not take --variance"]),
+    "sampler family": ("inpaint", "ddpm", ("--sampler", "consistency"), ["is for consistency models; a ddpm model"]),
 }  # fmt: skip
 
 

@@ -87,6 +87,7 @@ def load_for_edit(args: argparse.Namespace, default: str):
     if args.sampler is None:
         args.sampler = default if pipe.kernel.is_gaussian else "ddim"
     spec, implied_grid = resolve_sampler(args.sampler)
+    pipe.formulation.check_sampler(spec)  # a consistency model's samplers are not a diffusion model's
     args.sampler, args.grid = spec.name, args.grid or implied_grid
     options = sampler_options(args.sampler, args)
     image = read_image(args.image, data.resolution, data.channels)
