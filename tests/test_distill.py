@@ -113,6 +113,8 @@ def test_teachers_and_settings_that_cannot_work_are_refused(edm_teacher, moons_d
         distill(edm_teacher, tmp_path / "b", rounds=3, teacher_steps=12, steps=2, progress=False)
     with pytest.raises(DifflabError, match="--target-ema and --distance are settings of --method consistency"):
         distill(edm_teacher, tmp_path / "c", levels=10, steps=2, progress=False)
+    with pytest.raises(DifflabError, match="--rounds and --teacher-steps are settings of --method progressive"):
+        distill(edm_teacher, tmp_path / "e", method="consistency", rounds=2, steps=2, progress=False)
     with pytest.raises(DifflabError, match="a cd model is distilled from a teacher"):
         difflab.train(difflab.run_config(MOONS, process="cd", steps=2), tmp_path / "d", progress=False)
 

@@ -70,6 +70,8 @@ def distill(
     ckpt, config, digest = teacher_checkpoint(teacher)
     train = {"steps": steps, "batch_size": batch_size, "lr": lr}
     if method == "consistency":
+        if rounds != 1 or teacher_steps is not None:
+            raise DifflabError("--rounds and --teacher-steps are settings of --method progressive")
         student = student_config(config, ckpt, digest, {"method": method, "steps": 1, "sampler": "consistency"},
                                  consistency_formulation(config, levels, target_ema, distance), **train)  # fmt: skip
         return [train_run(student, out, device=device, progress=progress).run_dir]  # a stop signal: resume it
