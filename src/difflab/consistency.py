@@ -14,7 +14,7 @@ from torch import nn
 
 from difflab.errors import DifflabError
 from difflab.schedules import karras_ramp
-from difflab.sigmas import append_dims
+from difflab.sigmas import append_dims, eps_from_denoised
 
 
 def karras_levels(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -71,11 +71,8 @@ class ConsistencyTrainingLoss:
         out = denoiser(x0 + append_dims(sigma_next, x0.ndim) * z, sigma_next, cond)
         with torch.no_grad():
             target = denoiser(x0 + append_dims(sigma, x0.ndim) * z, sigma, cond)
-        distance = consistency_distance(out, target, self._huber_c(x0))
+        distance = consistency_distance(out, target, self.formulation.huber_c(x0[0].numel()))
         return distance / (sigma_next - sigma)
-
-    def _huber_c(self, x0: torch.Tensor) -> float | None:
-        return self.formulation.huber_c(x0[0].numel()) if self.config.distance == "pseudo_huber" else None
 
 
 def frozen(model: Any) -> Any:
@@ -87,9 +84,9 @@ def heun_step(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, sigma_ne
     """One Heun step of the PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigma to sigma_next (both (B,), > 0;
     Karras et al. 2022, Alg. 1)."""
     s, s_next = append_dims(sigma, x.ndim), append_dims(sigma_next, x.ndim)
-    d = (x - teacher(x, sigma, cond)) / s
+    d = eps_from_denoised(x, teacher(x, sigma, cond), s)
     x_euler = x + (s_next - s) * d
-    d_next = (x_euler - teacher(x_euler, sigma_next, cond)) / s_next
+    d_next = eps_from_denoised(x_euler, teacher(x_euler, sigma_next, cond), s_next)
     return x + (s_next - s) * (d + d_next) / 2
 
 
@@ -140,5 +137,4 @@ class ConsistencyDistillationLoss:
         with torch.no_grad():
             target = self.target(heun_step(self.teacher, x_next, sigma_next, sigma, cond), sigma, cond)
         out = denoiser(x_next, sigma_next, cond)
-        huber_c = self.formulation.huber_c(x0[0].numel()) if self.config.distance == "pseudo_huber" else None
-        return consistency_distance(out, target, huber_c)
+        return consistency_distance(out, target, self.formulation.huber_c(x0[0].numel()))

@@ -126,11 +126,8 @@ class Pipeline:
     def sampling_defaults(self) -> dict[str, Any]:
         """What the model samples with when nothing is asked for: a distilled student its own sampler, step count and
         grid (`RunConfig.distill`), any other model its formulation's (ddim, 50 steps; a consistency model 1 step)."""
-        distill = getattr(self.config, "distill", None)
-        if distill is not None:
-            return {"sampler": distill.sampler, "steps": distill.steps, "grid": distill.grid}
-        f = self.formulation
-        return {"sampler": f.default_sampler, "steps": f.default_steps, "grid": f.default_grid_for(f.default_sampler)}
+        distill = self.config.distill
+        return distill.sampling_defaults() if distill is not None else self.formulation.sampling_defaults()
 
     @functools.cached_property
     def data_range(self) -> X0Range | None:

@@ -29,3 +29,7 @@ class DistillConfig:
             raise DifflabError(f"unknown distillation method '{self.method}': choose {' or '.join(METHODS)}")
         if not 1 <= self.steps <= 100_000:
             raise DifflabError(f"a student's step count must lie in 1..100000, got {self.steps}")
+
+    def sampling_defaults(self) -> dict[str, object]:
+        """The student's own sampler, step count and grid (`Pipeline.sampling_defaults`)."""
+        return {"sampler": self.sampler, "steps": self.steps, "grid": self.grid}

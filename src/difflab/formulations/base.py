@@ -64,6 +64,11 @@ class Formulation:
         hyper-parameters from the data."""
         return cls.Config(**{k: v for k, v in settings.items() if v is not None})
 
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The sampler, step count and grid a model of this formulation samples with when none are asked for."""
+        return {"sampler": self.default_sampler, "steps": self.default_steps,
+                "grid": self.default_grid_for(self.default_sampler)}  # fmt: skip
+
     def extra_outputs_for(self, sample_shape: tuple[int, ...]) -> int:
         """Network outputs beyond the data's channels for samples of this shape (iDDPM's learned variance: C)."""
         return self.extra_outputs

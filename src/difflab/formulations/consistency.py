@@ -113,8 +113,11 @@ class ConsistencyModel(Formulation):
     def sigma_range(self) -> tuple[float, float]:
         return self.config.sigma_min, self.config.sigma_max
 
-    def huber_c(self, dim: int) -> float:
-        """The pseudo-Huber constant: the config's, or iCT's 0.00054 sqrt(d) for d data dimensions."""
+    def huber_c(self, dim: int) -> float | None:
+        """The pseudo-Huber constant for d data dimensions: the config's, or iCT's 0.00054 sqrt(d); None for the L2
+        distance."""
+        if self.config.distance != "pseudo_huber":
+            return None
         return self.config.huber_c if self.config.huber_c is not None else 0.00054 * math.sqrt(dim)
 
 
