@@ -17,7 +17,14 @@ import torch  # noqa: E402
 from difflab.cli.main import main
 from difflab.oracles import GaussianDenoiser, GaussianMixtureDenoiser
 
-__all__ = ["GaussianDenoiser", "GaussianMixtureDenoiser", "assert_exact_resume", "assert_one_line_error", "run_cli"]
+__all__ = [
+    "GaussianDenoiser",
+    "GaussianMixtureDenoiser",
+    "assert_exact_resume",
+    "assert_one_line_error",
+    "randomised",
+    "run_cli",
+]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -182,3 +189,13 @@ def tiny_clip_tokenizer(src, words):
     (src / "vocab.json").write_text(json.dumps(vocab))
     (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
     return transformers.CLIPTokenizer.from_pretrained(str(src), model_max_length=16), vocab
+
+
+def randomised(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` in eval mode with its zero-initialised convolutions made random (seed 0), so that its output depends on
+    every layer."""
+    torch.manual_seed(0)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d) and not module.weight.any():
+            torch.nn.init.normal_(module.weight, std=0.1)
+    return net.eval()

@@ -75,8 +75,8 @@ def test_the_txt2img_demo_writes_its_figures_and_metrics(tmp_path, capsys, monke
     for name, value in settings.items():
         monkeypatch.setattr(text_demo, name, value)
     code = main(["demo", "--task", "txt2img", "--steps", "10", "--out", str(tmp_path), "--no-progress"])
-    out = capsys.readouterr().out
-    assert code == 0
+    out, err = capsys.readouterr()
+    assert code == 0, err
     for name in ("prompts.png", "heldout.png", "guidance.png", "relations.png", "metrics.json"):
         assert (tmp_path / name).stat().st_size > 300, name
         assert str(tmp_path / name) in out, name

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, randomised, run_cli
 
 import difflab
 import difflab.data
@@ -19,20 +19,12 @@ from difflab.training.tasks import DenoiserTask
 TEXT = {"context_dim": 8, "pooled_dim": 8}
 
 
-def _randomised(net: torch.nn.Module) -> torch.nn.Module:
-    torch.manual_seed(0)
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d) and not module.weight.any():
-            torch.nn.init.normal_(module.weight, std=0.1)
-    return net.eval()
-
-
 def test_a_patched_unet_is_the_plain_unet_on_unshuffled_pixels():
     """F_p(x) = shuffle(F(unshuffle(x))) for the plain U-Net at R/p with C p^2 channels in and out, same weights."""
     patched = UNetConfig(in_channels=3, resolution=16, channels=16, channel_mult=(1, 2), num_res_blocks=1,
                          attention_resolutions=(4,), norm_groups=8, patch_size=2, **TEXT)  # fmt: skip
     plain = replace(patched, in_channels=12, out_channels=12, resolution=8, patch_size=1)
-    net_p = _randomised(UNet(patched))
+    net_p = randomised(UNet(patched))
     net_1 = UNet(plain).eval()
     net_1.load_state_dict(net_p.state_dict())
     x, c_noise = torch.randn(2, 3, 16, 16), torch.tensor([0.3, -1.0])

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from difflab import distributed
 from difflab.errors import DifflabError
 from difflab.limits import check_limits
 
@@ -76,8 +77,8 @@ def augment_low_res(cond: dict[str, torch.Tensor], noise_max: float, generator: 
     row, z = low_res + s * eps. cond["low_res"] (B, C, r, r) -> cond with low_res = z and low_res_noise = s (B,).
     Draws the B levels, then the noise, from `generator` (never the global RNG)."""
     low = cond["low_res"]
-    levels = noise_max * torch.rand(low.shape[0], generator=generator, device=low.device)
-    eps = torch.randn(low.shape, generator=generator, device=low.device, dtype=low.dtype)
+    levels = noise_max * distributed.rand(low.shape[0], generator=generator, device=low.device)
+    eps = distributed.randn(low.shape, generator=generator, device=low.device, dtype=low.dtype)
     noisy = low + levels.to(low.dtype).reshape(-1, 1, 1, 1) * eps
     return {**cond, "low_res": noisy, "low_res_noise": levels}
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from difflab import distributed
 from difflab.errors import DifflabError
 
 Cond = Mapping[str, torch.Tensor]
@@ -102,7 +103,7 @@ def drop_signals(
             out[name] = value
             continue
         if key not in drops:  # a group's members share the draw of the first one
-            drops[key] = torch.rand(value.shape[0], generator=generator, device=value.device) < p
+            drops[key] = distributed.rand(value.shape[0], generator=generator, device=value.device) < p
         out[name] = torch.where(_rows(drops[key], value), null_like(name, value), value)
     return out
 

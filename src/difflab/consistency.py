@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab import distributed
 from difflab.errors import DifflabError
 from difflab.schedules import karras_ramp
 from difflab.sigmas import append_dims, eps_from_denoised
@@ -65,9 +66,9 @@ class ConsistencyTrainingLoss:
         c = self.config
         levels = karras_levels(self.levels, c.sigma_min, c.sigma_max, c.rho).to(x0.device)
         probs = lognormal_pair_probabilities(levels, c.p_mean, c.p_std)
-        i = torch.multinomial(probs.float(), x0.shape[0], replacement=True, generator=generator)
+        i = distributed.multinomial(probs.float(), x0.shape[0], replacement=True, generator=generator)
         sigma, sigma_next = levels[i].float(), levels[i + 1].float()
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        z = distributed.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         out = denoiser(x0 + append_dims(sigma_next, x0.ndim) * z, sigma_next, cond)
         with torch.no_grad():
             target = denoiser(x0 + append_dims(sigma, x0.ndim) * z, sigma, cond)
@@ -130,9 +131,9 @@ class ConsistencyDistillationLoss:
     def __call__(self, denoiser: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None,
                  cond: Any = None) -> torch.Tensor:  # fmt: skip
         levels = self.sigmas.to(x0.device).float()
-        n = torch.randint(0, len(levels) - 1, (x0.shape[0],), generator=generator, device=x0.device)
+        n = distributed.randint(0, len(levels) - 1, (x0.shape[0],), generator=generator, device=x0.device)
         sigma, sigma_next = levels[n], levels[n + 1]
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        z = distributed.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_next = x0 + append_dims(sigma_next, x0.ndim) * z
         with torch.no_grad():
             target = self.target(heun_step(self.teacher, x_next, sigma_next, sigma, cond), sigma, cond)

@@ -87,6 +87,7 @@ def generate_batches(
     callback: StepCallback | None = None,
     progress: bool = False,
     stats: dict[str, Any] | None = None,
+    watermark: Any = None,
 ) -> Iterator[tuple[Sequence[int], torch.Tensor]]:
     """Yield (seeds of the batch, samples (B, *sample_shape) on the CPU), one batch of `batch_size` at a time; the
     next batch is drawn only when the caller asks for it. Everything is checked before the first batch.
@@ -97,7 +98,7 @@ def generate_batches(
     split into batches with the seeds. `seeds` may be a range (nothing of size N is built).
     The callback (if any) sees the steps of every batch in turn. If `stats` is a dict, stats["nfe"] holds the
     network evaluations per sample so far (summed over batches' calls / number of batches), stats["batch_nfe"] those
-    of the last batch.
+    of the last batch. A `watermark` (`difflab.watermark`, e.g. TreeRing) marks each batch's starting state.
     """
     options = dict(options or {})
     spec = sampler_for_kernel(sampler, options, kernel)
@@ -110,20 +111,52 @@ def generate_batches(
         raise DifflabError(f"cond holds {rows} rows for {len(seeds)} seeds; give one per sample")
     if batch_size < 1 or len(seeds) < 1:
         raise DifflabError(f"need at least one seed and a batch size >= 1, got {len(seeds)} and {batch_size}")
+    if watermark is not None:
+        watermark.check(tuple(sample_shape), kernel)
     return _batches(CountedDenoiser(denoiser), spec, sample_shape, sigmas, seeds, options, kernel, cond, batch_size,
-                    device, callback, progress, stats)  # fmt: skip
+                    device, callback, progress, stats, watermark)  # fmt: skip
 
 
 def _batches(counted, spec, sample_shape, sigmas, seeds, options, kernel, cond, batch_size, device, callback,
-             progress, stats) -> Iterator[tuple[Sequence[int], torch.Tensor]]:  # fmt: skip
+             progress, stats, watermark) -> Iterator[tuple[Sequence[int], torch.Tensor]]:  # fmt: skip
     starts = range(0, len(seeds), batch_size)
     for done, start in enumerate(tqdm(starts, desc=f"sample {spec.name}", disable=not progress or len(starts) < 2)):
         batch_seeds = seeds[start : start + batch_size]
         noise = PerSampleNoise(batch_seeds)
         x = noise.initial(tuple(sample_shape), float(sigmas[0]), device, kernel)
+        if watermark is not None:  # e.g. Tree-Ring's key in the Fourier transform of x_T
+            x = watermark.mark_initial_noise(x, float(sigmas[0]), kernel)
         batch_cond = slice_cond(cond, start, start + batch_size, device)
         before = counted.calls
         x = spec.fn(counted, x, sigmas.to(device), cond=batch_cond, noise=noise, callback=callback, **options)
         if stats is not None:
             stats["nfe"], stats["batch_nfe"] = counted.calls / (done + 1), counted.calls - before
         yield batch_seeds, x.cpu()
+
+
+def sample_seeds(n: int | None, seed: int, seeds: Sequence[int] | None) -> Sequence[int]:
+    """The seeds of a request: `seeds` as given, or range(seed, seed + n) (no list of n is built); all in
+    0..2**63 - 1."""
+    if seeds is not None:
+        if n is not None and n != len(seeds):
+            raise DifflabError(f"n = {n} but {len(seeds)} seeds given; pass one of them")
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise DifflabError("seeds is empty; give at least one seed")
+        check_seeds(min(seeds))
+        check_seeds(max(seeds))
+        return seeds
+    if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DifflabError(f"the number of samples must be an integer >= 1, got {n!r}")
+    check_seeds(seed, n)
+    return range(seed, seed + n)
+
+
+def no_grad_batches(batches: Iterator) -> Iterator:
+    """Run each step of a batch generator without autograd (a generator leaves `torch.no_grad` when it yields)."""
+    while True:
+        with torch.no_grad():
+            item = next(batches, None)
+        if item is None:
+            return
+        yield item

@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from difflab import distributed
 from difflab.errors import DifflabError
 from difflab.schedules import DiscreteSchedule
 from difflab.sigmas import append_dims
@@ -165,15 +166,17 @@ class ImportanceTimesteps:
     def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
         """n timesteps (n,) int64 and their weights 1 / (T p_t) (n,) float64, on `device`."""
         if not self.ready():
-            t = torch.randint(0, self.num_steps, (n,), generator=generator, device=device)
+            t = distributed.randint(0, self.num_steps, (n,), generator=generator, device=device)
             return t, torch.ones(n, dtype=torch.float64, device=device)
         p = self.probabilities()
-        t = torch.multinomial(p.to(device), n, replacement=True, generator=generator)
+        t = distributed.multinomial(p.to(device), n, replacement=True, generator=generator)
         return t, (1 / (self.num_steps * p.to(device)[t]))
 
     def record(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        """The per-sample values L_t (n,) of this step at t (n,); they replace any not yet committed."""
-        self._pending = (t.detach().cpu().numpy(), losses.detach().double().cpu().numpy())
+        """The per-sample values L_t (n,) of this step at t (n,) (of the global batch under torchrun); they replace any
+        not yet committed."""
+        t, losses = distributed.gather_rows(t.detach()), distributed.gather_rows(losses.detach())  # every rank's
+        self._pending = (t.cpu().numpy(), losses.double().cpu().numpy())
 
     def commit(self) -> None:
         """Add the recorded values to the history (the step was kept), oldest value of a full t first out."""

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from difflab import distributed
 from difflab.errors import DifflabError
 
 if TYPE_CHECKING:
@@ -66,10 +67,12 @@ def random_keep_masks(
     rectangles (the module's docstring gives the sizes). Always draws, in this order, n uniforms (full), n integers
     (one or two), 2 x 2n side lengths and 2 x 2n positions from `generator` (never the global RNG)."""
     low, high = rectangle_sides(resolution)
-    full = torch.rand(n, generator=generator, device=device) < full_share
-    two = torch.randint(0, 2, (n,), generator=generator, device=device).bool()
-    sides = torch.randint(low, high + 1, (2, n, 2), generator=generator, device=device)  # (height/width, n, rect)
-    starts = (torch.rand(2, n, 2, generator=generator, device=device) * (resolution - sides + 1)).floor().long()
+    full = distributed.rand(n, generator=generator, device=device) < full_share
+    two = distributed.randint(0, 2, (n,), generator=generator, device=device).bool()
+    # (height/width, n, rect): the samples are the middle dimension
+    sides = distributed.randint(low, high + 1, (2, n, 2), batch_dim=1, generator=generator, device=device)
+    starts = distributed.rand(2, n, 2, batch_dim=1, generator=generator, device=device)
+    starts = (starts * (resolution - sides + 1)).floor().long()
     pixels = torch.arange(resolution, device=device)
     inside = (pixels >= starts[..., None]) & (pixels < (starts + sides)[..., None])  # (2, n, 2, R)
     rects = inside[0][..., :, None] & inside[1][..., None, :]  # (n, 2, R, R)

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from difflab import distributed
 from difflab.errors import DifflabError
 from difflab.sigmas import append_dims
 
@@ -51,7 +52,7 @@ class GaussianKernel:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Draws of x - y, shape (B, *sample_shape) = `shape`; sigma a float or (B,)."""
-        n = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        n = distributed.randn(shape, generator=generator, device=device, dtype=dtype)
         return append_dims(_per_sample(sigma, shape[0], n), n.ndim) * n
 
     def log_kernel(self, sq_dist: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor:
@@ -102,8 +103,8 @@ class PoissonKernel:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Draws of x - y, shape (B, *sample_shape) = `shape`; sigma a float or (B,)."""
-        g = torch.randn(shape, generator=generator, device=device, dtype=dtype).double()  # as GaussianKernel draws
-        h = torch.randn(shape[0], self.aug_dim, generator=generator, device=device, dtype=torch.float64)
+        g = distributed.randn(shape, generator=generator, device=device, dtype=dtype).double()  # as Gaussian draws
+        h = distributed.randn(shape[0], self.aug_dim, generator=generator, device=device, dtype=torch.float64)
         g2, h2 = g.flatten(1).pow(2).sum(1), h.pow(2).sum(1)
         if self.beta_clip > 0:
             beta = (g2 / (g2 + h2)).clamp(max=1 - self.beta_clip)

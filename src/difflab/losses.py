@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from difflab import distributed
 from difflab.conditioning import as_cond, cat_cond
 from difflab.iddpm import (
     HYBRID_LAMBDA,
@@ -44,7 +45,7 @@ class DiscreteTimesteps:
     schedule: DiscreteSchedule
 
     def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-        t = torch.randint(0, self.schedule.num_steps, (n,), generator=generator, device=device)
+        t = distributed.randint(0, self.schedule.num_steps, (n,), generator=generator, device=device)
         return self.schedule.sigma_at(t)
 
 
@@ -56,7 +57,7 @@ class UniformTime:
     t_min: float = 1e-5
 
     def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-        t = self.t_min + (1 - self.t_min) * torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        t = self.t_min + (1 - self.t_min) * distributed.rand(n, generator=generator, device=device, dtype=torch.float64)
         return self.process.sigma(t).float()
 
 
@@ -68,7 +69,7 @@ class LogNormalSigma:
     p_std: float = 1.2
 
     def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-        return (self.p_mean + self.p_std * torch.randn(n, generator=generator, device=device)).exp()
+        return (self.p_mean + self.p_std * distributed.randn(n, generator=generator, device=device)).exp()
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,7 +138,7 @@ class HybridLoss:
     def terms(self, denoiser, x0: torch.Tensor, generator: torch.Generator | None = None, cond: Any = None) -> dict:
         """{"simple": (B,), "vlb": L_t in bits/dim (B,), "t": the bound's t (B,), "weight": 1 / (T p_t) (B,)}."""
         B, T = x0.shape[0], self.schedule.num_steps
-        t = torch.randint(0, T, (B,), generator=generator, device=x0.device)
+        t = distributed.randint(0, T, (B,), generator=generator, device=x0.device)
         t_vlb, weight = t, torch.ones(B, dtype=torch.float64, device=x0.device)
         if self.importance is not None:
             t_vlb, weight = self.importance.sample(B, generator, x0.device)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab import distributed
 from difflab.conditioning import slice_cond
 from difflab.kernels import PoissonKernel
 from difflab.oracles import PointSetDenoiser
@@ -63,7 +64,7 @@ def pfgm_config_for(data_dim: int, data_norm: float, **overrides: Any) -> PFGMCo
 
 
 def _unit_directions(shape: tuple[int, ...], generator, device, dtype) -> torch.Tensor:
-    g = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    g = distributed.randn(shape, generator=generator, device=device, dtype=dtype)
     return g / append_dims(g.flatten(1).norm(dim=1), g.ndim)
 
 
@@ -77,13 +78,13 @@ def perturb_augmented(
     z = |eps_z| (1 + tau)^m.
     """
     b, dev = y.shape[0], y.device
-    m = config.m_max * torch.rand(b, generator=generator, device=dev)
-    z = config.sigma_end * torch.randn(b, generator=generator, device=dev).abs()
+    m = config.m_max * distributed.rand(b, generator=generator, device=dev)
+    z = config.sigma_end * distributed.randn(b, generator=generator, device=dev).abs()
     if config.restrict_m:
-        restricted = int(0.7 * config.m_max) * torch.rand(b, generator=generator, device=dev)
+        restricted = int(0.7 * config.m_max) * distributed.rand(b, generator=generator, device=dev)
         m = torch.where(z < 0.5 * config.sigma_end, restricted, m)
     scale = (1 + config.tau) ** m
-    eps_norm = config.sigma_end * torch.randn(y.shape, generator=generator, device=dev).flatten(1).norm(dim=1)
+    eps_norm = config.sigma_end * distributed.randn(y.shape, generator=generator, device=dev).flatten(1).norm(dim=1)
     u = _unit_directions(y.shape, generator, dev, y.dtype)
     return y + append_dims(eps_norm * scale, y.ndim) * u, z * scale
 

@@ -19,16 +19,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab.backends import with_backend
 from difflab.conditioning import accepted_signals, as_cond, check_cond
 from difflab.config import RunConfig
 from difflab.errors import DifflabError
 from difflab.formulations import Formulation, make_formulation
-from difflab.generate import check_sampling_request, check_seeds, generate_batches
+from difflab.generate import check_sampling_request, generate_batches, no_grad_batches, sample_seeds
 from difflab.guidance.compose import Guidance, guide
 from difflab.guidance.thresholding import X0Range, model_x0_range, refuse_diffusers_names, resolve_thresholding
 from difflab.kernels import Kernel
 from difflab.nets import build_network
+from difflab.nets.deep_cache import with_deep_cache
 from difflab.text.conditioned import FrozenTextConfig
+from difflab.text.memo import PromptMemo
 from difflab.types import Denoiser, StepCallback
 
 # `prepare`'s keywords: what `sample` passes on to make the condition and the guided denoiser
@@ -57,6 +60,7 @@ class Pipeline:
         self.denoiser.eval()
         self.checkpoint, self.step, self.weights = checkpoint, step, weights
         self._text_encoder = None  # a frozen text encoder, loaded on the first prompt
+        self.text_memo = PromptMemo(self.frozen_text_encoder)  # its encodings of recent prompts
         if config.latent is not None and autoencoder is None:
             from difflab.autoencoder.nets import KLAutoencoder
 
@@ -116,6 +120,8 @@ class Pipeline:
             self.autoencoder.to(device)
         self.denoiser.to(device)
         return self
+
+    with_backend = with_backend  # this model on onnxruntime, int8 or torch.compile (difflab.backends)
 
     def sigmas(self, steps: int, grid: str | None = None, sampler: str | None = None) -> torch.Tensor:
         """The sampling grid: `steps` noise levels then 0, (steps + 1,). grid None: a student's own, else the
@@ -199,7 +205,7 @@ class Pipeline:
         pooled = torch.zeros(n, text.pooled_dim)
         distinct = [p for p in dict.fromkeys(prompts) if p.strip()]
         if distinct:
-            out, row = self.frozen_text_encoder().encode(distinct), {p: i for i, p in enumerate(distinct)}
+            out, row = self.text_memo.encode(distinct), {p: i for i, p in enumerate(distinct)}
             real = [i for i, p in enumerate(prompts) if p in row]
             pick = [row[prompts[i]] for i in real]
             embed[real], mask[real], pooled[real] = out.embed[pick], out.mask[pick], out.pooled[pick]
@@ -281,7 +287,8 @@ class Pipeline:
         99.5), x0_range ((lo, hi) instead of the model's), low_res (an upsampler's
         input images (n or 1, C, r, r) in [-1, 1]) and low_res_noise (its augmentation level, default 0),
         batch_size (256), progress, callback, stats (stats["nfe"]: network evaluations per sample), and the sampler's
-        own options (eta, s_churn, ...).
+        own options (eta, s_churn, ...); cache_interval (DeepCache's K); watermark (`difflab.watermark`: TreeRing(key)
+        or DwtDct(text)).
         """
         return torch.cat([x for _, x in self.sample_batches(n, **kwargs)])
 
@@ -305,7 +312,7 @@ class Pipeline:
         """`sample`, one batch at a time: yields (seeds of the batch, samples (B, *sample_shape) on the CPU); a batch
         is drawn when the caller asks for it, so each can be written before the next. Sizes (SAMPLING_LIMITS),
         seeds, sampler, options and conditioning are checked before the first batch. `settings` holds `prepare`'s
-        conditioning and guidance keywords (CONDITION_KEYWORDS: cond, guidance, prompt, ...) and sampler options."""
+        conditioning and guidance keywords (CONDITION_KEYWORDS: cond, guidance, ...), watermark and sampler options."""
         from difflab.sampling import resolve_sampler
 
         seeds = sample_seeds(n, seed, seeds)
@@ -315,6 +322,7 @@ class Pipeline:
         spec, implied_grid = resolve_sampler(sampler)
         self.formulation.check_sampler(spec)
         request = {k: settings.pop(k) for k in CONDITION_KEYWORDS if k in settings}
+        watermark, cache_interval = settings.pop("watermark", None), settings.pop("cache_interval", None)
         options = settings  # what is left: the sampler's own options, checked by generate_batches
         refuse_diffusers_names(options)
         request["cond"] = self.upsampler_cond(request.get("cond"), low_res, low_res_noise, seeds)
@@ -323,10 +331,12 @@ class Pipeline:
         batches = generate_batches(
             denoiser, self.model_shape, sigmas, seeds, sampler=spec.name, options=options, kernel=self.kernel,
             cond=cond, batch_size=batch_size, device=self.device, callback=callback, progress=progress, stats=stats,
+            watermark=watermark,
         )  # fmt: skip
+        batches = with_deep_cache(batches, self.denoiser, cache_interval, stats)  # DeepCache: --cache-interval K
         if self.autoencoder is not None:
             batches = ((batch_seeds, self.decode(x)) for batch_seeds, x in batches)
-        return _no_grad(batches)
+        return no_grad_batches(batches if watermark is None else watermark.mark_batches(batches, self.sample_shape))
 
     def inpaint(self, image: torch.Tensor, fill: torch.Tensor, n: int | None = None, **kwargs: Any) -> torch.Tensor:
         """Fill the region `fill` = 1 (1 or n, 1, R, R) of `image` (1 or n, C, R, R) with a model trained with
@@ -350,34 +360,6 @@ class Pipeline:
     def __repr__(self) -> str:
         return (f"Pipeline({self.formulation.name}, {self.config.model.backbone} '{self.config.model.preset}', "
                 f"data {self.config.data.name} {self.sample_shape}, step {self.step})")  # fmt: skip
-
-
-def sample_seeds(n: int | None, seed: int, seeds: Sequence[int] | None) -> Sequence[int]:
-    """The seeds of a request: `seeds` as given, or range(seed, seed + n) (no list of n is built); all in
-    0..2**63 - 1."""
-    if seeds is not None:
-        if n is not None and n != len(seeds):
-            raise DifflabError(f"n = {n} but {len(seeds)} seeds given; pass one of them")
-        seeds = [int(s) for s in seeds]
-        if not seeds:
-            raise DifflabError("seeds is empty; give at least one seed")
-        check_seeds(min(seeds))
-        check_seeds(max(seeds))
-        return seeds
-    if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise DifflabError(f"the number of samples must be an integer >= 1, got {n!r}")
-    check_seeds(seed, n)
-    return range(seed, seed + n)
-
-
-def _no_grad(batches: Iterator) -> Iterator:
-    """Run each step of a batch generator without autograd (a generator leaves `torch.no_grad` when it yields)."""
-    while True:
-        with torch.no_grad():
-            item = next(batches, None)
-        if item is None:
-            return
-        yield item
 
 
 def _rows(name: str, value: Any, n: int) -> torch.Tensor:

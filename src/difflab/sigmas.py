@@ -44,13 +44,15 @@ def snr(sigma: torch.Tensor) -> torch.Tensor:
 def sigma_to_t(sigma: torch.Tensor, sigma_table: torch.Tensor) -> torch.Tensor:
     """Fractional timestep t in [0, T-1] for sigma, interpolating log(sigma) in the increasing table.
 
-    sigma: any shape; sigma_table: (T,), increasing. Values outside the table are clamped to its ends.
+    sigma: any shape; sigma_table: (T,), increasing. Values outside the table are clamped to its ends. The bracketing
+    index is the count of table entries below the value (= searchsorted-left), written with a comparison and a sum so
+    that the whole denoiser exports to ONNX (`difflab.interop.onnx`); it costs a (numel, T) comparison.
     """
     log_table = sigma_table.to(sigma.device, torch.float64).log()
-    log_sigma = sigma.to(torch.float64).clamp_min(1e-30).log().clamp(log_table[0], log_table[-1])
-    hi = torch.searchsorted(log_table, log_sigma.reshape(-1)).clamp(1, len(log_table) - 1)
+    log_sigma = sigma.to(torch.float64).clamp_min(1e-30).log().clamp(log_table[0], log_table[-1]).reshape(-1)
+    hi = (log_table < log_sigma[:, None]).sum(-1).clamp(1, len(log_table) - 1)
     lo = hi - 1
-    frac = (log_sigma.reshape(-1) - log_table[lo]) / (log_table[hi] - log_table[lo])
+    frac = (log_sigma - log_table[lo]) / (log_table[hi] - log_table[lo])
     t = lo.to(torch.float64) + frac
     return t.reshape(sigma.shape).to(sigma.dtype)
 

@@ -50,10 +50,13 @@ def stopped_by_signal(result, run_dir, next_step: str) -> int | None:
 
 
 def add_sampler_arguments(
-    p: argparse.ArgumentParser, default_sampler: str | None = "ddim", default_steps: int | None = 50
+    p: argparse.ArgumentParser,
+    default_sampler: str | None = "ddim",
+    default_steps: int | None = 50,
+    deep_cache: bool = False,
 ) -> None:
-    """--sampler, --steps, --grid and every sampler option; a None default means "the model's own"
-    (`Pipeline.sampling_defaults`, filled in by `apply_model_defaults` once the model is loaded)."""
+    """--sampler, --steps, --grid, every sampler option (and DeepCache's --cache-interval); a None default means "the
+    model's own" (`Pipeline.sampling_defaults`, filled in by `apply_model_defaults` once the model is loaded)."""
     from difflab.sampling import GRID_NAMES, SAMPLERS, all_sampler_options
 
     group = p.add_argument_group("sampler", "the sampler, its grid of noise levels and its options")
@@ -68,6 +71,9 @@ def add_sampler_arguments(
                        "the levels themselves, 80,0.8 (their number sets --steps); default: log_snr for the "
                        "dpmpp/unipc solvers, else the model's (respaced for ddpm, log_snr for pfgm, trailing for "
                        "consistency models and distilled students, else karras)")  # fmt: skip
+    if deep_cache:
+        group.add_argument("--cache-interval", type=int, metavar="K", help="DeepCache (U-Nets): a full network "
+                           "evaluation every K calls, only the shallow path in between")  # fmt: skip
     for option in all_sampler_options().values():
         flag = "--" + option.name.replace("_", "-")
         if option.type is bool:
@@ -194,3 +200,44 @@ def guidance_settings(args: argparse.Namespace, pipe, n: int) -> tuple[Any, dict
         **thresholding_settings(args),
     }
     return (None if labels is None else {"class_label": labels}), kwargs
+
+
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """--backend, --onnx, --quantize, --compile: where the network runs (`difflab.backends`)."""
+    group = p.add_argument_group("backend", "where the network runs: ONNX Runtime, int8 quantisation, torch.compile")
+    group.add_argument("--backend", default="torch",
+                       help="torch, or onnxruntime (the whole denoiser exported to ONNX; difflab[onnx])")  # fmt: skip
+    group.add_argument("--onnx", metavar="FILE",
+                       help="with --backend onnxruntime: the file from `difflab export --format onnx`, checked to be "
+                       "this model (default: the model is exported to a temporary file first)")  # fmt: skip
+    group.add_argument("--quantize", metavar="int8",
+                       help="int8 dynamic quantisation of the linear layers (torch: CPU only; onnxruntime: "
+                       "MatMul/Gemm)")  # fmt: skip
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the network (torch backend; the first batch compiles: tens of "
+                       "seconds)")  # fmt: skip
+
+
+def backend_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """`Pipeline.with_backend`'s keywords from the flags (plain torch when a command has none of them)."""
+    return {"backend": getattr(args, "backend", "torch"), "onnx": getattr(args, "onnx", None),
+            "quantize": getattr(args, "quantize", None), "compile": getattr(args, "compile", False)}  # fmt: skip
+
+
+def backend_metadata(pipe) -> dict[str, Any]:
+    """What a generated file records of the backend (backend, quantize, compile); nothing for plain torch."""
+    from difflab.backends import backend_of
+
+    return backend_of(pipe).metadata()
+
+
+def load_pipeline(args: argparse.Namespace, device):
+    """`difflab.load(--ckpt)` (EMA weights unless --no-ema) on `device`, on the backend the flags ask for; the
+    backend flags are checked before the model is loaded."""
+    from difflab.backends import check_backend
+    from difflab.pipeline import load
+
+    settings = backend_settings(args)
+    check_backend(device=device, **settings)
+    pipe = load(args.ckpt, use_ema=not args.no_ema, device=device)
+    return pipe.with_backend(**settings)

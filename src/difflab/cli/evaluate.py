@@ -27,9 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="reference data (default: the checkpoint's training data; digits: test split)")
     p.add_argument("--resolution", type=int, help="with --images: image size (default: digits 8, folders 32)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="with --images: 1 = grey, 3 = RGB")
-    add_sampler_arguments(p)
+    add_sampler_arguments(p, deep_cache=True)
     add_guidance_arguments(p)
-    p.add_argument("--n", type=int, help="number of samples (default 10,000; with --prompts use --n-per-prompt)")
+    p.add_argument(
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=int,
+        help="number of samples (default 10,000; with --prompts use --n-per-prompt)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i")
     p.add_argument("--sweep", help="nfe=5,10,20,50: evaluate at each number of network evaluations")
     p.add_argument("--inception-weights", help="FID InceptionV3 weights (.safetensors or pt_inception-...pth)")
@@ -147,11 +153,26 @@ def _images_source(args: argparse.Namespace):
     return images, args.data, (channels, resolution, resolution)
 
 
-def _generate(pipe, args: argparse.Namespace, steps: int, guided: tuple[Any, dict[str, Any]]):
+def _generate(pipe, args: argparse.Namespace, steps: int, guided: tuple[Any, dict[str, Any]], world):
+    """The n samples to score, on rank 0 (None on the others): under torchrun each rank draws its batches of the
+    seeds (`shard_seeds`) and rank 0 gathers them in seed order, the samples one process would draw."""
+    import torch
+
+    from difflab.cli.sample import shard_seeds
+
     cond, guidance = guided
-    return pipe.sample(args.n, seed=args.seed, sampler=args.sampler, steps=steps, grid=args.grid, cond=cond,
-                       batch_size=args.batch_size, progress=True, **guidance,
-                       **sampler_options(args.sampler, args))  # fmt: skip
+    seeds = shard_seeds(args.seed, args.n, args.batch_size, world)
+    rows = None if cond is None else {k: v[[s - args.seed for s in seeds]] for k, v in cond.items()}
+    samples = pipe.sample(seeds=seeds, sampler=args.sampler, steps=steps, grid=args.grid, cond=rows,
+                          batch_size=args.batch_size, progress=world.is_main, cache_interval=args.cache_interval,
+                          **guidance, **sampler_options(args.sampler, args)) if seeds else None  # fmt: skip
+    if not world.distributed:
+        return samples
+    shares = world.gather_to_main((seeds, samples))
+    if shares is None:
+        return None
+    order = torch.tensor([s for share_seeds, _ in shares for s in share_seeds]).argsort()
+    return torch.cat([x for _, x in shares if x is not None])[order]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         check_sampling_request(args.n, args.steps, args.batch_size, args.seed)
     if args.out is not None:
         check_output_dir(args.out, "--out")
+    from difflab.distributed import join
     from difflab.eval.evaluate import score_samples
     from difflab.eval.extractors import make_extractor
     from difflab.eval.reference import reference_statistics
@@ -184,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
     spec, implied_grid = resolve_sampler(args.sampler)
     args.sampler, args.grid = spec.name, args.grid or implied_grid
     device = setup_runtime(args)
+    world, device = join(device)  # under torchrun: every rank draws its share of the samples, rank 0 scores them
     settings: dict[str, Any] = {"seed": args.seed}
     if args.images is not None:
         images, data_name, shape = _images_source(args)
@@ -204,8 +227,11 @@ def run(args: argparse.Namespace) -> int:
                                                    "classifier_scale") if getattr(args, k) is not None}  # fmt: skip
         settings |= thresholding_metadata(model, args)
     channels = shape[0] if kind == "images" else 1
-    extractor = make_extractor(kind, data_name, channels, args.inception_weights, str(device))
-    reference = reference_statistics(data_name, shape, extractor, split="test")
+    if args.images is not None and world.distributed:
+        raise DifflabError("scoring a folder (--images) runs in one process; run it without torchrun")
+    if world.is_main:
+        extractor = make_extractor(kind, data_name, channels, args.inception_weights, str(device))
+        reference = reference_statistics(data_name, shape, extractor, split="test")
     rows = []
     if args.images is not None:
         rows.append(score_samples(images, reference, extractor, data_name=data_name))
@@ -215,8 +241,12 @@ def run(args: argparse.Namespace) -> int:
             raise DifflabError(f"sampler '{args.sampler}' is adaptive; --sweep nfe=... needs a fixed-step sampler")
         step_counts = [spec.steps_for_nfe(n, options) for n in parse_sweep(args.sweep)] if args.sweep else [args.steps]
         for steps in step_counts:
-            row = score_samples(_generate(model, args, steps, guided), reference, extractor, data_name=data_name)
-            rows.append({"nfe": spec.nfe(steps, options) if spec.cost else "adaptive", "steps": steps, **row})
+            samples = _generate(model, args, steps, guided, world)
+            if samples is not None:  # rank 0 scores what every rank drew
+                row = score_samples(samples, reference, extractor, data_name=data_name)
+                rows.append({"nfe": spec.nfe(steps, options) if spec.cost else "adaptive", "steps": steps, **row})
+    if not world.is_main:
+        return 0
     default_out = (model.checkpoint.parent.parent / "eval") if args.ckpt else Path("eval")
     written = write_report({"settings": settings, "rows": rows}, Path(args.out) if args.out else default_out)
     print("wrote " + ", ".join(str(p) for p in written))

@@ -52,10 +52,14 @@ COMMANDS = {
                "difflab encode --autoencoder runs/ae a.png b.png --out latents.npy"),
     "decode": ("difflab.cli.autoencoder:decode", "decode latents (.npy) to images with an autoencoder",
                "difflab decode --autoencoder runs/ae latents.npy --out decoded.png"),
+    "export": ("difflab.cli.export", "export a model: its whole denoiser to ONNX (int8 optional), or to diffusers",
+               "difflab export --ckpt runs/digits --format onnx --out digits.onnx"),
     "info": ("difflab.cli.info", "show what a run folder, a checkpoint or a generated PNG holds",
              "difflab info runs/digits"),
     "samplers": ("difflab.cli.samplers", "list the samplers, their options and the names other tools use",
                  "difflab samplers"),
+    "watermark": ("difflab.cli.watermark:detect", "detect a Tree-Ring (with the model) or DWT-DCT watermark in images",
+                  "difflab watermark detect out/*.png --ckpt runs/digits --key 7"),
 }  # fmt: skip
 
 

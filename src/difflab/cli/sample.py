@@ -8,13 +8,23 @@ from pathlib import Path
 from typing import Any
 
 from difflab.cli.common import (
+    add_backend_arguments,
     add_guidance_arguments,
     add_runtime_arguments,
     add_sampler_arguments,
     apply_model_defaults,
+    backend_metadata,
     guidance_settings,
+    load_pipeline,
     sampler_options,
     setup_runtime,
+)
+from difflab.cli.watermark import (
+    add_watermark_arguments,
+    check_watermark_args,
+    recorded_watermark,
+    watermark_metadata,
+    watermark_settings,
 )
 from difflab.errors import DifflabError
 
@@ -27,12 +37,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--from-png", metavar="FILE",
                     help="reproduce the image FILE holds (a PNG from --out-dir or a one-sample --out), bit for bit "
                     "on the same platform; writes it to --out")  # fmt: skip
-    io.add_argument("--n", type=int, default=64, help="number of samples")
+    io.add_argument(
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=int,
+        default=64,
+        help="number of samples (under torchrun, spell it --num-samples: torchrun takes --n for its own)",
+    )
     io.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i")
     io.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
     io.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    add_sampler_arguments(p, default_sampler=None, default_steps=None)
+    add_sampler_arguments(p, default_sampler=None, default_steps=None, deep_cache=True)
     add_guidance_arguments(p)
+    add_watermark_arguments(p)
+    add_backend_arguments(p)
     add_runtime_arguments(p)
 
 
@@ -49,6 +68,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.from_png is None:
         check_sampling_request(args.n, args.steps, args.batch_size, args.seed)
     check_percentile(getattr(args, "dynamic_threshold", None))
+    check_watermark_args(args)
     if getattr(args, "x0_range", None) is not None:
         check_range(args.x0_range)
     if args.out is not None:
@@ -67,25 +87,49 @@ def run(args: argparse.Namespace) -> int:
     if args.sampler is not None:
         resolve_sampler(args.sampler)  # fail fast on an unknown name, before loading anything
     device = setup_runtime(args)
-    from difflab.pipeline import load
-
-    pipe = load(args.ckpt, use_ema=not args.no_ema, device=device)
+    world, device = join_for_sampling(args, device)
+    pipe = load_pipeline(args, device)
     apply_model_defaults(args, pipe)
     options = sampler_options(resolve_sampler(args.sampler)[0].name, args)
     check_output_size(args.out, pipe.config.data.kind, args.n, pipe.sample_shape)
     cond, guidance = guidance_settings(args, pipe, args.n)
-    settings = {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "batch_size": args.batch_size}
+    settings = {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "batch_size": args.batch_size,
+                "cache_interval": args.cache_interval}  # fmt: skip
     stats: dict[str, Any] = {}
     text = {"prompt": getattr(args, "prompt", None), "negative_prompt": getattr(args, "negative", None)}
-    batches = pipe.sample_batches(args.n, seed=args.seed, cond=cond, progress=True, stats=stats, **settings,
-                                  **guidance, **text, **options)  # fmt: skip
+    seeds = shard_seeds(args.seed, args.n, args.batch_size, world)  # all of them in one process
+    rows = None if cond is None else {k: v[[s - args.seed for s in seeds]] for k, v in cond.items()}
+    batches = pipe.sample_batches(seeds=seeds, cond=rows, progress=world.is_main, stats=stats, **settings, **guidance,
+                                  **text, **options, **watermark_settings(args)) if seeds else iter(())  # fmt: skip
     meta = generation_metadata(pipe, args, options) | {"device": str(device)}
     with SampleWriter(pipe.config.data.kind, meta, args.n, out=args.out, out_dir=args.out_dir) as writer:
         for seeds, samples in batches:
             writer.add(seeds, samples, _per_sample(args, seeds, cond, stats["batch_nfe"]))
-        written = writer.finish({"nfe": stats["nfe"]})
-    print(f"wrote {args.n} samples to {written} ({stats['nfe']:g} network evaluations per sample)")
+        written = writer.finish({"nfe": stats.get("nfe", 0)})
+        written = f"{args.out_dir}/" if world.distributed else written
+    world.barrier()  # every rank's PNGs are written when rank 0 reports
+    if world.is_main:
+        print(f"wrote {args.n} samples to {written} ({stats.get('nfe', 0):g} network evaluations per sample)"
+              + (f" with {world.size} processes" if world.distributed else ""))  # fmt: skip
     return 0
+
+
+def join_for_sampling(args: argparse.Namespace, device):
+    """Under torchrun: join the group (each rank draws its share of the batches into --out-dir); elsewhere a world of
+    one. A single --out file is one process's."""
+    from difflab.distributed import join, launched_by_torchrun
+
+    if launched_by_torchrun() and args.out is not None:
+        raise DifflabError("under torchrun, write one PNG per sample with --out-dir (each process writes its own); "
+                           "--out FILE is for one process")  # fmt: skip
+    return join(device)
+
+
+def shard_seeds(seed: int, n: int, batch_size: int, world) -> list[int]:
+    """This rank's seeds: the batches of range(seed, seed + n) dealt round-robin, whole, so every sample is drawn in
+    the batch a single process draws it in (batched matmuls round by batch size: the same pixels)."""
+    starts = range(seed, seed + n, batch_size)
+    return [s for start in world.shard(starts) for s in range(start, min(start + batch_size, seed + n))]
 
 
 def _per_sample(args: argparse.Namespace, seeds, cond, nfe: float) -> list[dict[str, Any]]:
@@ -105,10 +149,11 @@ def generation_metadata(pipe, args: argparse.Namespace, options: dict[str, Any])
             "use_ema": not args.no_ema, "train_step": pipe.step, "model_hash": pipe.weights_hash(),
             "size": f"{shape[-1]}x{shape[-2]}" if len(shape) == 3 else None}  # fmt: skip
     meta |= {k: getattr(args, k) for k in ("guidance", "guidance_interval", "classifier", "classifier_scale", "clip",
-                                           "clip_prompt", "clip_scale")}  # fmt: skip
+                                           "clip_prompt", "clip_scale", "cache_interval")}  # fmt: skip
     meta |= {"negative_class": args.negative_class, "class": args.label}
     meta |= {"prompt": getattr(args, "prompt", None), "negative_prompt": getattr(args, "negative", None)}
-    return meta | thresholding_metadata(pipe, args)
+    meta |= backend_metadata(pipe)
+    return meta | thresholding_metadata(pipe, args) | watermark_metadata(args, pipe)
 
 
 def thresholding_metadata(pipe, args: argparse.Namespace) -> dict[str, Any]:
@@ -154,7 +199,8 @@ def reproduce(args: argparse.Namespace) -> int:
         classifier_scale=meta.get("classifier_scale"), batch_size=meta.get("batch_size", len(seeds)),
         prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), clip=meta.get("clip"),
         clip_prompt=meta.get("clip_prompt"), clip_scale=meta.get("clip_scale"), **recorded_thresholding(meta),
-        **meta.get("options", {}),
+        cache_interval=meta.get("cache_interval"),
+        **meta.get("options", {}), **recorded_watermark(meta),
     )  # fmt: skip
     return write_reproduction(args, meta, seeds, samples, pipe.config.data.kind)
 

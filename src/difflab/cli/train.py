@@ -106,13 +106,15 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
     opt.add_argument(
         "--minutes", type=float, help="wall-clock budget; stops at whichever of --steps/--minutes is first"
     )
-    opt.add_argument("--batch-size", type=int, help="default 256 for points, 128 for images (pfgm: 1024 charges)")
+    opt.add_argument("--batch-size", type=int, help="default 256 for points, 128 for images (pfgm: 1024 charges); "
+                     "under torchrun the global batch, split over the processes")  # fmt: skip
     opt.add_argument("--lr", type=float, help="default 1e-3 for points, 5e-4 for images")
     opt.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
     opt.add_argument("--ema-decay", type=float, default=0.999)
     opt.add_argument("--min-snr-gamma", type=float, help="min-SNR-gamma loss weighting (e.g. 5)")
     opt.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--compile", action="store_true", help="run the network through torch.compile (slow start)")
     runs = p.add_argument_group("checkpoints and monitoring")
     runs.add_argument("--checkpoint-every", type=int, default=1000)
     runs.add_argument("--resume", choices=("latest",), help="continue the run in --out from its latest intact "
@@ -144,13 +146,14 @@ def config_from_args(args: argparse.Namespace, data):
 def train(args: argparse.Namespace):
     from difflab.errors import DifflabError
     from difflab.training.checkpoint import check_run_folder, latest_checkpoint
-    from difflab.training.run import train_run
+    from difflab.training.run import continues_after_restart, train_run
 
     device = setup_runtime(args)
-    if args.resume:
+    compile = getattr(args, "compile", False)
+    if args.resume or continues_after_restart(args.out):  # (torchrun restarted the group: the same command goes on)
         check_resume_flags(args)
         return train_run(None, args.out, device=device, resume=True, steps=args.steps, minutes=args.minutes,
-                         progress=not args.no_progress)  # fmt: skip
+                         progress=not args.no_progress, compile=compile)  # fmt: skip
     if args.data is None:
         raise DifflabError("give the data to train on: --data moons (a toy), digits or a folder of images")
     check_run_folder(args.out)  # before loading data
@@ -165,7 +168,7 @@ def train(args: argparse.Namespace):
         resolution = load_clip(args.clip).config.resolution
     data = load_dataset(args.data, resolution=resolution, channels=args.channels)
     config = config_from_args(args, data)
-    return train_run(config, args.out, data=data, device=device, progress=not args.no_progress)
+    return train_run(config, args.out, data=data, device=device, progress=not args.no_progress, compile=compile)
 
 
 # Flags that make another model or data set: --resume refuses them when they differ from the run's saved config.
@@ -284,6 +287,10 @@ def run(args: argparse.Namespace) -> int:
 
     with one_line_warnings("train"):  # a caption cut by a frozen text encoder
         result = train(args)
+    from difflab.distributed import current_world
+
+    if not current_world().is_main:  # under torchrun rank 0 reports
+        return 0
     resume = f"continue with: difflab train --out {result.run_dir} --resume latest"
     code = stopped_by_signal(result, result.run_dir, resume)
     if code is None:

@@ -68,6 +68,8 @@ def check_cascade_flags(args: argparse.Namespace) -> None:
         raise DifflabError("--upsampler-steps and --low-res-noise set the upsampler of a cascade: give --upsampler RUN")
     if args.upsampler_steps is not None and args.upsampler_steps < 1:
         raise DifflabError(f"--upsampler-steps must be a positive integer, got {args.upsampler_steps}")
+    if args.watermark is not None and (args.upsampler is not None or args.pipeline == "unclip"):
+        raise DifflabError("--watermark marks one model's samples; drop it with --upsampler or --pipeline unclip")
 
 
 def run_cascade(args: argparse.Namespace) -> int:
@@ -83,6 +85,8 @@ def run_cascade(args: argparse.Namespace) -> int:
     sample._check_args(args)
     if args.sampler is not None:
         resolve_sampler(args.sampler)  # fail fast on an unknown name, before loading anything
+    if getattr(args, "cache_interval", None) is not None:
+        raise DifflabError("--cache-interval is for one model; a cascade (--upsampler) runs without it")
     device = setup_runtime(args)
     base = load(args.ckpt, use_ema=not args.no_ema, device=device)
     upsampler = load(args.upsampler, use_ema=not args.no_ema, device=device)

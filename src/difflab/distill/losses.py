@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab import distributed
 from difflab.consistency import frozen
 from difflab.errors import DifflabError
 from difflab.sigmas import append_dims
@@ -39,9 +40,9 @@ class ProgressiveDistillationLoss:
     def __call__(self, denoiser: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None,
                  cond: Any = None) -> torch.Tensor:  # fmt: skip
         grid = self.grid.to(x0.device)
-        i = torch.randint(0, self.steps, (x0.shape[0],), generator=generator, device=x0.device)
+        i = distributed.randint(0, self.steps, (x0.shape[0],), generator=generator, device=x0.device)
         sigma, sigma_mid, sigma_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
-        x = x0 + append_dims(sigma, x0.ndim) * torch.randn(x0.shape, generator=generator, device=x0.device)
+        x = x0 + append_dims(sigma, x0.ndim) * distributed.randn(x0.shape, generator=generator, device=x0.device)
         with torch.no_grad():
             x_two = ddim_step(self.teacher, ddim_step(self.teacher, x, sigma, sigma_mid, cond), sigma_mid, sigma_next,
                               cond)  # fmt: skip

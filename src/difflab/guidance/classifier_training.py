@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab import distributed
 from difflab.config import TrainConfig
 from difflab.errors import DifflabError
 from difflab.guidance.classifier import ClassifierConfig, build_classifier, classifier_checkpoint
@@ -63,8 +64,8 @@ class ClassifierTask:
         """Cross-entropy of p(y | x0 + sigma n, sigma) (Dhariwal & Nichol 2021, Sec. 4): x0 (B, *shape), labels
         cond["class_label"] (B,) -> (B,); ln sigma ~ U[ln sigma_min, ln sigma_max]."""
         lo, hi = math.log(self.classifier.sigma_min), math.log(self.classifier.sigma_max)
-        sigma = (lo + (hi - lo) * torch.rand(len(x0), generator=generator, device=x0.device)).exp()
-        x = x0 + append_dims(sigma, x0.ndim) * torch.randn(x0.shape, generator=generator, device=x0.device)
+        sigma = (lo + (hi - lo) * distributed.rand(len(x0), generator=generator, device=x0.device)).exp()
+        x = x0 + append_dims(sigma, x0.ndim) * distributed.randn(x0.shape, generator=generator, device=x0.device)
         return F.cross_entropy(self.module(x, sigma), cond["class_label"], reduction="none")
 
     def check_resume(self, ckpt: Path) -> None:

@@ -6,7 +6,13 @@
     load_autoencoder(folder)     a diffusers AutoencoderKL as difflab's Autoencoder (encode/decode scaled latents)
     scheduler_sigmas(sched, ...) a diffusers scheduler's timesteps as a difflab sampling grid
 
-Importing this package does not import diffusers; each function does, and a missing extra is a one-line DifflabError.
+ONNX (`pip install 'difflab[onnx]'`):
+
+    export_onnx(run, out.onnx)   the whole denoiser D(x, sigma[, cond]) as an ONNX file (quantize="int8" optional)
+    load_onnx_denoiser(pipe, f)  that file, checked to be the pipeline's model, as an onnxruntime-backed Denoiser
+
+Importing this package does not import diffusers or onnx; each function does, and a missing extra is a one-line
+DifflabError.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ _MODULES = {
     "diffusers_export": ("export_diffusers", "export_refusal"),
     "diffusers_schedule": ("scheduler_sigmas", "SchedulerSpec", "DiffusersDDPM"),
     "diffusers_models": ("DiffusersUNet", "DiffusersDiT", "DiffusersAutoencoder", "DiffusersTextEncoder"),
+    "onnx_export": ("export_onnx", "quantize_onnx"),
+    "onnx_runtime": ("OnnxDenoiser", "load_onnx_denoiser"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 

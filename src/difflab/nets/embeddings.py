@@ -24,6 +24,13 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
     return nn.functional.pad(emb, (0, dim % 2))
 
 
+def input_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a linear layer takes: its weight's, or float32 for a dynamically quantised (int8) Linear, whose
+    `weight` is a method (`difflab.backends`)."""
+    weight = layer.weight
+    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+
+
 class NoiseEmbedding(nn.Module):
     """Sinusoidal features of the noise input c_noise passed through a two-layer MLP: (B,) -> (B, out_dim)."""
 
@@ -33,7 +40,7 @@ class NoiseEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(base_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(c_noise, self.base_dim).to(self.mlp[0].weight.dtype))
+        return self.mlp(sinusoidal_embedding(c_noise, self.base_dim).to(input_dtype(self.mlp[0])))
 
 
 class LabelEmbedding(nn.Module):
@@ -65,7 +72,7 @@ class PooledEmbedding(nn.Module):
         self.proj = nn.Linear(pooled_dim, dim)
 
     def forward(self, pooled: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        dtype = self.proj.weight.dtype
+        dtype = input_dtype(self.proj)
         if pooled is None:
             pooled = torch.zeros(batch, self.pooled_dim, dtype=dtype, device=device)
         if pooled.shape != (batch, self.pooled_dim) or not pooled.is_floating_point():

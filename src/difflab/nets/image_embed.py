@@ -9,6 +9,7 @@ from torch import nn
 
 from difflab.errors import DifflabError
 from difflab.nets.attention import TextContext
+from difflab.nets.embeddings import input_dtype
 
 
 class ImageEmbedConditioning(nn.Module):
@@ -22,7 +23,7 @@ class ImageEmbedConditioning(nn.Module):
         self.token_norm = nn.LayerNorm(context_dim)
 
     def forward(self, cond, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self.to_emb.weight.dtype
+        dtype = input_dtype(self.to_emb)
         z = (cond or {}).get("image_embed")
         if z is None:
             z = torch.zeros(batch, self.embed_dim, dtype=dtype, device=device)

@@ -18,7 +18,7 @@ from torch import nn
 from difflab.conditioning import as_cond, check_cond
 from difflab.errors import DifflabError
 from difflab.nets.attention import text_context, zero_init
-from difflab.nets.embeddings import NoiseEmbedding
+from difflab.nets.embeddings import NoiseEmbedding, input_dtype
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class DiffusionPrior(nn.Module):
         b, cfg = x.shape[0], self.config
         if x.ndim != 2 or x.shape[1] != cfg.embed_dim:
             raise DifflabError(f"the prior takes embeddings of shape (B, {cfg.embed_dim}), got {tuple(x.shape)}")
-        dtype = self.x_proj.weight.dtype
+        dtype = input_dtype(self.x_proj)
         tokens, keep = [], []
         if self.text_proj is not None:
             context = text_context(cond, cfg.context_dim, b)

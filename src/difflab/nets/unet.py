@@ -173,6 +173,7 @@ class UNet(nn.Module):
                 res *= 2
         out_channels = (cfg.out_channels or cfg.in_channels) * p * p
         self.out = nn.Sequential(group_norm(g, c), nn.SiLU(), zero_init(nn.Conv2d(c, out_channels, 3, padding=1)))
+        self.feature_cache = None  # DeepCache while sampling (`difflab.nets.deep_cache`)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Any = None) -> torch.Tensor:
         cond = as_cond(cond)
@@ -187,16 +188,25 @@ class UNet(nn.Module):
         h = with_low_res(x, cond, self.config.low_res_channels)
         h = with_inpainting(h, cond, self.config.inpaint_channels, x.shape)
         h = self.conv_in(nn.functional.pixel_unshuffle(h, self.config.patch_size))
+        cache, last = self.feature_cache, len(self.up) - 1
+        shallow = cache is not None and cache.reusable(c_noise, x.shape)  # DeepCache: the first and last level only
         hs = [h]
-        for i, lvl in enumerate(self.down):
+        for i, lvl in enumerate(self.down[:1] if shallow else self.down):
             for block, attn in zip(lvl.blocks, lvl.attn, strict=True):
                 h = attend(attn, block(h, emb), ctx)
                 hs.append(h)
-            if i < len(self.downsample):
+            if i < len(self.downsample) and not shallow:
                 h = self.downsample[i](h)
                 hs.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb), ctx), emb)
+        if not shallow:
+            h = self.mid2(self.mid_attn(self.mid1(h, emb), ctx), emb)
         for i, lvl in enumerate(self.up):
+            if shallow and i < last:
+                continue
+            if i == last and shallow:  # the deep features entering the last level: the kept ones, or kept
+                h = cache.features
+            elif i == last and cache is not None:
+                cache.keep(h)
             for block, attn in zip(lvl.blocks, lvl.attn, strict=True):
                 h = attend(attn, block(torch.cat([h, hs.pop()], dim=1), emb), ctx)
             if i < len(self.upsample):

@@ -94,9 +94,10 @@ class ScratchTextEncoder(nn.Module):
                 f"{tokens.dtype} {tuple(tokens.shape)}; encode prompts with the run's tokenizer"
             )
         mask = tokens != PAD_ID
-        # An all-padding row keeps position 0 as a key so that its attention softmax is defined.
-        attend = mask.clone()
-        attend[:, 0] |= ~mask.any(dim=1)
+        # An all-padding row keeps position 0 as a key so that its attention softmax is defined (written without an
+        # in-place update so that the encoder exports to ONNX).
+        first = torch.arange(tokens.shape[1], device=tokens.device) == 0
+        attend = mask | (first & ~mask.any(dim=1, keepdim=True))
         h = self.token_embedding(tokens) + self.position_embedding[: tokens.shape[1]]
         for layer in self.layers:
             h = layer(h, src_key_padding_mask=~attend)

@@ -3,6 +3,7 @@ trains it (or continues it) and returns the run folder. The CLI's `difflab train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -12,9 +13,10 @@ from typing import Any
 
 import torch
 
-from difflab.cascade import UpsamplerConfig, check_upsample_from, downsample
+from difflab import distributed
+from difflab.cascade import UpsamplerConfig, check_upsample_from
 from difflab.config import DataConfig, RunConfig, SignalConfig, TrainConfig
-from difflab.data import Dataset, load_dataset
+from difflab.data import Dataset
 from difflab.errors import DifflabError
 from difflab.formulations import DataInfo, formulation_class, make_config, make_formulation
 from difflab.inpaint_model import InpaintingConfig
@@ -25,6 +27,7 @@ from difflab.training.checkpoint import check_run_folder, latest_checkpoint, loa
 from difflab.training.hooks import add_hooks
 from difflab.training.init_from import finetune_config, initial_weights
 from difflab.training.lock import run_lock
+from difflab.training.signals import load_training_data, training_signals  # noqa: F401  (also imported from here)
 from difflab.training.tasks import DenoiserTask
 from difflab.training.threads import oversubscription_warning
 from difflab.training.trainer import Trainer, TrainResult, read_log
@@ -249,38 +252,6 @@ def _inpainting_config(data: Dataset, inpainting: bool) -> InpaintingConfig | No
     return InpaintingConfig()
 
 
-def training_signals(config: RunConfig, data: Dataset) -> dict[str, torch.Tensor] | None:
-    """The conditioning signals of every training example: class labels, caption tokens for a scratch text model or a
-    frozen encoder's text_embed (N, L, D) float16 (L = the longest caption's tokens), text_mask and text_pooled (N, P)
-    for a frozen one, and for an upsampler the images' area averages at its low-res size (augmented per step by the
-    task)."""
-    signals = {"class_label": data.labels} if data.labels is not None else {}
-    text = config.model.text
-    if text is not None:
-        if not data.captions:
-            raise DifflabError(f"this model is conditioned on text but '{data.name}' has no captions")
-        signals |= _caption_signals(text, list(data.captions))
-    if config.upsampler is not None:
-        signals["low_res"] = downsample(data.data, config.upsampler.low_res)
-    return signals or None
-
-
-def _caption_signals(text: TextConfig | FrozenTextConfig, captions: list[str]) -> dict[str, torch.Tensor]:
-    """The captions as the network's text signals: tokens, or a frozen encoder's cached embeddings (float16 tokens:
-    half the memory; the network casts them to its own dtype)."""
-    if isinstance(text, TextConfig):
-        return {"text_tokens": text.tokenizer().encode(captions)}
-    from difflab.text import encode_cached
-
-    encoding = encode_cached(text.load_encoder(), captions, trim=True, dtype=torch.float16)
-    return {"text_embed": encoding.embed, "text_mask": encoding.mask, "text_pooled": encoding.pooled}
-
-
-def load_training_data(config: RunConfig) -> Dataset:
-    """The data set a config names (built-in name or folder), at its resolution and channels."""
-    return load_dataset(config.data.name, resolution=config.data.resolution, channels=config.data.channels)
-
-
 @dataclass
 class TrainOutcome(TrainResult):
     warning: str | None = None  # a time-budgeted run that stopped far short of what its data needs
@@ -296,14 +267,17 @@ def train(
     steps: int | None = None,
     minutes: float | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> Path:
     """Train `config` into the run folder `out` (default runs/<data>-<process>) and return the folder.
 
     With `resume`, continue the run in `out` from its latest checkpoint (the config is read from there; `steps` /
     `minutes` replace its budget). The global RNG is seeded with the config's seed (dropout) and restored exactly on
-    resume. Writes config.json, train_log.jsonl, loss.png and checkpoints/step_N/."""
+    resume. Writes config.json, train_log.jsonl, loss.png and checkpoints/step_N/. `compile` runs the network
+    through torch.compile. Under torchrun, every rank calls this and trains its shard of each batch
+    (`difflab.distributed`); a group that torchrun restarts after a failure continues from the latest checkpoint."""
     return train_run(config, out, data=data, device=device, resume=resume, steps=steps, minutes=minutes,
-                     progress=progress).run_dir  # fmt: skip
+                     progress=progress, compile=compile).run_dir  # fmt: skip
 
 
 def train_run(
@@ -316,15 +290,19 @@ def train_run(
     steps: int | None = None,
     minutes: float | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> TrainOutcome:
     """`train`, returning the outcome (steps done, what stopped it, skipped steps, a short-run warning). Holds
-    RUN/.lock throughout: a second process training into the same folder is refused."""
+    RUN/.lock throughout (rank 0 of a torchrun group): a second process training into the same folder is refused."""
+    world, device = distributed.join(torch.device(device))
     out = _run_folder(config, out)
     check_run_folder(out)
+    resume = resume or continues_after_restart(out)
     if resume and latest_checkpoint(out) is None:  # before the lock, which would create the folder
         raise DifflabError(f"--resume latest: '{out}' holds no checkpoint; start the run without --resume")
-    with run_lock(out):
-        ckpt, config = _resumed(out, steps, minutes) if resume else (None, _new_run_config(config, out))
+    with run_lock(out) if world.is_main else contextlib.nullcontext():
+        start = (lambda: _resumed(out, steps, minutes)) if resume else (lambda: (None, _new_run_config(config, out)))
+        ckpt, config = world.from_main(start)  # every rank continues from the checkpoint rank 0 chose
         data = data if data is not None else load_training_data(config)
         autoencoder = None
         if config.latent is not None:  # the latents of the images, from the run's own copy once it has one
@@ -335,20 +313,21 @@ def train_run(
             from difflab.unclip.link import unclip_training_data
 
             data, signals = unclip_training_data(config.unclip, data)
-        torch.manual_seed(config.train.seed)  # global RNG (dropout); the trainer saves and restores its state
+        torch.manual_seed(config.train.seed + world.rank)  # global RNG (dropout); saved and restored per rank
         task = DenoiserTask(config, autoencoder)
         if ckpt is None and config.train.init_from is not None:
             initial_weights(task.module, config.train.init_from)
         cond_data = (training_signals(config, data) or {}) | (signals or {})
-        trainer = Trainer(task, data.data, out, torch.device(device), cond_data=cond_data or None)
+        trainer = Trainer(task, data.data, out, device, cond_data=cond_data or None, world=world, compile=compile)
         if ckpt is not None:
             trainer.resume(ckpt)
         warning = oversubscription_warning()  # once the settings are known to be valid: errors stay one line
-        if warning:
+        if warning and world.is_main:
             print(f"difflab train: {warning}", file=sys.stderr)
-        add_hooks(trainer, config, out)
+        if world.is_main:
+            add_hooks(trainer, config, out)
         result = trainer.run(progress=progress)
-    if result.stopped_by != "signal":  # pre-empted: exit promptly, the curve can be drawn from the log later
+    if result.stopped_by != "signal" and world.is_main:  # pre-empted: exit promptly (the curve can be drawn later)
         _save_loss_curve(out)
     outcome = TrainOutcome(result.run_dir, result.step, result.skipped_steps, result.stopped_by, result.signal)
     need = USEFUL_STEPS[config.data.kind]
@@ -358,6 +337,12 @@ def train_run(
             "well (the machine may be busy); expect poor samples, or train a fixed number with --steps"
         )
     return outcome
+
+
+def continues_after_restart(out: str | Path) -> bool:
+    """Whether torchrun (--max-restarts) has restarted this group after a failure and `out` holds a checkpoint to
+    continue from: then the same command resumes instead of refusing the existing run."""
+    return distributed.restart_count() > 0 and latest_checkpoint(out) is not None
 
 
 def _run_folder(config: RunConfig | None, out: str | Path | None) -> Path:

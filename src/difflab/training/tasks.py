@@ -3,6 +3,8 @@ every checkpoint) and its per-sample loss. A formulation's denoiser and a noise-
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ class DenoiserTask:
         # the signals the trainer hands over: a group (a frozen encoder's caption, "text") is its members
         self.signals = tuple(m for s in config.conditioning for m in SIGNAL_GROUPS.get(s.name, (s.name,)))
         self.dropout = {s.name: s.dropout for s in config.conditioning}
+        self.training_network: torch.nn.Module | None = None  # the module the loss runs (DDP, compiled), if not F
 
     def to(self, device: torch.device) -> None:
         self.denoiser.to(device)
@@ -60,7 +63,8 @@ class DenoiserTask:
             cond = augment_low_res(cond, self.config.upsampler.noise_max, generator)
         if self.config.inpainting is not None:
             cond = training_inputs(x0, cond, self.config.inpainting, generator)
-        return self.loss_fn(self.denoiser, x0, generator, cond)
+        with network_replaced(self.denoiser, self.module, self.training_network):
+            return self.loss_fn(self.denoiser, x0, generator, cond)
 
     # A loss with its own training state (consistency training's schedule of N, iDDPM's loss history per t) has
     # begin_step / end_step / state_tensors / load_state_tensors; the trainer reaches them through the task.
@@ -89,3 +93,18 @@ class DenoiserTask:
         if same != (config.model, config.formulation, config.conditioning, config.upsampler, config.inpainting,
                     config.latent, config.unclip, config.distill):  # fmt: skip
             raise DifflabError(f"'{ckpt}' was trained with another model or formulation config; use a new --out")
+
+
+@contextlib.contextmanager
+def network_replaced(root: torch.nn.Module, net: torch.nn.Module, replacement: torch.nn.Module | None) -> Iterator:
+    """Within: the submodule `net` of `root` is `replacement` (DistributedDataParallel or torch.compile around it), so
+    that the loss's forward passes go through it; outside, `root` holds `net` itself (EMA, targets, checkpoints)."""
+    if replacement is None:
+        yield
+        return
+    owner, name = next((m, n) for m in root.modules() for n, child in m.named_children() if child is net)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, net)

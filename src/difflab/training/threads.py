@@ -29,9 +29,10 @@ def physical_cores() -> int:
 
 
 def default_threads() -> int:
-    """$DIFFLAB_THREADS if set (the test suite sets 1), else the physical cores this process may use."""
+    """$DIFFLAB_THREADS if set (the test suite sets 1), else the physical cores this process may use, shared by the
+    processes torchrun started on this machine (LOCAL_WORLD_SIZE)."""
     value = os.environ.get("DIFFLAB_THREADS")
-    return int(value) if value else physical_cores()
+    return int(value) if value else max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def set_threads(n: int | None) -> int:

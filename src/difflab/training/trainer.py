@@ -1,7 +1,12 @@
 """The training loop (Ho et al. 2020, Algorithm 1): AdamW with warm-up, EMA, clipping, mixed precision,
 non-finite loss and gradient guard, JSONL log, atomic checkpoints, exact resume, one writer per run folder (RUN/.lock)
 and a checkpoint on SIGTERM, SIGHUP or Ctrl-C before stopping. What is trained is a task
-(`difflab.training.tasks`): a formulation's denoiser, or a noise-aware classifier; the loop is the same."""
+(`difflab.training.tasks`): a formulation's denoiser, or a noise-aware classifier; the loop is the same.
+
+Under torchrun (`difflab.distributed`) the loop is data-parallel with DistributedDataParallel: every rank draws the
+global batch's indices and noise from the same generators and keeps its own rows (`distributed.sharded_draws`), the
+gradients are averaged, a non-finite loss on any rank or a stop signal to any rank is one all-reduced flag that every
+rank obeys, and only rank 0 writes the log and the checkpoints; the checkpoint holds every rank's global RNG."""
 
 from __future__ import annotations
 
@@ -18,12 +23,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from difflab import distributed
 from difflab.atomic import write_text_atomic
 from difflab.conditioning import drop_signals
 from difflab.errors import DifflabError
 from difflab.training.checkpoint import (
     check_run_folder,
-    latest_checkpoint,
     load_tensors,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -77,12 +82,18 @@ class Trainer:
         run_dir: Path,
         device: torch.device,
         cond_data: dict[str, torch.Tensor] | None = None,
+        world: distributed.World | None = None,
+        compile: bool = False,
     ):
         self.task, self.config, self.run_dir, self.device = task, task.config, Path(run_dir), device
         self.train_config = tc = task.config.train
         if tc.steps is None and tc.minutes is None:
             raise DifflabError("give a training budget: --steps N or --minutes M")
         _autocast(device, tc.mixed_precision)  # validate early
+        self.world = world or distributed.World()
+        if tc.batch_size % self.world.size:
+            raise DifflabError(f"the batch size {tc.batch_size} (the global batch) does not split over "
+                               f"{self.world.size} processes; pass a multiple of {self.world.size}")  # fmt: skip
         check_run_folder(self.run_dir)  # new, empty or a difflab run: never a user's own folder
         self.data = data
         missing = [name for name in task.signals if name not in (cond_data or {})]
@@ -94,6 +105,8 @@ class Trainer:
         self.cond_data = {name: cond_data[name] for name in task.signals} if task.signals else None
         task.to(device)
         self.module = task.module
+        if self.world.distributed or compile:
+            task.training_network = distributed.training_network(self.module, device, self.world, compile)
         params = self.module.parameters()
         self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
@@ -107,18 +120,27 @@ class Trainer:
         self.extra_state: dict = {}  # JSON-able figures saved with the next checkpoint (e.g. test accuracy)
         self.hooks: list = []  # callables hook(trainer) run after every step (previews, TensorBoard)
         self.stop_signal: str | None = None  # set by a stop signal during run(): stop after the current step
+        self.saved_step: int | None = None  # the step of the checkpoint last saved or resumed from
 
     # ---- state -----------------------------------------------------------------------------------------
     def _rng_tensors(self) -> dict[str, torch.Tensor]:
+        """The generators' states; the global RNG (dropout) of every rank (rank r's under "rng.torch_cpu.r")."""
         rng = {"rng.data": self.data_gen.get_state(), "rng.noise": self.noise_gen.get_state()}
-        rng["rng.torch_cpu"] = torch.get_rng_state()
+        global_states = self.world.gather(torch.get_rng_state())
+        rng["rng.torch_cpu"] = global_states[0]
+        rng |= {f"rng.torch_cpu.{r}": s for r, s in enumerate(global_states) if r > 0}
         if self.device.type == "cuda":
             rng["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0; every rank takes part, handing over its RNG state)."""
+        rng = self._rng_tensors()
+        self.saved_step = self.step
+        if not self.world.is_main:
+            return None
         opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer.state_dict())
-        state_tensors = {f"optimizer.{k}": v for k, v in opt_tensors.items()} | self._rng_tensors()
+        state_tensors = {f"optimizer.{k}": v for k, v in opt_tensors.items()} | rng
         meta = {
             "step": self.step,
             "skipped_steps": self.skipped,
@@ -141,10 +163,7 @@ class Trainer:
         """Continue from `ckpt`, by default the latest intact checkpoint in run_dir (a corrupt newer one is set
         aside with a warning on stderr): model, EMA, optimizer, step, every RNG."""
         if ckpt is None:
-            with run_lock(self.run_dir):
-                ckpt, warning = resume_checkpoint(self.run_dir)
-            if warning:
-                print(f"difflab: warning: {warning}", file=sys.stderr)
+            ckpt = self.world.from_main(self._latest_intact)
         if ckpt is None:
             raise DifflabError(f"--resume latest: no checkpoint in '{self.run_dir}'; start without --resume")
         self.task.check_resume(ckpt)
@@ -161,15 +180,23 @@ class Trainer:
             self.scaler.load_state_dict(meta["grad_scaler"])
         self.data_gen.set_state(state["rng.data"])
         self.noise_gen.set_state(state["rng.noise"])
-        torch.set_rng_state(state["rng.torch_cpu"])
+        torch.set_rng_state(state.get(f"rng.torch_cpu.{self.world.rank}", state["rng.torch_cpu"]))
         if self.device.type == "cuda" and "rng.torch_cuda" in state:
             torch.cuda.set_rng_state(state["rng.torch_cuda"], self.device)
         self.step, self.skipped, self.elapsed = meta["step"], meta["skipped_steps"], meta["elapsed_s"]
+        self.saved_step = self.step
         task_state = self.task.state_tensors() if hasattr(self.task, "state_tensors") else {}
         if task_state:  # a task's own training state (a target network, a loss history)
             path = ckpt / f"{TASK_STATE}.safetensors"
             check_header(path, task_state)
             self.task.load_state_tensors(load_tensors(path))
+
+    def _latest_intact(self) -> Path | None:
+        with run_lock(self.run_dir):
+            ckpt, warning = resume_checkpoint(self.run_dir)
+        if warning:
+            print(f"difflab: warning: {warning}", file=sys.stderr)
+        return ckpt
 
     # ---- one step --------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -182,24 +209,32 @@ class Trainer:
         gradient norm: weights, optimizer state and EMA are left as they were)."""
         tc = self.train_config
         idx = torch.randint(0, len(self.data), (tc.batch_size,), generator=self.data_gen)
+        rows = tc.batch_size // self.world.size
+        idx = idx[self.world.rank * rows : (self.world.rank + 1) * rows]  # this rank's shard of the global batch
         x0 = self.data[idx].to(self.device, non_blocking=True)
-        cond = None
-        if self.cond_data is not None:
-            cond = {k: v[idx].to(self.device) for k, v in self.cond_data.items()}
-            cond = drop_signals(cond, self.task.dropout, self.noise_gen)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         if hasattr(self.task, "begin_step"):  # a task whose loss changes with the step (consistency training's N)
             self.task.begin_step(self.step)
-        with _autocast(self.device, tc.mixed_precision):
-            loss = self.task.loss(x0, cond, self.noise_gen).mean()
-        if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss.item()
+        with distributed.sharded_draws(self.world):
+            cond = None
+            if self.cond_data is not None:
+                cond = {k: v[idx].to(self.device) for k, v in self.cond_data.items()}
+                cond = drop_signals(cond, self.task.dropout, self.noise_gen)
+            with _autocast(self.device, tc.mixed_precision):
+                loss = self.task.loss(x0, cond, self.noise_gen).mean()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        nonfinite = not torch.isfinite(loss).item()
+        if self.world.distributed:  # every rank runs backward: DDP averages the gradients there, once per forward
+            self.scaler.scale(loss).backward()
+            (nonfinite,) = self.world.any(nonfinite)  # a non-finite loss on any rank skips the step on all
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return math.nan
+        if not self.world.distributed:
+            self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), tc.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), tc.grad_clip)  # (averaged: the same on all)
         if not self.scaler.is_enabled() and not torch.isfinite(norm):  # (fp16's scaler skips such steps itself)
             self.optimizer.zero_grad(set_to_none=True)
             return math.nan
@@ -212,8 +247,15 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def _log(self, log, window: list[float]) -> float:
-        """Append one JSONL record: the mean loss of the steps since the last record; returns it."""
-        record = {"step": self.step, "loss": sum(window) / len(window), "lr": self.lr_at(self.step - 1)}
+        """Append one JSONL record (rank 0): the mean loss of the steps since the last record, over every rank's
+        shard; returns it."""
+        record = {
+            "step": self.step,
+            "loss": self.world.mean(sum(window) / len(window)),
+            "lr": self.lr_at(self.step - 1),
+        }
+        if log is None:
+            return record["loss"]
         record |= {"elapsed_s": round(self.elapsed, 2), "skipped_steps": self.skipped}
         record |= getattr(self.task, "log_values", {})  # a task's own figures of its last step (loss parts)
         log.write(json.dumps(record) + "\n")
@@ -223,18 +265,21 @@ class Trainer:
     def run(self, progress: bool = True) -> TrainResult:
         """Train to the budget holding RUN/.lock. SIGTERM, SIGHUP and SIGINT (in the main thread) stop the run after
         the current step with a checkpoint of that step: stopped_by "signal", the signal's name in `signal`."""
-        with run_lock(self.run_dir), self._stop_signals_caught():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            recover_checkpoints(self.run_dir)
-            write_text_atomic(self.run_dir / "config.json", self.config.to_json())
-            truncate_log(self.run_dir, self.step)
+        main = self.world.is_main  # the one writer of a data-parallel group
+        with run_lock(self.run_dir) if main else contextlib.nullcontext(), self._stop_signals_caught():
+            if main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                recover_checkpoints(self.run_dir)
+                write_text_atomic(self.run_dir / "config.json", self.config.to_json())
+                truncate_log(self.run_dir, self.step)
             tc = self.train_config
-            bar = tqdm(total=tc.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+            bar = tqdm(total=tc.steps, initial=self.step, disable=not (progress and main), desc="train",
+                       dynamic_ncols=True)  # fmt: skip
             self.module.train()
-            with open(self.run_dir / LOG_FILE, "a") as log:
+            with open(self.run_dir / LOG_FILE, "a") if main else contextlib.nullcontext() as log:
                 stopped_by = self._loop(log, bar)
             bar.close()
-            if latest_checkpoint(self.run_dir) != self.run_dir / "checkpoints" / f"step_{self.step:08d}":
+            if self.saved_step != self.step:
                 self.save()
         stop_signal = self.stop_signal if stopped_by == "signal" else None  # (one during the final save is moot)
         return TrainResult(self.run_dir, self.step, self.skipped, stopped_by, stop_signal)
@@ -247,8 +292,10 @@ class Trainer:
         in_a_row, window, stopped_by = 0, [], "steps"
         while total is None or self.step < total:
             self.elapsed = start_elapsed + time.monotonic() - start
-            if self.stop_signal is not None or self.elapsed >= budget_s:
-                stopped_by = "signal" if self.stop_signal is not None else "minutes"
+            signalled, over_budget = self.world.any(self.stop_signal is not None, self.elapsed >= budget_s)
+            if signalled or over_budget:  # (a signal to any rank stops every rank)
+                stopped_by = "signal" if signalled else "minutes"
+                self.stop_signal = self.stop_signal or ("SIGTERM" if signalled else None)
                 break
             loss = self.train_step()
             if not math.isfinite(loss):
@@ -269,7 +316,7 @@ class Trainer:
                 window = []
             if self.step % tc.checkpoint_every == 0:
                 self.save()
-            for hook in self.hooks:
+            for hook in self.hooks if self.world.is_main else ():  # previews, TensorBoard: rank 0's
                 hook(self)
         if window:  # the budget or a signal ended between log lines: record the partial window
             self._log(log, window)

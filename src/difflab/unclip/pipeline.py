@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from difflab.errors import DifflabError
-from difflab.pipeline import Pipeline, sample_seeds
+from difflab.generate import sample_seeds
+from difflab.pipeline import Pipeline
 from difflab.unclip.link import image_embeddings, linked_clip
 
 DEFAULT_PRIOR_STEPS = 64  # DALL-E 2 samples its prior with 64 strided steps
