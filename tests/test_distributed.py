@@ -93,10 +93,26 @@ def test_a_killed_rank_recovers_and_resumes_exactly(two_rank_run, tmp_path):
     assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)  # every rank resumed exactly
 
 
-@pytest.mark.slow
-def test_sharded_sampling_writes_the_pixels_of_one_process(tmp_path):
-    run = tmp_path / "digits"
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("digits") / "run"
     assert main(["train", "--data", "digits", "--conditional", "--steps", "3", "--out", str(run), "--no-progress"]) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_sharded_eval_scores_the_samples_of_one_process(digits_run, tmp_path):
+    evaluate = ["eval", "--ckpt", str(digits_run), "--num-samples", "30", "--batch-size", "8", "--steps", "3"]
+    assert main([*evaluate, "--out", str(tmp_path / "one")]) == 0
+    output = finished(torchrun(*evaluate, "--out", str(tmp_path / "two")))
+    assert output.count("NFE    3: FID") == 1  # rank 0 scores and reports
+    one, two = (json.loads((tmp_path / name / "eval.json").read_text())["rows"][0] for name in ("one", "two"))
+    assert one == two and one["fid"] > 0
+
+
+@pytest.mark.slow
+def test_sharded_sampling_writes_the_pixels_of_one_process(digits_run, tmp_path):
+    run = digits_run
     sample = ["sample", "--ckpt", str(run), "--num-samples", "7", "--batch-size", "2", "--steps", "3", "--class", "all"]
     assert main([*sample, "--out-dir", str(tmp_path / "one")]) == 0
     output = finished(torchrun(*sample, "--out-dir", str(tmp_path / "two")))
@@ -156,3 +172,18 @@ def test_a_single_out_file_under_torchrun_is_refused(tmp_path, monkeypatch, caps
         monkeypatch.setenv(name, value)
     code, _, err = run_cli(capsys, "sample", "--ckpt", tmp_path, "--out", tmp_path / "a.png")
     assert_one_line_error(code, err, "under torchrun, write one PNG per sample with --out-dir")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train-classifier", "--data", "moons", "--out", "x"],
+        ["nll", "--ckpt", "x"],
+        ["txt2img", "a red circle", "--ckpt", "x", "--upsampler", "y", "--out-dir", "z"],
+    ],
+)
+def test_commands_of_one_process_are_refused_under_torchrun(argv, monkeypatch, capsys):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, "this runs in one process; launch it without torchrun")

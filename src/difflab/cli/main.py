@@ -61,6 +61,8 @@ COMMANDS = {
     "watermark": ("difflab.cli.watermark:detect", "detect a Tree-Ring (with the model) or DWT-DCT watermark in images",
                   "difflab watermark detect out/*.png --ckpt runs/digits --key 7"),
 }  # fmt: skip
+# Commands that run data-parallel under torchrun (difflab.distributed); the others run in one process.
+DATA_PARALLEL = ("train", "train-prior", "train-decoder", "sample", "txt2img", "eval")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from difflab.errors import DifflabError
 
     try:
+        check_launcher(args)
         return args.func(args)
     except DifflabError as err:
         print(f"difflab {args.command}: error: {err}", file=sys.stderr)
@@ -115,6 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C outside the training loop (loading, writing outputs) or a second one, which saves nothing more.
         print(f"difflab {args.command}: interrupted; nothing more was saved", file=sys.stderr)
         return 130
+
+
+def check_launcher(args: argparse.Namespace) -> None:
+    """Under torchrun, a command that does not split its work over the processes is refused (each would do all of
+    it, into the same place); so are a text-to-image cascade and unCLIP's pipeline."""
+    from difflab.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return
+    cascade = getattr(args, "upsampler", None) is not None or getattr(args, "pipeline", "") == "unclip"
+    if args.command not in DATA_PARALLEL or cascade:
+        from difflab.errors import DifflabError
+
+        raise DifflabError(f"this runs in one process; launch it without torchrun (under torchrun: "
+                           f"{', '.join(DATA_PARALLEL)}, one model at a time)")  # fmt: skip
 
 
 if __name__ == "__main__":
