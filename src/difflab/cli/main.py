@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 def check_launcher(args: argparse.Namespace) -> None:
     """Under torchrun, a command that does not split its work over the processes is refused (each would do all of
     it, into the same place); so are a text-to-image cascade and unCLIP's pipeline."""
+    import os
+
+    if "WORLD_SIZE" not in os.environ:  # (not under torchrun: torch stays unimported for --help and `samplers`)
+        return
     from difflab.distributed import launched_by_torchrun
 
     if not launched_by_torchrun():
