@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 
 from difflab import distributed
 from difflab.cli.main import main
-from difflab.cli.sample import shard_seeds
 from difflab.distributed import World
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -116,7 +115,7 @@ def test_sharded_sampling_writes_the_pixels_of_one_process(digits_run, tmp_path)
     sample = ["sample", "--ckpt", str(run), "--num-samples", "7", "--batch-size", "2", "--steps", "3", "--class", "all"]
     assert main([*sample, "--out-dir", str(tmp_path / "one")]) == 0
     output = finished(torchrun(*sample, "--out-dir", str(tmp_path / "two")))
-    assert output.count("wrote 7 samples") == 1  # rank 0 reports
+    assert output.count("wrote 7 samples") == 1 and "(4 drawn by rank 0)" in output  # batches 0 and 2 of 4
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 7
     for name in names:
@@ -149,7 +148,7 @@ def test_draws_outside_a_shard_are_torchs():
 
 @pytest.mark.parametrize(("n", "batch", "size"), [(7, 2, 2), (10, 3, 3), (1, 4, 2), (9, 9, 2)])
 def test_seed_shards_are_whole_batches_that_cover_every_seed_once(n, batch, size):
-    shards = [shard_seeds(100, n, batch, World(rank, size)) for rank in range(size)]
+    shards = [World(rank, size).seed_share(100, n, batch) for rank in range(size)]
     assert sorted(s for shard in shards for s in shard) == list(range(100, 100 + n))
     batches = [list(range(s, min(s + batch, 100 + n))) for s in range(100, 100 + n, batch)]
     for rank, shard in enumerate(shards):

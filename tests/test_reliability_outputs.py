@@ -38,8 +38,6 @@ def pipes(tmp_path_factory):
 @pytest.fixture
 def model(pipes, monkeypatch):
     """`model("images")` makes `difflab.pipeline.load` return that pipeline and records each load."""
-    import difflab.cli.demo  # noqa: F401  (imported before the fake: its module-level `load` must stay the real one)
-
     loads = []
 
     def choose(kind):

@@ -128,6 +128,11 @@ def slice_cond(cond: Cond | None, start: int, stop: int, device: torch.device | 
     return {k: (v[start:stop] if device is None else v[start:stop].to(device)) for k, v in cond.items()}
 
 
+def take_cond(cond: Cond | None, rows: Sequence[int]) -> Cond | None:
+    """The given rows of every signal, in that order."""
+    return None if cond is None else {k: v[list(rows)] for k, v in cond.items()}
+
+
 def move_cond(cond: Any, device: torch.device | str) -> dict[str, torch.Tensor] | None:
     """Every signal of a cond (any form `as_cond` takes) on `device`."""
     cond = as_cond(cond)

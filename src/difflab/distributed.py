@@ -102,6 +102,12 @@ class World:
         """The items this rank takes when `items` (e.g. a sampler's batches) are dealt round-robin."""
         return list(items[self.rank :: self.size])
 
+    def seed_share(self, seed: int, n: int, batch_size: int) -> list[int]:
+        """This rank's seeds of range(seed, seed + n): the batches dealt round-robin whole, so every sample is drawn in
+        the batch one process draws it in (batched matmuls round by batch size: the same pixels)."""
+        starts = range(seed, seed + n, batch_size)
+        return [s for start in self.shard(starts) for s in range(start, min(start + batch_size, seed + n))]
+
 
 def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))

@@ -20,7 +20,7 @@ from difflab.errors import DifflabError
 from difflab.eval.quality import digits_quality, toy_quality
 from difflab.generate import generate
 from difflab.outputs import check_output_dir, upscale_for
-from difflab.pipeline import Pipeline, load
+from difflab.pipeline import Pipeline
 from difflab.sampling import PerSampleNoise, sample_ddpm
 from difflab.sigmas import vp_input_scale
 from difflab.training.run import run_config, train_run
@@ -107,6 +107,13 @@ def run(args: argparse.Namespace) -> int:
     return runner(args, data)
 
 
+def load_trained(run_dir: Path, device) -> Pipeline:
+    """The demo's trained model, through `difflab.pipeline.load` as it is when called (as every command loads)."""
+    from difflab import pipeline
+
+    return pipeline.load(run_dir, device=device)
+
+
 def train_demo(args: argparse.Namespace, data: str, dataset: Dataset | None = None, **settings) -> tuple[Path, int]:
     """Train a tiny model into a fresh `out/run` with the demo's seed, steps (or minutes) and device; returns
     (run folder, steps trained) and says so when a time budget stopped it far short of what the data needs. A stop
@@ -130,7 +137,7 @@ def run_ddpm(args: argparse.Namespace, data: str) -> int:
     print(f"training a tiny U-Net on the 8x8 digits for {_budget(args)} ...")
     run_dir, train_steps = train_demo(args, data, batch_size=128, lr=1e-3)
     device = setup_runtime(args)
-    model = load(run_dir, device=device)
+    model = load_trained(run_dir, device=device)
     written = [run_dir / "loss.png"]
     metrics = {"train_steps": train_steps, "train_minutes": args.minutes, "samplers": {}}
     seeds = list(range(args.seed, args.seed + N_METRIC_SAMPLES))
@@ -160,7 +167,7 @@ def run_pfgm(args: argparse.Namespace, data: str) -> int:
     print(f"training a tiny PFGM (an MLP field network) on the {data} toy for {_budget(args)} ...")
     run_dir, train_steps = train_demo(args, data, process="pfgm")
     device = setup_runtime(args)
-    model = load(run_dir, device=device)
+    model = load_trained(run_dir, device=device)
     charges = load_dataset(data).data[:CHARGES]  # the training points
     lines = field_lines(charges, LINES, FAR, seed=args.seed)
     written = [run_dir / "loss.png"] if (run_dir / "loss.png").exists() else []  # none if stopped before a log entry
@@ -214,7 +221,7 @@ def run_txt2img(args: argparse.Namespace) -> int:
     run_dir, train_steps = train_demo(args, "shapes", shapes, process="edm", text_encoder="scratch",
                                       caption_dropout=0.2, batch_size=TXT2IMG_BATCH, lr=TXT2IMG_LR)  # fmt: skip
     minutes = (time.monotonic() - start) / 60
-    model = load(run_dir, device=setup_runtime(args))
+    model = load_trained(run_dir, device=setup_runtime(args))
     metrics, written = write_txt2img_demo(model, out, seed=args.seed)
     metrics = {"task": "txt2img", "data": "shapes", "resolution": 16, "process": "edm", "text_encoder": "scratch",
                "train_steps": train_steps, "train_minutes": round(minutes, 3), "train_budget_minutes": args.minutes,

@@ -155,14 +155,13 @@ def _images_source(args: argparse.Namespace):
 
 def _generate(pipe, args: argparse.Namespace, steps: int, guided: tuple[Any, dict[str, Any]], world):
     """The n samples to score, on rank 0 (None on the others): under torchrun each rank draws its batches of the
-    seeds (`shard_seeds`) and rank 0 gathers them in seed order, the samples one process would draw."""
+    seeds (`seed_share`) and rank 0 gathers them in seed order, the samples one process would draw."""
     import torch
 
-    from difflab.cli.sample import shard_seeds
+    from difflab.cli.sample import seed_share
 
     cond, guidance = guided
-    seeds = shard_seeds(args.seed, args.n, args.batch_size, world)
-    rows = None if cond is None else {k: v[[s - args.seed for s in seeds]] for k, v in cond.items()}
+    seeds, rows = seed_share(args, cond, world)
     samples = pipe.sample(seeds=seeds, sampler=args.sampler, steps=steps, grid=args.grid, cond=rows,
                           batch_size=args.batch_size, progress=world.is_main, cache_interval=args.cache_interval,
                           **guidance, **sampler_options(args.sampler, args)) if seeds else None  # fmt: skip

@@ -97,10 +97,9 @@ def run(args: argparse.Namespace) -> int:
                 "cache_interval": args.cache_interval}  # fmt: skip
     stats: dict[str, Any] = {}
     text = {"prompt": getattr(args, "prompt", None), "negative_prompt": getattr(args, "negative", None)}
-    seeds = shard_seeds(args.seed, args.n, args.batch_size, world)  # all of them in one process
-    rows = None if cond is None else {k: v[[s - args.seed for s in seeds]] for k, v in cond.items()}
-    batches = pipe.sample_batches(seeds=seeds, cond=rows, progress=world.is_main, stats=stats, **settings, **guidance,
-                                  **text, **options, **watermark_settings(args)) if seeds else iter(())  # fmt: skip
+    share, rows = seed_share(args, cond, world)  # all of them in one process
+    batches = pipe.sample_batches(seeds=share, cond=rows, progress=world.is_main, stats=stats, **settings, **guidance,
+                                  **text, **options, **watermark_settings(args)) if share else iter(())  # fmt: skip
     meta = generation_metadata(pipe, args, options) | {"device": str(device)}
     with SampleWriter(pipe.config.data.kind, meta, args.n, out=args.out, out_dir=args.out_dir) as writer:
         for seeds, samples in batches:
@@ -109,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
         written = f"{args.out_dir}/" if world.distributed else written
     world.barrier()  # every rank's PNGs are written when rank 0 reports
     if world.is_main:
-        print(f"wrote {args.n} samples to {written} ({stats.get('nfe', 0):g} network evaluations per sample)"
-              + (f" with {world.size} processes" if world.distributed else ""))  # fmt: skip
+        shared = f" with {world.size} processes ({len(share)} drawn by rank 0)" if world.distributed else ""
+        print(f"wrote {args.n} samples to {written} ({stats.get('nfe', 0):g} network evaluations per sample){shared}")
     return 0
 
 
@@ -125,11 +124,13 @@ def join_for_sampling(args: argparse.Namespace, device):
     return join(device)
 
 
-def shard_seeds(seed: int, n: int, batch_size: int, world) -> list[int]:
-    """This rank's seeds: the batches of range(seed, seed + n) dealt round-robin, whole, so every sample is drawn in
-    the batch a single process draws it in (batched matmuls round by batch size: the same pixels)."""
-    starts = range(seed, seed + n, batch_size)
-    return [s for start in world.shard(starts) for s in range(start, min(start + batch_size, seed + n))]
+def seed_share(args: argparse.Namespace, cond, world) -> tuple[list[int], Any]:
+    """(this process's seeds of --seed/--n in whole batches of --batch-size (`World.seed_share`), their rows of the
+    condition of all n samples)."""
+    from difflab.conditioning import take_cond
+
+    seeds = world.seed_share(args.seed, args.n, args.batch_size)
+    return seeds, take_cond(cond, [s - args.seed for s in seeds])
 
 
 def _per_sample(args: argparse.Namespace, seeds, cond, nfe: float) -> list[dict[str, Any]]:
