@@ -186,3 +186,13 @@ def test_commands_of_one_process_are_refused_under_torchrun(argv, monkeypatch, c
         monkeypatch.setenv(name, value)
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, "this runs in one process; launch it without torchrun")
+
+
+def test_a_command_leaves_the_process_group_when_it_ends(tmp_path, capsys):
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert main(["samplers"]) == 0
+        assert not torch.distributed.is_initialized()  # gloo's threads stopped before the interpreter exits
+    finally:
+        distributed.leave()

@@ -146,6 +146,14 @@ def join(device: torch.device) -> tuple[World, torch.device]:
     return current_world(), device
 
 
+def leave() -> None:
+    """Leave the process group at the end of a command. Exiting with the group still up let a rank's interpreter
+    shutdown race gloo's threads (seen in CI: a rank that had finished aborted, "terminate called without an active
+    exception", and torchrun failed the run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _attempt_store(rank: int, size: int) -> dist.Store:
     """torchrun's key-value store (MASTER_ADDR:MASTER_PORT; the agent's, or rank 0's outside torchrun's agent), its
     keys under this attempt's prefix: a group restarted after a failure (--max-restarts) must not read the addresses

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C outside the training loop (loading, writing outputs) or a second one, which saves nothing more.
         print(f"difflab {args.command}: interrupted; nothing more was saved", file=sys.stderr)
         return 130
+    finally:
+        if "difflab.distributed" in sys.modules:  # (imported only by the commands that may run under torchrun)
+            sys.modules["difflab.distributed"].leave()
 
 
 def check_launcher(args: argparse.Namespace) -> None:
