@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev,tensorboard,text,diffusers,watermark,onnx]"
+	$(BIN)/pip install -e ".[dev,tensorboard,text,diffusers,watermark,onnx,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -54,6 +54,8 @@ COMMANDS = {
                "difflab decode --autoencoder runs/ae latents.npy --out decoded.png"),
     "export": ("difflab.cli.export", "export a model: its whole denoiser to ONNX (int8 optional), or to diffusers",
                "difflab export --ckpt runs/digits --format onnx --out digits.onnx"),
+    "serve": ("difflab.cli.serve", "serve the models in a folder: a web page, an HTTP API and AUTOMATIC1111's API",
+              "difflab serve --models runs --port 7860"),
     "info": ("difflab.cli.info", "show what a run folder, a checkpoint or a generated PNG holds",
              "difflab info runs/digits"),
     "samplers": ("difflab.cli.samplers", "list the samplers, their options and the names other tools use",

@@ -1,0 +1,294 @@
+"""The server's work: jobs in a bounded queue, drawn by one worker thread. Compatible jobs (equal `batch_key`: same
+model, sampler, steps, size, guidance) waiting together are drawn in one denoiser call per step, each sample with
+its own seed (`PerSampleNoise`: the images a job gets do not depend on who it was batched with, up to float rounding).
+Every step publishes the predicted x0 of each job as a PNG preview to the job's subscribers; a cancelled job leaves
+its batch (the batch stops when no job is left in it)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.errors import DifflabError
+from difflab.serve.requests import Generation, Limits
+
+log = logging.getLogger("difflab.serve")
+FINISHED = ("done", "cancelled", "failed")
+
+
+class QueueFull(Exception):
+    """The queue holds max_queue jobs: the client should retry after `retry_after` seconds (HTTP 429)."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server's queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Job:
+    """One request's life: queued -> running -> done | cancelled | failed, its progress and result files.
+    Subscribers (asyncio queues of the server's event loop) receive ("progress" | final status, payload) events."""
+
+    def __init__(self, generation: Generation):
+        self.id = uuid.uuid4().hex
+        self.generation = generation
+        self.status, self.step, self.error = "queued", 0, None
+        self.images: list[Path] = []
+        self.finished = threading.Event()
+        self._lock = threading.Lock()
+        self._latest: dict[str, Any] | None = None  # the last progress event, for late subscribers
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+
+    def describe(self) -> dict[str, Any]:
+        """The job as the API shows it."""
+        return {"id": self.id, "status": self.status, "step": self.step, "steps": self.generation.steps,
+                "seeds": self.generation.seeds, "parameters": self.generation.parameters(), "error": self.error,
+                "images": [f"/api/jobs/{self.id}/images/{i}" for i in range(len(self.images))]}  # fmt: skip
+
+    def subscribe(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+        """A queue that receives this job's events from now on, starting with its latest progress (or its end)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if self.status in FINISHED:
+                queue.put_nowait((self.status, self.describe()))
+            else:
+                if self._latest is not None:
+                    queue.put_nowait(("progress", self._latest))
+                self._subscribers.append((loop, queue))
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        with self._lock:
+            self._subscribers = [(lp, q) for lp, q in self._subscribers if q is not queue]
+
+    def start(self) -> None:
+        with self._lock:
+            if self.status == "queued":
+                self.status = "running"
+
+    def progress(self, step: int, preview: str) -> None:
+        with self._lock:
+            if self.status in FINISHED:
+                return
+            self.status, self.step = "running", step
+            self._latest = {"step": step, "steps": self.generation.steps, "preview": preview}
+            self._publish("progress", self._latest)
+
+    def finish(self, status: str, error: str | None = None, images: list[Path] | None = None) -> bool:
+        """End the job (once: a later call does nothing and returns False)."""
+        with self._lock:
+            if self.status in FINISHED:
+                return False
+            self.status, self.error, self.images = status, error, images or []
+            self._latest = None
+            self._publish(status, self.describe())
+            self._subscribers = []
+        self.finished.set()
+        return True
+
+    def _publish(self, kind: str, payload: dict[str, Any]) -> None:
+        for loop, queue in self._subscribers:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+
+
+class JobQueue:
+    """A bounded queue of jobs and the worker thread that draws them, batching compatible ones (up to max_batch
+    samples per denoiser call). Finished jobs are remembered (the last `keep_jobs`) for their status and images."""
+
+    def __init__(self, limits: Limits, out_dir: Path, *, batching: bool = True):
+        self.limits, self.out_dir, self.batching = limits, Path(out_dir), batching
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.drawn = {"batches": 0, "samples": 0, "seconds": 0.0}  # counters: what the worker has drawn so far
+        self._pending: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = self._paused = False
+        self._thread = threading.Thread(target=self._work, name="difflab-serve-worker", daemon=True)
+        self._thread.start()
+
+    # ---- the API's side ---------------------------------------------------------------------------------
+    def submit(self, generation: Generation) -> Job:
+        """Queue a checked generation; QueueFull when max_queue jobs wait already."""
+        with self._cond:
+            if len(self._pending) >= self.limits.max_queue:
+                raise QueueFull(self._retry_after())
+            job = Job(generation)
+            self.jobs[job.id] = job
+            self._forget_old()
+            self._pending.append(job)
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """A queued job leaves the queue; a running one leaves its batch (its images are not written)."""
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+        job.finish("cancelled")
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Within: the worker takes no new batch (jobs queued meanwhile are batched together when it resumes)."""
+        with self._cond:
+            self._paused = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._paused = False
+                self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in self._pending:
+                job.finish("cancelled", "the server stopped")
+            self._pending.clear()
+            self._cond.notify()
+        self._thread.join(timeout=60)
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has room, from the worker's mean time per sample so far (at least 1)."""
+        per_sample = self.drawn["seconds"] / max(self.drawn["samples"], 1)
+        waiting = sum(job.generation.n for job in self._pending)
+        return max(1, math.ceil(per_sample * waiting / max(len(self._pending), 1)))
+
+    def _forget_old(self) -> None:
+        finished = [key for key, job in self.jobs.items() if job.status in FINISHED]
+        for key in finished[: max(0, len(self.jobs) - self.limits.keep_jobs)]:
+            del self.jobs[key]
+
+    # ---- the worker's side ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while (not self._pending or self._paused) and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch = self._take_batch()
+            started = time.perf_counter()
+            try:
+                draw_batch(batch, self.out_dir)
+            except Exception as err:  # a job's failure must not stop the server: it is reported in the job
+                message = str(err) if isinstance(err, DifflabError) else f"internal error: {type(err).__name__}"
+                if not isinstance(err, DifflabError):
+                    log.exception("generation failed")
+                for job in batch:
+                    job.finish("failed", message)
+            self.drawn["batches"] += 1
+            self.drawn["samples"] += sum(job.generation.n for job in batch)
+            self.drawn["seconds"] += time.perf_counter() - started
+
+    def _take_batch(self) -> list[Job]:
+        """The first waiting job and, when batching, the later ones compatible with it while they fit in max_batch."""
+        first = self._pending.pop(0)
+        batch, size = [first], first.generation.n
+        if self.batching:
+            key = first.generation.batch_key()
+            for job in list(self._pending):
+                if job.generation.batch_key() == key and size + job.generation.n <= self.limits.max_batch:
+                    self._pending.remove(job)
+                    batch.append(job)
+                    size += job.generation.n
+        return batch
+
+
+class BatchCancelled(Exception):
+    """Every job of a batch was cancelled: drawing stops."""
+
+
+def draw_batch(jobs: list[Job], out_dir: Path) -> None:
+    """Draw compatible jobs in one call of the model's sampler (all their seeds in one batch), publish each step's
+    previews, write each job's PNGs (difflab JSON + A1111 parameters) under out_dir/<job id>/ and finish it."""
+    first = jobs[0].generation
+    pipe = first.model.pipe
+    rows, start = [], 0
+    for job in jobs:
+        rows.append(slice(start, start + job.generation.n))
+        start += job.generation.n
+    seeds = [s for job in jobs for s in job.generation.seeds]
+
+    def on_step(info) -> None:
+        live = [(job, rows[k]) for k, job in enumerate(jobs) if job.status not in FINISHED]
+        if not live:
+            raise BatchCancelled
+        for job, r in live:
+            job.progress(info.i + 1, preview_png(pipe, info.denoised[r]))
+
+    for job in jobs:
+        job.start()
+    try:
+        images = pipe.sample(seeds=seeds, sampler=first.sampler, grid=first.grid, steps=first.steps,
+                             batch_size=len(seeds), callback=on_step, **condition(jobs), **first.options)  # fmt: skip
+    except BatchCancelled:
+        return
+    for job, r in zip(jobs, rows, strict=True):
+        if job.status not in FINISHED:
+            job.finish("done", images=write_images(job, images[r], out_dir))
+
+
+def condition(jobs: list[Job]) -> dict[str, Any]:
+    """The batch's conditioning keywords for `Pipeline.sample`: one prompt or class per sample, the shared guidance
+    and negative prompt."""
+    first = jobs[0].generation
+    kind = first.model.conditioning
+    settings: dict[str, Any] = {}
+    if kind == "text":
+        settings["prompt"] = [job.generation.prompt or "" for job in jobs for _ in job.generation.seeds]
+        settings["negative_prompt"] = first.negative_prompt
+    if kind == "class":
+        labels = [job.generation.class_label for job in jobs for _ in job.generation.seeds]
+        if first.class_label is not None:  # (no class: p(x), with the null label; batch_key keeps them apart)
+            settings["cond"] = {"class_label": torch.tensor(labels)}
+    if kind != "unconditional" and first.guidance is not None:
+        settings["guidance"] = first.guidance
+    return settings
+
+
+def preview_png(pipe: Any, x0: torch.Tensor) -> str:
+    """The predicted x0 of a job's samples as a PNG data URL: a row of images (a latent model's decoded)."""
+    from PIL import Image
+
+    from difflab.viz import images_to_uint8
+
+    arrays = images_to_uint8(pipe.decode(x0.float()).clamp(-1, 1))
+    strip = arrays.transpose(1, 0, 2, 3).reshape(arrays.shape[1], -1, arrays.shape[3])
+    image = Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_images(job: Job, images: torch.Tensor, out_dir: Path) -> list[Path]:
+    """The job's images as out_dir/<job id>/seed_SSSSSSSS.png, each with its generation parameters."""
+    from difflab.guidance.thresholding import range_as_json
+    from difflab.outputs import write_per_sample
+
+    g = job.generation
+    pipe = g.model.pipe
+    shape = pipe.sample_shape
+    limit, percentile = pipe.thresholding()
+    meta = {"sampler": g.sampler, "steps": g.steps, "grid": g.grid, "options": g.options, "guidance": g.guidance,
+            "prompt": g.prompt, "negative_prompt": g.negative_prompt,
+            "class": None if g.class_label is None else str(g.class_label), "model": g.model.name,
+            "checkpoint": str(Path(pipe.checkpoint).resolve()), "train_step": pipe.step,
+            "model_hash": pipe.weights_hash(), "size": f"{shape[-1]}x{shape[-2]}", "first_seed": g.seeds[0],
+            "batch_size": 1, "use_ema": pipe.weights is None or Path(pipe.weights).name == "ema.safetensors",
+            "clip_x0": limit is not None, "dynamic_threshold": percentile, "x0_range": range_as_json(limit),
+            "server_job": job.id}  # fmt: skip
+    return write_per_sample(images, out_dir / job.id, meta, g.seeds)
