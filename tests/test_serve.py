@@ -324,3 +324,29 @@ def test_a_running_server_answers_over_http(server):
 
     with running(server) as url, urllib.request.urlopen(f"{url}/api/models") as answer:
         assert json.load(answer)["default"] == "digits"
+
+
+def test_the_serve_command_answers_until_interrupted(models, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    command = [sys.executable, "-m", "difflab", "serve", "--models", str(models), "--port", "0", "--out",
+               str(tmp_path / "out"), "--threads", "1"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [proc.stdout.readline()]
+        while " at http://" not in lines[-1] and lines[-1]:
+            lines.append(proc.stdout.readline())
+        assert lines[0].startswith("difflab serve: skipping moons: it needs inputs other than a prompt or a class")
+        line = lines[-1]
+        assert line.startswith("difflab serve: digits, shapes at http://127.0.0.1:"), lines
+        url = line.split(" at ")[1].split()[0]
+        with urllib.request.urlopen(f"{url}/api/models", timeout=60) as answer:
+            assert [m["name"] for m in json.load(answer)["models"]] == ["digits", "shapes"]
+        busy = subprocess.run([*command[:-4], "--port", url.rsplit(":", 1)[1]], capture_output=True, text=True)
+        assert busy.returncode == 2 and "cannot listen on 127.0.0.1:" in busy.stderr  # the port is taken
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
+import socket
 from pathlib import Path
 
 from difflab.cli.common import add_runtime_arguments, setup_runtime
@@ -61,21 +63,41 @@ def run(args: argparse.Namespace) -> int:
     if token is None and not is_loopback(args.host):
         raise DifflabError(f"binding to {args.host} (beyond this machine) needs --token-file F: clients must send its "
                            "token; or bind to 127.0.0.1")  # fmt: skip
-    if not 0 < args.port < 65536:
-        raise DifflabError(f"--port must lie in 1..65535, got {args.port}")
+    if not 0 <= args.port < 65536:
+        raise DifflabError(f"--port must lie in 0..65535 (0: a free one), got {args.port}")
     limits = Limits(args.max_n, args.max_steps, args.max_work, args.max_queue, args.max_batch)
     for name, value in vars(limits).items():
         if value < 1:
             raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    sock = bind(args.host, args.port)  # before the models load: a busy port is said at once
+    logging.basicConfig(format="difflab serve: %(message)s", level=logging.INFO)  # (models skipped, failed jobs)
     device = setup_runtime(args)
     server = build_server(args.models, out_dir=args.out, limits=limits, token=token, default_model=args.default_model,
                           device=str(device), batching=not args.no_batching)  # fmt: skip
     import uvicorn
 
-    print(f"difflab serve: {len(server.models)} models ({', '.join(server.models)}) at http://{args.host}:{args.port}"
-          f" ; images to {args.out}", flush=True)  # fmt: skip
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    print(f"difflab serve: {', '.join(server.models)} at {url} (images to {args.out}; Ctrl-C stops)", flush=True)
     try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C is how a server stops: uvicorn has shut down gracefully and re-raised it
+        print("difflab serve: stopped", flush=True)
     finally:
         server.queue.stop()
+        sock.close()
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a one-line error (port in use, unknown address)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)  # connections wait from now on, while the models load
+    except OSError as err:
+        reason = err.strerror or err
+        raise DifflabError(f"cannot listen on {host}:{port} ({reason}); pick another --port or --host") from None
+    return sock
