@@ -138,6 +138,28 @@ def test_compatible_requests_share_each_denoiser_call_and_keep_their_images(serv
         hook.remove()
 
 
+def test_clients_that_send_again_once_answered_are_gathered_into_one_batch(models, tmp_path):
+    server = build_server(models, out_dir=tmp_path)
+    server.queue.batch_wait = 30.0  # long, so that the test's own pace cannot split the batch
+    pipe = server.models["digits"].pipe
+    calls = []
+    hook = pipe.denoiser.net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        client = TestClient(create_app(server))
+        with server.queue.paused():
+            first = [generate(client, model="digits", class_label=1, seed=s, steps=STEPS)["id"] for s in (1, 2)]
+        assert [events(client, job)[-1][0] for job in first] == ["done", "done"]
+        calls.clear()
+        again = []
+        for seed in (3, 4):  # the two answered clients send again, one after the other
+            again.append(generate(client, model="digits", class_label=1, seed=seed, steps=STEPS)["id"])
+        assert [events(client, job)[-1][0] for job in again] == ["done", "done"]
+        assert calls == [2] * STEPS  # drawn together: the worker waited for the second
+    finally:
+        hook.remove()
+        server.queue.stop()
+
+
 def test_requests_that_differ_in_steps_or_sampler_are_drawn_apart(server, client):
     pipe = server.models["digits"].pipe
     calls = []
@@ -243,7 +265,7 @@ def test_finished_jobs_are_forgotten_beyond_keep_jobs(server, client):
     assert client.get(f"/api/jobs/{ids[0]}").status_code == 404
 
 
-def test_the_a1111_txt2img_endpoint_answers_as_automatic1111_does(client):
+def test_the_a1111_txt2img_endpoint_answers_as_automatic1111_does(server, client):
     body = {"prompt": "class 7", "negative_prompt": "", "steps": STEPS, "cfg_scale": 2.5, "seed": 3, "batch_size": 2,
             "sampler_name": "DPM++ 2M Karras", "width": 512, "height": 512}  # fmt: skip
     answer = client.post("/sdapi/v1/txt2img", json=body).json()
@@ -259,6 +281,10 @@ def test_the_a1111_txt2img_endpoint_answers_as_automatic1111_does(client):
     assert info["sd_model_name"] == "shapes" and 0 <= info["seed"] < 2**31  # -1: a random seed, reported
     assert "Sampler: euler_ancestral" in info["infotexts"][0]
     assert client.get("/sdapi/v1/sd-models").json()[1]["model_name"] == "shapes"
+    assert not list(server.queue.out_dir.rglob("*.png"))  # save_images false (A1111's default): nothing kept
+    saved = client.post("/sdapi/v1/txt2img", json=body | {"save_images": True, "batch_size": 1}).json()
+    kept = list(server.queue.out_dir.rglob("*.png"))
+    assert len(kept) == 1 and base64.b64decode(saved["images"][0]) == kept[0].read_bytes()
     assert {"name": "Euler a", "aliases": ["euler_ancestral"], "options": {}} in client.get("/sdapi/v1/samplers").json()
 
 

@@ -148,10 +148,20 @@ class Pipeline:
         return resolve_thresholding(clip_x0, dynamic_threshold, x0_range, self.data_range)
 
     def weights_hash(self) -> str:
-        """The first 10 hex digits of the SHA-256 of the weights file (AUTOMATIC1111's "Model hash")."""
+        """The first 10 hex digits of the SHA-256 of the weights file (AUTOMATIC1111's "Model hash"); read once per
+        version of the file (its size and modification time), in chunks."""
         if self.weights is None:
             return "none"
-        return hashlib.sha256(Path(self.weights).read_bytes()).hexdigest()[:10]
+        path = Path(self.weights)
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if getattr(self, "_weights_hash", (None, None))[0] != key:
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            self._weights_hash = (key, digest.hexdigest()[:10])
+        return self._weights_hash[1]
 
     # ---- conditioning and guidance ----------------------------------------------------------------------
     def make_cond(

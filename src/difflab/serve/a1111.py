@@ -77,7 +77,10 @@ def add_a1111_routes(app: FastAPI, server) -> None:
         if described["status"] != "done":
             raise RequestRefused(f"generation {described['status']}: {described['error'] or 'cancelled'}", status=500)
         images = [base64.b64encode(p.read_bytes()).decode() for p in job.images] if body.send_images else []
-        return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info(job, body))}
+        answer = {"images": images, "parameters": body.model_dump(), "info": json.dumps(info(job, body))}
+        if not body.save_images:  # A1111's default: the answer carries the images, the server keeps none
+            server.queue.discard_images(job)
+        return answer
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():

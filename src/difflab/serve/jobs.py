@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ FINISHED = ("done", "cancelled", "failed")
 class QueueFull(Exception):
     """The queue holds max_queue jobs: the client should retry after `retry_after` seconds (HTTP 429)."""
 
-    def __init__(self, retry_after: int):
-        super().__init__(f"the server's queue is full; retry after {retry_after} s")
+    def __init__(self, retry_after: int, waiting: int):
+        super().__init__(f"the server's queue is full ({waiting} jobs waiting); retry after the Retry-After seconds")
         self.retry_after = retry_after
 
 
@@ -77,12 +78,14 @@ class Job:
             if self.status == "queued":
                 self.status = "running"
 
-    def progress(self, step: int, preview: str) -> None:
+    def progress(self, step: int, preview: Callable[[], str]) -> None:
+        """Step `step` done; `preview()` (a PNG data URL of x0-hat) is made only while someone is subscribed."""
         with self._lock:
             if self.status in FINISHED:
                 return
             self.status, self.step = "running", step
-            self._latest = {"step": step, "steps": self.generation.steps, "preview": preview}
+            shown = preview() if self._subscribers else None
+            self._latest = {"step": step, "steps": self.generation.steps, "preview": shown}
             self._publish("progress", self._latest)
 
     def finish(self, status: str, error: str | None = None, images: list[Path] | None = None) -> bool:
@@ -106,8 +109,9 @@ class JobQueue:
     """A bounded queue of jobs and the worker thread that draws them, batching compatible ones (up to max_batch
     samples per denoiser call). Finished jobs are remembered (the last `keep_jobs`) for their status and images."""
 
-    def __init__(self, limits: Limits, out_dir: Path, *, batching: bool = True):
-        self.limits, self.out_dir, self.batching = limits, Path(out_dir), batching
+    def __init__(self, limits: Limits, out_dir: Path, *, batching: bool = True, batch_wait: float = 0.05):
+        self.limits, self.out_dir, self.batching, self.batch_wait = limits, Path(out_dir), batching, batch_wait
+        self._expected, self._answered_at = 0, -math.inf  # jobs expected soon after the last batch, and its end
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.drawn = {"batches": 0, "samples": 0, "seconds": 0.0}  # counters: what the worker has drawn so far
         self._pending: list[Job] = []
@@ -121,7 +125,7 @@ class JobQueue:
         """Queue a checked generation; QueueFull when max_queue jobs wait already."""
         with self._cond:
             if len(self._pending) >= self.limits.max_queue:
-                raise QueueFull(self._retry_after())
+                raise QueueFull(self._retry_after(), len(self._pending))
             job = Job(generation)
             self.jobs[job.id] = job
             self._forget_old()
@@ -135,6 +139,14 @@ class JobQueue:
             if job in self._pending:
                 self._pending.remove(job)
         job.finish("cancelled")
+
+    def discard_images(self, job: Job) -> None:
+        """Delete a finished job's PNGs (and its folder): an A1111 request that did not ask to save them."""
+        for path in job.images:
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (self.out_dir / job.id).rmdir()
+        job.images = []
 
     @contextlib.contextmanager
     def paused(self):
@@ -178,8 +190,11 @@ class JobQueue:
             with self._cond:
                 while (not self._pending or self._paused) and not self._stopping:
                     self._cond.wait()
+                self._gather()
                 if self._stopping:
                     return
+                if not self._pending:  # (cancelled while gathering)
+                    continue
                 batch = self._take_batch()
             started = time.perf_counter()
             try:
@@ -190,9 +205,26 @@ class JobQueue:
                     log.exception("generation failed")
                 for job in batch:
                     job.finish("failed", message)
+            with self._cond:
+                self._expected = len(batch) + len(self._pending)  # its clients' next requests, and those waiting
+                self._answered_at = time.monotonic()
             self.drawn["batches"] += 1
             self.drawn["samples"] += sum(job.generation.n for job in batch)
             self.drawn["seconds"] += time.perf_counter() - started
+
+    def _gather(self) -> None:
+        """Within `batch_wait` seconds of a batch's end, wait (at most until then) for its clients' next requests:
+        clients that send again once answered would otherwise split into groups that alternate, each drawn apart
+        (measured: 8 such clients were drawn in batches of 4). A request long after the last batch waits not at all."""
+        if not self.batching:
+            return
+        deadline = self._answered_at + self.batch_wait
+        while (remaining := deadline - time.monotonic()) > 0 and self._pending and not self._stopping:
+            key = self._pending[0].generation.batch_key()
+            alike = [job.generation.n for job in self._pending if job.generation.batch_key() == key]
+            if len(alike) >= self._expected or sum(alike) >= self.limits.max_batch:
+                return
+            self._cond.wait(remaining)
 
     def _take_batch(self) -> list[Job]:
         """The first waiting job and, when batching, the later ones compatible with it while they fit in max_batch."""
@@ -228,7 +260,7 @@ def draw_batch(jobs: list[Job], out_dir: Path) -> None:
         if not live:
             raise BatchCancelled
         for job, r in live:
-            job.progress(info.i + 1, preview_png(pipe, info.denoised[r]))
+            job.progress(info.i + 1, lambda r=r: preview_png(pipe, info.denoised[r]))
 
     for job in jobs:
         job.start()
