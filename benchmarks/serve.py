@@ -41,14 +41,6 @@ from pathlib import Path
 
 GUIDANCE = 3.0
 SAMPLER = "DPM++ 2M"  # AUTOMATIC1111's label of dpmpp_2m
-PROMPTS = (  # the shapes demo's prompts (difflab.text_demo.PROMPTS)
-    "a red circle in the top left corner",
-    "a large blue square at the centre",
-    "a small yellow triangle at the bottom right",
-    "a green circle left of a white square",
-    "an orange cross above a magenta triangle",
-    "a cyan square below a red circle",
-)
 RSS_EVERY = 2.0  # seconds between samples of the server's memory
 MODES = {"batched": [], "one-by-one": ["--no-batching"]}
 
@@ -156,6 +148,8 @@ class ServerProcess:
 # ---- the clients --------------------------------------------------------------------------------------------------
 def request_body(server: ServerProcess, rng: random.Random, steps: int) -> dict:
     """An AUTOMATIC1111 txt2img request for the server's model: n = 1, a random seed, a class or a prompt."""
+    from difflab.text_demo import PROMPTS  # the shapes demo's prompts
+
     prompt = {"class": f"class {rng.randrange(10)}", "text": rng.choice(PROMPTS)}.get(server.conditioning, "")
     return {"prompt": prompt, "steps": steps, "sampler_name": SAMPLER, "cfg_scale": GUIDANCE,
             "seed": rng.randrange(2**31), "batch_size": 1,
