@@ -376,3 +376,26 @@ def test_the_serve_command_answers_until_interrupted(models, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+def test_a1111_progress_reports_the_generation_under_way(server, client):
+    idle = client.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["current_image"] is None and idle["state"]["job_count"] == 0
+    pipe = server.models["digits"].pipe
+    seen = []
+
+    def look(module, args, out):  # the third network call: two of eight steps are done
+        if len(seen) == 2:
+            seen.append(client.get("/sdapi/v1/progress").json())
+        else:
+            seen.append(None)
+
+    hook = pipe.denoiser.net.register_forward_hook(look)
+    try:
+        job = generate(client, model="digits", class_label=4, seed=2, steps=8, sampler="euler")
+        assert events(client, job["id"])[-1][0] == "done"
+    finally:
+        hook.remove()
+    during = seen[2]
+    assert during["progress"] == 0.25 and during["state"]["sampling_step"] == 2 and during["eta_relative"] > 0
+    assert during["state"]["job"] == job["id"] and png(base64.b64decode(during["current_image"])).size == (8, 8)

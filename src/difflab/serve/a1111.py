@@ -1,10 +1,11 @@
 """AUTOMATIC1111's web UI API (modules/api/api.py, `--api`), enough for its clients and scripts: POST
 /sdapi/v1/txt2img (prompt, negative_prompt, steps, cfg_scale, seed, sampler_name with A1111's labels such as
 "Euler a" and "DPM++ 2M Karras", scheduler, batch_size x n_iter, override_settings.sd_model_checkpoint) answered
-with base64 PNGs, the request as `parameters` and an `info` JSON string; GET /sdapi/v1/sd-models, /samplers and
-/options. A class model reads its class from the prompt ("class 7" or "7", as difflab's PNGs write it). The model
-draws at its own size: width and height are accepted and the size drawn is reported in `info`. Fields whose
-features difflab does not have (hires fix, face restoration, tiling, variation seeds, scripts) are refused (422)."""
+with base64 PNGs, the request as `parameters` and an `info` JSON string; GET /sdapi/v1/progress (the generation under
+way: share of steps, ETA, current x0-hat), sd-models, samplers and options. A class model reads its class from the
+prompt ("class 7" or "7", as difflab's PNGs write it). The model draws at its own size: width and height are accepted
+and the size drawn is reported in `info`. Fields whose features difflab does not have (hires fix, face restoration,
+tiling, variation seeds, scripts) are refused (422)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,22 @@ def add_a1111_routes(app: FastAPI, server) -> None:
         if not body.save_images:  # A1111's default: the answer carries the images, the server keeps none
             server.queue.discard_images(job)
         return answer
+
+    @app.get("/sdapi/v1/progress")
+    async def progress(skip_current_image: bool = False):
+        """A1111's progress of the generation under way (clients poll it while their txt2img call waits): the first
+        running job's share of steps done, an ETA from its pace, and its x0-hat as base64 PNG."""
+        running = server.queue.running()
+        job = running[0] if running else None
+        done = job.step / job.generation.steps if job else 0.0
+        eta = (time.monotonic() - job.started) * (1 - done) / done if job and job.started and done else 0.0
+        image = None if job is None or skip_current_image else job.current_preview()
+        state = {"skipped": False, "interrupted": False, "job": job.id if job else "",
+                 "job_count": len(running) + server.queue.pending(), "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+                 "job_no": 0, "sampling_step": job.step if job else 0,
+                 "sampling_steps": job.generation.steps if job else 0}  # fmt: skip
+        return {"progress": done, "eta_relative": eta, "state": state,
+                "current_image": image.split(",", 1)[1] if image else None, "textinfo": None}  # fmt: skip
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():

@@ -49,6 +49,8 @@ class Job:
         self.finished = threading.Event()
         self._lock = threading.Lock()
         self._latest: dict[str, Any] | None = None  # the last progress event, for late subscribers
+        self._preview: Callable[[], str] | None = None  # makes the latest step's preview
+        self.started: float | None = None  # time.monotonic() when drawing began
         self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
 
     def describe(self) -> dict[str, Any]:
@@ -76,17 +78,25 @@ class Job:
     def start(self) -> None:
         with self._lock:
             if self.status == "queued":
-                self.status = "running"
+                self.status, self.started = "running", time.monotonic()
 
     def progress(self, step: int, preview: Callable[[], str]) -> None:
         """Step `step` done; `preview()` (a PNG data URL of x0-hat) is made only while someone is subscribed."""
         with self._lock:
             if self.status in FINISHED:
                 return
-            self.status, self.step = "running", step
+            self.status, self.step, self._preview = "running", step, preview
             shown = preview() if self._subscribers else None
             self._latest = {"step": step, "steps": self.generation.steps, "preview": shown}
             self._publish("progress", self._latest)
+
+    def current_preview(self) -> str | None:
+        """The PNG data URL of the latest step's x0-hat (made now if no subscriber had it made), None before one."""
+        with self._lock:
+            latest, preview = self._latest, self._preview
+        if latest is None or preview is None:
+            return None
+        return latest["preview"] or preview()
 
     def finish(self, status: str, error: str | None = None, images: list[Path] | None = None) -> bool:
         """End the job (once: a later call does nothing and returns False)."""
@@ -94,7 +104,7 @@ class Job:
             if self.status in FINISHED:
                 return False
             self.status, self.error, self.images = status, error, images or []
-            self._latest = None
+            self._latest = self._preview = None
             self._publish(status, self.describe())
             self._subscribers = []
         self.finished.set()
@@ -163,6 +173,10 @@ class JobQueue:
     def pending(self) -> int:
         with self._cond:
             return len(self._pending)
+
+    def running(self) -> list[Job]:
+        """The jobs being drawn now."""
+        return [job for job in list(self.jobs.values()) if job.status == "running"]
 
     def stop(self) -> None:
         with self._cond:
@@ -260,7 +274,8 @@ def draw_batch(jobs: list[Job], out_dir: Path) -> None:
         if not live:
             raise BatchCancelled
         for job, r in live:
-            job.progress(info.i + 1, lambda r=r: preview_png(pipe, info.denoised[r]))
+            x0 = info.denoised[r].clone()  # (kept for a preview asked for later, e.g. by /sdapi/v1/progress)
+            job.progress(info.i + 1, lambda x0=x0: preview_png(pipe, x0))
 
     for job in jobs:
         job.start()
