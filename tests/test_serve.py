@@ -194,6 +194,7 @@ def test_a_text_model_takes_prompts_and_refuses_an_unknown_word(client):
         ({"model": "../digits"}, 404, "unknown model '../digits'"),
         ({"model": "digits", "n": 5}, 422, "max_n"),
         ({"model": "digits", "steps": 51}, 422, "max_steps"),
+        ({"model": "digits", "steps": 0}, 422, "steps must lie in 1..50"),
         ({"model": "digits", "n": 2, "steps": 31}, 422, "max_work"),
         ({"model": "digits", "sampler": "turbo"}, 422, "unknown sampler 'turbo'"),
         ({"model": "digits", "sampler": "ddim", "options": {"s_churn": 1}}, 422, "does not take s_churn"),

@@ -108,7 +108,7 @@ def resolve(
     if unknown:
         raise RequestRefused(f"sampler '{spec.name}' does not take {', '.join(sorted(unknown))}; it takes "
                              f"{', '.join(spec.options) or 'no options'}")  # fmt: skip
-    steps = steps or defaults["steps"]
+    steps = defaults["steps"] if steps is None else steps
     limits.check(n, steps)
     seed = secrets.randbelow(2**31) if seed is None or seed == -1 else seed
     try:
