@@ -236,7 +236,7 @@ class JobQueue:
         while (remaining := deadline - time.monotonic()) > 0 and self._pending and not self._stopping:
             key = self._pending[0].generation.batch_key()
             alike = [job.generation.n for job in self._pending if job.generation.batch_key() == key]
-            if len(alike) >= self._expected or sum(alike) >= self.limits.max_batch:
+            if len(self._pending) >= self._expected or sum(alike) >= self.limits.max_batch:  # all are back, or full
                 return
             self._cond.wait(remaining)
 
