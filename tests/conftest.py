@@ -199,3 +199,12 @@ def randomised(net: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, torch.nn.Conv2d) and not module.weight.any():
             torch.nn.init.normal_(module.weight, std=0.1)
     return net.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_class_run(tmp_path_factory):
+    """A class-conditional digits model (8x8, 10 classes) trained 20 steps: the model the serve tests offer."""
+    out = tmp_path_factory.mktemp("digits_class") / "run"
+    assert main(["train", "--data", "digits", "--conditional", "--steps", "20", "--batch-size", "32",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    return out
