@@ -4,9 +4,12 @@ unknown model or fields, queue full, token, paths)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +19,8 @@ from PIL import Image
 import difflab
 from difflab.cli.main import main
 from difflab.serve import build_server, create_app
-from difflab.serve.requests import Limits
+from difflab.serve.jobs import Job
+from difflab.serve.requests import Generation, Limits
 from tests.conftest import assert_one_line_error, run_cli
 
 STEPS = 4
@@ -82,10 +86,24 @@ def test_the_models_and_samplers_are_listed_by_name(client):
     assert client.get("/api/limits").json()["max_n"] == 4
 
 
-def test_a_job_streams_each_steps_preview_then_its_pngs_with_metadata(client, models):
-    job = generate(client, model="digits", class_label=3, seed=5, n=2, steps=STEPS, sampler="euler")
+def events_from_the_start(client, server, **body):
+    """Generate with the queue paused until a subscriber listens: it sees every step, however slow the machine."""
+    heard: list = []
+    with server.queue.paused():
+        job = generate(client, **body)
+        listener = threading.Thread(target=lambda: heard.extend(events(client, job["id"])))
+        listener.start()
+        deadline = time.monotonic() + 30
+        while server.queue.jobs[job["id"]].watchers() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    listener.join(timeout=120)
+    return job, heard
+
+
+def test_a_job_streams_each_steps_preview_then_its_pngs_with_metadata(client, server, models):
+    job, stream = events_from_the_start(client, server, model="digits", class_label=3, seed=5, n=2, steps=STEPS,
+                                        sampler="euler")  # fmt: skip
     assert job["seeds"] == [5, 6]
-    stream = events(client, job["id"])
     progress = [data for name, data in stream if name == "progress"]
     assert [p["step"] for p in progress] == list(range(1, STEPS + 1))  # every step, in order
     previews = [np.asarray(png(base64.b64decode(p["preview"].split(",")[1]))) for p in progress]
@@ -101,6 +119,19 @@ def test_a_job_streams_each_steps_preview_then_its_pngs_with_metadata(client, mo
     pipe = difflab.load(models / "digits")
     alone = pipe.to_pil(pipe.sample(seeds=[5], cond={"class_label": 3}, sampler="euler", steps=STEPS))[0]
     assert np.array_equal(np.asarray(image), np.asarray(alone))  # the served image is the library's, bit for bit
+
+
+def test_a_subscriber_arriving_mid_job_is_shown_the_latest_step_with_its_preview():
+    job = Job(Generation(model=None, sampler="euler", grid=None, steps=STEPS, seeds=[0]))
+    made = []
+    job.progress(2, lambda: made.append(2) or "data:image/png;base64,two")
+    assert made == []  # nobody listening: no preview drawn
+    loop = asyncio.new_event_loop()
+    try:
+        kind, latest = job.subscribe(loop).get_nowait()
+    finally:
+        loop.close()
+    assert (kind, latest["step"], latest["preview"]) == ("progress", 2, "data:image/png;base64,two") and made == [2]
 
 
 def test_a_served_png_is_drawn_again_from_its_metadata(client, tmp_path, capsys):

@@ -66,10 +66,16 @@ class Job:
             if self.status in FINISHED:
                 queue.put_nowait((self.status, self.describe()))
             else:
-                if self._latest is not None:
-                    queue.put_nowait(("progress", self._latest))
+                if self._latest is not None:  # a late subscriber sees the latest step, with its preview made now
+                    preview = self._latest["preview"] or (self._preview() if self._preview else None)
+                    queue.put_nowait(("progress", dict(self._latest, preview=preview)))
                 self._subscribers.append((loop, queue))
         return queue
+
+    def watchers(self) -> int:
+        """How many subscribers are listening now."""
+        with self._lock:
+            return len(self._subscribers)
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         with self._lock:
