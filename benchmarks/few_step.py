@@ -9,9 +9,12 @@ distillation needs x- or v-prediction: an eps student cannot predict x0 at sigma
 Sec. 4) and an EDM model (the consistency distillation teacher). Students: progressive distillation from 64 DDIM steps
 on the trailing grid, 6 rounds (32, 16, ..., 1 steps) of `--round-steps` each; consistency distillation (`--cd-steps`,
 target EMA 0.95, L2); consistency training from scratch at the teacher's budget (`--steps`). Each is scored with the
-digits classifier's Frechet distance (FD) and the share of confident (p >= 0.9) samples on `--n` samples (seeds
-0..n-1) at NFE 1, 2, 4, 8, beside the best solver of the teachers at the same NFE (every deterministic sampler of the
-registry, the model's default grid and the trailing grid), DDIM at 50 NFE, and the real-vs-real floor. Training cost
+digits classifier's Frechet distance (FD) and the share of confident (p >= 0.9) samples, averaged over `--seed-sets`
+disjoint sets of `--n` samples (FD of 500 digits moves by several units from one seed set to another, as much as the
+differences the goals ask about), each set against its own draw of as many training digits (the floor), at NFE 1, 2,
+4, 8 (CD and CT also at the levels `benchmarks/consistency_sigmas.py` tuned, with `--tuned-levels`), beside the
+best solver of the teachers at the same NFE (every deterministic sampler of the registry, the model's default grid
+and the trailing grid), DDIM at 50 NFE, and the real-vs-real floor. Training cost
 is the wall time of each run's own log (one thread), as a multiple of its teacher's.
 
 Writes OUT (the runs; a finished run is reused) and benchmarks/results/few_step.{md,json}.
@@ -26,6 +29,7 @@ import platform
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import difflab
@@ -37,6 +41,7 @@ from difflab.training.trainer import read_log
 
 NFES = (1, 2, 4, 8)
 PD_TEACHER_STEPS, PD_ROUNDS = 64, 6
+SEED_STRIDE = 20_000  # seed set k: seeds 20,000 k ..
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -51,14 +56,21 @@ def training_seconds(run: Path) -> float:
     return read_log(run)[-1]["elapsed_s"]
 
 
-def score(pipe, n: int, **kwargs) -> dict:
-    stats: dict = {}
-    samples = pipe.sample(n, seed=0, batch_size=500, stats=stats, **kwargs)
-    q = digits_quality(samples)
-    return {"fd": q["frechet"], "conf90": q["confident_share"], "floor": q["frechet_floor"], "nfe": stats["nfe"]}
+def score(pipe, n: int, seed_sets: int = 1, **kwargs) -> dict:
+    """FD, floor and conf90 of n samples, averaged over `seed_sets` disjoint seed sets (seeds SEED_STRIDE k ..), each
+    set against its own floor draw (k); fd_se is the standard error of the mean FD over the sets."""
+    runs = []
+    for k in range(seed_sets):
+        stats: dict = {}
+        samples = pipe.sample(n, seed=k * SEED_STRIDE, batch_size=500, stats=stats, **kwargs)
+        runs.append(digits_quality(samples, floor_seed=k) | {"nfe": stats["nfe"]})
+    fds = np.array([r["frechet"] for r in runs])
+    return {"fd": float(fds.mean()), "fd_se": float(fds.std(ddof=1) / np.sqrt(len(fds))) if len(fds) > 1 else 0.0,
+            "floor": float(np.mean([r["frechet_floor"] for r in runs])), "fds": fds.tolist(),
+            "conf90": float(np.mean([r["confident_share"] for r in runs])), "nfe": runs[0]["nfe"]}  # fmt: skip
 
 
-def best_solver(pipe, nfe: int, n: int) -> dict:
+def best_solver(pipe, nfe: int, n: int, seed_sets: int = 1) -> dict:
     """The lowest FD over the deterministic diffusion samplers whose cost fits `nfe`, on the default and trailing
     grids."""
     best = None
@@ -67,7 +79,7 @@ def best_solver(pipe, nfe: int, n: int) -> dict:
             continue
         steps = spec.steps_for_nfe(nfe)
         for grid in (None, "trailing"):
-            result = score(pipe, n, sampler=spec.name, steps=steps, grid=grid) | {
+            result = score(pipe, n, seed_sets, sampler=spec.name, steps=steps, grid=grid) | {
                 "sampler": spec.name,
                 "grid": grid or "default",
             }
@@ -83,7 +95,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4000, help="teacher and consistency-training steps")
     p.add_argument("--round-steps", type=int, default=500, help="progressive distillation: steps per round")
     p.add_argument("--cd-steps", type=int, default=2000)
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n", type=int, default=500, help="samples per seed set")
+    p.add_argument("--seed-sets", type=int, default=8, help="FD averaged over this many disjoint seed sets")
+    p.add_argument("--tuned-levels", help="benchmarks/consistency_sigmas.py's JSON: also score CD and CT at its levels")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--phase", choices=("all", "progressive", "consistency", "eval"), default="all",
                    help="run the progressive chain (DDPM teacher, students) or the consistency chain (EDM teacher, CD, "
@@ -106,17 +120,24 @@ def main() -> int:
     if args.phase not in ("all", "eval"):
         return 0
 
+    k = args.seed_sets
     rows, teacher_s = {}, {"ddpm": training_seconds(ddpm), "edm": training_seconds(edm)}
-    rows["ddim 50 (DDPM teacher)"] = score(difflab.load(ddpm), args.n, sampler="ddim", steps=50)
-    rows["euler 50 (EDM teacher)"] = score(difflab.load(edm), args.n, sampler="euler", steps=50)
+    rows["ddim 50 (DDPM teacher)"] = score(difflab.load(ddpm), args.n, k, sampler="ddim", steps=50)
+    rows["euler 50 (EDM teacher)"] = score(difflab.load(edm), args.n, k, sampler="euler", steps=50)
+    tuned = json.loads(Path(args.tuned_levels).read_text())["rows"] if args.tuned_levels else []
     for nfe in NFES:
         print(f"NFE {nfe}", flush=True)
         student = next(r for r in pd_runs if r.name == f"steps_{nfe}")
-        rows[f"progressive distillation, {nfe} NFE"] = score(difflab.load(student), args.n)
-        rows[f"consistency distillation, {nfe} NFE"] = score(difflab.load(cd), args.n, steps=nfe)
-        rows[f"consistency training, {nfe} NFE"] = score(difflab.load(ct), args.n, steps=nfe)
+        rows[f"progressive distillation, {nfe} NFE"] = score(difflab.load(student), args.n, k)
+        for name, run in (("consistency distillation", cd), ("consistency training", ct)):
+            rows[f"{name}, {nfe} NFE"] = score(difflab.load(run), args.n, k, steps=nfe)
+            levels = next((r["tuned_levels"] for r in tuned if Path(r["run"]).name == run.name and r["steps"] == nfe
+                           and nfe > 1), None)  # fmt: skip
+            if levels is not None:
+                grid = ",".join(f"{s:.6g}" for s in levels)
+                rows[f"{name}, {nfe} NFE, tuned levels"] = score(difflab.load(run), args.n, k, grid=grid)
         for name, run in (("DDPM-v", ddpm), ("EDM", edm)):
-            rows[f"best solver on the {name} teacher, {nfe} NFE"] = best_solver(difflab.load(run), nfe, args.n)
+            rows[f"best solver on the {name} teacher, {nfe} NFE"] = best_solver(difflab.load(run), nfe, args.n, k)
     cost = {
         "progressive distillation (all rounds)": sum(training_seconds(r) for r in pd_runs) / teacher_s["ddpm"],
         "consistency distillation": training_seconds(cd) / teacher_s["edm"],
@@ -132,14 +153,17 @@ def write(args, rows: dict, cost: dict) -> None:
     lines = [
         "# Few-step generation on the digits", "",
         f"`python benchmarks/few_step.py --out {args.out} --steps {args.steps} --round-steps {args.round_steps} "
-        f"--cd-steps {args.cd_steps} --n {args.n}`; {datetime.date.today()}, {platform.machine()} "
-        f"({platform.processor() or 'cpu'}), torch {torch.__version__}, {args.threads} thread(s).", "",
-        f"Real-vs-real floor (FD of {args.n} training digits to the test split): {floor:.3f}.", "",
+        f"--cd-steps {args.cd_steps} --n {args.n} --seed-sets {args.seed_sets}`; {datetime.date.today()}, "
+        f"{platform.machine()} ({platform.processor() or 'cpu'}), torch {torch.__version__}, "
+        f"{args.threads} thread(s).", "",
+        f"FD: mean over {args.seed_sets} disjoint seed sets of {args.n} samples (+- its standard error). Real-vs-real "
+        f"floor (FD of {args.n} training digits to the test split, the same number of draws): {floor:.3f}.", "",
         "| setting | NFE | FD | FD / floor | conf90 | sampler |", "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, r in rows.items():
         sampler = f"{r['sampler']} ({r['grid']})" if "sampler" in r else ""
-        lines.append(f"| {name} | {r['nfe']:g} | {r['fd']:.3f} | {r['fd'] / floor:.2f} | {r['conf90']:.2f} | "
+        lines.append(f"| {name} | {r['nfe']:g} | {r['fd']:.2f} +- {r['fd_se']:.2f} | {r['fd'] / floor:.2f} | "
+                     f"{r['conf90']:.2f} | "
                      f"{sampler} |")  # fmt: skip
     lines += ["", "Extra training cost (wall time of the run's own log, as a multiple of its teacher's):", ""]
     lines += [f"- {name}: {ratio:.2f}x" for name, ratio in cost.items()]

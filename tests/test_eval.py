@@ -197,7 +197,11 @@ def test_digits_quality_real_versus_noise(classifier) -> None:
     noise = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     bad = digits_quality(noise, classifier)
     assert bad["confident_share"] < 0.3 and bad["frechet"] > 10 * bad["frechet_floor"]
-    assert bad["frechet_floor"] == held["frechet_floor"]  # the floor depends only on N
+    assert bad["frechet_floor"] == held["frechet_floor"]  # the floor depends only on N (and its seed)
+    subset = torch.from_numpy(np.random.default_rng(5).choice(len(train_images), 300, replace=False))
+    floor5 = digits_quality(noise, classifier, floor_seed=5)["frechet_floor"]
+    assert floor5 == pytest.approx(digits_quality(train_images[subset], classifier)["frechet"], rel=1e-6)
+    assert floor5 != held["frechet_floor"]  # another draw of 300 training digits
 
 
 def test_digits_quality_resolution_and_clamping(classifier) -> None:

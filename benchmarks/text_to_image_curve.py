@@ -1,0 +1,103 @@
+"""How caption adherence grows with training on the shapes world (issue 12): one GLIDE-style model at 32x32 on the
+text tower of a small CLIP (the best text encoder of the unCLIP benchmark), trained far past the issue's 30-minute
+budget, every checkpoint scored on the fixed prompt set.
+
+    python benchmarks/unclip.py --work runs/t2i-curve clip     # the CLIP first (its text tower): WORK/clip
+    python benchmarks/text_to_image_curve.py train --steps 12000  # WORK/glide32 with a checkpoint every EVERY steps
+    python benchmarks/text_to_image_curve.py eval               # -> benchmarks/results/text_to_image_curve.{md,json}
+    ... --variant attn2 train / eval                              # attention at the U-Net's two lowest levels
+
+The model: the text-to-image benchmark's recipe (EDM, P_mean -0.4, P_std 1.4, the tiny U-Net on 2 x 2 patches,
+batch 64, lr 2e-3, caption dropout 0.2, 20,000 scenes) with `--text-encoder clip:WORK/clip`. Each checkpoint: the
+PROMPTS + PROMPTS captions of the fixed prompt set (held-out compositions, train captions), one sample each at w = W,
+dpmpp_2m SAMPLE_STEPS steps; adherence by the exact evaluator and FD in its feature space; the minutes are the
+training log's own clock (one thread, on whatever else the machine was running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import difflab
+from difflab.eval.adherence import prompt_reference, prompt_set, score_prompt_samples
+from difflab.training.checkpoint import list_checkpoints
+from difflab.training.run import train_run
+from difflab.training.trainer import read_log
+
+RESOLUTION, SCENES, EVERY = 32, 20_000, 1000
+RECIPE = {"process": "edm", "model": "tiny", "batch_size": 64, "lr": 2e-3, "caption_dropout": 0.2, "p_mean": -0.4,
+          "p_std": 1.4, "patch_size": 2}  # fmt: skip
+PROMPTS, W, SAMPLER, SAMPLE_STEPS = 100, 3.0, "dpmpp_2m", 20
+ATTRIBUTES = ("color", "shape", "size", "position", "relation", "full")
+RESULTS = Path(__file__).parent / "results"
+# base: the tiny U-Net as it is (self- and cross-attention at its lowest level, 4 x 4); attn2: at the two lowest
+VARIANTS = {"base": "glide32", "attn2": "glide32-attn2"}
+
+
+def train(work: Path, steps: int, variant: str) -> None:
+    data = difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES)
+    config = difflab.run_config(data, steps=steps, checkpoint_every=EVERY, text_encoder=f"clip:{work / 'clip'}",
+                                **RECIPE)  # fmt: skip
+    config = replace(config, train=replace(config.train, keep_checkpoints=steps // EVERY + 1))  # the whole curve
+    if variant == "attn2":
+        settings = config.model.settings
+        levels = (settings.attention_resolutions[0] * 2, *settings.attention_resolutions)
+        config = replace(config, model=replace(config.model, settings=replace(settings, attention_resolutions=levels)))
+    train_run(config, work / VARIANTS[variant], data=data, progress=False)
+
+
+def evaluate(work: Path, out: Path, variant: str) -> None:
+    run = work / VARIANTS[variant]
+    prompts = prompt_set(PROMPTS)
+    reference = prompt_reference(prompts, RESOLUTION)
+    clock = {row["step"]: row["elapsed_s"] for row in read_log(run) if "elapsed_s" in row}
+    rows = []
+    for checkpoint in list_checkpoints(run):
+        pipe = difflab.load(checkpoint)
+        images = pipe.sample(seeds=range(len(prompts)), prompt=prompts, guidance=W, sampler=SAMPLER,
+                             steps=SAMPLE_STEPS)  # fmt: skip
+        step = pipe.step
+        scored = score_prompt_samples(images, reference)
+        row = {"step": step, "minutes": clock.get(step, float("nan")) / 60, **scored}
+        rows.append(row)
+        print(step, {k: round(v, 3) for k, v in scored["adherence"]["all"].items() if k in ATTRIBUTES}, flush=True)
+    meta = {"date": datetime.date.today().isoformat(), "machine": platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "recipe": RECIPE, "w": W, "prompts": 2 * PROMPTS}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
+    lines = ["| step | minutes | " + " | ".join(f"{a} train / held-out" for a in ATTRIBUTES) + " | FD |",
+             "|---" * (len(ATTRIBUTES) + 3) + "|"]  # fmt: skip
+    for row in rows:
+        train_acc, test_acc = row["adherence"]["train"], row["adherence"]["test"]
+        cells = [f"{100 * train_acc[a]:.0f} / {100 * test_acc[a]:.0f}%" for a in ATTRIBUTES]
+        lines.append(f"| {row['step']} | {row['minutes']:.0f} | " + " | ".join(cells) + f" | {row['fd']['all']:.2f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=("train", "eval"))
+    p.add_argument("--work", default="runs/t2i-curve")
+    p.add_argument("--steps", type=int, default=12_000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variant", choices=tuple(VARIANTS), default="base")
+    p.add_argument("--out", default=None, help="default benchmarks/results/text_to_image_curve[_VARIANT]")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.phase == "train":
+        train(Path(args.work), args.steps, args.variant)
+    else:
+        suffix = "" if args.variant == "base" else f"_{args.variant}"
+        evaluate(Path(args.work), Path(args.out or RESULTS / f"text_to_image_curve{suffix}"), args.variant)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
