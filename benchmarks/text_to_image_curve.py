@@ -58,16 +58,18 @@ def evaluate(work: Path, out: Path, variant: str) -> None:
     prompts = prompt_set(PROMPTS)
     reference = prompt_reference(prompts, RESOLUTION)
     clock = {row["step"]: row["elapsed_s"] for row in read_log(run) if "elapsed_s" in row}
-    rows = []
+    earlier = out.with_suffix(".json")
+    done = {r["step"]: r for r in json.loads(earlier.read_text())["rows"]} if earlier.exists() else {}
     for checkpoint in list_checkpoints(run):
         pipe = difflab.load(checkpoint)
+        if pipe.step in done:  # scored by an earlier call: the same seeds give the same figures
+            continue
         images = pipe.sample(seeds=range(len(prompts)), prompt=prompts, guidance=W, sampler=SAMPLER,
                              steps=SAMPLE_STEPS)  # fmt: skip
-        step = pipe.step
         scored = score_prompt_samples(images, reference)
-        row = {"step": step, "minutes": clock.get(step, float("nan")) / 60, **scored}
-        rows.append(row)
-        print(step, {k: round(v, 3) for k, v in scored["adherence"]["all"].items() if k in ATTRIBUTES}, flush=True)
+        done[pipe.step] = {"step": pipe.step, "minutes": clock.get(pipe.step, float("nan")) / 60, **scored}
+        print(pipe.step, {k: round(v, 3) for k, v in scored["adherence"]["all"].items() if k in ATTRIBUTES}, flush=True)
+    rows = [done[step] for step in sorted(done)]
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "recipe": RECIPE, "w": W, "prompts": 2 * PROMPTS}  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))

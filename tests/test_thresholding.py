@@ -171,7 +171,7 @@ def test_png_records_the_limits_and_from_png_reproduces_them(digits_run, tmp_pat
     assert "Clip x0: off" in params
     code, _, err = run_cli(capsys, "sample", "--from-png", off, "--out", tmp_path / "off_again.png")
     assert code == 0 and np.array_equal(np.asarray(Image.open(off)), np.asarray(Image.open(tmp_path / "off_again.png")))
-    from difflab.cli.sample import recorded_thresholding
+    from difflab.guidance.thresholding import recorded_thresholding
 
     assert recorded_thresholding({})["clip_x0"] is False  # a PNG from before the setting was drawn unclipped
 

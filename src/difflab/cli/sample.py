@@ -160,24 +160,16 @@ def generation_metadata(pipe, args: argparse.Namespace, options: dict[str, Any])
 def thresholding_metadata(pipe, args: argparse.Namespace) -> dict[str, Any]:
     """What limited x0_hat (the model's default resolved): clip_x0, dynamic_threshold and x0_range as JSON."""
     from difflab.cli.common import thresholding_settings
-    from difflab.guidance.thresholding import range_as_json
+    from difflab.guidance.thresholding import thresholding_record
 
-    limit, percentile = pipe.thresholding(**thresholding_settings(args))
-    return {"clip_x0": limit is not None, "dynamic_threshold": percentile, "x0_range": range_as_json(limit)}
-
-
-def recorded_thresholding(meta: dict[str, Any]) -> dict[str, Any]:
-    """The x0 limits a PNG records, as `Pipeline.sample` keywords; a PNG from before they existed was not clipped."""
-    from difflab.guidance.thresholding import range_from_json
-
-    return {"clip_x0": meta.get("clip_x0", False), "dynamic_threshold": meta.get("dynamic_threshold"),
-            "x0_range": range_from_json(meta.get("x0_range"))}  # fmt: skip
+    return thresholding_record(*pipe.thresholding(**thresholding_settings(args)))
 
 
 def reproduce(args: argparse.Namespace) -> int:
     """Draw what a PNG (or .npy sidecar) records again: the same checkpoint, sampler, condition and guidance, and
     the same batches of seeds as when it was made (batched matmuls round by batch size), so the pixels match bit
     for bit. A one-image PNG from --out-dir gives that image; a grid gives the grid."""
+    from difflab.guidance.thresholding import recorded_thresholding
     from difflab.outputs import read_generation_parameters
 
     meta = read_generation_parameters(args.from_png)

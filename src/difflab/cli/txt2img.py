@@ -130,6 +130,7 @@ def reproduce_cascade(args: argparse.Namespace, meta: dict[str, Any], device: An
     import torch
 
     from difflab.cascade import cascade_batches
+    from difflab.guidance.thresholding import recorded_thresholding
 
     base_meta = meta["base"] | {"use_ema": meta.get("use_ema", True)}
     base = sample.recorded_model(base_meta["checkpoint"], base_meta, args.from_png, device, "base model")
@@ -139,7 +140,7 @@ def reproduce_cascade(args: argparse.Namespace, meta: dict[str, Any], device: An
         base, upsampler, seeds=seeds, sampler=meta["sampler"], steps=meta["base"]["steps"], grid=meta.get("grid"),
         upsampler_steps=meta["steps"], low_res_noise=meta.get("low_res_noise"), guidance=meta.get("guidance"),
         guidance_interval=meta.get("guidance_interval"), batch_size=meta.get("batch_size", len(seeds)),
-        prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), **sample.recorded_thresholding(meta),
+        prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), **recorded_thresholding(meta),
         **meta.get("options", {}),
     )  # fmt: skip
     images = torch.cat([high for _, _, high in batches])

@@ -157,3 +157,16 @@ def range_from_json(value: Any) -> X0Range | None:
     if value is None:
         return None
     return tuple(torch.tensor(v) if isinstance(v, list) else float(v) for v in value)
+
+
+def thresholding_record(x0_range: X0Range | None, percentile: float | None) -> dict[str, Any]:
+    """What limited x0_hat (`Pipeline.thresholding()`'s answer) as generation metadata: clip_x0, dynamic_threshold
+    and x0_range as JSON."""
+    return {"clip_x0": x0_range is not None, "dynamic_threshold": percentile, "x0_range": range_as_json(x0_range)}
+
+
+def recorded_thresholding(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `thresholding_record`, as `Pipeline.sample` keywords; metadata from before these limits existed
+    records none (not clipped)."""
+    return {"clip_x0": meta.get("clip_x0", False), "dynamic_threshold": meta.get("dynamic_threshold"),
+            "x0_range": range_from_json(meta.get("x0_range"))}  # fmt: skip

@@ -329,19 +329,17 @@ def preview_png(pipe: Any, x0: torch.Tensor) -> str:
 
 def write_images(job: Job, images: torch.Tensor, out_dir: Path) -> list[Path]:
     """The job's images as out_dir/<job id>/seed_SSSSSSSS.png, each with its generation parameters."""
-    from difflab.guidance.thresholding import range_as_json
+    from difflab.guidance.thresholding import thresholding_record
     from difflab.outputs import write_per_sample
 
     g = job.generation
     pipe = g.model.pipe
     shape = pipe.sample_shape
-    limit, percentile = pipe.thresholding()
     meta = {"sampler": g.sampler, "steps": g.steps, "grid": g.grid, "options": g.options, "guidance": g.guidance,
             "prompt": g.prompt, "negative_prompt": g.negative_prompt,
             "class": None if g.class_label is None else str(g.class_label), "model": g.model.name,
             "checkpoint": str(Path(pipe.checkpoint).resolve()), "train_step": pipe.step,
             "model_hash": pipe.weights_hash(), "size": f"{shape[-1]}x{shape[-2]}", "first_seed": g.seeds[0],
             "batch_size": 1, "use_ema": pipe.weights is None or Path(pipe.weights).name == "ema.safetensors",
-            "clip_x0": limit is not None, "dynamic_threshold": percentile, "x0_range": range_as_json(limit),
-            "server_job": job.id}  # fmt: skip
+            "server_job": job.id} | thresholding_record(*pipe.thresholding())  # fmt: skip
     return write_per_sample(images, out_dir / job.id, meta, g.seeds)
