@@ -430,3 +430,26 @@ def test_a1111_progress_reports_the_generation_under_way(server, client):
     during = seen[2]
     assert during["progress"] == 0.25 and during["state"]["sampling_step"] == 2 and during["eta_relative"] > 0
     assert during["state"]["job"] == job["id"] and png(base64.b64decode(during["current_image"])).size == (8, 8)
+
+
+def test_a1111_interrupt_stops_the_generation_under_way_and_the_next_is_drawn(server, client):
+    pipe = server.models["digits"].pipe
+    calls = []
+
+    def interrupt_at_the_second_call(module, args, out):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            assert client.post("/sdapi/v1/interrupt").json() == {}
+
+    body = {"prompt": "class 4", "seed": 3, "steps": 8, "sampler_name": "Euler"}
+    hook = pipe.denoiser.net.register_forward_hook(interrupt_at_the_second_call)
+    try:
+        stopped = client.post("/sdapi/v1/txt2img", json=body)
+    finally:
+        hook.remove()
+    assert stopped.status_code == 200 and stopped.json()["images"] == []
+    assert json.loads(stopped.json()["info"])["interrupted"] is True
+    assert len(calls) < 8  # the sampler stopped at the next step, not after all eight
+    again = client.post("/sdapi/v1/txt2img", json=body).json()
+    assert len(again["images"]) == 1 and json.loads(again["info"])["interrupted"] is False
+    assert client.post("/sdapi/v1/skip").json() == {}  # nothing under way: nothing to stop

@@ -2,7 +2,8 @@
 /sdapi/v1/txt2img (prompt, negative_prompt, steps, cfg_scale, seed, sampler_name with A1111's labels such as
 "Euler a" and "DPM++ 2M Karras", scheduler, batch_size x n_iter, override_settings.sd_model_checkpoint) answered
 with base64 PNGs, the request as `parameters` and an `info` JSON string; GET /sdapi/v1/progress (the generation under
-way: share of steps, ETA, current x0-hat), sd-models, samplers and options. A class model reads its class from the
+way: share of steps, ETA, current x0-hat), POST /sdapi/v1/interrupt and skip (the generations under way stop),
+sd-models, samplers and options. A class model reads its class from the
 prompt ("class 7" or "7", as difflab's PNGs write it). The model draws at its own size: width and height are accepted
 and the size drawn is reported in `info`. Fields whose features difflab does not have (hires fix, face restoration,
 tiling, variation seeds, scripts) are refused (422)."""
@@ -65,7 +66,7 @@ class Txt2ImgBody(BaseModel):
 
 
 def add_a1111_routes(app: FastAPI, server) -> None:
-    """Register /sdapi/v1/txt2img, sd-models, samplers and options on the app."""
+    """Register /sdapi/v1/txt2img, progress, interrupt, skip, sd-models, samplers and options on the app."""
     from difflab.serve.app import wait_for
 
     @app.post("/sdapi/v1/txt2img")
@@ -75,8 +76,10 @@ def add_a1111_routes(app: FastAPI, server) -> None:
         settings = generation_settings(body, model)
         job = server.queue.submit(resolve(model, server.limits, **settings))
         described = await wait_for(job)
-        if described["status"] != "done":
-            raise RequestRefused(f"generation {described['status']}: {described['error'] or 'cancelled'}", status=500)
+        if described["status"] == "failed":
+            raise RequestRefused(f"generation failed: {described['error']}", status=500)
+        # done, or cancelled (an /sdapi/v1/interrupt, or the JSON API's cancel): A1111 answers an interrupted
+        # generation with what it has; difflab writes no image of an unfinished job, so that is none
         images = [base64.b64encode(p.read_bytes()).decode() for p in job.images] if body.send_images else []
         answer = {"images": images, "parameters": body.model_dump(), "info": json.dumps(info(job, body))}
         if not body.save_images:  # A1111's default: the answer carries the images, the server keeps none
@@ -98,6 +101,20 @@ def add_a1111_routes(app: FastAPI, server) -> None:
                  "sampling_steps": job.generation.steps if job else 0}  # fmt: skip
         return {"progress": done, "eta_relative": eta, "state": state,
                 "current_image": image.split(",", 1)[1] if image else None, "textinfo": None}  # fmt: skip
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt():
+        """A1111's Interrupt button: the generations under way stop (queued ones go on); their txt2img calls answer
+        with no images and `interrupted` in `info`."""
+        for job in server.queue.running():
+            server.queue.cancel(job)
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    async def skip():
+        """A1111's Skip: the image under way is dropped and the next one drawn; difflab draws a request's images in
+        one batch, so skipping is interrupting it."""
+        return await interrupt()
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
@@ -177,4 +194,5 @@ def info(job, body: Txt2ImgBody) -> dict[str, Any]:
             "sampler_name": body.sampler_name or g.sampler, "cfg_scale": g.guidance, "steps": g.steps,
             "batch_size": body.batch_size, "sd_model_name": g.model.name, "sd_model_hash": g.model.pipe.weights_hash(),
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "clip_skip": 1,
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "difflab"}  # fmt: skip
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "difflab",
+            "interrupted": job.status == "cancelled"}  # fmt: skip
