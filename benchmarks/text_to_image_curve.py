@@ -35,7 +35,7 @@ RESOLUTION, SCENES, EVERY = 32, 20_000, 1000
 RECIPE = {"process": "edm", "model": "tiny", "batch_size": 64, "lr": 2e-3, "caption_dropout": 0.2, "p_mean": -0.4,
           "p_std": 1.4, "patch_size": 2}  # fmt: skip
 PROMPTS, W, SAMPLER, SAMPLE_STEPS = 100, 3.0, "dpmpp_2m", 20
-ATTRIBUTES = ("color", "shape", "size", "position", "relation", "full")
+ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "full")
 RESULTS = Path(__file__).parent / "results"
 # base: the tiny U-Net as it is (self- and cross-attention at its lowest level, 4 x 4); attn2: at the two lowest
 VARIANTS = {"base": "glide32", "attn2": "glide32-attn2"}

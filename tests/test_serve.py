@@ -96,7 +96,9 @@ def events_from_the_start(client, server, **body):
         deadline = time.monotonic() + 30
         while server.queue.jobs[job["id"]].watchers() == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert server.queue.jobs[job["id"]].watchers() == 1, "the listener did not subscribe within 30 s"
     listener.join(timeout=120)
+    assert not listener.is_alive(), "the job's events did not end within 120 s"
     return job, heard
 
 
@@ -453,3 +455,26 @@ def test_a1111_interrupt_stops_the_generation_under_way_and_the_next_is_drawn(se
     again = client.post("/sdapi/v1/txt2img", json=body).json()
     assert len(again["images"]) == 1 and json.loads(again["info"])["interrupted"] is False
     assert client.post("/sdapi/v1/skip").json() == {}  # nothing under way: nothing to stop
+
+
+def test_a_job_cancelled_while_its_pngs_are_written_leaves_no_files(server, client, monkeypatch):
+    from difflab.serve import jobs as jobs_module
+
+    write = jobs_module.write_images
+
+    def write_then_cancel(job, images, out_dir):
+        paths = write(job, images, out_dir)
+        assert all(p.is_file() for p in paths)
+        server.queue.cancel(job)  # (an /sdapi/v1/interrupt arriving just then)
+        return paths
+
+    monkeypatch.setattr(jobs_module, "write_images", write_then_cancel)
+    job = generate(client, model="digits", class_label=1, seed=0, n=2, steps=STEPS)
+    assert events(client, job["id"])[-1][0] == "cancelled"
+    assert not (server.queue.out_dir / job["id"]).exists()  # nothing left that no API can reach
+
+
+def test_a_stopping_server_refuses_new_requests(server, client):
+    server.queue.stop()
+    refused = client.post("/api/generate", json={"model": "digits", "class_label": 1, "steps": STEPS})
+    assert refused.status_code == 503 and "stopping" in refused.json()["detail"]

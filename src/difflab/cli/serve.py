@@ -12,6 +12,8 @@ from pathlib import Path
 from difflab.cli.common import add_runtime_arguments, setup_runtime
 from difflab.errors import DifflabError
 
+GRACEFUL_SHUTDOWN_S = 10  # Ctrl-C: open requests and event streams get this long, then are closed
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", required=True, metavar="DIR",
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"difflab serve: {', '.join(server.models)} at {url} (images to {args.out}; Ctrl-C stops)", flush=True)
     try:
-        uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[sock])
+        config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C is how a server stops: uvicorn has shut down gracefully and re-raised it
         print("difflab serve: stopped", flush=True)
     finally:

@@ -10,6 +10,7 @@ tiling, variation seeds, scripts) are refused (422)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -75,7 +76,12 @@ def add_a1111_routes(app: FastAPI, server) -> None:
         model = server.model(model_name(body.override_settings.get("sd_model_checkpoint"), server.models))
         settings = generation_settings(body, model)
         job = server.queue.submit(resolve(model, server.limits, **settings))
-        described = await wait_for(job)
+        try:
+            described = await wait_for(job)
+        except asyncio.CancelledError:  # the client went away (or the server stops): nobody will read the images
+            server.queue.cancel(job)
+            server.queue.discard_images(job)
+            raise
         if described["status"] == "failed":
             raise RequestRefused(f"generation failed: {described['error']}", status=500)
         # done, or cancelled (an /sdapi/v1/interrupt, or the JSON API's cancel): A1111 answers an interrupted

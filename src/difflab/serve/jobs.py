@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from difflab.errors import DifflabError
-from difflab.serve.requests import Generation, Limits
+from difflab.serve.requests import Generation, Limits, RequestRefused
 
 log = logging.getLogger("difflab.serve")
 FINISHED = ("done", "cancelled", "failed")
@@ -47,17 +47,18 @@ class Job:
         self.status, self.step, self.error = "queued", 0, None
         self.images: list[Path] = []
         self.finished = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (re-entered: finish and subscribe describe the job while holding it)
         self._latest: dict[str, Any] | None = None  # the last progress event, for late subscribers
         self._preview: Callable[[], str] | None = None  # makes the latest step's preview
         self.started: float | None = None  # time.monotonic() when drawing began
         self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
 
     def describe(self) -> dict[str, Any]:
-        """The job as the API shows it."""
-        return {"id": self.id, "status": self.status, "step": self.step, "steps": self.generation.steps,
-                "seeds": self.generation.seeds, "parameters": self.generation.parameters(), "error": self.error,
-                "images": [f"/api/jobs/{self.id}/images/{i}" for i in range(len(self.images))]}  # fmt: skip
+        """The job as the API shows it (read under the lock: never "done" without its images)."""
+        with self._lock:
+            return {"id": self.id, "status": self.status, "step": self.step, "steps": self.generation.steps,
+                    "seeds": self.generation.seeds, "parameters": self.generation.parameters(), "error": self.error,
+                    "images": [f"/api/jobs/{self.id}/images/{i}" for i in range(len(self.images))]}  # fmt: skip
 
     def subscribe(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
         """A queue that receives this job's events from now on, starting with its latest progress (or its end)."""
@@ -140,6 +141,8 @@ class JobQueue:
     def submit(self, generation: Generation) -> Job:
         """Queue a checked generation; QueueFull when max_queue jobs wait already."""
         with self._cond:
+            if self._stopping:
+                raise RequestRefused("the server is stopping", status=503)
             if len(self._pending) >= self.limits.max_queue:
                 raise QueueFull(self._retry_after(), len(self._pending))
             job = Job(generation)
@@ -158,10 +161,7 @@ class JobQueue:
 
     def discard_images(self, job: Job) -> None:
         """Delete a finished job's PNGs (and its folder): an A1111 request that did not ask to save them."""
-        for path in job.images:
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            (self.out_dir / job.id).rmdir()
+        remove_images(job.images, self.out_dir / job.id)
         job.images = []
 
     @contextlib.contextmanager
@@ -213,24 +213,29 @@ class JobQueue:
                 self._gather()
                 if self._stopping:
                     return
-                if not self._pending:  # (cancelled while gathering)
+                if not self._pending or self._paused:  # (cancelled or paused while gathering)
                     continue
                 batch = self._take_batch()
             started = time.perf_counter()
             try:
-                draw_batch(batch, self.out_dir)
+                draw_batch(batch, self.out_dir, self._answered)
             except Exception as err:  # a job's failure must not stop the server: it is reported in the job
                 message = str(err) if isinstance(err, DifflabError) else f"internal error: {type(err).__name__}"
                 if not isinstance(err, DifflabError):
                     log.exception("generation failed")
+                self._answered(batch)
                 for job in batch:
                     job.finish("failed", message)
-            with self._cond:
-                self._expected = len(batch) + len(self._pending)  # its clients' next requests, and those waiting
-                self._answered_at = time.monotonic()
             self.drawn["batches"] += 1
             self.drawn["samples"] += sum(job.generation.n for job in batch)
             self.drawn["seconds"] += time.perf_counter() - started
+
+    def _answered(self, batch: list[Job]) -> None:
+        """A batch is about to be answered: its clients' next requests, and those already waiting, are expected
+        (counted before any client can send again)."""
+        with self._cond:
+            self._expected = len(batch) + len(self._pending)
+            self._answered_at = time.monotonic()
 
     def _gather(self) -> None:
         """Within `batch_wait` seconds of a batch's end, wait (at most until then) for its clients' next requests:
@@ -264,9 +269,10 @@ class BatchCancelled(Exception):
     """Every job of a batch was cancelled: drawing stops."""
 
 
-def draw_batch(jobs: list[Job], out_dir: Path) -> None:
+def draw_batch(jobs: list[Job], out_dir: Path, answering: Callable[[list[Job]], None] = lambda jobs: None) -> None:
     """Draw compatible jobs in one call of the model's sampler (all their seeds in one batch), publish each step's
-    previews, write each job's PNGs (difflab JSON + A1111 parameters) under out_dir/<job id>/ and finish it."""
+    previews, write each job's PNGs (difflab JSON + A1111 parameters) under out_dir/<job id>/ and finish it
+    (`answering(jobs)` is called just before the first is finished)."""
     first = jobs[0].generation
     pipe = first.model.pipe
     rows, start = [], 0
@@ -289,10 +295,14 @@ def draw_batch(jobs: list[Job], out_dir: Path) -> None:
         images = pipe.sample(seeds=seeds, sampler=first.sampler, grid=first.grid, steps=first.steps,
                              batch_size=len(seeds), callback=on_step, **condition(jobs), **first.options)  # fmt: skip
     except BatchCancelled:
+        answering(jobs)
         return
+    answering(jobs)
     for job, r in zip(jobs, rows, strict=True):
         if job.status not in FINISHED:
-            job.finish("done", images=write_images(job, images[r], out_dir))
+            paths = write_images(job, images[r], out_dir)
+            if not job.finish("done", images=paths):  # cancelled while its PNGs were written: nobody gets them
+                remove_images(paths, out_dir / job.id)
 
 
 def condition(jobs: list[Job]) -> dict[str, Any]:
@@ -311,6 +321,14 @@ def condition(jobs: list[Job]) -> dict[str, Any]:
     if kind != "unconditional" and first.guidance is not None:
         settings["guidance"] = first.guidance
     return settings
+
+
+def remove_images(paths: list[Path], folder: Path) -> None:
+    """Delete a job's PNGs and then its folder (if nothing else is in it)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def preview_png(pipe: Any, x0: torch.Tensor) -> str:
