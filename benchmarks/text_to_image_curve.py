@@ -6,6 +6,7 @@ budget, every checkpoint scored on the fixed prompt set.
     python benchmarks/text_to_image_curve.py train --steps 12000  # WORK/glide32 with a checkpoint every EVERY steps
     python benchmarks/text_to_image_curve.py eval               # -> benchmarks/results/text_to_image_curve.{md,json}
     ... --variant attn2 train / eval                              # attention at the U-Net's two lowest levels
+    python benchmarks/text_to_image_curve.py figure             # -> text_to_image_curve.png: prompts x checkpoints
 
 The model: the text-to-image benchmark's recipe (EDM, P_mean -0.4, P_std 1.4, the tiny U-Net on 2 x 2 patches,
 batch 64, lr 2e-3, caption dropout 0.2, 20,000 scenes) with `--text-encoder clip:WORK/clip`. Each checkpoint: the
@@ -30,6 +31,7 @@ from difflab.eval.adherence import prompt_reference, prompt_set, score_prompt_sa
 from difflab.training.checkpoint import list_checkpoints
 from difflab.training.run import train_run
 from difflab.training.trainer import read_log
+from difflab.viz.text import save_prompt_rows
 
 RESOLUTION, SCENES, EVERY = 32, 20_000, 1000
 RECIPE = {"process": "edm", "model": "tiny", "batch_size": 64, "lr": 2e-3, "caption_dropout": 0.2, "p_mean": -0.4,
@@ -83,9 +85,25 @@ def evaluate(work: Path, out: Path, variant: str) -> None:
     print("\n".join(lines))
 
 
+def figure(work: Path, out: Path, variant: str, prompts_per_split: int = 3, columns: int = 6) -> None:
+    """The same prompts and seeds drawn by checkpoints spread along the run: one row per prompt, one column per
+    checkpoint (left to right: more training)."""
+    checkpoints = list_checkpoints(work / VARIANTS[variant])
+    picked = [checkpoints[round(i * (len(checkpoints) - 1) / (columns - 1))] for i in range(columns)]
+    prompts = prompt_set(PROMPTS)
+    chosen = prompts[:prompts_per_split] + prompts[PROMPTS : PROMPTS + prompts_per_split]
+    pipes = [difflab.load(c) for c in dict.fromkeys(picked)]
+    drawn = [p.sample(seeds=range(len(chosen)), prompt=chosen, guidance=W, sampler=SAMPLER, steps=SAMPLE_STEPS)
+             for p in pipes]  # fmt: skip
+    images = torch.stack([d[j] for j in range(len(chosen)) for d in drawn])
+    steps = ", ".join(f"{p.step:,}" for p in pipes)
+    labels = [f"{c} ({'held-out' if j < prompts_per_split else 'train'})" for j, c in enumerate(chosen)]
+    save_prompt_rows(images, labels, out.with_suffix(".png"), title=f"training steps {steps}, w = {W}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("train", "eval"))
+    p.add_argument("phase", choices=("train", "eval", "figure"))
     p.add_argument("--work", default="runs/t2i-curve")
     p.add_argument("--steps", type=int, default=12_000)
     p.add_argument("--threads", type=int, default=1)
@@ -93,11 +111,14 @@ def main() -> int:
     p.add_argument("--out", default=None, help="default benchmarks/results/text_to_image_curve[_VARIANT]")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    suffix = "" if args.variant == "base" else f"_{args.variant}"
+    out = Path(args.out or RESULTS / f"text_to_image_curve{suffix}")
     if args.phase == "train":
         train(Path(args.work), args.steps, args.variant)
+    elif args.phase == "eval":
+        evaluate(Path(args.work), out, args.variant)
     else:
-        suffix = "" if args.variant == "base" else f"_{args.variant}"
-        evaluate(Path(args.work), Path(args.out or RESULTS / f"text_to_image_curve{suffix}"), args.variant)
+        figure(Path(args.work), out, args.variant)
     return 0
 
 

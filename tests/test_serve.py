@@ -19,7 +19,7 @@ from PIL import Image
 import difflab
 from difflab.cli.main import main
 from difflab.serve import build_server, create_app
-from difflab.serve.jobs import Job
+from difflab.serve.jobs import MAX_BACKLOG, Job, deliver
 from difflab.serve.requests import Generation, Limits
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -478,3 +478,13 @@ def test_a_stopping_server_refuses_new_requests(server, client):
     server.queue.stop()
     refused = client.post("/api/generate", json={"model": "digits", "class_label": 1, "steps": STEPS})
     assert refused.status_code == 503 and "stopping" in refused.json()["detail"]
+
+
+def test_a_reader_that_stopped_reading_skips_progress_but_gets_the_end():
+    queue: asyncio.Queue = asyncio.Queue()
+    for step in range(MAX_BACKLOG + 10):
+        deliver(queue, ("progress", {"step": step}))
+    deliver(queue, ("done", {"status": "done"}))
+    events = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert [e[1]["step"] for e in events[:-1]] == list(range(MAX_BACKLOG))  # the first ones, in order; no more
+    assert events[-1] == ("done", {"status": "done"})

@@ -100,7 +100,8 @@ def add_a1111_routes(app: FastAPI, server) -> None:
         job = running[0] if running else None
         done = job.step / job.generation.steps if job else 0.0
         eta = (time.monotonic() - job.started) * (1 - done) / done if job and job.started and done else 0.0
-        image = None if job is None or skip_current_image else job.current_preview()
+        # (made off the event loop: a latent model's preview decodes its latents)
+        image = None if job is None or skip_current_image else await asyncio.to_thread(job.current_preview)
         state = {"skipped": False, "interrupted": False, "job": job.id if job else "",
                  "job_count": len(running) + server.queue.pending(), "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
                  "job_no": 0, "sampling_step": job.step if job else 0,

@@ -25,6 +25,7 @@ import torch
 from difflab.errors import DifflabError
 from difflab.serve.requests import Generation, Limits, RequestRefused
 
+MAX_BACKLOG = 32  # progress events kept for a subscriber that is not reading
 log = logging.getLogger("difflab.serve")
 FINISHED = ("done", "cancelled", "failed")
 
@@ -119,7 +120,15 @@ class Job:
 
     def _publish(self, kind: str, payload: dict[str, Any]) -> None:
         for loop, queue in self._subscribers:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+            loop.call_soon_threadsafe(deliver, queue, (kind, payload))
+
+
+def deliver(queue: asyncio.Queue, event: tuple[str, dict[str, Any]]) -> None:
+    """Put an event on a subscriber's queue; a reader MAX_BACKLOG events behind (stalled, connection open) skips
+    progress events, so that it cannot hoard previews. The final event always arrives."""
+    if event[0] == "progress" and queue.qsize() >= MAX_BACKLOG:
+        return
+    queue.put_nowait(event)
 
 
 class JobQueue:
