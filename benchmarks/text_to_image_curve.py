@@ -7,6 +7,7 @@ budget, every checkpoint scored on the fixed prompt set.
     python benchmarks/text_to_image_curve.py eval               # -> benchmarks/results/text_to_image_curve.{md,json}
     ... --variant attn2 train / eval                              # attention at the U-Net's two lowest levels
     python benchmarks/text_to_image_curve.py figure             # -> text_to_image_curve.png: prompts x checkpoints
+    python benchmarks/text_to_image_curve.py sweep [--step S]   # guidance scales at one checkpoint: ..._sweep.json
 
 The model: the text-to-image benchmark's recipe (EDM, P_mean -0.4, P_std 1.4, the tiny U-Net on 2 x 2 patches,
 batch 64, lr 2e-3, caption dropout 0.2, 20,000 scenes) with `--text-encoder clip:WORK/clip`. Each checkpoint: the
@@ -27,7 +28,9 @@ from pathlib import Path
 import torch
 
 import difflab
-from difflab.eval.adherence import prompt_reference, prompt_set, score_prompt_samples
+from difflab.data.shapes import parse_caption
+from difflab.eval.adherence import prompt_reference, prompt_set, score_prompt_samples, sweep_guidance
+from difflab.eval.shapes import adherence
 from difflab.training.checkpoint import list_checkpoints
 from difflab.training.run import train_run
 from difflab.training.trainer import read_log
@@ -37,6 +40,7 @@ RESOLUTION, SCENES, EVERY = 32, 20_000, 1000
 RECIPE = {"process": "edm", "model": "tiny", "batch_size": 64, "lr": 2e-3, "caption_dropout": 0.2, "p_mean": -0.4,
           "p_std": 1.4, "patch_size": 2}  # fmt: skip
 PROMPTS, W, SAMPLER, SAMPLE_STEPS = 100, 3.0, "dpmpp_2m", 20
+SCALES = (1.0, 2.0, 3.0, 5.0, 7.0)
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "full")
 RESULTS = Path(__file__).parent / "results"
 # base: the tiny U-Net as it is (self- and cross-attention at its lowest level, 4 x 4); attn2: at the two lowest
@@ -55,6 +59,14 @@ def train(work: Path, steps: int, variant: str) -> None:
     train_run(config, work / VARIANTS[variant], data=data, progress=False)
 
 
+def by_objects(images: torch.Tensor, captions: list[str]) -> dict[str, dict]:
+    """Adherence on the one-object captions and on the two-object ones apart (relations are only in the latter)."""
+    counts = [len(parse_caption(c).objects) for c in captions]
+    rows = {k: [i for i, m in enumerate(counts) if m == k] for k in (1, 2)}
+    return {f"{k} object{'s' if k > 1 else ''}": adherence(images[idx], [captions[i] for i in idx])
+            for k, idx in rows.items()}  # fmt: skip
+
+
 def evaluate(work: Path, out: Path, variant: str) -> None:
     run = work / VARIANTS[variant]
     prompts = prompt_set(PROMPTS)
@@ -64,23 +76,25 @@ def evaluate(work: Path, out: Path, variant: str) -> None:
     done = {r["step"]: r for r in json.loads(earlier.read_text())["rows"]} if earlier.exists() else {}
     for checkpoint in list_checkpoints(run):
         pipe = difflab.load(checkpoint)
-        if pipe.step in done:  # scored by an earlier call: the same seeds give the same figures
+        if pipe.step in done and "by_objects" in done[pipe.step]:  # scored by an earlier call (the same seeds)
             continue
         images = pipe.sample(seeds=range(len(prompts)), prompt=prompts, guidance=W, sampler=SAMPLER,
                              steps=SAMPLE_STEPS)  # fmt: skip
-        scored = score_prompt_samples(images, reference)
+        scored = score_prompt_samples(images, reference) | {"by_objects": by_objects(images, prompts)}
         done[pipe.step] = {"step": pipe.step, "minutes": clock.get(pipe.step, float("nan")) / 60, **scored}
         print(pipe.step, {k: round(v, 3) for k, v in scored["adherence"]["all"].items() if k in ATTRIBUTES}, flush=True)
     rows = [done[step] for step in sorted(done)]
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "recipe": RECIPE, "w": W, "prompts": 2 * PROMPTS}  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
-    lines = ["| step | minutes | " + " | ".join(f"{a} train / held-out" for a in ATTRIBUTES) + " | FD |",
-             "|---" * (len(ATTRIBUTES) + 3) + "|"]  # fmt: skip
+    lines = ["| step | minutes | " + " | ".join(f"{a} train / held-out" for a in ATTRIBUTES) +
+             " | full, 1 / 2 objects | FD |", "|---" * (len(ATTRIBUTES) + 4) + "|"]  # fmt: skip
     for row in rows:
         train_acc, test_acc = row["adherence"]["train"], row["adherence"]["test"]
         cells = [f"{100 * train_acc[a]:.0f} / {100 * test_acc[a]:.0f}%" for a in ATTRIBUTES]
-        lines.append(f"| {row['step']} | {row['minutes']:.0f} | " + " | ".join(cells) + f" | {row['fd']['all']:.2f} |")
+        one, two = (row["by_objects"][k]["full"] for k in ("1 object", "2 objects"))
+        lines.append(f"| {row['step']} | {row['minutes']:.0f} | " + " | ".join(cells) +
+                     f" | {100 * one:.0f} / {100 * two:.0f}% | {row['fd']['all']:.2f} |")  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -101,9 +115,23 @@ def figure(work: Path, out: Path, variant: str, prompts_per_split: int = 3, colu
     save_prompt_rows(images, labels, out.with_suffix(".png"), title=f"training steps {steps}, w = {W}")
 
 
+def sweep(work: Path, out: Path, variant: str, step: int | None) -> None:
+    """Adherence and FD against the guidance scale (SCALES) at one checkpoint (default: the latest)."""
+    checkpoints = list_checkpoints(work / VARIANTS[variant])
+    checkpoint = next(c for c in checkpoints if c.name == f"step_{step:08d}") if step else checkpoints[-1]
+    pipe = difflab.load(checkpoint)
+    rows = sweep_guidance(pipe, prompt_set(PROMPTS), SCALES, sampler=SAMPLER, steps=SAMPLE_STEPS)
+    for row in rows:
+        print(row["guidance"], {k: round(v, 3) for k, v in row["adherence"]["all"].items() if k in ATTRIBUTES},
+              round(row["fd"]["all"], 3), flush=True)  # fmt: skip
+    path = out.with_name(out.name + "_sweep.json")
+    path.write_text(json.dumps({"step": pipe.step, "rows": rows}, indent=2, default=float))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("train", "eval", "figure"))
+    p.add_argument("phase", choices=("train", "eval", "figure", "sweep"))
+    p.add_argument("--step", type=int, help="sweep: the checkpoint at this step (default: the latest)")
     p.add_argument("--work", default="runs/t2i-curve")
     p.add_argument("--steps", type=int, default=12_000)
     p.add_argument("--threads", type=int, default=1)
@@ -117,8 +145,10 @@ def main() -> int:
         train(Path(args.work), args.steps, args.variant)
     elif args.phase == "eval":
         evaluate(Path(args.work), out, args.variant)
-    else:
+    elif args.phase == "figure":
         figure(Path(args.work), out, args.variant)
+    else:
+        sweep(Path(args.work), out, args.variant, args.step)
     return 0
 
 
