@@ -93,8 +93,14 @@ class Job:
         with self._lock:
             if self.status in FINISHED:
                 return
+            watched = bool(self._subscribers)
+        shown = preview() if watched else None  # (made outside the lock: subscribers and cancels need not wait)
+        with self._lock:
+            if self.status in FINISHED:
+                return
+            if shown is None and self._subscribers:  # someone subscribed meanwhile
+                shown = preview()
             self.status, self.step, self._preview = "running", step, preview
-            shown = preview() if self._subscribers else None
             self._latest = {"step": step, "steps": self.generation.steps, "preview": shown}
             self._publish("progress", self._latest)
 
