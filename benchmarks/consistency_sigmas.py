@@ -25,44 +25,42 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import sem
 
 import difflab
-from difflab.eval.quality import digits_quality
+from difflab.eval.quality import digits_quality, digits_quality_over_seed_sets
 
 FACTORS, PASSES, TUNE_SEED = (0.4, 0.6, 0.8, 1.25, 1.6, 2.5), 2, 10_000
-SEED_SETS, SEED_STRIDE, TEACHER_STEPS = 8, 20_000, 50
+SEED_SETS, TEACHER_STEPS = 8, 50
 RESULTS = Path(__file__).parent / "results"
 
 
-def fd(pipe, levels: list[float] | None, n: int, seed: int, floor_seed: int = 0) -> dict:
-    """FD of n samples from seeds seed..: a consistency model at `levels`, or (None) a diffusion model's Euler; the
-    floor: n training digits drawn with `floor_seed`."""
+def draw(pipe, levels: list[float] | None, n: int, seed: int) -> torch.Tensor:
+    """n samples from seeds seed..: a consistency model at `levels`, or (None) a diffusion model's Euler."""
     if levels is None:
-        samples = pipe.sample(n, seed=seed, batch_size=500, sampler="euler", steps=TEACHER_STEPS)
-    else:
-        grid = ",".join(f"{s:.6g}" for s in levels)
-        samples = pipe.sample(n, seed=seed, batch_size=500, grid=grid, sampler="consistency")
-    q = digits_quality(samples, floor_seed=floor_seed)
-    return {"fd": q["frechet"], "floor": q["frechet_floor"], "conf90": q["confident_share"]}
+        return pipe.sample(n, seed=seed, batch_size=500, sampler="euler", steps=TEACHER_STEPS)
+    return pipe.sample(n, seed=seed, batch_size=500, grid=levels, sampler="consistency")
 
 
-def over_seed_sets(pipe, levels: list[float] | None, n: int) -> list[dict]:
-    return [fd(pipe, levels, n, k * SEED_STRIDE, floor_seed=k) for k in range(SEED_SETS)]
+def over_seed_sets(pipe, levels: list[float] | None, n: int) -> dict:
+    return digits_quality_over_seed_sets(lambda seed: draw(pipe, levels, n, seed), SEED_SETS)
 
 
-def summary(scores: list[dict], teacher: list[dict] | None, key: str = "fd") -> dict:
-    """Mean and standard error of scores[key] over the seed sets, and the paired difference to the teacher's."""
-    values = np.asarray([s[key] for s in scores])
-    row = {"fds": values.tolist(), "mean": float(values.mean()), "se": float(values.std(ddof=1) / np.sqrt(len(values)))}
+def summary(scored: dict, teacher: dict | None, key: str = "frechet") -> dict:
+    """Mean and standard error of the sets' `key` (FD or its floor), and the mean paired difference to the teacher's
+    on the same seed sets with its standard error."""
+    values = np.array([q[key] for q in scored["per_set"]])
+    row = {"fds": values.tolist(), "mean": float(values.mean()), "se": float(sem(values))}
     if teacher is not None:
-        diff = values - np.asarray([s[key] for s in teacher])
-        row |= {"minus_teacher": float(diff.mean()), "minus_teacher_se": float(diff.std(ddof=1) / np.sqrt(len(diff)))}
+        diff = values - np.array([q[key] for q in teacher["per_set"]])
+        row |= {"minus_teacher": float(diff.mean()), "minus_teacher_se": float(sem(diff))}
     return row
 
 
 def tune(pipe, levels: list[float], n: int) -> tuple[list[float], float]:
     """Coordinate descent over the levels after the first (sigma_max stays), multiplicative moves."""
-    best = fd(pipe, levels, n, TUNE_SEED)["fd"]
+    sigma_min = pipe.formulation.sigma_range()[0]
+    best = digits_quality(draw(pipe, levels, n, TUNE_SEED))["frechet"]
     for _ in range(PASSES):
         for i in range(1, len(levels)):
             improved = True
@@ -72,10 +70,10 @@ def tune(pipe, levels: list[float], n: int) -> tuple[list[float], float]:
                     trial = levels.copy()
                     trial[i] *= factor
                     upper = levels[i - 1]
-                    lower = levels[i + 1] if i + 1 < len(levels) else 0.002
+                    lower = levels[i + 1] if i + 1 < len(levels) else sigma_min
                     if not lower < trial[i] < upper:
                         continue
-                    score = fd(pipe, trial, n, TUNE_SEED)["fd"]
+                    score = digits_quality(draw(pipe, trial, n, TUNE_SEED))["frechet"]
                     if score < best:
                         levels, best, improved = trial, score, True
                         print(f"    {[round(s, 4) for s in levels]} FD {best:.3f}", flush=True)
@@ -95,7 +93,7 @@ def main() -> int:
     teacher = over_seed_sets(difflab.load(args.teacher), None, args.n) if args.teacher else None
     rows = [{"run": args.teacher, "steps": TEACHER_STEPS, "teacher": summary(teacher, None)}] if teacher else []
     pipe = difflab.load(args.runs[0])
-    floor = summary(teacher or over_seed_sets(pipe, [float(pipe.sigmas(1)[0])], args.n), None, key="floor")
+    floor = summary(teacher or over_seed_sets(pipe, [float(pipe.sigmas(1)[0])], args.n), None, key="frechet_floor")
     print("teacher", rows[0] if rows else None, "floor", floor, flush=True)
     for run in args.runs:
         pipe = difflab.load(run)

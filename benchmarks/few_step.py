@@ -29,19 +29,17 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import difflab
 from difflab.distill.run import distill
-from difflab.eval.quality import digits_quality
+from difflab.eval.quality import digits_quality_over_seed_sets
 from difflab.sampling import SAMPLERS
 from difflab.training.checkpoint import latest_checkpoint
 from difflab.training.trainer import read_log
 
 NFES = (1, 2, 4, 8)
 PD_TEACHER_STEPS, PD_ROUNDS = 64, 6
-SEED_STRIDE = 20_000  # seed set k: seeds 20,000 k ..
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -57,17 +55,14 @@ def training_seconds(run: Path) -> float:
 
 
 def score(pipe, n: int, seed_sets: int = 1, **kwargs) -> dict:
-    """FD, floor and conf90 of n samples, averaged over `seed_sets` disjoint seed sets (seeds SEED_STRIDE k ..), each
-    set against its own floor draw (k); fd_se is the standard error of the mean FD over the sets."""
-    runs = []
-    for k in range(seed_sets):
-        stats: dict = {}
-        samples = pipe.sample(n, seed=k * SEED_STRIDE, batch_size=500, stats=stats, **kwargs)
-        runs.append(digits_quality(samples, floor_seed=k) | {"nfe": stats["nfe"]})
-    fds = np.array([r["frechet"] for r in runs])
-    return {"fd": float(fds.mean()), "fd_se": float(fds.std(ddof=1) / np.sqrt(len(fds))) if len(fds) > 1 else 0.0,
-            "floor": float(np.mean([r["frechet_floor"] for r in runs])), "fds": fds.tolist(),
-            "conf90": float(np.mean([r["confident_share"] for r in runs])), "nfe": runs[0]["nfe"]}  # fmt: skip
+    """FD, floor and conf90 of n samples, averaged over `seed_sets` disjoint seed sets
+    (`digits_quality_over_seed_sets`); fd_se is the standard error of the mean FD over the sets."""
+    stats: dict = {}
+    q = digits_quality_over_seed_sets(lambda seed: pipe.sample(n, seed=seed, batch_size=500, stats=stats, **kwargs),
+                                      seed_sets)  # fmt: skip
+    return {"fd": q["frechet"], "fd_se": q["frechet_se"], "floor": q["frechet_floor"],
+            "fds": [r["frechet"] for r in q["per_set"]], "conf90": q["confident_share"],
+            "nfe": stats["nfe"]}  # fmt: skip
 
 
 def best_solver(pipe, nfe: int, n: int, seed_sets: int = 1) -> dict:
@@ -134,8 +129,7 @@ def main() -> int:
             levels = next((r["tuned_levels"] for r in tuned if Path(r["run"]).name == run.name and r["steps"] == nfe
                            and nfe > 1), None)  # fmt: skip
             if levels is not None:
-                grid = ",".join(f"{s:.6g}" for s in levels)
-                rows[f"{name}, {nfe} NFE, tuned levels"] = score(difflab.load(run), args.n, k, grid=grid)
+                rows[f"{name}, {nfe} NFE, tuned levels"] = score(difflab.load(run), args.n, k, grid=levels)
         for name, run in (("DDPM-v", ddpm), ("EDM", edm)):
             rows[f"best solver on the {name} teacher, {nfe} NFE"] = best_solver(difflab.load(run), nfe, args.n, k)
     cost = {

@@ -18,7 +18,7 @@ from difflab.eval.digits_classifier import (
     load_digits_classifier,
 )
 from difflab.eval.frechet import feature_statistics, frechet_distance, frechet_distance_between
-from difflab.eval.quality import digits_quality, toy_quality
+from difflab.eval.quality import SEED_SET_STRIDE, digits_quality, digits_quality_over_seed_sets, toy_quality
 from difflab.eval.toy_metrics import sliced_wasserstein
 
 # ---------------------------------------------------------------- Frechet distance
@@ -202,6 +202,27 @@ def test_digits_quality_real_versus_noise(classifier) -> None:
     floor5 = digits_quality(noise, classifier, floor_seed=5)["frechet_floor"]
     assert floor5 == pytest.approx(digits_quality(train_images[subset], classifier)["frechet"], rel=1e-6)
     assert floor5 != held["frechet_floor"]  # another draw of 300 training digits
+
+
+def test_digits_quality_over_seed_sets_averages_each_sets_own_report(classifier) -> None:
+    train_images, _ = load_digits_split("train")
+    seeds_seen = []
+
+    def draw(seed):  # a "model" whose samples are training digits chosen by the seed
+        seeds_seen.append(seed)
+        return train_images[torch.from_numpy(np.random.default_rng(seed).choice(len(train_images), 100, False))]
+
+    q = digits_quality_over_seed_sets(draw, 3, classifier)
+    assert seeds_seen == [0, SEED_SET_STRIDE, 2 * SEED_SET_STRIDE]
+    alone = [digits_quality(draw(SEED_SET_STRIDE * k), classifier, floor_seed=k) for k in range(3)]
+    fds = [a["frechet"] for a in alone]
+    assert [p["frechet"] for p in q["per_set"]] == fds and len({a["frechet_floor"] for a in alone}) == 3
+    assert q["frechet"] == pytest.approx(np.mean(fds))
+    assert q["frechet_se"] == pytest.approx(np.std(fds, ddof=1) / 3**0.5)
+    assert q["frechet_floor"] == pytest.approx(np.mean([a["frechet_floor"] for a in alone]))
+    assert digits_quality_over_seed_sets(draw, 1, classifier)["frechet_se"] == 0.0
+    with pytest.raises(DifflabError, match="at least one seed set"):
+        digits_quality_over_seed_sets(draw, 0, classifier)
 
 
 def test_digits_quality_resolution_and_clamping(classifier) -> None:

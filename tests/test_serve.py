@@ -134,6 +134,7 @@ def test_a_subscriber_arriving_mid_job_is_shown_the_latest_step_with_its_preview
     finally:
         loop.close()
     assert (kind, latest["step"], latest["preview"]) == ("progress", 2, "data:image/png;base64,two") and made == [2]
+    assert job.current_preview() == "data:image/png;base64,two" and made == [2]  # kept, not made again
 
 
 def test_a_served_png_is_drawn_again_from_its_metadata(client, tmp_path, capsys):
@@ -434,27 +435,32 @@ def test_a1111_progress_reports_the_generation_under_way(server, client):
     assert during["state"]["job"] == job["id"] and png(base64.b64decode(during["current_image"])).size == (8, 8)
 
 
-def test_a1111_interrupt_stops_the_generation_under_way_and_the_next_is_drawn(server, client):
+@pytest.mark.parametrize("endpoint", ["interrupt", "skip"])
+def test_a1111_interrupt_stops_the_generation_under_way_and_the_next_is_drawn(server, client, endpoint):
     pipe = server.models["digits"].pipe
     calls = []
 
-    def interrupt_at_the_second_call(module, args, out):
+    def count_and_stop_at_the_second_call(module, args, out):
         calls.append(len(calls))
-        if len(calls) == 2:
-            assert client.post("/sdapi/v1/interrupt").json() == {}
+        if len(calls) == 2 and stopping:
+            assert client.post(f"/sdapi/v1/{endpoint}").json() == {}
 
     body = {"prompt": "class 4", "seed": 3, "steps": 8, "sampler_name": "Euler"}
-    hook = pipe.denoiser.net.register_forward_hook(interrupt_at_the_second_call)
+    hook = pipe.denoiser.net.register_forward_hook(count_and_stop_at_the_second_call)
     try:
+        stopping = True
         stopped = client.post("/sdapi/v1/txt2img", json=body)
+        interrupted_calls, stopping = len(calls), False
+        calls.clear()
+        again = client.post("/sdapi/v1/txt2img", json=body).json()
     finally:
         hook.remove()
     assert stopped.status_code == 200 and stopped.json()["images"] == []
     assert json.loads(stopped.json()["info"])["interrupted"] is True
-    assert len(calls) < 8  # the sampler stopped at the next step, not after all eight
-    again = client.post("/sdapi/v1/txt2img", json=body).json()
+    per_step = len(calls) // 8  # network calls per step of the whole run
+    assert len(calls) == 8 * per_step and interrupted_calls <= 2 * per_step  # stopped at the end of step 2 of 8
     assert len(again["images"]) == 1 and json.loads(again["info"])["interrupted"] is False
-    assert client.post("/sdapi/v1/skip").json() == {}  # nothing under way: nothing to stop
+    assert client.post(f"/sdapi/v1/{endpoint}").json() == {}  # nothing under way: nothing to stop, no error
 
 
 def test_a_job_cancelled_while_its_pngs_are_written_leaves_no_files(server, client, monkeypatch):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
+from scipy.stats import sem
 
 from difflab.data.digits import load_digits_split
 from difflab.data.toys import sample_toy
@@ -20,6 +24,7 @@ from difflab.eval.toy_metrics import sliced_wasserstein
 CONFIDENT_PROB = 0.9
 HELD_OUT_SEED_OFFSET = 1_000_003
 FLOOR_SEED_OFFSETS = (2_000_003, 3_000_003)
+SEED_SET_STRIDE = 20_000  # seed set k of digits_quality_over_seed_sets starts at seed 20,000 k
 _DIGITS_RESOLUTIONS = (8, 16, 24, 32, 40, 48, 56, 64)
 
 
@@ -58,6 +63,27 @@ def digits_quality(
         "frechet_floor": frechet_distance_between(extract_features(model, train_images), test_features),
         "confident_share": float((probs.max(dim=1).values >= CONFIDENT_PROB).float().mean()),
         "n": n,
+    }
+
+
+def digits_quality_over_seed_sets(
+    draw: Callable[[int], torch.Tensor], seed_sets: int, classifier: DigitsClassifier | None = None
+) -> dict[str, Any]:
+    """`digits_quality` of `draw(SEED_SET_STRIDE * k)` for each seed set k < seed_sets, against its own floor
+    (floor_seed k), and the means over the sets: {"frechet", "frechet_se" (standard error of the mean; 0 for one
+    set), "frechet_floor", "confident_share", "per_set": the sets' own reports}. Models drawn from the same seed
+    sets can be compared set by set (paired): a model and its distilled student start from the same noise."""
+    if seed_sets < 1:
+        raise DifflabError(f"need at least one seed set, got {seed_sets}")
+    model = classifier if classifier is not None else load_digits_classifier()
+    per_set = [digits_quality(draw(SEED_SET_STRIDE * k), model, floor_seed=k) for k in range(seed_sets)]
+    fds = [q["frechet"] for q in per_set]
+    return {
+        "frechet": float(np.mean(fds)),
+        "frechet_se": float(sem(fds)) if seed_sets > 1 else 0.0,
+        "frechet_floor": float(np.mean([q["frechet_floor"] for q in per_set])),
+        "confident_share": float(np.mean([q["confident_share"] for q in per_set])),
+        "per_set": per_set,
     }
 
 

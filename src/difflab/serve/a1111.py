@@ -3,10 +3,10 @@
 "Euler a" and "DPM++ 2M Karras", scheduler, batch_size x n_iter, override_settings.sd_model_checkpoint) answered
 with base64 PNGs, the request as `parameters` and an `info` JSON string; GET /sdapi/v1/progress (the generation under
 way: share of steps, ETA, current x0-hat), POST /sdapi/v1/interrupt and skip (the generations under way stop),
-sd-models, samplers and options. A class model reads its class from the
-prompt ("class 7" or "7", as difflab's PNGs write it). The model draws at its own size: width and height are accepted
-and the size drawn is reported in `info`. Fields whose features difflab does not have (hires fix, face restoration,
-tiling, variation seeds, scripts) are refused (422)."""
+sd-models, samplers and options. A class model reads its class from the prompt ("class 7" or "7", as difflab's PNGs
+write it). The model draws at its own size: width and height are accepted and the size drawn is reported in `info`.
+Fields whose features difflab does not have (hires fix, face restoration, tiling, variation seeds, scripts) are
+refused (422)."""
 
 from __future__ import annotations
 

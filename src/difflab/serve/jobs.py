@@ -68,9 +68,8 @@ class Job:
             if self.status in FINISHED:
                 queue.put_nowait((self.status, self.describe()))
             else:
-                if self._latest is not None:  # a late subscriber sees the latest step, with its preview made now
-                    preview = self._latest["preview"] or (self._preview() if self._preview else None)
-                    queue.put_nowait(("progress", dict(self._latest, preview=preview)))
+                if self._latest is not None:  # a late subscriber sees the latest step, with its preview
+                    queue.put_nowait(("progress", dict(self._latest, preview=self.current_preview())))
                 self._subscribers.append((loop, queue))
         return queue
 
@@ -105,12 +104,17 @@ class Job:
             self._publish("progress", self._latest)
 
     def current_preview(self) -> str | None:
-        """The PNG data URL of the latest step's x0-hat (made now if no subscriber had it made), None before one."""
+        """The PNG data URL of the latest step's x0-hat, None before one. Made on first request when nobody was
+        subscribed at that step, then kept for later requests (A1111 clients poll /sdapi/v1/progress)."""
         with self._lock:
             latest, preview = self._latest, self._preview
         if latest is None or preview is None:
             return None
-        return latest["preview"] or preview()
+        if latest["preview"] is None:
+            made = preview()
+            with self._lock:  # (this step's event went to nobody: its dict can take the preview)
+                latest["preview"] = made
+        return latest["preview"]
 
     def finish(self, status: str, error: str | None = None, images: list[Path] | None = None) -> bool:
         """End the job (once: a later call does nothing and returns False)."""
