@@ -1,5 +1,6 @@
 """Sampling throughput of one trained digits model on each deployment backend (issue 16), measured side by side:
-torch eager, torch.compile, onnxruntime, and int8 dynamic quantisation in torch and in onnxruntime.
+torch eager, torch.compile, onnxruntime, int8 dynamic quantisation in torch and in onnxruntime, and onnxruntime's
+static int8 quantisation of the convolutions (calibrated on the model's own sampling trajectories).
 
     python benchmarks/deploy_backends.py --run runs/digits              # a trained digits run (any formulation)
     python benchmarks/deploy_backends.py --out runs/deploy --steps 2000 # trains the tiny U-Net first (reused after)
@@ -8,9 +9,11 @@ torch eager, torch.compile, onnxruntime, and int8 dynamic quantisation in torch 
 Needs `pip install 'difflab[onnx]'`. Every backend draws the same `--n` samples (seeds 0..n-1, `--sampler`,
 `--sampling-steps`, batch `--batch-size`) once per round; the rounds alternate the backends so that machine noise hits
 all alike, and the first round (compilation, session warm-up) is not timed. torch and onnxruntime get `--threads`
-threads (default 1). Prints a Markdown table: median seconds per round, samples per second, the speed-up over torch
-eager, and how far each backend's samples are from eager's (max and mean |x - x_eager| in data units, [-1, 1]).
-The tiny U-Net is mostly convolutions, which int8 dynamic quantisation leaves in float: expect little from it there.
+threads (default 1). Prints a Markdown table: samples per second, the speed-up over torch eager and over float
+onnxruntime (ratios of median round times), how far each backend's samples are from eager's (max and mean
+|x - x_eager| in data units, [-1, 1]) and the digits FD; then how long each backend took to set up (export, and
+for int8-static the calibration sampling). The tiny U-Net is mostly convolutions, which int8 dynamic quantisation
+leaves in float: expect little from it there, and more from int8-static.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ BACKENDS = {  # name: Pipeline.with_backend keywords
     "onnxruntime": {"backend": "onnxruntime"},
     "torch int8": {"backend": "torch", "quantize": "int8"},
     "onnxruntime int8": {"backend": "onnxruntime", "quantize": "int8"},
+    "onnxruntime int8-static": {"backend": "onnxruntime", "quantize": "int8-static"},
 }
 
 
@@ -61,7 +65,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = difflab.load(trained_run(args))
-    pipes = {name: base.with_backend(**kw) for name, kw in BACKENDS.items() if name not in args.skip}
+    pipes, setup = {}, {}
+    for name, keywords in BACKENDS.items():
+        if name not in args.skip:
+            start = time.perf_counter()
+            pipes[name] = base.with_backend(**keywords)
+            setup[name] = time.perf_counter() - start
     settings = {"seed": 0, "sampler": args.sampler, "steps": args.sampling_steps, "batch_size": args.batch_size}
     times: dict[str, list[float]] = {name: [] for name in pipes}
     samples: dict[str, torch.Tensor] = {}
@@ -74,16 +83,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), CPU; "
           f"{base!r}; {args.n} samples, {args.sampler} {args.sampling_steps} steps, batch {args.batch_size}, "
           f"median of {args.rounds} rounds")  # fmt: skip
-    print("| backend | s / round | samples / s | speed-up vs eager | max abs diff | mean abs diff | FD | FD change |")
+    print("| backend | samples / s | vs eager | vs float onnxruntime | max abs diff | mean abs diff | FD | FD change |")
     print("|---|---|---|---|---|---|---|---|")
     eager = "torch eager" if "torch eager" in pipes else next(iter(pipes))
+    median = {name: statistics.median(times[name]) for name in pipes}
     fd = {name: frechet(x) for name, x in samples.items()}
     for name in pipes:
-        median = statistics.median(times[name])
         diff = (samples[name] - samples[eager]).abs()
-        print(f"| {name} | {median:.3f} | {args.n / median:.1f} | {statistics.median(times[eager]) / median:.2f} | "
-              f"{float(diff.max()):.1e} | {float(diff.mean()):.1e} | {fd[name]:.2f} | "
-              f"{100 * (fd[name] / fd[eager] - 1):+.1f} % |")  # fmt: skip
+        print(f"| {name} | {args.n / median[name]:.1f} | {median[eager] / median[name]:.2f}x | "
+              f"{ratio_to(median, 'onnxruntime', name)} | {float(diff.max()):.1e} | {float(diff.mean()):.1e} | "
+              f"{fd[name]:.2f} | {100 * (fd[name] / fd[eager] - 1):+.1f} % |")  # fmt: skip
+    print("setup (s): " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in setup.items()))
+
+
+def ratio_to(median: dict[str, float], reference: str, name: str) -> str:
+    """How much faster `name` ran than `reference` (a ratio of median round times), or - without that backend."""
+    return f"{median[reference] / median[name]:.2f}x" if reference in median else "-"
 
 
 def frechet(samples: torch.Tensor) -> float:

@@ -1,8 +1,10 @@
 """Sampling backends for deployment: a loaded Pipeline whose denoiser runs on ONNX Runtime, is int8-quantised
-(dynamic quantisation: torch's quantize_dynamic of nn.Linear, or onnxruntime's of MatMul/Gemm) or compiled by
+(dynamic quantisation: torch's quantize_dynamic of nn.Linear, or onnxruntime's of MatMul/Gemm; or onnxruntime's
+static quantisation of the convolutions, calibrated on the model's own sampling trajectories) or compiled by
 torch.compile; the grid, samplers, guidance, conditioning and outputs stay difflab's.
 
     pipe = difflab.load("runs/digits").with_backend("onnxruntime", onnx="digits.onnx", quantize="int8")
+    pipe = difflab.load("runs/digits").with_backend("onnxruntime", quantize="int8-static")
     pipe = difflab.load("runs/digits").with_backend("torch", compile=True)
 
 Only the network changes: for torch a shallow copy of the denoiser holds the quantised or compiled network (the
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from difflab.errors import DifflabError
-from difflab.interop.onnx_export import QUANTIZATIONS
+from difflab.interop.onnx_export import QUANTIZATIONS, STATIC_INT8
 
 if TYPE_CHECKING:
     from difflab.pipeline import Pipeline
@@ -33,8 +35,9 @@ BACKENDS = ("torch", "onnxruntime")
 
 @dataclass(frozen=True)
 class Backend:
-    """Where a pipeline's denoiser runs: `name` (torch or onnxruntime), `quantize` (None or int8), `compile` (False,
-    or the torch.compile backend: "inductor" for --compile), `onnx` (the file, None for a temporary export)."""
+    """Where a pipeline's denoiser runs: `name` (torch or onnxruntime), `quantize` (None, int8, or int8-static for
+    onnxruntime), `compile` (False, or the torch.compile backend: "inductor" for --compile), `onnx` (the file, None
+    for a temporary export)."""
 
     name: str = "torch"
     quantize: str | None = None
@@ -64,13 +67,16 @@ def backend_of(pipe: Any) -> Backend:
 def check_backend(backend: str = "torch", *, onnx: str | Path | None = None, quantize: str | None = None,
                   compile: bool | str = False, device: torch.device | str = "cpu") -> None:  # fmt: skip
     """The request alone, before a model is loaded: known names, --onnx only for onnxruntime, --compile only for
-    torch, torch's int8 only on the CPU."""
+    torch, int8-static only for onnxruntime, torch's int8 only on the CPU."""
     if backend not in BACKENDS:
         raise DifflabError(f"unknown --backend '{backend}': choose {' or '.join(BACKENDS)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise DifflabError(f"unknown --quantize '{quantize}': choose {', '.join(QUANTIZATIONS)}")
     if onnx is not None and backend != "onnxruntime":
         raise DifflabError("--onnx FILE runs the model on onnxruntime: add --backend onnxruntime")
+    if quantize == STATIC_INT8 and backend != "onnxruntime":
+        raise DifflabError(f"--quantize {STATIC_INT8} is onnxruntime's static quantisation of the convolutions: add "
+                           "--backend onnxruntime (torch's backend has --quantize int8, dynamic)")  # fmt: skip
     if compile and backend != "torch":
         raise DifflabError("--compile compiles the torch network; it does not apply to --backend onnxruntime")
     if backend == "torch" and quantize is not None and torch.device(device).type != "cpu":
@@ -82,7 +88,8 @@ def with_backend(pipe: Pipeline, backend: str = "torch", *, onnx: str | Path | N
                  quantize: str | None = None, compile: bool | str = False) -> Pipeline:  # fmt: skip
     """This model on another backend (a new Pipeline; this one is unchanged): "onnxruntime" runs the exported
     denoiser (`onnx`: a file from `difflab export --format onnx`, checked to be this model; None: exported to a
-    temporary file first); quantize="int8" quantises the network's linear layers (torch: CPU only); compile=True
+    temporary file first); quantize="int8" quantises the network's linear layers (torch: CPU only), "int8-static"
+    (onnxruntime) its convolutions with activation ranges calibrated on its own samples; compile=True
     (or a torch.compile backend name) compiles the torch network (`compiled_denoiser`)."""
     check_backend(backend, onnx=onnx, quantize=quantize, compile=compile, device=pipe.device)
     current = backend_of(pipe)

@@ -210,9 +210,10 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--onnx", metavar="FILE",
                        help="with --backend onnxruntime: the file from `difflab export --format onnx`, checked to be "
                        "this model (default: the model is exported to a temporary file first)")  # fmt: skip
-    group.add_argument("--quantize", metavar="int8",
-                       help="int8 dynamic quantisation of the linear layers (torch: CPU only; onnxruntime: "
-                       "MatMul/Gemm)")  # fmt: skip
+    group.add_argument("--quantize", metavar="int8|int8-static",
+                       help="int8: dynamic quantisation of the linear layers (torch: CPU only; onnxruntime: "
+                       "MatMul/Gemm); int8-static: onnxruntime's static quantisation of the convolutions, calibrated "
+                       "on the model's own samples (--backend onnxruntime; calibrating takes seconds)")  # fmt: skip
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the network (torch backend; the first batch compiles: tens of "
                        "seconds)")  # fmt: skip

@@ -18,8 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "onnxruntime --onnx FILE`) or diffusers (a DDPMPipeline folder; ddpm U-Nets only)")  # fmt: skip
     p.add_argument("--out", help="the .onnx file, or the diffusers folder (new or empty)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
-    p.add_argument("--quantize", metavar="int8",
-                   help="onnx only: int8 dynamic quantisation of MatMul/Gemm (the linear layers)")  # fmt: skip
+    p.add_argument("--quantize", metavar="int8|int8-static",
+                   help="onnx only: int8 = dynamic quantisation of MatMul/Gemm (the linear layers); int8-static = "
+                   "static quantisation of the convolutions, calibrated on the model's own samples")  # fmt: skip
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -31,7 +32,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.out is None:
         raise DifflabError("give --out: a .onnx file for --format onnx, a new folder for --format diffusers")
     if args.quantize is not None and args.format != "onnx":
-        raise DifflabError("--quantize int8 quantises an ONNX export; drop it with --format diffusers")
+        raise DifflabError(f"--quantize {args.quantize} quantises an ONNX export; drop it with --format diffusers")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         check_quantize(args.quantize)
         out = export_onnx(args.ckpt, args.out, use_ema=not args.no_ema, quantize=args.quantize)
         size = out.stat().st_size / 2**20
-        kind = "int8 " if args.quantize else ""
+        kind = f"{args.quantize} " if args.quantize else ""
         print(f"wrote the {kind}ONNX denoiser to {out} ({size:.1f} MiB); sample with `difflab sample --ckpt "
               f"{args.ckpt} --backend onnxruntime --onnx {out}`")  # fmt: skip
         return 0

@@ -8,8 +8,10 @@
 
 ONNX (`pip install 'difflab[onnx]'`):
 
-    export_onnx(run, out.onnx)   the whole denoiser D(x, sigma[, cond]) as an ONNX file (quantize="int8" optional)
+    export_onnx(run, out.onnx)   the whole denoiser D(x, sigma[, cond]) as an ONNX file (quantize="int8": dynamic,
+                                 the linear layers; "int8-static": the convolutions, calibrated on the model's samples)
     load_onnx_denoiser(pipe, f)  that file, checked to be the pipeline's model, as an onnxruntime-backed Denoiser
+    calibration_feeds(pipe)      the denoiser's inputs along the model's own sampling trajectories (fixed seeds)
 
 Importing this package does not import diffusers or onnx; each function does, and a missing extra is a one-line
 DifflabError.
@@ -24,8 +26,8 @@ _MODULES = {
     "diffusers_export": ("export_diffusers", "export_refusal"),
     "diffusers_schedule": ("scheduler_sigmas", "SchedulerSpec", "DiffusersDDPM"),
     "diffusers_models": ("DiffusersUNet", "DiffusersDiT", "DiffusersAutoencoder", "DiffusersTextEncoder"),
-    "onnx_export": ("export_onnx", "quantize_onnx"),
-    "onnx_runtime": ("OnnxDenoiser", "load_onnx_denoiser"),
+    "onnx_export": ("export_onnx", "quantize_onnx", "quantize_onnx_static"),
+    "onnx_runtime": ("OnnxDenoiser", "load_onnx_denoiser", "calibration_feeds"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 

@@ -4,14 +4,16 @@ it unchanged; `load_onnx_denoiser` first checks that the file is the pipeline's 
 the config, the weights hash) and refuses anything else in one line.
 
 Tensors go through host memory (numpy) on every call; on a CUDA device the session uses onnxruntime's
-CUDAExecutionProvider when that build is installed (onnxruntime-gpu), else the CPU provider.
+CUDAExecutionProvider when that build is installed (onnxruntime-gpu), else the CPU provider. `calibration_feeds`
+records the denoiser's inputs along the model's own sampling trajectories: the calibration data of static int8.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +41,12 @@ from difflab.interop.onnx_export import (
     import_onnx,
     import_onnxruntime,
     model_identity,
-    quantize_onnx,
+    quantize_for,
     weights_fingerprint,
 )
 
 EXPORT_HINT = "export this model with `difflab export --ckpt RUN --format onnx --out FILE.onnx`"
+CALIBRATION_SAMPLES, CALIBRATION_SEED, CALIBRATION_GUIDANCE = 32, 1_000_000, 2.0
 
 
 class SignalsOnly(nn.Module):
@@ -70,24 +73,7 @@ class OnnxDenoiser(nn.Module):
         self.anchor = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
 
     def feeds(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> dict[str, np.ndarray]:
-        """The session's inputs: x and sigma as float32, each signal in its dtype, nulls for missing signals."""
-        batch, cond = x.shape[0], dict(cond or {})
-        sigma = torch.as_tensor(sigma).reshape(-1)
-        feeds = {"x": _numpy(x, torch.float32), "sigma": _numpy(sigma.expand(batch) if sigma.numel() == 1 else sigma,
-                                                                 torch.float32)}  # fmt: skip
-        for spec in self.inputs[2:]:
-            value = cond.pop(spec.name, None)
-            if value is None:
-                feeds[spec.name] = np.full((batch, *spec.shape), NULL_VALUES[spec.name], dtype=spec.dtype)
-                continue
-            array = _numpy(torch.as_tensor(value), TORCH_DTYPES[spec.dtype])
-            if array.shape != (batch, *spec.shape):
-                raise DifflabError(f"cond '{spec.name}' has shape {tuple(array.shape)}; the ONNX model takes "
-                                   f"{(batch, *spec.shape)}")  # fmt: skip
-            feeds[spec.name] = array
-        if cond:
-            raise DifflabError(f"this ONNX model does not take {', '.join(sorted(cond))}")
-        return feeds
+        return graph_feeds(self.inputs, x, sigma, cond)
 
     def run(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> list[torch.Tensor]:
         results = self.session.run(None, self.feeds(x, sigma, cond))
@@ -102,6 +88,29 @@ class OnnxDenoiser(nn.Module):
             raise DifflabError("this ONNX model has no variance output")
         denoised, variance = self.run(x, sigma, cond)
         return denoised, variance
+
+
+def graph_feeds(inputs: Sequence[InputSpec], x: torch.Tensor, sigma: Any, cond: Any = None) -> dict[str, np.ndarray]:
+    """The exported graph's inputs for D(x, sigma, cond): x and sigma as float32 (a scalar sigma repeated over the
+    batch), each signal in its dtype, nulls (`NULL_VALUES`) for missing signals; an unknown or misshapen signal is a
+    one-line DifflabError."""
+    batch, cond = x.shape[0], dict(cond or {})
+    sigma = torch.as_tensor(sigma).reshape(-1)
+    feeds = {"x": _numpy(x, torch.float32), "sigma": _numpy(sigma.expand(batch) if sigma.numel() == 1 else sigma,
+                                                             torch.float32)}  # fmt: skip
+    for spec in inputs[2:]:
+        value = cond.pop(spec.name, None)
+        if value is None:
+            feeds[spec.name] = np.full((batch, *spec.shape), NULL_VALUES[spec.name], dtype=spec.dtype)
+            continue
+        array = _numpy(torch.as_tensor(value), TORCH_DTYPES[spec.dtype])
+        if array.shape != (batch, *spec.shape):
+            raise DifflabError(f"cond '{spec.name}' has shape {tuple(array.shape)}; the ONNX model takes "
+                               f"{(batch, *spec.shape)}")  # fmt: skip
+        feeds[spec.name] = array
+    if cond:
+        raise DifflabError(f"this ONNX model does not take {', '.join(sorted(cond))}")
+    return feeds
 
 
 def _numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -177,9 +186,20 @@ def check_session_inputs(session: Any, inputs: Sequence[InputSpec], path: Path) 
                            f"names; {EXPORT_HINT}")  # fmt: skip
 
 
+def stored_quantization(metadata: dict[str, str], quantize: str | None, path: Path) -> str | None:
+    """The file's own quantisation (None: float); asking for another one than a quantised file holds is refused."""
+    stored = metadata.get(META_QUANTIZE, "none")
+    stored = None if stored == "none" else stored
+    if quantize is not None and stored is not None and quantize != stored:
+        raise DifflabError(f"'{path}' is already {stored} quantised; give the float export (`difflab export --format "
+                           f"onnx` without --quantize) to quantise it {quantize}, or drop --quantize")  # fmt: skip
+    return stored
+
+
 def load_onnx_denoiser(pipe: Any, path: str | Path, *, quantize: str | None = None) -> OnnxDenoiser:
     """The OnnxDenoiser of file `path` for `pipe` (on the pipeline's device), after checking that the file is that
-    model; quantize="int8" quantises a float file first (a file exported with --quantize int8 is used as it is)."""
+    model; quantize "int8" or "int8-static" quantises a float file first (`onnx_export.quantize_for`; a file exported
+    with that --quantize is used as it is)."""
     check_quantize(quantize)
     path = Path(path)
     if not path.exists():
@@ -188,12 +208,59 @@ def load_onnx_denoiser(pipe: Any, path: str | Path, *, quantize: str | None = No
         raise DifflabError(f"'{path}' is not a file; give the .onnx file `difflab export --format onnx` wrote")
     metadata = read_metadata(path)
     inputs = check_metadata(metadata, pipe, path)
-    quantized = metadata.get(META_QUANTIZE, "none") != "none"
+    stored = stored_quantization(metadata, quantize, path)
     with tempfile.TemporaryDirectory(prefix="difflab-onnx-") as work:
-        if quantize == "int8" and not quantized:
-            path = quantize_onnx(path, Path(work) / "denoiser.int8.onnx")
-            quantized = True
+        if stored is None:
+            path, stored = quantize_for(pipe, path, quantize, Path(work)), quantize
         session = make_session(path, pipe.device)
     check_session_inputs(session, inputs, path)
-    return OnnxDenoiser(session, inputs, denoiser_outputs(pipe), pipe.accepts, pipe.device,
-                        "int8" if quantized else None)  # fmt: skip
+    return OnnxDenoiser(session, inputs, denoiser_outputs(pipe), pipe.accepts, pipe.device, stored)
+
+
+def calibration_settings(pipe: Any, n: int) -> dict[str, Any]:
+    """How `calibration_feeds` samples: the model's default sampler, steps and grid, seeds CALIBRATION_SEED + i; a
+    class-conditional model draws the labels 0..K-1 in turn with classifier-free guidance (w = 2), so that its
+    labelled and its null-label batches are both recorded. Other signals (text, low_res, ...) are fed as nulls."""
+    settings: dict[str, Any] = {"seed": CALIBRATION_SEED, "batch_size": n}
+    if "class_label" in pipe.accepts and pipe.num_classes:
+        labels = torch.arange(n) % pipe.num_classes
+        settings |= {"cond": {"class_label": labels}, "guidance": CALIBRATION_GUIDANCE}
+    return settings
+
+
+@contextmanager
+def recording_inputs(denoiser: nn.Module, inputs: Sequence[InputSpec]) -> Iterator[list[dict[str, np.ndarray]]]:
+    """A list that fills with the graph feeds of every call of `denoiser` (forward, and `denoise_with_variance` for a
+    learned-variance model) while the context is open."""
+    recorded: list[dict[str, np.ndarray]] = []
+
+    def record(x: torch.Tensor, sigma: Any, cond: Any = None) -> None:
+        recorded.append(graph_feeds(inputs, x, sigma, cond))
+
+    hook = denoiser.register_forward_pre_hook(lambda _, args, kwargs: record(*args, **kwargs), with_kwargs=True)
+    with_variance = getattr(denoiser, "denoise_with_variance", None)
+
+    def recorded_with_variance(*args: Any, **kwargs: Any) -> Any:
+        record(*args, **kwargs)
+        return with_variance(*args, **kwargs)
+
+    if with_variance is not None:
+        denoiser.denoise_with_variance = recorded_with_variance  # an instance attribute, deleted on the way out
+    try:
+        yield recorded
+    finally:
+        hook.remove()
+        if with_variance is not None:
+            del denoiser.denoise_with_variance
+
+
+def calibration_feeds(pipe: Any, n: int = CALIBRATION_SAMPLES) -> list[dict[str, np.ndarray]]:
+    """Static quantisation's calibration data, from the model itself: the inputs of its denoiser (x along the
+    trajectory, sigma, the signals) at every step of sampling `n` images with fixed seeds (`calibration_settings`),
+    as feeds of the exported graph. Deterministic: the same model gives the same feeds."""
+    with recording_inputs(pipe.denoiser, denoiser_inputs(pipe)) as recorded, torch.no_grad():
+        try:
+            pipe.sample(n, **calibration_settings(pipe, n))
+        except DifflabError as err:
+            raise DifflabError(f"cannot calibrate int8-static on this model's own samples: {err}") from None
+    return recorded
