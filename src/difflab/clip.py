@@ -38,6 +38,7 @@ class ClipConfig:
     width: int = 32
     levels: int = 3
     noise_aware: bool = False  # the image encoder also takes sigma, trained on x0 + sigma n (GLIDE's noised CLIP)
+    hard_negatives: bool = False  # NegCLIP: each caption's word-swapped negative joins the image->text candidates
     pool: str = "attention"  # how the feature map becomes one vector: "attention" (CLIP's) or "mean"
     sigma_min: float = 0.002  # the noise-aware training range (log-uniform), as the noise-aware classifiers'
     sigma_max: float = 160.0
@@ -183,6 +184,46 @@ def info_nce(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: t
     )
 
 
+def neg_info_nce(
+    image_embed: torch.Tensor,
+    text_embed: torch.Tensor,
+    negative_embed: torch.Tensor,
+    has_negative: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """NegCLIP's loss per pair (B,) (Yuksekgonul et al. 2023, Sec. 4): `info_nce` whose image->text candidates also
+    hold the batch's hard negative captions (B, E), each a word-swapped caption that no image of the batch should
+    prefer to its own; rows without a negative (`has_negative` False) leave their column out."""
+    captions = torch.cat([text_embed, negative_embed])
+    logits = logit_scale * image_embed @ captions.T
+    absent = torch.cat([torch.zeros_like(has_negative), ~has_negative])
+    logits = logits.masked_fill(absent, float("-inf"))
+    target = torch.arange(len(image_embed), device=logits.device)
+    to_image = logit_scale * text_embed @ image_embed.T
+    return 0.5 * (
+        F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(to_image, target, reduction="none")
+    )
+
+
+@torch.no_grad()
+def binding_accuracy(model: Clip, images: torch.Tensor, captions: list[str]) -> float | None:
+    """Attribute binding: the share of two-object (image, caption) pairs whose image is more similar to its caption
+    than to the caption's hard negative (`difflab.data.shapes.negatives`: colours or shapes swapped, or the relation
+    turned round; 0.5 is a bag-of-words model's); None when no such caption has one."""
+    from difflab.data.shapes import parse_caption
+    from difflab.data.shapes.negatives import hard_negatives
+
+    negatives = hard_negatives(captions)
+    rows = [i for i, n in enumerate(negatives) if n and len(parse_caption(captions[i]).objects) == 2]
+    if not rows:
+        return None
+    device = model.log_scale.device
+    img = model.encode_image(images[rows].to(device))
+    own = (img * model.encode_prompts([captions[i] for i in rows]).to(device)).sum(-1)
+    other = (img * model.encode_prompts([negatives[i] for i in rows]).to(device)).sum(-1)
+    return float((own > other).float().mean())
+
+
 @torch.no_grad()
 def retrieval_accuracy(model: Clip, images: torch.Tensor, tokens: torch.Tensor, pool: int = 100) -> dict[str, float]:
     """Top-1 retrieval among `pool` candidates at a time (consecutive groups of the data): the share of images whose
@@ -234,11 +275,11 @@ class ClipRun:
 class ClipTask:
     """The shared Trainer's view of CLIP: the captions arrive as text_tokens (never dropped); per-pair InfoNCE."""
 
-    signals = ("text_tokens",)
     dropout: dict[str, float] = {}
 
     def __init__(self, run: ClipRun):
         self.config = run
+        self.signals = ("text_tokens", "negative_tokens") if run.clip.hard_negatives else ("text_tokens",)
         torch.manual_seed(run.train.seed)
         self.module = Clip(run.clip)
 
@@ -253,7 +294,11 @@ class ClipTask:
             lo, hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
             sigma = (lo + (hi - lo) * torch.rand(len(x0), generator=generator, device=x0.device)).exp()
             x0 = x0 + sigma[:, None, None, None] * torch.randn(x0.shape, generator=generator, device=x0.device)
-        return info_nce(m.encode_image(x0, sigma), m.encode_text(cond["text_tokens"]), m.logit_scale)
+        image, text = m.encode_image(x0, sigma), m.encode_text(cond["text_tokens"])
+        if not cfg.hard_negatives:
+            return info_nce(image, text, m.logit_scale)
+        negative = cond["negative_tokens"]
+        return neg_info_nce(image, text, m.encode_text(negative), negative.any(dim=1), m.logit_scale)
 
     def check_resume(self, ckpt: Path) -> None:
         raise DifflabError("CLIP runs do not resume; train into a new --out")
@@ -277,23 +322,28 @@ def train_clip(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train `run`'s CLIP on (images, captions) into `out` with the shared Trainer; then the EMA weights' retrieval
-    accuracy on the `test` pairs (held-out scenes) is saved with the final checkpoint and returned."""
+    """Train `run`'s CLIP on (images, captions) into `out` with the shared Trainer (with hard negatives: each
+    caption's `hard_negatives` drawn once from the run's seed); then the EMA weights' retrieval and binding accuracy
+    on the `test` pairs (held-out scenes) are saved with the final checkpoint and returned."""
+    from difflab.data.shapes.negatives import hard_negatives
     from difflab.training.trainer import Trainer
 
     tokenizer = run.clip.text.tokenizer()
     task = ClipTask(run)
-    trainer = Trainer(
-        task, images, Path(out), torch.device(device), cond_data={"text_tokens": tokenizer.encode(captions)}
-    )
+    cond = {"text_tokens": tokenizer.encode(captions)}
+    if run.clip.hard_negatives:
+        negatives = hard_negatives(captions, run.train.seed)
+        cond["negative_tokens"] = tokenizer.encode(negatives) * torch.tensor([[bool(n)] for n in negatives])
+    trainer = Trainer(task, images, Path(out), torch.device(device), cond_data=cond)
     result = trainer.run(progress=progress)
     final = Clip(run.clip).to(device)
     final.load_state_dict(trainer.ema.state_dict())
     final.eval()
     accuracy = retrieval_accuracy(final, test[0], tokenizer.encode(test[1]), pool=min(100, len(test[0])))
-    trainer.extra_state = {"stopped_by": result.stopped_by, "retrieval": accuracy}
+    binding = binding_accuracy(final, test[0], test[1])
+    trainer.extra_state = {"stopped_by": result.stopped_by, "retrieval": accuracy, "binding": binding}
     trainer.save()
-    return {"step": result.step, "stopped_by": result.stopped_by, "retrieval": accuracy}
+    return {"step": result.step, "stopped_by": result.stopped_by, "retrieval": accuracy, "binding": binding}
 
 
 def load_clip(path: str | Path, device: torch.device | str = "cpu") -> Clip:

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-aware", action="store_true",
                    help="train on noised images x0 + sigma n with sigma as an input (GLIDE's noised CLIP, for CLIP "
                    "guidance); retrieval is reported on clean images")  # fmt: skip
+    p.add_argument("--hard-negatives", action="store_true",
+                   help="NegCLIP: each caption's word-swapped negative (colours, shapes or relation swapped) joins "
+                   "the contrast, so that the text tower binds attributes to their objects")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     add_runtime_arguments(p)
@@ -43,12 +46,14 @@ def run(args: argparse.Namespace) -> int:
     test = load_dataset("shapes", resolution=args.resolution, split="test", size=1000)
     shape = tuple(train.sample_shape)
     text = TextConfig.from_captions(list(train.captions), width=64, layers=2, heads=4)
-    config = ClipConfig(shape[0], shape[-1], text, embed_dim=args.embed_dim, noise_aware=args.noise_aware)
+    config = ClipConfig(shape[0], shape[-1], text, embed_dim=args.embed_dim, noise_aware=args.noise_aware,
+                        hard_negatives=args.hard_negatives)  # fmt: skip
     tc = clip_train_config(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     result = train_clip(ClipRun(DataConfig("shapes", "images", shape, shape[-1], shape[0]), config, tc),
                         train.data, list(train.captions), (test.data, list(test.captions)), out,
                         device=setup_runtime(args), progress=not args.no_progress)  # fmt: skip
     r = result["retrieval"]
     print(f"trained {result['step']} steps; top-1 retrieval among 100 held-out scenes: image->text "
-          f"{r['image_to_text']:.3f}, text->image {r['text_to_image']:.3f} (chance 0.010); CLIP: {out}")  # fmt: skip
+          f"{r['image_to_text']:.3f}, text->image {r['text_to_image']:.3f} (chance 0.010); own caption over its "
+          f"hard negative {result['binding']:.3f} (bag of words 0.5); CLIP: {out}")  # fmt: skip
     return 0
