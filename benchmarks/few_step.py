@@ -3,6 +3,7 @@ training against the best solver at the same NFE, with their extra training cost
 
     python benchmarks/few_step.py --out runs/few_step                # ~1.5-2 h on one busy CPU core
     python benchmarks/few_step.py --out runs/few_step --steps 500    # a smoke test (poor figures)
+    python benchmarks/few_step.py --out runs/few_step --phase pd-edm --round-steps 1000  # PD of the EDM teacher
 
 Teachers at the demo's budget (tiny U-Net, 8x8 digits, `--steps`, default 4000): a DDPM with v-prediction (progressive
 distillation needs x- or v-prediction: an eps student cannot predict x0 at sigma_max in one step, Salimans & Ho 2022,
@@ -84,6 +85,32 @@ def best_solver(pipe, nfe: int, n: int, seed_sets: int = 1) -> dict:
     return best
 
 
+def diff_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_sets: int) -> None:
+    """Progressive distillation of the EDM teacher (the consistency models' teacher, so that the two methods are
+    compared on one model): 6 rounds from 64 trailing DDIM steps, each student scored over the seed sets, paired
+    with the teacher's Euler 50 on the same seeds (the students start from the teacher's noise):
+    benchmarks/results/few_step_pd_edm.json."""
+    from scipy.stats import sem
+
+    runs = [out / f"steps_{PD_TEACHER_STEPS >> r}" for r in range(1, PD_ROUNDS + 1)]
+    if latest_checkpoint(runs[-1]) is None:
+        distill(edm, out, rounds=PD_ROUNDS, teacher_steps=PD_TEACHER_STEPS, steps=round_steps, progress=False)
+    teacher = score(difflab.load(edm), n, seed_sets, sampler="euler", steps=50)
+    rows = {"euler 50 (EDM teacher)": teacher}
+    for run in runs:
+        r = score(difflab.load(run), n, seed_sets)
+        diff = [a - b for a, b in zip(r["fds"], teacher["fds"], strict=True)]
+        rows[run.name] = r | {"paired_diff": diff_mean(diff), "paired_diff_se": float(sem(diff)),
+                              "seconds": training_seconds(run)}  # fmt: skip
+        print(f"{run.name}: FD {r['fd']:.2f} +- {r['fd_se']:.2f}, paired {diff_mean(diff):+.2f}", flush=True)
+    rows["cost"] = sum(r["seconds"] for r in rows.values() if "seconds" in r) / training_seconds(edm)
+    (RESULTS / "few_step_pd_edm.json").write_text(json.dumps(rows, indent=2))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/few_step")
@@ -94,7 +121,7 @@ def main() -> int:
     p.add_argument("--seed-sets", type=int, default=8, help="FD averaged over this many disjoint seed sets")
     p.add_argument("--tuned-levels", help="benchmarks/consistency_sigmas.py's JSON: also score CD and CT at its levels")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--phase", choices=("all", "progressive", "consistency", "eval"), default="all",
+    p.add_argument("--phase", choices=("all", "progressive", "consistency", "eval", "pd-edm"), default="all",
                    help="run the progressive chain (DDPM teacher, students) or the consistency chain (EDM teacher, CD, "
                    "CT) alone, e.g. in two processes, then eval")  # fmt: skip
     args = p.parse_args()
@@ -102,6 +129,9 @@ def main() -> int:
     out = Path(args.out)
     ddpm, edm, ct, cd, pd_dir = out / "ddpm_v", out / "edm", out / "ct", out / "cd", out / "pd"
     pd_runs = [pd_dir / f"steps_{PD_TEACHER_STEPS >> r}" for r in range(1, PD_ROUNDS + 1)]
+    if args.phase == "pd-edm":  # after the consistency phase (the EDM teacher)
+        progressive_from_edm(edm, out / "pd_edm", args.round_steps, args.n, args.seed_sets)
+        return 0
     if args.phase in ("all", "progressive"):
         train_once(ddpm, prediction="v", steps=args.steps)
         if latest_checkpoint(pd_runs[-1]) is None:
