@@ -30,7 +30,9 @@ import platform
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.stats import sem
 
 import difflab
 from difflab.distill.run import distill
@@ -85,17 +87,11 @@ def best_solver(pipe, nfe: int, n: int, seed_sets: int = 1) -> dict:
     return best
 
 
-def diff_mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_sets: int) -> None:
     """Progressive distillation of the EDM teacher (the consistency models' teacher, so that the two methods are
     compared on one model): 6 rounds from 64 trailing DDIM steps, each student scored over the seed sets, paired
     with the teacher's Euler 50 on the same seeds (the students start from the teacher's noise):
     benchmarks/results/few_step_pd_edm.json."""
-    from scipy.stats import sem
-
     runs = [out / f"steps_{PD_TEACHER_STEPS >> r}" for r in range(1, PD_ROUNDS + 1)]
     if latest_checkpoint(runs[-1]) is None:
         distill(edm, out, rounds=PD_ROUNDS, teacher_steps=PD_TEACHER_STEPS, steps=round_steps, progress=False)
@@ -103,12 +99,11 @@ def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_se
     rows = {"euler 50 (EDM teacher)": teacher}
     for run in runs:
         r = score(difflab.load(run), n, seed_sets)
-        diff = [a - b for a, b in zip(r["fds"], teacher["fds"], strict=True)]
-        rows[run.name] = r | {"paired_diff": diff_mean(diff), "paired_diff_se": float(sem(diff)),
-                              "seconds": training_seconds(run)}  # fmt: skip
-        print(f"{run.name}: FD {r['fd']:.2f} +- {r['fd_se']:.2f}, paired {diff_mean(diff):+.2f}", flush=True)
-    rows["cost"] = sum(r["seconds"] for r in rows.values() if "seconds" in r) / training_seconds(edm)
-    (RESULTS / "few_step_pd_edm.json").write_text(json.dumps(rows, indent=2))
+        diff = np.subtract(r["fds"], teacher["fds"])
+        rows[run.name] = r | {"paired_diff": float(diff.mean()), "paired_diff_se": float(sem(diff))}
+        print(f"{run.name}: FD {r['fd']:.2f} +- {r['fd_se']:.2f}, paired {diff.mean():+.2f}", flush=True)
+    cost = sum(training_seconds(run) for run in runs) / training_seconds(edm)
+    (RESULTS / "few_step_pd_edm.json").write_text(json.dumps({"rows": rows, "cost": cost}, indent=2))
 
 
 def main() -> int:

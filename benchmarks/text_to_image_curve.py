@@ -44,22 +44,23 @@ PROMPTS, W, SAMPLER, SAMPLE_STEPS = 100, 3.0, "dpmpp_2m", 20
 SCALES = (1.0, 2.0, 3.0, 5.0, 7.0)
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "full")
 RESULTS = Path(__file__).parent / "results"
-# base: the tiny U-Net as it is (self- and cross-attention at its lowest level, 4 x 4); attn2: at the two lowest;
-# negclip: base on the text tower of a CLIP trained with hard negatives (difflab train-clip --hard-negatives)
-VARIANTS = {"base": "glide32", "attn2": "glide32-attn2", "negclip": "glide32-negclip"}
-CLIPS = {"base": "clip", "attn2": "clip", "negclip": "negclip"}
+# variant: (its run folder, the CLIP folder whose text tower it reads), both in WORK. base: the tiny U-Net as it is
+# (self- and cross-attention at its lowest level, 4 x 4); attn2: at the two lowest; negclip: base on the text tower of
+# a CLIP trained with hard negatives (difflab train-clip --hard-negatives)
+VARIANTS = {"base": ("glide32", "clip"), "attn2": ("glide32-attn2", "clip"), "negclip": ("glide32-negclip", "negclip")}
 
 
 def train(work: Path, steps: int, variant: str) -> None:
     data = difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES)
-    config = difflab.run_config(data, steps=steps, checkpoint_every=EVERY, text_encoder=f"clip:{work / CLIPS[variant]}",
+    run, clip = VARIANTS[variant]
+    config = difflab.run_config(data, steps=steps, checkpoint_every=EVERY, text_encoder=f"clip:{work / clip}",
                                 **RECIPE)  # fmt: skip
     config = replace(config, train=replace(config.train, keep_checkpoints=steps // EVERY + 1))  # the whole curve
     if variant == "attn2":
         settings = config.model.settings
         levels = (settings.attention_resolutions[0] * 2, *settings.attention_resolutions)
         config = replace(config, model=replace(config.model, settings=replace(settings, attention_resolutions=levels)))
-    train_run(config, work / VARIANTS[variant], data=data, progress=False)
+    train_run(config, work / run, data=data, progress=False)
 
 
 def by_objects(images: torch.Tensor, captions: list[str]) -> dict[str, dict]:
@@ -71,7 +72,7 @@ def by_objects(images: torch.Tensor, captions: list[str]) -> dict[str, dict]:
 
 
 def evaluate(work: Path, out: Path, variant: str) -> None:
-    run = work / VARIANTS[variant]
+    run = work / VARIANTS[variant][0]
     prompts = prompt_set(PROMPTS)
     reference = prompt_reference(prompts, RESOLUTION)
     clock = {row["step"]: row["elapsed_s"] for row in read_log(run) if "elapsed_s" in row}
@@ -105,7 +106,7 @@ def evaluate(work: Path, out: Path, variant: str) -> None:
 def figure(work: Path, out: Path, variant: str, prompts_per_split: int = 3, columns: int = 6) -> None:
     """The same prompts and seeds drawn by checkpoints spread along the run: one row per prompt, one column per
     checkpoint (left to right: more training)."""
-    checkpoints = list_checkpoints(work / VARIANTS[variant])
+    checkpoints = list_checkpoints(work / VARIANTS[variant][0])
     picked = [checkpoints[round(i * (len(checkpoints) - 1) / (columns - 1))] for i in range(columns)]
     prompts = prompt_set(PROMPTS)
     chosen = prompts[:prompts_per_split] + prompts[PROMPTS : PROMPTS + prompts_per_split]
@@ -120,7 +121,7 @@ def figure(work: Path, out: Path, variant: str, prompts_per_split: int = 3, colu
 
 def sweep(work: Path, out: Path, variant: str, step: int | None) -> None:
     """Adherence and FD against the guidance scale (SCALES) at one checkpoint (default: the latest)."""
-    checkpoints = list_checkpoints(work / VARIANTS[variant])
+    checkpoints = list_checkpoints(work / VARIANTS[variant][0])
     checkpoint = next(c for c in checkpoints if c.name == f"step_{step:08d}") if step else checkpoints[-1]
     pipe = difflab.load(checkpoint)
     rows = sweep_guidance(pipe, prompt_set(PROMPTS), SCALES, sampler=SAMPLER, steps=SAMPLE_STEPS)

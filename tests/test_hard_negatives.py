@@ -8,7 +8,7 @@ import json
 import torch
 from conftest import run_cli
 
-from difflab.clip import ClipConfig, ClipRun, ClipTask, clip_train_config, info_nce, load_clip, neg_info_nce
+from difflab.clip import ClipConfig, ClipRun, ClipTask, binding_accuracy, clip_train_config, info_nce, load_clip
 from difflab.config import DataConfig
 from difflab.data.shapes import VOCABULARY, ShapesStream, parse_caption, scene_satisfies
 from difflab.data.shapes.negatives import hard_negatives, negative_options
@@ -51,18 +51,50 @@ def test_hard_negatives_are_deterministic_from_the_seed():
     assert hard_negatives(captions, 5) != hard_negatives(captions, 6)
 
 
-def test_neg_info_nce_adds_the_negatives_to_the_image_side_only():
+def test_info_nce_adds_the_negatives_to_the_image_side_only():
     g = torch.Generator().manual_seed(0)
     img, txt, neg = (torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=1) for _ in range(3))
     s = torch.tensor(5.0)
     none = torch.zeros(3, dtype=torch.bool)
-    torch.testing.assert_close(neg_info_nce(img, txt, neg, none, s), info_nce(img, txt, s))
+    torch.testing.assert_close(info_nce(img, txt, s, (neg, none)), info_nce(img, txt, s))
     has = torch.tensor([True, False, True])
     logits = s * img @ torch.cat([txt, neg[has]]).T  # the candidates: every caption and the present negatives
     to_image = s * txt @ img.T
     expected = [0.5 * ((logits[i].exp().sum().log() - logits[i, i]) + (to_image[i].exp().sum().log() - to_image[i, i]))
                 for i in range(3)]  # fmt: skip
-    torch.testing.assert_close(neg_info_nce(img, txt, neg, has, s), torch.stack(expected))
+    torch.testing.assert_close(info_nce(img, txt, s, (neg, has)), torch.stack(expected))
+
+
+class CaptionLookupClip:
+    """A stand-in CLIP: image i's embedding is a caption's (`prefer`: its own, or its hard negative's), and every
+    caption's embedding is a fixed random unit vector of its text; so binding_accuracy must be exactly 1 or 0."""
+
+    def __init__(self, captions: list[str], prefer: str):
+        self.log_scale = torch.zeros(())
+        self.table: dict[str, torch.Tensor] = {}
+        negatives = hard_negatives(captions)
+        chosen = captions if prefer == "own" else [n or c for c, n in zip(captions, negatives, strict=True)]
+        self.images = self.encode_prompts(chosen)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        for p in prompts:
+            g = torch.Generator().manual_seed(len(self.table))
+            self.table.setdefault(p, torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0))
+        return torch.stack([self.table[p] for p in prompts])
+
+    def encode_image(self, index: torch.Tensor) -> torch.Tensor:
+        return self.images[index]
+
+
+def test_binding_accuracy_counts_two_object_captions_preferred_to_their_negatives():
+    _, captions, _ = ShapesStream(6, 16, "train").next(300)
+    index = torch.arange(len(captions))
+    assert binding_accuracy(CaptionLookupClip(captions, "own"), index, captions) == 1.0
+    assert binding_accuracy(CaptionLookupClip(captions, "negative"), index, captions) == 0.0
+    one_object = [c for c in captions if len(parse_caption(c).objects) == 1]  # position swaps are not binding
+    assert (
+        binding_accuracy(CaptionLookupClip(one_object, "negative"), torch.arange(len(one_object)), one_object) is None
+    )
 
 
 def _run(hard: bool) -> ClipRun:
@@ -79,8 +111,7 @@ def test_the_hard_negatives_reach_the_loss_as_extra_candidates():
     assert hard.signals == ("text_tokens", "negative_tokens") and plain.signals == ("text_tokens",)
     tokenizer = hard.config.clip.text.tokenizer()
     negatives = hard_negatives(captions, 0)
-    tokens, negative_tokens = tokenizer.encode(captions), tokenizer.encode([n or "a" for n in negatives])
-    negative_tokens[[not n for n in negatives]] = 0  # no negative: all padding
+    tokens, negative_tokens = tokenizer.encode(captions), tokenizer.encode_with_null(negatives)
     g = torch.Generator()
     base = plain.loss(x, {"text_tokens": tokens}, g)
     with_negatives = hard.loss(x, {"text_tokens": tokens, "negative_tokens": negative_tokens}, g)

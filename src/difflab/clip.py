@@ -174,34 +174,22 @@ def clip_target(clip: Any, prompt: Any, model_shape: tuple[int, ...], device: An
         return clip, clip.encode_prompts([prompt]).to(device)
 
 
-def info_nce(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def info_nce(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor,
+             negatives: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """CLIP's symmetric loss per pair (B,): logits = s * I T^T; the mean of the image->text and text->image cross
-    entropies with the matching pair (the diagonal) as the target (Radford et al. 2021, Fig. 3)."""
+    entropies with the matching pair (the diagonal) as the target (Radford et al. 2021, Fig. 3).
+
+    `negatives` = (embeddings (B, E), present (B,) bool): NegCLIP's hard negative captions (Yuksekgonul et al. 2023,
+    Sec. 4), word-swapped captions that join the image->text candidates only; an absent one leaves its column out."""
     logits = logit_scale * image_embed @ text_embed.T
+    to_text = logits
+    if negatives is not None:
+        embed, present = negatives
+        extra = (logit_scale * image_embed @ embed.T).masked_fill(~present, float("-inf"))
+        to_text = torch.cat([logits, extra], dim=1)
     target = torch.arange(len(logits), device=logits.device)
     return 0.5 * (
-        F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")
-    )
-
-
-def neg_info_nce(
-    image_embed: torch.Tensor,
-    text_embed: torch.Tensor,
-    negative_embed: torch.Tensor,
-    has_negative: torch.Tensor,
-    logit_scale: torch.Tensor,
-) -> torch.Tensor:
-    """NegCLIP's loss per pair (B,) (Yuksekgonul et al. 2023, Sec. 4): `info_nce` whose image->text candidates also
-    hold the batch's hard negative captions (B, E), each a word-swapped caption that no image of the batch should
-    prefer to its own; rows without a negative (`has_negative` False) leave their column out."""
-    captions = torch.cat([text_embed, negative_embed])
-    logits = logit_scale * image_embed @ captions.T
-    absent = torch.cat([torch.zeros_like(has_negative), ~has_negative])
-    logits = logits.masked_fill(absent, float("-inf"))
-    target = torch.arange(len(image_embed), device=logits.device)
-    to_image = logit_scale * text_embed @ image_embed.T
-    return 0.5 * (
-        F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(to_image, target, reduction="none")
+        F.cross_entropy(to_text, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")
     )
 
 
@@ -294,11 +282,10 @@ class ClipTask:
             lo, hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
             sigma = (lo + (hi - lo) * torch.rand(len(x0), generator=generator, device=x0.device)).exp()
             x0 = x0 + sigma[:, None, None, None] * torch.randn(x0.shape, generator=generator, device=x0.device)
-        image, text = m.encode_image(x0, sigma), m.encode_text(cond["text_tokens"])
-        if not cfg.hard_negatives:
-            return info_nce(image, text, m.logit_scale)
-        negative = cond["negative_tokens"]
-        return neg_info_nce(image, text, m.encode_text(negative), negative.any(dim=1), m.logit_scale)
+        negatives = None
+        if cfg.hard_negatives:  # all padding: the caption has no negative
+            negatives = (m.encode_text(cond["negative_tokens"]), cond["negative_tokens"].any(dim=1))
+        return info_nce(m.encode_image(x0, sigma), m.encode_text(cond["text_tokens"]), m.logit_scale, negatives)
 
     def check_resume(self, ckpt: Path) -> None:
         raise DifflabError("CLIP runs do not resume; train into a new --out")
@@ -332,8 +319,7 @@ def train_clip(
     task = ClipTask(run)
     cond = {"text_tokens": tokenizer.encode(captions)}
     if run.clip.hard_negatives:
-        negatives = hard_negatives(captions, run.train.seed)
-        cond["negative_tokens"] = tokenizer.encode(negatives) * torch.tensor([[bool(n)] for n in negatives])
+        cond["negative_tokens"] = tokenizer.encode_with_null(hard_negatives(captions, run.train.seed))
     trainer = Trainer(task, images, Path(out), torch.device(device), cond_data=cond)
     result = trainer.run(progress=progress)
     final = Clip(run.clip).to(device)

@@ -197,9 +197,7 @@ class Pipeline:
             raise DifflabError(f"{len(prompts)} prompts for {n} samples; give one prompt, or one per sample")
         if isinstance(text, FrozenTextConfig):
             return self._frozen_text_cond(text, prompts)
-        tokens = text.tokenizer().encode(prompts)
-        tokens[[not p.strip() for p in prompts]] = 0  # the empty prompt: all padding, the null caption
-        return {"text_tokens": tokens}
+        return {"text_tokens": text.tokenizer().encode_with_null(prompts)}  # an empty prompt: the null caption
 
     def frozen_text_encoder(self) -> Any:
         """The frozen text encoder the model was trained with, loaded on first use; other weights than it was trained

@@ -107,6 +107,13 @@ class Tokenizer:
             )
         return out
 
+    def encode_with_null(self, prompts: list[str]) -> torch.Tensor:
+        """`encode`, with every empty (or blank) prompt as the null caption: all padding, no end token (classifier-
+        free guidance's unconditional branch; a caption without a hard negative)."""
+        tokens = self.encode(prompts)
+        tokens[[not p.strip() for p in prompts]] = PAD_ID
+        return tokens
+
     def decode(self, ids: torch.Tensor) -> list[str]:
         """The words of each row of `ids` (B, L) up to its end token, joined by spaces (special tokens dropped)."""
         texts = []

@@ -84,7 +84,7 @@ def _vocabulary() -> tuple[str, ...]:
 
 VOCABULARY = _vocabulary()  # every word a caption can contain, sorted
 _SIZE_OF = {w: size for size, ws in SIZE_WORDS.items() for w in ws}
-_SHAPE_OF = {w: shape for shape, ws in SHAPE_WORDS.items() for w in ws}
+SHAPE_OF = {w: shape for shape, ws in SHAPE_WORDS.items() for w in ws}  # shape word -> shape
 _RELATION_OF = {"left": "left of", "right": "right of", "above": "above", "over": "above"}
 _RELATION_OF |= {"below": "below", "under": "below", "beneath": "below"}
 _ROW_OF = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom"}
@@ -156,11 +156,11 @@ def _objects(text: str, tokens: list[str]) -> list[tuple[ObjectSpec, int, int]]:
     found = []
     for i, token in enumerate(tokens):
         if token in COLOURS:
-            if i + 1 >= len(tokens) or tokens[i + 1] not in _SHAPE_OF:
+            if i + 1 >= len(tokens) or tokens[i + 1] not in SHAPE_OF:
                 raise _fail(text, f"the colour '{token}' must be followed by a shape ({', '.join(SHAPES)})")
             size = _SIZE_OF.get(tokens[i - 1]) if i > 0 else None
-            found.append((ObjectSpec(token, _SHAPE_OF[tokens[i + 1]], size), i, i + 1))
-    if sum(t in _SHAPE_OF for t in tokens) != len(found) or sum(t in _SIZE_OF for t in tokens) > len(found):
+            found.append((ObjectSpec(token, SHAPE_OF[tokens[i + 1]], size), i, i + 1))
+    if sum(t in SHAPE_OF for t in tokens) != len(found) or sum(t in _SIZE_OF for t in tokens) > len(found):
         raise _fail(text, "every object needs a colour just before its shape: [size] colour shape")
     if not 1 <= len(found) <= 2:
         raise _fail(text, f"name one or two objects, not {len(found)}")

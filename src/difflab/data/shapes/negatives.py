@@ -16,10 +16,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from difflab.data.shapes.captions import SHAPE_WORDS
+from difflab.data.shapes.captions import SHAPE_OF
 from difflab.data.shapes.world import COLOURS
 
-_SHAPE_OF = {w: shape for shape, ws in SHAPE_WORDS.items() for w in ws}
 _FLIPPED_RELATION = {"left": "right", "right": "left", "above": "below", "over": "under", "below": "above",
                      "under": "over", "beneath": "above"}  # fmt: skip
 _MIRRORED_POSITION = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "upper": "lower",
@@ -42,16 +41,17 @@ def negative_options(text: str) -> list[str]:
     tokens = re.split(r"([a-z]+)", text.lower())  # odd entries are words, even ones what lies between them
     at = [k for k in range(1, len(tokens), 2)]
     colours = [k for k in at if tokens[k] in COLOURS]
-    shapes = [k for k in at if tokens[k] in _SHAPE_OF]
+    shapes = [k for k in at if tokens[k] in SHAPE_OF]
     options = []
     if len(colours) == 2 and len(shapes) == 2:
         (c1, c2), (s1, s2) = colours, shapes
         if tokens[c1] != tokens[c2]:
             options.append(_swapped(tokens, c1, c2))
-        if _SHAPE_OF[tokens[s1]] != _SHAPE_OF[tokens[s2]]:
+        if SHAPE_OF[tokens[s1]] != SHAPE_OF[tokens[s2]]:
             options.append(_swapped(tokens, s1, s2))
         between = [k for k in at if c1 < k < c2 and tokens[k] in _FLIPPED_RELATION]
-        options.append(_replaced(tokens, _FLIPPED_RELATION, between[:1]))
+        if between:  # (a caption parse_caption accepts always has one)
+            options.append(_replaced(tokens, _FLIPPED_RELATION, between[:1]))
     elif len(colours) == 1:
         sides = [k for k in at if tokens[k] in _MIRRORED_POSITION]
         if sides:
