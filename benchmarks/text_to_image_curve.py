@@ -6,6 +6,7 @@ budget, every checkpoint scored on the fixed prompt set.
     python benchmarks/text_to_image_curve.py train --steps 12000  # WORK/glide32 with a checkpoint every EVERY steps
     python benchmarks/text_to_image_curve.py eval               # -> benchmarks/results/text_to_image_curve.{md,json}
     ... --variant attn2 train / eval                              # attention at the U-Net's two lowest levels
+    ... --variant phrases train / eval                            # the CLIP's tower read phrase by phrase
     difflab train-clip --out WORK/negclip --steps 3000 --hard-negatives  # ... --variant negclip: its text tower
     python benchmarks/text_to_image_curve.py figure             # -> text_to_image_curve.png: prompts x checkpoints
     python benchmarks/text_to_image_curve.py sweep [--step S]   # guidance scales at one checkpoint: ..._sweep.json
@@ -44,16 +45,22 @@ PROMPTS, W, SAMPLER, SAMPLE_STEPS = 100, 3.0, "dpmpp_2m", 20
 SCALES = (1.0, 2.0, 3.0, 5.0, 7.0)
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "full")
 RESULTS = Path(__file__).parent / "results"
-# variant: (its run folder, the CLIP folder whose text tower it reads), both in WORK. base: the tiny U-Net as it is
-# (self- and cross-attention at its lowest level, 4 x 4); attn2: at the two lowest; negclip: base on the text tower of
-# a CLIP trained with hard negatives (difflab train-clip --hard-negatives)
-VARIANTS = {"base": ("glide32", "clip"), "attn2": ("glide32-attn2", "clip"), "negclip": ("glide32-negclip", "negclip")}
+# variant: (its run folder in WORK, its --text-encoder with {work} for WORK). base: the tiny U-Net as it is (self- and
+# cross-attention at its lowest level, 4 x 4) on the CLIP's text tower; attn2: attention at the two lowest levels;
+# negclip: base on the text tower of a CLIP trained with hard negatives (difflab train-clip --hard-negatives);
+# phrases: base on the CLIP's tower read phrase by phrase (subject / relation / object, difflab.text.phrases)
+VARIANTS = {
+    "base": ("glide32", "clip:{work}/clip"),
+    "attn2": ("glide32-attn2", "clip:{work}/clip"),
+    "negclip": ("glide32-negclip", "clip:{work}/negclip"),
+    "phrases": ("glide32-phrases", "phrases:clip:{work}/clip"),
+}
 
 
 def train(work: Path, steps: int, variant: str) -> None:
     data = difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES)
-    run, clip = VARIANTS[variant]
-    config = difflab.run_config(data, steps=steps, checkpoint_every=EVERY, text_encoder=f"clip:{work / clip}",
+    run, encoder = VARIANTS[variant]
+    config = difflab.run_config(data, steps=steps, checkpoint_every=EVERY, text_encoder=encoder.format(work=work),
                                 **RECIPE)  # fmt: skip
     config = replace(config, train=replace(config.train, keep_checkpoints=steps // EVERY + 1))  # the whole curve
     if variant == "attn2":

