@@ -48,12 +48,14 @@ RESULTS = Path(__file__).parent / "results"
 # variant: (its run folder in WORK, its --text-encoder with {work} for WORK). base: the tiny U-Net as it is (self- and
 # cross-attention at its lowest level, 4 x 4) on the CLIP's text tower; attn2: attention at the two lowest levels;
 # negclip: base on the text tower of a CLIP trained with hard negatives (difflab train-clip --hard-negatives);
-# phrases: base on the CLIP's tower read phrase by phrase (subject / relation / object, difflab.text.phrases)
+# phrases: base on the CLIP's tower read phrase by phrase (subject / relation / object, difflab.text.phrases), its
+# pooled embedding the whole caption's; phrases-slots: the same with the parts' pooled embeddings side by side
 VARIANTS = {
     "base": ("glide32", "clip:{work}/clip"),
     "attn2": ("glide32-attn2", "clip:{work}/clip"),
     "negclip": ("glide32-negclip", "clip:{work}/negclip"),
     "phrases": ("glide32-phrases", "phrases:clip:{work}/clip"),
+    "phrases-slots": ("glide32-phrases-slots", "phrases-slots:clip:{work}/clip"),
 }
 
 

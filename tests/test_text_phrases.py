@@ -93,6 +93,21 @@ def test_the_layout_slots_segments_mask_and_pooled():
     assert torch.equal(out.pooled, inner.encode(prompts).pooled)  # the whole prompt's
 
 
+def test_slot_pooling_puts_each_parts_pooled_embedding_side_by_side():
+    inner = BagOfWords()
+    enc = PhraseEncoder(inner, pooled="slots")
+    assert (enc.spec, enc.pooled_dim) == ("phrases-slots:bag", 18)
+    out = enc.encode(["a red circle left of a blue square", "a red circle at the top"])
+    parts = [inner.encode([t]).pooled[0] for t in ("a red circle", "left of", "a blue square")]
+    assert torch.equal(out.pooled[0], torch.cat(parts))
+    assert torch.equal(out.pooled[1, :6], inner.encode(["a red circle at the top"]).pooled[0])
+    assert torch.all(out.pooled[1, 6:] == 0)  # no relation, no object: zeros
+    swapped = enc.encode(["a blue circle left of a red square"]).pooled[0]
+    assert not torch.allclose(swapped, out.pooled[0])  # a bag of words' pooled would be equal
+    with pytest.raises(DifflabError, match="phrase pooling must be one of whole, slots"):
+        PhraseEncoder(inner, pooled="mean")
+
+
 def test_phrases_tell_apart_what_a_bag_of_words_confuses():
     inner, swapped = BagOfWords(), ["a red circle left of a blue square", "a blue circle left of a red square"]
     bag = inner.encode(swapped)
@@ -108,7 +123,9 @@ def test_phrases_tell_apart_what_a_bag_of_words_confuses():
 def test_specs_and_refusals(clip_folder):
     assert parse_text_encoder("phrases:clip:runs/clip") == ("phrases", "clip:runs/clip")
     assert parse_text_encoder("phrases:minilm") == ("phrases", "minilm")
-    refusals = [("phrases:scratch", "needs a frozen INNER"), ("phrases:phrases:minilm", "needs a frozen"),
+    assert parse_text_encoder("phrases-slots:minilm") == ("phrases-slots", "minilm")
+    assert make_text_encoder(f"phrases-slots:hf:{clip_folder}").pooled_dim == 3 * 32
+    refusals = [("phrases:scratch", "needs a frozen INNER"), ("phrases:phrases-slots:minilm", "needs a frozen"),
                 ("phrases:nope", "unknown text encoder 'nope'"), ("phrases:hf:", "needs a folder")]  # fmt: skip
     for bad, fragment in refusals:
         with pytest.raises(DifflabError, match=fragment):

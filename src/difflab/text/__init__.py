@@ -43,13 +43,14 @@ def parse_text_encoder(spec: str) -> tuple[str, str | None]:
     read phrase by phrase)."""
     if spec in ("scratch", "minilm"):
         return spec, None
-    if isinstance(spec, str) and spec.startswith("phrases:"):
-        inner = spec[len("phrases:") :]
-        if parse_text_encoder(inner)[0] in ("scratch", "phrases"):
-            raise DifflabError(
-                f"--text-encoder phrases:INNER needs a frozen INNER (minilm, hf:PATH, clip:PATH), got {inner}"
-            )
-        return "phrases", inner
+    for kind in ("phrases", "phrases-slots"):
+        if isinstance(spec, str) and spec.startswith(f"{kind}:"):
+            inner = spec[len(kind) + 1 :]
+            if parse_text_encoder(inner)[0] in ("scratch", "phrases", "phrases-slots"):
+                raise DifflabError(
+                    f"--text-encoder {kind}:INNER needs a frozen INNER (minilm, hf:PATH, clip:PATH), got {inner}"
+                )
+            return kind, inner
     for kind in ("hf", "clip"):
         if isinstance(spec, str) and spec.startswith(f"{kind}:"):
             if not spec[len(kind) + 1 :].strip():
@@ -73,11 +74,12 @@ def make_text_encoder(
         return ScratchTextEncoder(ScratchTextConfig.for_tokenizer(tokenizer, **scratch_sizes))
     if scratch_sizes:
         raise DifflabError(f"{sorted(scratch_sizes)} apply to the scratch text encoder only, not to {spec}")
-    if kind == "phrases":
+    if kind in ("phrases", "phrases-slots"):
         from difflab.text.phrases import SEGMENTS, PhraseEncoder
 
         inner_length = None if max_length is None else max_length // len(SEGMENTS)
-        return PhraseEncoder(make_text_encoder(path, max_length=inner_length))
+        pooled = "slots" if kind == "phrases-slots" else "whole"
+        return PhraseEncoder(make_text_encoder(path, max_length=inner_length), pooled)
     if kind == "clip":
         from difflab.unclip.link import ClipTextEncoder
 

@@ -6,7 +6,9 @@ relation phrase ("left of", "to the right of", "above", "under", ...) into subje
 each part apart with INNER. The per-token states are laid out in three slots of INNER's context each,
 [subject | relation | object], and each real token carries a one-hot segment code (3 extra channels) saying which
 part it came from, since cross-attention has no token order. A prompt without a relation (or whose "object" is the
-frame: "at the top left of the image") is all subject. The pooled embedding is INNER's of the whole prompt.
+frame: "at the top left of the image") is all subject. The pooled embedding is INNER's of the whole prompt
+(`pooled="whole"`) or INNER's pooled of each part side by side, zeros for a missing part (`pooled="slots"`,
+`phrases-slots:INNER`), so that the vector joining the timestep embedding binds as the tokens do.
 
 Why: an encoder that reads a caption whole may bind attributes to the wrong object ("a red circle left of a blue
 square" and "a blue circle left of a red square" alike, a bag of words); encoded apart, "red circle" and "blue
@@ -23,6 +25,7 @@ from difflab.errors import DifflabError
 from difflab.text.base import FrozenTextEncoder, TextEncoding
 
 SEGMENTS = ("subject", "relation", "object")
+POOLINGS = {"whole": "phrases", "slots": "phrases-slots"}  # pooled embedding -> the spec's prefix
 RELATION = re.compile(
     r"\b(?:(?:to|on) the )?(?:left|right) of\b|\b(?:in front of|on top of|next to|above|over|below|under|underneath"
     r"|beneath|beside|behind)\b"
@@ -44,12 +47,16 @@ class PhraseEncoder(FrozenTextEncoder):
     """A frozen encoder read phrase by phrase: embed (B, 3L, D + 3), mask (B, 3L), pooled (B, P) of the inner
     encoder's context L, width D and pooled width P (see the module docstring)."""
 
-    def __init__(self, inner: FrozenTextEncoder):
+    def __init__(self, inner: FrozenTextEncoder, pooled: str = "whole"):
         if isinstance(inner, PhraseEncoder):
             raise DifflabError("--text-encoder phrases:INNER takes a plain encoder (minilm, hf:PATH, clip:PATH)")
-        self.inner, self.context = inner, inner.max_length
-        self.spec, self.name = f"phrases:{inner.spec}", f"phrases({inner.name})"
-        self.dim, self.pooled_dim, self.max_length = inner.dim + len(SEGMENTS), inner.pooled_dim, 3 * inner.max_length
+        if pooled not in POOLINGS:
+            raise DifflabError(f"phrase pooling must be one of {', '.join(POOLINGS)}, got {pooled!r}")
+        self.inner, self.context, self.pooling = inner, inner.max_length, pooled
+        prefix = POOLINGS[pooled]
+        self.spec, self.name = f"{prefix}:{inner.spec}", f"{prefix}({inner.name})"
+        self.dim, self.max_length = inner.dim + len(SEGMENTS), len(SEGMENTS) * inner.max_length
+        self.pooled_dim = inner.pooled_dim * (len(SEGMENTS) if pooled == "slots" else 1)
 
     def encode(self, prompts: list[str]) -> TextEncoding:
         if isinstance(prompts, str):
@@ -57,6 +64,7 @@ class PhraseEncoder(FrozenTextEncoder):
         n, length, width = len(prompts), self.context, self.inner.dim
         embed = torch.zeros(n, self.max_length, self.dim)
         mask = torch.zeros(n, self.max_length, dtype=torch.bool)
+        slots = torch.zeros(n, len(SEGMENTS), self.inner.pooled_dim)
         parts = [split_phrases(p) for p in prompts]
         for slot in range(len(SEGMENTS)):
             rows = [i for i, part in enumerate(parts) if part[slot]]
@@ -66,5 +74,8 @@ class PhraseEncoder(FrozenTextEncoder):
             span = slice(slot * length, (slot + 1) * length)
             embed[rows, span, :width], mask[rows, span] = out.embed, out.mask
             embed[rows, span, width + slot] = out.mask.to(embed.dtype)  # the segment code on real tokens only
+            slots[rows, slot] = out.pooled
+        if self.pooling == "slots":
+            return TextEncoding(embed, mask, slots.flatten(1))
         pooled = self.inner.encode(list(prompts)).pooled if n else torch.zeros(0, self.pooled_dim)
         return TextEncoding(embed, mask, pooled)
