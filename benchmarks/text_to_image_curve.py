@@ -10,6 +10,7 @@ budget, every checkpoint scored on the fixed prompt set.
     difflab train-clip --out WORK/negclip --steps 3000 --hard-negatives  # ... --variant negclip: its text tower
     python benchmarks/text_to_image_curve.py figure             # -> text_to_image_curve.png: prompts x checkpoints
     python benchmarks/text_to_image_curve.py sweep [--step S]   # guidance scales at one checkpoint: ..._sweep.json
+    python benchmarks/text_to_image_curve.py relations [--step S]  # two-object failures: ..._relations_STEP.json
 
 The model: the text-to-image benchmark's recipe (EDM, P_mean -0.4, P_std 1.4, the tiny U-Net on 2 x 2 patches,
 batch 64, lr 2e-3, caption dropout 0.2, 20,000 scenes) with `--text-encoder clip:WORK/clip`. Each checkpoint: the
@@ -32,7 +33,8 @@ import torch
 import difflab
 from difflab.data.shapes import parse_caption
 from difflab.eval.adherence import prompt_reference, prompt_set, score_prompt_samples, sweep_guidance
-from difflab.eval.shapes import adherence
+from difflab.eval.shapes import adherence, recover_scene
+from difflab.text_demo import find_object, relation_reversals
 from difflab.training.checkpoint import list_checkpoints
 from difflab.training.run import train_run
 from difflab.training.trainer import read_log
@@ -45,31 +47,32 @@ PROMPTS, W, SAMPLER, SAMPLE_STEPS = 100, 3.0, "dpmpp_2m", 20
 SCALES = (1.0, 2.0, 3.0, 5.0, 7.0)
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "full")
 RESULTS = Path(__file__).parent / "results"
-# variant: (its run folder in WORK, its --text-encoder with {work} for WORK). base: the tiny U-Net as it is (self- and
-# cross-attention at its lowest level, 4 x 4) on the CLIP's text tower; attn2: attention at the two lowest levels;
-# negclip: base on the text tower of a CLIP trained with hard negatives (difflab train-clip --hard-negatives);
-# phrases: base on the CLIP's tower read phrase by phrase (subject / relation / object, difflab.text.phrases), its
-# pooled embedding the whole caption's; phrases-slots: the same with the parts' pooled embeddings side by side
+# variant: (its run folder in WORK, its --text-encoder with {work} for WORK, the number of the U-Net's lowest levels
+# with self- and cross-attention). base: the tiny U-Net as it is (attention at its lowest level, 4 x 4) on the CLIP's
+# text tower; attn2: attention at the two lowest (8 x 8 too); negclip: base on the text tower of a CLIP trained with
+# hard negatives (difflab train-clip --hard-negatives); phrases: base on the CLIP's tower read phrase by phrase
+# (subject / relation / object, difflab.text.phrases), its pooled embedding the whole caption's; phrases-slots: the
+# same with the parts' pooled embeddings side by side; phrases-slots-attn2: that at the two lowest levels
 VARIANTS = {
-    "base": ("glide32", "clip:{work}/clip"),
-    "attn2": ("glide32-attn2", "clip:{work}/clip"),
-    "negclip": ("glide32-negclip", "clip:{work}/negclip"),
-    "phrases": ("glide32-phrases", "phrases:clip:{work}/clip"),
-    "phrases-slots": ("glide32-phrases-slots", "phrases-slots:clip:{work}/clip"),
+    "base": ("glide32", "clip:{work}/clip", 1),
+    "attn2": ("glide32-attn2", "clip:{work}/clip", 2),
+    "negclip": ("glide32-negclip", "clip:{work}/negclip", 1),
+    "phrases": ("glide32-phrases", "phrases:clip:{work}/clip", 1),
+    "phrases-slots": ("glide32-phrases-slots", "phrases-slots:clip:{work}/clip", 1),
+    "phrases-slots-attn2": ("glide32-phrases-slots-attn2", "phrases-slots:clip:{work}/clip", 2),
 }
 
 
 def train(work: Path, steps: int, variant: str) -> None:
     data = difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES)
-    run, encoder = VARIANTS[variant]
+    run, encoder, attention_levels = VARIANTS[variant]
     config = difflab.run_config(data, steps=steps, checkpoint_every=EVERY, text_encoder=encoder.format(work=work),
                                 **RECIPE)  # fmt: skip
     config = replace(config, train=replace(config.train, keep_checkpoints=steps // EVERY + 1))  # the whole curve
-    if variant == "attn2":
-        settings = config.model.settings
-        levels = (settings.attention_resolutions[0] * 2, *settings.attention_resolutions)
-        config = replace(config, model=replace(config.model, settings=replace(settings, attention_resolutions=levels)))
-    train_run(config, work / run, data=data, progress=False)
+    lowest = config.model.settings.attention_resolutions[0]
+    levels = tuple(lowest * 2**k for k in reversed(range(attention_levels)))  # e.g. (8, 4)
+    settings = replace(config.model.settings, attention_resolutions=levels)
+    train_run(replace(config, model=replace(config.model, settings=settings)), work / run, data=data, progress=False)
 
 
 def by_objects(images: torch.Tensor, captions: list[str]) -> dict[str, dict]:
@@ -128,11 +131,15 @@ def figure(work: Path, out: Path, variant: str, prompts_per_split: int = 3, colu
     save_prompt_rows(images, labels, out.with_suffix(".png"), title=f"training steps {steps}, w = {W}")
 
 
+def checkpoint_at(work: Path, variant: str, step: int | None) -> Path:
+    """The variant's checkpoint at `step` (default: the latest)."""
+    checkpoints = list_checkpoints(work / VARIANTS[variant][0])
+    return next(c for c in checkpoints if c.name == f"step_{step:08d}") if step else checkpoints[-1]
+
+
 def sweep(work: Path, out: Path, variant: str, step: int | None) -> None:
     """Adherence and FD against the guidance scale (SCALES) at one checkpoint (default: the latest)."""
-    checkpoints = list_checkpoints(work / VARIANTS[variant][0])
-    checkpoint = next(c for c in checkpoints if c.name == f"step_{step:08d}") if step else checkpoints[-1]
-    pipe = difflab.load(checkpoint)
+    pipe = difflab.load(checkpoint_at(work, variant, step))
     rows = sweep_guidance(pipe, prompt_set(PROMPTS), SCALES, sampler=SAMPLER, steps=SAMPLE_STEPS)
     for row in rows:
         print(row["guidance"], {k: round(v, 3) for k, v in row["adherence"]["all"].items() if k in ATTRIBUTES},
@@ -141,10 +148,25 @@ def sweep(work: Path, out: Path, variant: str, step: int | None) -> None:
     path.write_text(json.dumps({"step": pipe.step, "rows": rows}, indent=2, default=float))
 
 
+def relations(work: Path, out: Path, variant: str, step: int | None, repeats: int = 2) -> None:
+    """Where two-object captions fail, at one checkpoint: the fixed set's two-object prompts, `repeats` seeds each; how
+    often each named object (colour and shape) is drawn at all, and the relation outcome of `relation_reversals`
+    (both found: correct / reversed / unclear; else missing)."""
+    pipe = difflab.load(checkpoint_at(work, variant, step))
+    captions = [c for c in prompt_set(PROMPTS) if parse_caption(c).relation] * repeats
+    images = pipe.sample(seeds=range(len(captions)), prompt=captions, guidance=W, sampler=SAMPLER, steps=SAMPLE_STEPS)
+    drawn = [[find_object(o, recover_scene(image), set()) is not None for o in parse_caption(c).objects]
+             for image, c in zip(images, captions, strict=True)]  # fmt: skip
+    shares = {name: sum(d[k] for d in drawn) / len(drawn) for k, name in enumerate(("first drawn", "second drawn"))}
+    result = {"step": pipe.step, **shares, **relation_reversals(images, captions)}
+    print(result, flush=True)
+    out.with_name(out.name + f"_relations_{pipe.step}.json").write_text(json.dumps(result, indent=2))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("train", "eval", "figure", "sweep"))
-    p.add_argument("--step", type=int, help="sweep: the checkpoint at this step (default: the latest)")
+    p.add_argument("phase", choices=("train", "eval", "figure", "sweep", "relations"))
+    p.add_argument("--step", type=int, help="sweep, relations: the checkpoint at this step (default: the latest)")
     p.add_argument("--work", default="runs/t2i-curve")
     p.add_argument("--steps", type=int, default=12_000)
     p.add_argument("--threads", type=int, default=1)
@@ -160,6 +182,8 @@ def main() -> int:
         evaluate(Path(args.work), out, args.variant)
     elif args.phase == "figure":
         figure(Path(args.work), out, args.variant)
+    elif args.phase == "relations":
+        relations(Path(args.work), out, args.variant, args.step)
     else:
         sweep(Path(args.work), out, args.variant, args.step)
     return 0

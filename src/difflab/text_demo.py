@@ -44,7 +44,7 @@ SAMPLER, SAMPLE_STEPS = "dpmpp_2m", 20
 OUTCOMES = ("correct", "reversed", "unclear", "missing")
 
 
-def _find(want: ObjectSpec, found: Sequence[DetectedObject], used: set[int]) -> int | None:
+def find_object(want: ObjectSpec, found: Sequence[DetectedObject], used: set[int]) -> int | None:
     """Index of the largest unused detection with the demanded colour and shape, or None."""
     options = [i for i, d in enumerate(found) if (d.colour, d.shape) == want.pair and i not in used]
     return max(options, key=lambda i: found[i].area) if options else None
@@ -55,8 +55,8 @@ def relation_outcome(found: Sequence[DetectedObject], spec: CaptionSpec) -> str:
     round), "unclear" (both found, neither way by RELATION_GAP) or "missing" (an object not found)."""
     if spec.relation is None:
         raise DifflabError("the relation analysis needs two-object captions (X left of Y, X above Y, ...)")
-    first = _find(spec.objects[0], found, set())
-    second = None if first is None else _find(spec.objects[1], found, {first})
+    first = find_object(spec.objects[0], found, set())
+    second = None if first is None else find_object(spec.objects[1], found, {first})
     if first is None or second is None:
         return "missing"
     a, b = (found[first].x, found[first].y), (found[second].x, found[second].y)
