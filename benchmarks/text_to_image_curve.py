@@ -52,13 +52,15 @@ RESULTS = Path(__file__).parent / "results"
 # text tower; attn2: attention at the two lowest (8 x 8 too); negclip: base on the text tower of a CLIP trained with
 # hard negatives (difflab train-clip --hard-negatives); phrases: base on the CLIP's tower read phrase by phrase
 # (subject / relation / object, difflab.text.phrases), its pooled embedding the whole caption's; phrases-slots: the
-# same with the parts' pooled embeddings side by side; phrases-slots-attn2: that at the two lowest levels
+# same with the parts' pooled embeddings side by side; phrases-attn2, phrases-slots-attn2: those at the two lowest
+# levels
 VARIANTS = {
     "base": ("glide32", "clip:{work}/clip", 1),
     "attn2": ("glide32-attn2", "clip:{work}/clip", 2),
     "negclip": ("glide32-negclip", "clip:{work}/negclip", 1),
     "phrases": ("glide32-phrases", "phrases:clip:{work}/clip", 1),
     "phrases-slots": ("glide32-phrases-slots", "phrases-slots:clip:{work}/clip", 1),
+    "phrases-attn2": ("glide32-phrases-attn2", "phrases:clip:{work}/clip", 2),
     "phrases-slots-attn2": ("glide32-phrases-slots-attn2", "phrases-slots:clip:{work}/clip", 2),
 }
 
