@@ -5,6 +5,7 @@
     hf:PATH   any frozen Hugging Face text model (e.g. CLIPTextModel) saved in a local folder
     clip:PATH the text tower of a `difflab train-clip` run
     phrases:INNER  a frozen encoder INNER read phrase by phrase (subject / relation / object; `text.phrases`)
+    phrases-slots:INNER  the same, its pooled embedding the three parts' pooled side by side
 
 All give a `TextEncoding(embed (B, L, D), mask (B, L), pooled (B, P))`. Frozen encoders take prompts
 (`encode(prompts)`; `encode_cached` keeps training captions' embeddings on disk); the scratch encoder is an nn.Module
@@ -19,6 +20,7 @@ from difflab.errors import DifflabError
 from difflab.text.base import DEFAULT_MAX_LENGTH, FrozenTextEncoder, TextEncoding, TextTruncationWarning
 from difflab.text.cache import EmbeddingCache, encode_cached
 from difflab.text.frozen import HFTextEncoder, MiniLMEncoder
+from difflab.text.phrases import POOLINGS, SEGMENTS, PhraseEncoder
 from difflab.text.scratch import ScratchTextConfig, ScratchTextEncoder
 from difflab.text.tokenizer import Tokenizer
 
@@ -28,10 +30,12 @@ TEXT_ENCODERS = {
     "hf:PATH": "a frozen Hugging Face text model (e.g. CLIPTextModel) in a local folder (pip install 'difflab[text]')",
     "clip:PATH": "the frozen text tower of a difflab train-clip run",
     "phrases:INNER": "a frozen encoder (minilm, hf:PATH, clip:PATH) reading subject, relation and object apart",
+    "phrases-slots:INNER": "the same, its pooled embedding the three parts' side by side",
 }
 
 __all__ = [
     "DEFAULT_MAX_LENGTH", "TEXT_ENCODERS", "EmbeddingCache", "FrozenTextEncoder", "HFTextEncoder", "MiniLMEncoder",
+    "PhraseEncoder",
     "ScratchTextConfig", "ScratchTextEncoder", "TextEncoding", "TextTruncationWarning", "Tokenizer",
     "encode_cached", "make_text_encoder", "parse_text_encoder",
 ]  # fmt: skip
@@ -39,14 +43,14 @@ __all__ = [
 
 def parse_text_encoder(spec: str) -> tuple[str, str | None]:
     """Split a `--text-encoder` value into (kind, path): ("scratch", None), ("minilm", None), ("hf", PATH) or
-    ("clip", PATH) (a `difflab train-clip` folder's text tower), or ("phrases", INNER) (INNER a frozen encoder's spec,
-    read phrase by phrase)."""
+    ("clip", PATH) (a `difflab train-clip` folder's text tower), or ("phrases" | "phrases-slots", INNER) (INNER a frozen
+    encoder's spec, read phrase by phrase)."""
     if spec in ("scratch", "minilm"):
         return spec, None
-    for kind in ("phrases", "phrases-slots"):
+    for kind in POOLINGS.values():
         if isinstance(spec, str) and spec.startswith(f"{kind}:"):
             inner = spec[len(kind) + 1 :]
-            if parse_text_encoder(inner)[0] in ("scratch", "phrases", "phrases-slots"):
+            if parse_text_encoder(inner)[0] in ("scratch", *POOLINGS.values()):
                 raise DifflabError(
                     f"--text-encoder {kind}:INNER needs a frozen INNER (minilm, hf:PATH, clip:PATH), got {inner}"
                 )
@@ -66,7 +70,7 @@ def make_text_encoder(
     spec: str, *, tokenizer: Tokenizer | None = None, max_length: int | None = None, **scratch_sizes: Any
 ) -> FrozenTextEncoder | ScratchTextEncoder:
     """The encoder `spec` names. `scratch` builds a fresh ScratchTextEncoder for `tokenizer` (sizes: width, layers,
-    heads, dropout); `minilm` and `hf:PATH` load a FrozenTextEncoder reading at most `max_length` tokens."""
+    heads, dropout); the others load a FrozenTextEncoder reading at most `max_length` tokens."""
     kind, path = parse_text_encoder(spec)
     if kind == "scratch":
         if tokenizer is None:
@@ -74,11 +78,11 @@ def make_text_encoder(
         return ScratchTextEncoder(ScratchTextConfig.for_tokenizer(tokenizer, **scratch_sizes))
     if scratch_sizes:
         raise DifflabError(f"{sorted(scratch_sizes)} apply to the scratch text encoder only, not to {spec}")
-    if kind in ("phrases", "phrases-slots"):
-        from difflab.text.phrases import SEGMENTS, PhraseEncoder
-
+    if kind in POOLINGS.values():
+        if max_length is not None and max_length % len(SEGMENTS):
+            raise DifflabError(f"a phrase encoder's context is 3 x its inner encoder's, not {max_length}")
         inner_length = None if max_length is None else max_length // len(SEGMENTS)
-        pooled = "slots" if kind == "phrases-slots" else "whole"
+        pooled = next(name for name, prefix in POOLINGS.items() if prefix == kind)
         return PhraseEncoder(make_text_encoder(path, max_length=inner_length), pooled)
     if kind == "clip":
         from difflab.unclip.link import ClipTextEncoder

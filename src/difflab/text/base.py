@@ -40,7 +40,7 @@ class FrozenTextEncoder(ABC):
 
     `spec` is what `--text-encoder` named ("minilm", "hf:/abs/path"); `name` also identifies the weights (package
     version or a hash of the folder), so cached embeddings and run configs tell two encoders apart. Every prompt is
-    padded to `max_length` tokens; a longer one is cut with a TextTruncationWarning.
+    padded to `max_length` tokens, its real tokens first; a longer one is cut with a TextTruncationWarning.
     """
 
     spec: str

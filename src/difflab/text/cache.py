@@ -117,6 +117,9 @@ def _cached_rows(
         out = encoder.encode(chunk)
         for row, caption in enumerate(chunk):
             n = int(out.mask[row].sum())
+            if not out.mask[row, :n].all():  # what this cache keeps: the first n rows of embed
+                raise DifflabError(f"{encoder.name} put padding before real tokens; a FrozenTextEncoder's real tokens "
+                                   "come first")  # fmt: skip
             embed, pooled = out.embed[row, :n].clone(), out.pooled[row].clone()
             found[caption] = (embed.to(dtype), pooled)
             try:
