@@ -136,7 +136,12 @@ def figure(work: Path, out: Path, variant: str, prompts_per_split: int = 3, colu
 def checkpoint_at(work: Path, variant: str, step: int | None) -> Path:
     """The variant's checkpoint at `step` (default: the latest)."""
     checkpoints = list_checkpoints(work / VARIANTS[variant][0])
-    return next(c for c in checkpoints if c.name == f"step_{step:08d}") if step else checkpoints[-1]
+    if step is None:
+        return checkpoints[-1]
+    found = [c for c in checkpoints if c.name == f"step_{step:08d}"]
+    if not found:
+        raise SystemExit(f"{variant} has no checkpoint at step {step}: {', '.join(c.name for c in checkpoints)}")
+    return found[0]
 
 
 def sweep(work: Path, out: Path, variant: str, step: int | None) -> None:

@@ -63,9 +63,9 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
                      help="train on the data's captions (--data shapes) with a text encoder: scratch (GLIDE's "
                      "transformer, trained with the model), minilm (frozen all-MiniLM-L6-v2), hf:PATH (a frozen "
                      "Hugging Face text model, e.g. CLIP's, saved in a local folder), clip:RUN (a difflab train-clip "
-                     "run's text tower) or phrases:ENCODER (a frozen one reading subject, relation and object apart: "
-                     "'a red circle' | 'left of' | 'a blue square'); frozen encoders need pip "
-                     "install 'difflab[text]' and cache the captions' embeddings in $DIFFLAB_CACHE/text")  # fmt: skip
+                     "run's text tower) or phrases:INNER / phrases-slots:INNER (a frozen one reading subject, "
+                     "relation and object apart: 'a red circle' | 'left of' | 'a blue square'); frozen encoders "
+                     "need pip install 'difflab[text]' and cache the captions' embeddings in $DIFFLAB_CACHE/text")  # fmt: skip
     net.add_argument(
         "--caption-dropout",
         type=float,
