@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
                      "Hugging Face text model, e.g. CLIP's, saved in a local folder), clip:RUN (a difflab train-clip "
                      "run's text tower) or phrases:INNER / phrases-slots:INNER (a frozen one reading subject, "
                      "relation and object apart: 'a red circle' | 'left of' | 'a blue square'); frozen encoders "
-                     "need pip install 'difflab[text]' and cache the captions' embeddings in $DIFFLAB_CACHE/text")  # fmt: skip
+                     "need pip install 'difflab[text]' and cache the captions' embeddings in "
+                     "$DIFFLAB_CACHE/text")  # fmt: skip
     net.add_argument(
         "--caption-dropout",
         type=float,
