@@ -20,7 +20,7 @@ from difflab.errors import DifflabError
 from difflab.text.base import DEFAULT_MAX_LENGTH, FrozenTextEncoder, TextEncoding, TextTruncationWarning
 from difflab.text.cache import EmbeddingCache, encode_cached
 from difflab.text.frozen import HFTextEncoder, MiniLMEncoder
-from difflab.text.phrases import POOLINGS, SEGMENTS, PhraseEncoder
+from difflab.text.phrases import POOLING_OF, SEGMENTS, PhraseEncoder
 from difflab.text.scratch import ScratchTextConfig, ScratchTextEncoder
 from difflab.text.tokenizer import Tokenizer
 
@@ -47,10 +47,10 @@ def parse_text_encoder(spec: str) -> tuple[str, str | None]:
     encoder's spec, read phrase by phrase)."""
     if spec in ("scratch", "minilm"):
         return spec, None
-    for kind in POOLINGS.values():
+    for kind in POOLING_OF:
         if isinstance(spec, str) and spec.startswith(f"{kind}:"):
             inner = spec[len(kind) + 1 :]
-            if parse_text_encoder(inner)[0] in ("scratch", *POOLINGS.values()):
+            if parse_text_encoder(inner)[0] in ("scratch", *POOLING_OF):
                 raise DifflabError(
                     f"--text-encoder {kind}:INNER needs a frozen INNER (minilm, hf:PATH, clip:PATH), got {inner}"
                 )
@@ -78,12 +78,11 @@ def make_text_encoder(
         return ScratchTextEncoder(ScratchTextConfig.for_tokenizer(tokenizer, **scratch_sizes))
     if scratch_sizes:
         raise DifflabError(f"{sorted(scratch_sizes)} apply to the scratch text encoder only, not to {spec}")
-    if kind in POOLINGS.values():
+    if kind in POOLING_OF:
         if max_length is not None and max_length % len(SEGMENTS):
             raise DifflabError(f"a phrase encoder's context is 3 x its inner encoder's, not {max_length}")
         inner_length = None if max_length is None else max_length // len(SEGMENTS)
-        pooled = next(name for name, prefix in POOLINGS.items() if prefix == kind)
-        return PhraseEncoder(make_text_encoder(path, max_length=inner_length), pooled)
+        return PhraseEncoder(make_text_encoder(path, max_length=inner_length), POOLING_OF[kind])
     if kind == "clip":
         from difflab.unclip.link import ClipTextEncoder
 

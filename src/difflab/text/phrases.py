@@ -27,6 +27,7 @@ from difflab.text.base import FrozenTextEncoder, TextEncoding
 
 SEGMENTS = ("subject", "relation", "object")
 POOLINGS = {"whole": "phrases", "slots": "phrases-slots"}  # pooled embedding -> the spec's prefix
+POOLING_OF = {prefix: pooled for pooled, prefix in POOLINGS.items()}  # the spec's prefix -> pooled embedding
 RELATION = re.compile(
     r"\b(?:(?:to|on|at) the )?(?:left|right) of\b|\b(?:in front of|on top of|next to|above|over|below|under"
     r"|underneath|beneath|beside|behind)\b",
