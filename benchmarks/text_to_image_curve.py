@@ -53,7 +53,7 @@ RESULTS = Path(__file__).parent / "results"
 # hard negatives (difflab train-clip --hard-negatives); phrases: base on the CLIP's tower read phrase by phrase
 # (subject / relation / object, difflab.text.phrases), its pooled embedding the whole caption's; phrases-slots: the
 # same with the parts' pooled embeddings side by side; phrases-attn2, phrases-slots-attn2: those at the two lowest
-# levels
+# levels; phrases-slots-minilm-attn2: phrases-slots-attn2 on frozen MiniLM, not the CLIP's tower (no CLIP to train)
 VARIANTS = {
     "base": ("glide32", "clip:{work}/clip", 1),
     "attn2": ("glide32-attn2", "clip:{work}/clip", 2),
@@ -62,6 +62,7 @@ VARIANTS = {
     "phrases-slots": ("glide32-phrases-slots", "phrases-slots:clip:{work}/clip", 1),
     "phrases-attn2": ("glide32-phrases-attn2", "phrases:clip:{work}/clip", 2),
     "phrases-slots-attn2": ("glide32-phrases-slots-attn2", "phrases-slots:clip:{work}/clip", 2),
+    "phrases-slots-minilm-attn2": ("glide32-phrases-slots-minilm-attn2", "phrases-slots:minilm", 2),
 }
 
 

@@ -259,8 +259,8 @@ def test_grid_names_and_aliases(name, grid):
     assert resolve_grid(name) == grid
 
 
-def test_grid_names_are_the_canonical_five_and_importable_from_the_package():
-    assert GRID_NAMES == ("respaced", "karras", "uniform_t", "log_snr", "trailing")
+def test_grid_names_are_the_canonical_six_and_importable_from_the_package():
+    assert GRID_NAMES == ("respaced", "karras", "uniform_t", "log_snr", "trailing", "tuned")
     assert sampling.GRID_ALIASES == {"exponential": "log_snr", "uniform": "uniform_t"}
 
 
@@ -278,7 +278,7 @@ def test_unknown_grids_are_difflab_errors_listing_the_choices(name):
     with pytest.raises(DifflabError) as info:
         resolve_grid(name)
     assert str(info.value) == (
-        f"unknown grid '{name}': choose one of respaced, karras, uniform_t, log_snr, trailing, or an alias: "
+        f"unknown grid '{name}': choose one of respaced, karras, uniform_t, log_snr, trailing, tuned, or an alias: "
         "exponential (= log_snr), uniform (= uniform_t)"
     )
 

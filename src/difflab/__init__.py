@@ -28,6 +28,7 @@ _EXPORTS = {
     "FORMULATIONS": "difflab.formulations",
     "SAMPLERS": "difflab.sampling",
     "DifflabError": "difflab.errors",
+    "tune_grid": "difflab.tuned_grid",
     "load_unclip": "difflab.unclip.pipeline",
     "UnclipPipeline": "difflab.unclip.pipeline",
 }

@@ -125,9 +125,15 @@ class Pipeline:
 
     def sigmas(self, steps: int, grid: str | None = None, sampler: str | None = None) -> torch.Tensor:
         """The sampling grid: `steps` noise levels then 0, (steps + 1,). grid None: a student's own, else the
-        formulation's default for `sampler` (log_snr for the lambda-multistep solvers, else the model's grid)."""
+        formulation's default for `sampler` (log_snr for the lambda-multistep solvers, else the model's grid); "tuned":
+        the levels `difflab tune-grid` stored with the checkpoint for this sampler and step count."""
         distill = self.config.distill
-        return self.formulation.sigmas(steps, grid or (distill.grid if distill is not None else None), sampler)
+        grid = grid or (distill.grid if distill is not None else None)
+        if isinstance(grid, str) and grid.lower() == "tuned":  # levels `difflab tune-grid` stored with the checkpoint
+            from difflab.tuned_grid import stored_sigmas
+
+            return stored_sigmas(self, sampler or self.sampling_defaults()["sampler"], steps)
+        return self.formulation.sigmas(steps, grid, sampler)
 
     def sampling_defaults(self) -> dict[str, Any]:
         """What the model samples with when nothing is asked for: a distilled student its own sampler, step count and

@@ -31,6 +31,8 @@ COMMANDS = {
                 "difflab img2img --ckpt runs/digits --image digit.png --strength 0.6 --out edited.png"),
     "distill": ("difflab.cli.distill", "distil a model into a few-step student (progressive or consistency)",
                 "difflab distill --teacher runs/digits --method progressive --rounds 4 --out runs/digits-distilled"),
+    "tune-grid": ("difflab.cli.tune_grid", "tune a sampler's noise levels on a model's own ODE (Align Your Steps)",
+                  "difflab tune-grid --ckpt runs/digits --sampler dpmpp_2m --steps 10"),
     "train-classifier": ("difflab.cli.train_classifier", "train a noise-aware classifier for classifier guidance",
                          "difflab train-classifier --data digits --out runs/clf --for runs/digits"),
     "train-autoencoder": ("difflab.cli.autoencoder:train", "train the KL autoencoder of latent diffusion",

@@ -131,6 +131,9 @@ class Formulation:
             return self.uniform_t_sigmas(steps)
         if grid == "trailing":
             return self.trailing_sigmas(steps)
+        if grid == "tuned":
+            raise DifflabError("--grid tuned reads levels stored with a checkpoint (difflab tune-grid); this model "
+                               "came from none")  # fmt: skip
         sigma_min, sigma_max = self.sigma_range()
         return (karras_sigmas if grid == "karras" else log_snr_sigmas)(steps, sigma_min, sigma_max)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from difflab.errors import DifflabError
 
-GRID_NAMES = ("respaced", "karras", "uniform_t", "log_snr", "trailing")
+GRID_NAMES = ("respaced", "karras", "uniform_t", "log_snr", "trailing", "tuned")  # tuned: difflab.tuned_grid
 # grid alias -> canonical grid. k-diffusion's get_sigmas_exponential (A1111's and ComfyUI's "exponential") is uniform
 # in log sigma, i.e. in log-SNR = -2 log sigma; A1111's "Uniform" schedule is uniform in the timestep t.
 GRID_ALIASES = {"exponential": "log_snr", "uniform": "uniform_t"}
