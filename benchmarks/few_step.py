@@ -4,6 +4,7 @@ training against the best solver at the same NFE, with their extra training cost
     python benchmarks/few_step.py --out runs/few_step                # ~1.5-2 h on one busy CPU core
     python benchmarks/few_step.py --out runs/few_step --steps 500    # a smoke test (poor figures)
     python benchmarks/few_step.py --out runs/few_step --phase pd-edm --round-steps 1000  # PD of the EDM teacher
+    python benchmarks/few_step.py --out runs/few_step --phase tuned-solvers  # solvers on grids tuned on the teacher
 
 Teachers at the demo's budget (tiny U-Net, 8x8 digits, `--steps`, default 4000): a DDPM with v-prediction (progressive
 distillation needs x- or v-prediction: an eps student cannot predict x0 at sigma_max in one step, Salimans & Ho 2022,
@@ -87,6 +88,32 @@ def best_solver(pipe, nfe: int, n: int, seed_sets: int = 1) -> dict:
     return best
 
 
+def tuned_solvers(edm: Path, n: int, seed_sets: int, tune_n: int = 128, tune_seed: int = 1_000_000) -> None:
+    """The best solver again, on grids tuned on the EDM teacher's own ODE (`difflab.tune_grid`, on seeds far from the
+    scoring sets): every deterministic fixed-step sampler at each NFE of 2 or more whose step count is at least 2,
+    scored over the seed sets and paired with the teacher's Euler 50: benchmarks/results/few_step_tuned_solvers.json."""
+    pipe = difflab.load(edm)
+    teacher = score(pipe, n, seed_sets, sampler="euler", steps=50)
+    rows = {"euler 50 (EDM teacher)": teacher}
+    for nfe in NFES:
+        for spec in SAMPLERS.values():
+            if spec.family != "diffusion" or spec.cost is None or not spec.deterministic() or spec.nfe(1) > nfe:
+                continue
+            steps = spec.steps_for_nfe(nfe)
+            if steps < 2 or spec.name == "ddim":  # (ddim is euler on a sigma-space model)
+                continue
+            tuned = difflab.tune_grid(pipe, spec.name, steps, n=tune_n, check_n=0, seed=tune_seed, save=False)
+            r = score(pipe, n, seed_sets, sampler=spec.name, grid=tuned.sigmas[:-1])
+            diff = np.subtract(r["fds"], teacher["fds"])
+            rows[f"{spec.name}, {nfe} NFE, tuned"] = r | {
+                "levels": tuned.sigmas, "endpoint": [tuned.start_error, tuned.error], "start_grid": tuned.start_grid,
+                "paired_diff": float(diff.mean()), "paired_diff_se": float(sem(diff)),
+            }  # fmt: skip
+            print(f"{spec.name} {nfe} NFE tuned: FD {r['fd']:.2f} +- {r['fd_se']:.2f} (endpoint {tuned.start_error:.3f}"
+                  f" -> {tuned.error:.3f})", flush=True)  # fmt: skip
+    (RESULTS / "few_step_tuned_solvers.json").write_text(json.dumps({"rows": rows}, indent=2, default=float))
+
+
 def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_sets: int) -> None:
     """Progressive distillation of the EDM teacher (the consistency models' teacher, so that the two methods are
     compared on one model): 6 rounds from 64 trailing DDIM steps, each student scored over the seed sets, paired
@@ -116,7 +143,8 @@ def main() -> int:
     p.add_argument("--seed-sets", type=int, default=8, help="FD averaged over this many disjoint seed sets")
     p.add_argument("--tuned-levels", help="benchmarks/consistency_sigmas.py's JSON: also score CD and CT at its levels")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--phase", choices=("all", "progressive", "consistency", "eval", "pd-edm"), default="all",
+    p.add_argument("--phase", choices=("all", "progressive", "consistency", "eval", "pd-edm", "tuned-solvers"),
+                   default="all",
                    help="run the progressive chain (DDPM teacher, students) or the consistency chain (EDM teacher, CD, "
                    "CT) alone, e.g. in two processes, then eval")  # fmt: skip
     args = p.parse_args()
@@ -124,6 +152,9 @@ def main() -> int:
     out = Path(args.out)
     ddpm, edm, ct, cd, pd_dir = out / "ddpm_v", out / "edm", out / "ct", out / "cd", out / "pd"
     pd_runs = [pd_dir / f"steps_{PD_TEACHER_STEPS >> r}" for r in range(1, PD_ROUNDS + 1)]
+    if args.phase == "tuned-solvers":  # the EDM teacher (trained here if missing), solvers on tuned grids
+        tuned_solvers(train_once(edm, process="edm", steps=args.steps), args.n, args.seed_sets)
+        return 0
     if args.phase == "pd-edm":  # after the consistency phase (the EDM teacher)
         progressive_from_edm(edm, out / "pd_edm", args.round_steps, args.n, args.seed_sets)
         return 0

@@ -140,3 +140,11 @@ def test_a_malformed_grids_file_is_a_one_line_error(moons_copy, capsys, tmp_path
     code, _, err = run_cli(capsys, "sample", "--ckpt", moons_copy, "--sampler", "dpmpp_2m", "--steps", 3, "--grid",
                            "tuned", "--out", tmp_path / "x.npy")  # fmt: skip
     assert_one_line_error(code, err, GRIDS_FILE, "not a tuned-grid file")
+
+
+def test_a_formulation_alone_has_no_tuned_grid():
+    """The levels live with a checkpoint: a formulation without one refuses `tuned` rather than picking some grid."""
+    from difflab.formulations import make_config, make_formulation
+
+    with pytest.raises(DifflabError, match="tune-grid"):
+        make_formulation(make_config("edm")).sigmas(10, "tuned")
