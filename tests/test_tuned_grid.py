@@ -148,3 +148,16 @@ def test_a_formulation_alone_has_no_tuned_grid():
 
     with pytest.raises(DifflabError, match="tune-grid"):
         make_formulation(make_config("edm")).sigmas(10, "tuned")
+
+
+def test_a_start_that_diverges_is_left_for_any_finite_grid():
+    """A stand-in solver that diverges (NaN) while the middle level is above 40 and otherwise returns that level: from a
+    diverging start the search still walks to the level that matches the reference (1.0)."""
+
+    def solve(levels: torch.Tensor) -> torch.Tensor:
+        middle = levels[1:2].double()
+        return torch.full_like(middle, math.nan) if middle.item() > 40 else middle
+
+    levels, error, start_error, _ = tune_levels(solve, torch.tensor([80.0, 50.0, 0.0]).double(),
+                                                torch.ones(1).double(), 0.01, min_delta=1e-3)  # fmt: skip
+    assert math.isnan(start_error) and error < 0.01 and abs(math.log(float(levels[1]))) < 0.01

@@ -95,7 +95,8 @@ def tune_levels(
         below = candidate[i + 1] if i + 1 < len(candidate) else floor - gap
         return bool(candidate[i - 1] - candidate[i] >= gap and candidate[i] - below >= gap - 1e-9)
 
-    best = start_error = distance(logs)
+    start_error = distance(logs)
+    best = start_error if math.isfinite(start_error) else math.inf  # a diverging start: any finite result is better
     evaluations = 1
     while delta >= min_delta and evaluations < max_evaluations:
         moved = False
