@@ -145,15 +145,17 @@ def checkpoint_at(work: Path, variant: str, step: int | None) -> Path:
     return found[0]
 
 
-def sweep(work: Path, out: Path, variant: str, step: int | None) -> None:
-    """Adherence and FD against the guidance scale (SCALES) at one checkpoint (default: the latest)."""
+def sweep(work: Path, out: Path, variant: str, step: int | None, interval: tuple[float, float] | None = None) -> None:
+    """Adherence and FD against the guidance scale (SCALES) at one checkpoint (default: the latest); with `interval`,
+    guidance only for LO <= sigma <= HI (Kynkaanniemi et al. 2024), written to ..._sweep_interval.json."""
     pipe = difflab.load(checkpoint_at(work, variant, step))
-    rows = sweep_guidance(pipe, prompt_set(PROMPTS), SCALES, sampler=SAMPLER, steps=SAMPLE_STEPS)
+    rows = sweep_guidance(pipe, prompt_set(PROMPTS), SCALES, sampler=SAMPLER, steps=SAMPLE_STEPS,
+                          guidance_interval=interval)  # fmt: skip
     for row in rows:
         print(row["guidance"], {k: round(v, 3) for k, v in row["adherence"]["all"].items() if k in ATTRIBUTES},
               round(row["fd"]["all"], 3), flush=True)  # fmt: skip
-    path = out.with_name(out.name + "_sweep.json")
-    path.write_text(json.dumps({"step": pipe.step, "rows": rows}, indent=2, default=float))
+    path = out.with_name(out.name + ("_sweep_interval.json" if interval else "_sweep.json"))
+    path.write_text(json.dumps({"step": pipe.step, "interval": interval, "rows": rows}, indent=2, default=float))
 
 
 def relations(work: Path, out: Path, variant: str, step: int | None, repeats: int = 2) -> None:
@@ -179,6 +181,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12_000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variant", choices=tuple(VARIANTS), default="base")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help="sweep: guide only there")
     p.add_argument("--out", default=None, help="default benchmarks/results/text_to_image_curve[_VARIANT]")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -193,7 +196,7 @@ def main() -> int:
     elif args.phase == "relations":
         relations(Path(args.work), out, args.variant, args.step)
     else:
-        sweep(Path(args.work), out, args.variant, args.step)
+        sweep(Path(args.work), out, args.variant, args.step, args.guidance_interval)
     return 0
 
 
