@@ -9,7 +9,7 @@ budget, every checkpoint scored on the fixed prompt set.
     ... --variant phrases train / eval                            # the CLIP's tower read phrase by phrase
     difflab train-clip --out WORK/negclip --steps 3000 --hard-negatives  # ... --variant negclip: its text tower
     python benchmarks/text_to_image_curve.py figure             # -> text_to_image_curve.png: prompts x checkpoints
-    python benchmarks/text_to_image_curve.py sweep [--step S]   # guidance scales at one checkpoint: ..._sweep.json
+    python benchmarks/text_to_image_curve.py sweep [--step S]   # guidance scales at one checkpoint: ..._sweep_STEP.json
     python benchmarks/text_to_image_curve.py relations [--step S]  # two-object failures: ..._relations_STEP.json
 
 The model: the text-to-image benchmark's recipe (EDM, P_mean -0.4, P_std 1.4, the tiny U-Net on 2 x 2 patches,
@@ -147,14 +147,14 @@ def checkpoint_at(work: Path, variant: str, step: int | None) -> Path:
 
 def sweep(work: Path, out: Path, variant: str, step: int | None, interval: tuple[float, float] | None = None) -> None:
     """Adherence and FD against the guidance scale (SCALES) at one checkpoint (default: the latest); with `interval`,
-    guidance only for LO <= sigma <= HI (Kynkaanniemi et al. 2024), written to ..._sweep_interval.json."""
+    guidance only for LO <= sigma <= HI (Kynkaanniemi et al. 2024). Written to ..._sweep_STEP[_interval].json."""
     pipe = difflab.load(checkpoint_at(work, variant, step))
     rows = sweep_guidance(pipe, prompt_set(PROMPTS), SCALES, sampler=SAMPLER, steps=SAMPLE_STEPS,
                           guidance_interval=interval)  # fmt: skip
     for row in rows:
         print(row["guidance"], {k: round(v, 3) for k, v in row["adherence"]["all"].items() if k in ATTRIBUTES},
               round(row["fd"]["all"], 3), flush=True)  # fmt: skip
-    path = out.with_name(out.name + ("_sweep_interval.json" if interval else "_sweep.json"))
+    path = out.with_name(out.name + f"_sweep_{pipe.step}" + ("_interval.json" if interval else ".json"))
     path.write_text(json.dumps({"step": pipe.step, "interval": interval, "rows": rows}, indent=2, default=float))
 
 
