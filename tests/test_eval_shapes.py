@@ -75,8 +75,8 @@ def test_a_model_that_draws_its_captions_adheres_fully_and_its_fd_is_near_zero(p
     pipe = DrawingPipe()
     row = evaluate_prompts(pipe, prompts, seed=7, guidance=3.0, steps=4)
     assert row["guidance"] == 3.0 and row["n"] == 200
-    assert pipe.calls == [{"seeds": [7] * 200, "prompt": prompts, "guidance": 3.0, "steps": 4, "batch_size": 256,
-                           "progress": False}]  # fmt: skip
+    assert pipe.calls == [{"seeds": list(range(7, 207)), "prompt": prompts, "guidance": 3.0, "steps": 4,
+                           "batch_size": 256, "progress": False}]  # fmt: skip
     for split in ("all", "train", "test"):
         acc = row["adherence"][split]
         assert [acc[k] for k in ("colour", "shape", "size", "position", "relation", "full")] == [1.0] * 6, split
@@ -95,11 +95,15 @@ def test_the_wrong_layout_fails_position_and_relation_only(prompts):
     assert row["full"] == unplaced / len(prompts)
 
 
-def test_each_caption_counts_under_its_own_split_and_each_prompt_gets_seeds_s_to_s_plus_k():
+def test_each_caption_counts_under_its_own_split_and_each_sample_gets_its_own_seed():
     pipe = DrawingPipe(lambda spec: spec if spec_split(spec) == "test" else None, resolution=32)
     rows = sweep_guidance(pipe, TRAIN[:2] + TEST, [1.0, 5.0], n_per_prompt=2, seed=3)
     assert [r["guidance"] for r in rows] == [1.0, 5.0] and rows[0]["adherence"] == rows[1]["adherence"]
-    assert pipe.calls[0]["seeds"] == [3, 4] * 5 and pipe.calls[0]["prompt"][:4] == [TRAIN[0]] * 2 + [TRAIN[1]] * 2
+    assert (
+        pipe.calls[0]["seeds"] == list(range(3, 13))
+        and pipe.calls[1]["seeds"] == list(range(3, 13))
+        and pipe.calls[0]["prompt"][:4] == [TRAIN[0]] * 2 + [TRAIN[1]] * 2
+    )
     acc, fd = rows[0]["adherence"], rows[0]["fd"]
     assert (acc["train"]["n"], acc["test"]["n"], acc["all"]["n"]) == (4, 6, 10)
     assert (acc["train"]["full"], acc["test"]["full"], acc["all"]["full"]) == (0.0, 1.0, 0.6)

@@ -97,7 +97,7 @@ def _prompt_checks(args: argparse.Namespace) -> tuple[list[str], list[float | No
     prompts = prompt_set() if args.prompts == "test" else read_caption_file(args.prompts)
     expand_prompts(prompts, args.n_per_prompt, args.seed)
     check_sampling_request(len(prompts) * args.n_per_prompt, args.steps, args.batch_size, seed=None)
-    check_seeds(args.seed, args.n_per_prompt)
+    check_seeds(args.seed, len(prompts) * args.n_per_prompt)
     return prompts, scales
 
 

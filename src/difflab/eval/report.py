@@ -112,8 +112,8 @@ def write_prompt_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
         "# difflab caption adherence (shapes world)",
         "",
         f"- samples: {s['source']}",
-        f"- prompts: {s['prompts']} ({s['n_prompts']} captions x {s['n_per_prompt']} samples; prompt j uses seeds "
-        f"{s['seed']}..{s['seed'] + s['n_per_prompt'] - 1})",
+        f"- prompts: {s['prompts']} ({s['n_prompts']} captions x {s['n_per_prompt']} samples; sample i uses seed "
+        f"{s['seed']} + i, seeds {s['seed']}..{s['seed'] + s['n_prompts'] * s['n_per_prompt'] - 1})",
         f"- sampler settings: {s['sampler']}, {s['steps']} steps, options {s.get('options', {})}"
         + (f", negative prompt '{s['negative_prompt']}'" if s.get("negative_prompt") else ""),
         f"- evaluator: {s['evaluator']}: scenes recovered exactly from the pixels (difflab.eval.shapes); splits: "
