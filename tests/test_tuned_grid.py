@@ -2,6 +2,7 @@
 a brute-force optimum on Gaussian data, its gain on the exact mixture denoiser on seeds it never saw, storage with the
 checkpoint, and the refusals."""
 
+import json
 import math
 import shutil
 
@@ -98,8 +99,10 @@ def test_tune_grid_stores_levels_that_grid_tuned_samples_with(moons_copy):
     with pytest.raises(DifflabError, match="no grid tuned for dpmpp_2m at 5 steps.*difflab tune-grid"):
         again.sigmas(5, "tuned", "dpmpp_2m")
     raw = difflab.load(moons_copy, use_ema=False)  # other weights: the levels were not tuned for them
-    with pytest.raises(DifflabError, match="on these weights"):
+    with pytest.raises(DifflabError, match=r"on these weights.*4 steps \(other weights\).*--ckpt \S*model.safetensors"):
         raw.sigmas(4, "tuned", "dpmpp_2m")
+    with pytest.raises(DifflabError, match="default options; drop order"):  # its levels are looked up without them
+        difflab.tune_grid(again, "unipc", 4, order=3)
 
 
 def test_the_cli_tunes_then_samples_with_grid_tuned(moons_copy, capsys, tmp_path):
@@ -111,6 +114,10 @@ def test_the_cli_tunes_then_samples_with_grid_tuned(moons_copy, capsys, tmp_path
                              "tuned", "--n", 16, "--out", tmp_path / "x.npy")  # fmt: skip
     assert code == 0, err
     assert np.load(tmp_path / "x.npy").shape == (16, 2)
+    recorded = json.loads((tmp_path / "x.npy.json").read_text())["grid"]  # the levels, so --from-png outlives a retune
+    assert [float(v) for v in recorded.split(",")] == difflab.load(moons_copy).sigmas(3, "tuned", "dpmpp_2m")[
+        :-1
+    ].tolist()
     code, _, err = run_cli(capsys, "sample", "--ckpt", moons_copy, "--sampler", "dpmpp_2m", "--steps", 7, "--grid",
                            "tuned", "--n", 4, "--out", tmp_path / "y.npy")  # fmt: skip
     assert_one_line_error(code, err, "no grid tuned for dpmpp_2m at 7 steps", "stored: dpmpp_2m at 3 steps",
@@ -140,6 +147,8 @@ def test_a_malformed_grids_file_is_a_one_line_error(moons_copy, capsys, tmp_path
     code, _, err = run_cli(capsys, "sample", "--ckpt", moons_copy, "--sampler", "dpmpp_2m", "--steps", 3, "--grid",
                            "tuned", "--out", tmp_path / "x.npy")  # fmt: skip
     assert_one_line_error(code, err, GRIDS_FILE, "not a tuned-grid file")
+    code, _, err = run_cli(capsys, "tune-grid", "--ckpt", moons_copy, "--steps", 3, "--max-evaluations", 100000)
+    assert_one_line_error(code, err, GRIDS_FILE, "not a tuned-grid file")  # before the solves, not after them
 
 
 def test_a_formulation_alone_has_no_tuned_grid():

@@ -30,6 +30,8 @@ from difflab.guidance.thresholding import X0Range, model_x0_range, refuse_diffus
 from difflab.kernels import Kernel
 from difflab.nets import build_network
 from difflab.nets.deep_cache import with_deep_cache
+from difflab.sampling.aliases import resolve_grid
+from difflab.schedules import is_custom_grid
 from difflab.text.conditioned import FrozenTextConfig
 from difflab.text.memo import PromptMemo
 from difflab.types import Denoiser, StepCallback
@@ -129,8 +131,8 @@ class Pipeline:
         the levels `difflab tune-grid` stored with the checkpoint for this sampler and step count."""
         distill = self.config.distill
         grid = grid or (distill.grid if distill is not None else None)
-        if isinstance(grid, str) and grid.lower() == "tuned":  # levels `difflab tune-grid` stored with the checkpoint
-            from difflab.tuned_grid import stored_sigmas
+        if isinstance(grid, str) and not is_custom_grid(grid) and resolve_grid(grid) == "tuned":
+            from difflab.tuned_grid import stored_sigmas  # levels `difflab tune-grid` stored with the checkpoint
 
             return stored_sigmas(self, sampler or self.sampling_defaults()["sampler"], steps)
         return self.formulation.sigmas(steps, grid, sampler)

@@ -43,13 +43,14 @@ class TunedGrid:
     start_grid: str
     error: float
     start_error: float
-    check_error: float
-    check_start_error: float
+    check_error: float | None  # None when check_n is 0
+    check_start_error: float | None
     evaluations: int  # solves of `steps` steps during the search
     n: int
     check_n: int
     seed: int
     reference: str  # the accurate solve: "SAMPLER STEPS"
+    conditions: dict[str, str]  # what the ODE was tuned under (prompt, guidance, cond, ...), as text; {} for none
 
     def key(self) -> str:
         return grid_key(self.sampler, self.steps, self.weights_hash)
@@ -93,7 +94,7 @@ def tune_levels(
 
     def valid(candidate: torch.Tensor, i: int) -> bool:
         below = candidate[i + 1] if i + 1 < len(candidate) else floor - gap
-        return bool(candidate[i - 1] - candidate[i] >= gap and candidate[i] - below >= gap - 1e-9)
+        return bool(candidate[i - 1] - candidate[i] >= gap and candidate[i] - below >= gap - 1e-6)
 
     start_error = distance(logs)
     best = start_error if math.isfinite(start_error) else math.inf  # a diverging start: any finite result is better
@@ -139,17 +140,27 @@ def tune_grid(
 
     spec, implied_grid = resolve_sampler(sampler)
     pipe.formulation.check_sampler(spec)
-    options = {k: settings[k] for k in spec.options if k in settings}
-    if spec.cost is None or not spec.deterministic(options):
+    options = sorted(k for k in settings if k in spec.options)
+    if options:  # the stored levels are looked up by sampler and steps alone, so they are for its default options
+        raise DifflabError(f"a tuned grid is for {spec.name}'s default options; drop {', '.join(options)}")
+    if spec.cost is None or not spec.deterministic():
         kind = "chooses its own steps" if spec.cost is None else "draws fresh noise at each step"
         raise DifflabError(f"sampler '{spec.name}' {kind}; a tuned grid is for the deterministic fixed-step samplers "
-                           "(ddim, euler, heun, dpmpp_2m, dpmpp_3m, unipc, lms)")  # fmt: skip
+                           "(ddim, euler, heun, dpmpp_2m, dpmpp_3m, unipc, lms) at their default options")  # fmt: skip
     if steps < 2:
         raise DifflabError(f"--steps must be at least 2 to tune a grid (one step only has sigma_max), got {steps}")
     if n < 1 or check_n < 0:
         raise DifflabError(f"--n must be at least 1 and --check-n at least 0, got {n} and {check_n}")
-    start = pipe.sigmas(steps, implied_grid, spec.name)
-    start_grid = implied_grid or pipe.formulation.default_grid_for(spec.name)
+    distill = pipe.config.distill  # a student starts from its own grid, as Pipeline.sigmas gives it
+    start_grid = (
+        implied_grid or (distill.grid if distill is not None else None) or pipe.formulation.default_grid_for(spec.name)
+    )
+    start = pipe.sigmas(steps, start_grid, spec.name)
+    if save and pipe.checkpoint is not None:  # a bad grids.json or a read-only folder: said before the solves
+        from difflab.atomic import check_writable_folder
+
+        read_grids(Path(pipe.checkpoint))
+        check_writable_folder(pipe.checkpoint, "--ckpt")
 
     def solve(levels: torch.Tensor, seeds: range) -> torch.Tensor:
         return pipe.sample(seeds=seeds, sampler=spec.name, grid=[float(s) for s in levels[:-1]], **settings)
@@ -162,7 +173,9 @@ def tune_grid(
         lambda s: solve(s, tuning), start, reference(tuning), pipe.formulation.sigma_range()[0],
         max_evaluations=max_evaluations,
     )  # fmt: skip
-    check_error = check_start_error = float("nan")
+    if not math.isfinite(error):
+        raise DifflabError(f"{spec.name} at {steps} steps diverged on every grid tried; try more steps")
+    check_error = check_start_error = None
     if check_n:
         truth = reference(checking)
         check_error, check_start_error = (rms_distance(solve(s, checking), truth) for s in (levels, start))
@@ -170,7 +183,7 @@ def tune_grid(
         sampler=spec.name, steps=steps, sigmas=[float(s) for s in levels], weights_hash=pipe.weights_hash(),
         start_grid=start_grid, error=error, start_error=start_error, check_error=check_error,
         check_start_error=check_start_error, evaluations=evaluations, n=n, check_n=check_n, seed=seed,
-        reference=f"{reference_sampler} {reference_steps}",
+        reference=f"{reference_sampler} {reference_steps}", conditions={k: str(v) for k, v in settings.items()},
     )  # fmt: skip
     if save and pipe.checkpoint is not None:
         store(Path(pipe.checkpoint), tuned)
@@ -184,7 +197,9 @@ def read_grids(checkpoint: Path) -> dict[str, dict]:
         return {}
     try:
         grids = json.loads(path.read_text())
-        if not isinstance(grids, dict) or not all(isinstance(g, dict) and "sigmas" in g for g in grids.values()):
+        fields = ("sampler", "steps", "sigmas", "weights_hash")
+        if not isinstance(grids, dict) or not all(isinstance(g, dict) and all(f in g for f in fields)
+                                                  for g in grids.values()):  # fmt: skip
             raise ValueError("not a map of grids")
     except (ValueError, OSError) as err:
         raise DifflabError(f"'{path}' is not a tuned-grid file ({err}); delete it and run difflab tune-grid") from None
@@ -200,12 +215,23 @@ def store(checkpoint: Path, tuned: TunedGrid) -> Path:
 def stored_sigmas(pipe: Any, sampler: str, steps: int) -> torch.Tensor:
     """The levels tuned for `sampler` at `steps` on `pipe`'s weights (`--grid tuned`), (steps + 1,); a one-line error
     saying what to run when there are none."""
-    where = pipe.checkpoint
-    grids = read_grids(Path(where)) if where is not None else {}
-    found = grids.get(grid_key(sampler, steps, pipe.weights_hash()))
+    from difflab.sampling import resolve_sampler
+    from difflab.schedules import custom_sigmas
+
+    sampler = resolve_sampler(sampler)[0].name
+    where, weights = pipe.checkpoint, pipe.weights_hash()
+    if where is None:
+        raise DifflabError("--grid tuned reads levels stored with a checkpoint folder; this model came from none")
+    grids = read_grids(Path(where))
+    found = grids.get(grid_key(sampler, steps, weights))
     if found is None:
-        have = sorted({f"{g['sampler']} at {g['steps']} steps" for g in grids.values()}) or ["none"]
+        have = sorted({f"{g['sampler']} at {g['steps']} steps" + ("" if g["weights_hash"] == weights else
+                       " (other weights)") for g in grids.values()}) or ["none"]  # fmt: skip
         raise DifflabError(f"no grid tuned for {sampler} at {steps} steps on these weights is stored with "
-                           f"'{where}' (stored: {', '.join(have)}); run difflab tune-grid --ckpt {where or 'CKPT'} "
+                           f"'{where}' (stored: {', '.join(have)}); run difflab tune-grid --ckpt {pipe.weights} "
                            f"--sampler {sampler} --steps {steps}")  # fmt: skip
-    return torch.tensor(found["sigmas"], dtype=torch.float32)
+    levels = custom_sigmas(found["sigmas"][:-1])  # checked as any levels a user gives
+    if len(levels) != steps + 1:
+        raise DifflabError(f"'{Path(where) / GRIDS_FILE}' holds {len(levels) - 1} levels for {steps} steps; run "
+                           "difflab tune-grid again")  # fmt: skip
+    return levels

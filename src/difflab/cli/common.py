@@ -90,6 +90,17 @@ def apply_model_defaults(args: argparse.Namespace, pipe) -> None:
     args.steps = args.steps or defaults["steps"]
 
 
+def explicit_tuned_levels(pipe, grid: str | None, sampler: str, steps: int) -> str | None:
+    """`--grid tuned` as the levels themselves ("80.0,1.88,..."), so that the PNG metadata records what was used and
+    `--from-png` reproduces it even after the grid is tuned again; any other grid unchanged."""
+    from difflab.sampling import resolve_grid
+    from difflab.schedules import is_custom_grid
+
+    if grid is None or is_custom_grid(grid) or resolve_grid(grid) != "tuned":
+        return grid
+    return ",".join(repr(float(s)) for s in pipe.sigmas(steps, "tuned", sampler)[:-1])
+
+
 def sampler_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """The options of sampler `name` the user set on the command line; an option it does not take is an error."""
     from difflab.sampling import all_sampler_options, get_sampler

@@ -14,6 +14,7 @@ from difflab.cli.common import (
     add_sampler_arguments,
     apply_model_defaults,
     backend_metadata,
+    explicit_tuned_levels,
     guidance_settings,
     load_pipeline,
     sampler_options,
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args, device)
     apply_model_defaults(args, pipe)
     options = sampler_options(resolve_sampler(args.sampler)[0].name, args)
+    args.grid = explicit_tuned_levels(pipe, args.grid, args.sampler, args.steps)
     check_output_size(args.out, pipe.config.data.kind, args.n, pipe.sample_shape)
     cond, guidance = guidance_settings(args, pipe, args.n)
     settings = {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "batch_size": args.batch_size,

@@ -10,7 +10,8 @@ from difflab.errors import DifflabError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="run folder or checkpoint folder (the grid is stored there)")
+    p.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint), checkpoint folder or weights "
+                   "file; the grid is stored in that checkpoint folder")  # fmt: skip
     p.add_argument("--sampler", default="dpmpp_2m", help="a deterministic fixed-step sampler")
     p.add_argument("--steps", type=int, default=10, help="the number of levels to tune")
     p.add_argument("--n", type=int, default=128, help="seeds the levels are tuned on")
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{tuned.sampler} at {tuned.steps} steps: levels {levels}, then 0")
     print(f"RMS distance to the accurate solve ({tuned.reference}): {tuned.start_grid} grid {tuned.start_error:.4g}"
           f" -> tuned {tuned.error:.4g} on {tuned.n} tuning seeds ({tuned.evaluations} solves)")  # fmt: skip
-    if tuned.check_n:
+    if tuned.check_n and tuned.check_error is not None:
         print(f"on {tuned.check_n} other seeds: {tuned.check_start_error:.4g} -> {tuned.check_error:.4g}")
     print(f"stored in {pipe.checkpoint}; sample with --sampler {tuned.sampler} --steps {tuned.steps} --grid tuned")
     return 0
