@@ -192,6 +192,8 @@ def test_cascade_inputs_are_checked_before_sampling(small_shapes, tmp_path, caps
                           "--upsample-from 16")  # fmt: skip
     code, _, err = run_cli(capsys, "txt2img", "--ckpt", base, "--low-res-noise", 0.1, *out)
     assert_one_line_error(code, err, "give --upsampler RUN")
+    code, _, err = run_cli(capsys, "txt2img", "--ckpt", base, "--upsampler", up, "--grid", "tuned", *out)
+    assert_one_line_error(code, err, "--grid tuned holds one model's levels")
     assert not (tmp_path / "x.png").exists()
     pipe = difflab.load(up)
     with pytest.raises(DifflabError, match=r"low_res must be a tensor \(n=2 or 1, 3, 8, 8\)"):

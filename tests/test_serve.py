@@ -234,6 +234,7 @@ def test_a_text_model_takes_prompts_and_refuses_an_unknown_word(client):
         ({"model": "digits", "prompt": "a seven"}, 422, "takes no prompt; pass class_label"),
         ({"model": "digits", "class_label": 10}, 422, "class_label must lie in 0..9"),
         ({"model": "digits", "seed": 2**63}, 422, "seeds must lie in 0..2**63 - 1"),
+        ({"model": "digits", "grid": "tuned", "steps": 4}, 422, "no grid tuned for ddim at 4 steps"),
     ],
 )
 def test_bad_requests_are_refused_with_what_to_change(client, body, status, fragment):

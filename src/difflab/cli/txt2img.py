@@ -68,6 +68,10 @@ def check_cascade_flags(args: argparse.Namespace) -> None:
         raise DifflabError("--upsampler-steps and --low-res-noise set the upsampler of a cascade: give --upsampler RUN")
     if args.upsampler_steps is not None and args.upsampler_steps < 1:
         raise DifflabError(f"--upsampler-steps must be a positive integer, got {args.upsampler_steps}")
+    if args.upsampler is not None and str(args.grid).strip().lower() == "tuned":
+        raise DifflabError(
+            "--grid tuned holds one model's levels; a cascade (--upsampler) takes a named grid or levels"
+        )
     if args.watermark is not None and (args.upsampler is not None or args.pipeline == "unclip"):
         raise DifflabError("--watermark marks one model's samples; drop it with --upsampler or --pipeline unclip")
 

@@ -110,6 +110,11 @@ def resolve(
                              f"{', '.join(spec.options) or 'no options'}")  # fmt: skip
     steps = defaults["steps"] if steps is None else steps
     limits.check(n, steps)
+    if grid == "tuned":  # levels stored with the checkpoint: refused now if there are none, not in the queue
+        try:
+            pipe.sigmas(steps, grid, spec.name)
+        except DifflabError as err:
+            raise RequestRefused(str(err)) from None
     seed = secrets.randbelow(2**31) if seed is None or seed == -1 else seed
     try:
         check_seeds(seed, n)
