@@ -28,6 +28,7 @@ from difflab.serve.requests import Generation, Limits, RequestRefused
 MAX_BACKLOG = 32  # progress events kept for a subscriber that is not reading
 log = logging.getLogger("difflab.serve")
 FINISHED = ("done", "cancelled", "failed")
+STAGING = ".staging"  # in the output folder: a job's PNGs while they are written, out of every API's reach
 
 
 class QueueFull(Exception):
@@ -116,11 +117,20 @@ class Job:
                 latest["preview"] = made
         return latest["preview"]
 
-    def finish(self, status: str, error: str | None = None, images: list[Path] | None = None) -> bool:
-        """End the job (once: a later call does nothing and returns False)."""
+    def finish(
+        self,
+        status: str,
+        error: str | None = None,
+        images: list[Path] | None = None,
+        commit: Callable[[], list[Path]] | None = None,
+    ) -> bool:
+        """End the job (once: a later call does nothing and returns False). `commit`, run under the job's lock only if
+        this call ends it, publishes its images and returns their paths: a cancel cannot fall between the two."""
         with self._lock:
             if self.status in FINISHED:
                 return False
+            if commit is not None:
+                images = commit()
             self.status, self.error, self.images = status, error, images or []
             self._latest = self._preview = None
             self._publish(status, self.describe())
@@ -319,9 +329,9 @@ def draw_batch(jobs: list[Job], out_dir: Path, answering: Callable[[list[Job]], 
     answering(jobs)
     for job, r in zip(jobs, rows, strict=True):
         if job.status not in FINISHED:
-            paths = write_images(job, images[r], out_dir)
-            if not job.finish("done", images=paths):  # cancelled while its PNGs were written: nobody gets them
-                remove_images(paths, out_dir / job.id)
+            staged = write_images(job, images[r], out_dir / STAGING)  # moved into out_dir/<id> only if not cancelled
+            if not job.finish("done", commit=lambda s=staged, j=job: publish_images(s, out_dir / j.id)):
+                remove_images(staged, out_dir / STAGING / job.id)  # cancelled while written: never reachable
 
 
 def condition(jobs: list[Job]) -> dict[str, Any]:
@@ -340,6 +350,12 @@ def condition(jobs: list[Job]) -> dict[str, Any]:
     if kind != "unconditional" and first.guidance is not None:
         settings["guidance"] = first.guidance
     return settings
+
+
+def publish_images(staged: list[Path], folder: Path) -> list[Path]:
+    """Move a job's staged folder to `folder` (one rename) and return its PNGs' new paths."""
+    staged[0].parent.rename(folder)
+    return [folder / p.name for p in staged]
 
 
 def remove_images(paths: list[Path], folder: Path) -> None:
