@@ -93,6 +93,7 @@ def test_tune_grid_stores_levels_that_grid_tuned_samples_with(moons_copy):
     again = difflab.load(moons_copy)
     levels = again.sigmas(4, "tuned", "dpmpp_2m")
     assert levels.tolist() == pytest.approx(tuned.sigmas)
+    assert torch.equal(again.sigmas(4, " Tuned ", "DPM++ 2M"), levels)  # any spelling of the name, a sampler alias
     by_name = again.sample(8, sampler="dpmpp_2m", steps=4, grid="tuned")
     by_levels = again.sample(8, sampler="dpmpp_2m", grid=tuned.sigmas[:-1])
     assert torch.equal(by_name, by_levels)
@@ -109,7 +110,10 @@ def test_the_cli_tunes_then_samples_with_grid_tuned(moons_copy, capsys, tmp_path
     code, out, err = run_cli(capsys, "tune-grid", "--ckpt", moons_copy, "--steps", 3, "--n", 32, "--check-n", 16,
                              "--max-evaluations", 30)  # fmt: skip
     assert code == 0, err
-    assert "dpmpp_2m at 3 steps" in out and "--grid tuned" in out
+    pipe = difflab.load(moons_copy)
+    stored = json.loads((pipe.checkpoint / GRIDS_FILE).read_text())[f"dpmpp_2m@3:{pipe.weights_hash()}"]
+    levels = ", ".join(f"{s:.4g}" for s in stored["sigmas"][:-1])
+    assert f"dpmpp_2m at 3 steps: levels {levels}, then 0" in out and len(stored["sigmas"]) == 4
     code, out, err = run_cli(capsys, "sample", "--ckpt", moons_copy, "--sampler", "dpmpp_2m", "--steps", 3, "--grid",
                              "tuned", "--n", 16, "--out", tmp_path / "x.npy")  # fmt: skip
     assert code == 0, err

@@ -30,8 +30,7 @@ from difflab.guidance.thresholding import X0Range, model_x0_range, refuse_diffus
 from difflab.kernels import Kernel
 from difflab.nets import build_network
 from difflab.nets.deep_cache import with_deep_cache
-from difflab.sampling.aliases import resolve_grid
-from difflab.schedules import is_custom_grid
+from difflab.sampling.aliases import is_tuned_grid
 from difflab.text.conditioned import FrozenTextConfig
 from difflab.text.memo import PromptMemo
 from difflab.types import Denoiser, StepCallback
@@ -129,13 +128,17 @@ class Pipeline:
         """The sampling grid: `steps` noise levels then 0, (steps + 1,). grid None: a student's own, else the
         formulation's default for `sampler` (log_snr for the lambda-multistep solvers, else the model's grid); "tuned":
         the levels `difflab tune-grid` stored with the checkpoint for this sampler and step count."""
-        distill = self.config.distill
-        grid = grid or (distill.grid if distill is not None else None)
-        if isinstance(grid, str) and not is_custom_grid(grid) and resolve_grid(grid) == "tuned":
+        grid = grid or self.default_grid(sampler)
+        if is_tuned_grid(grid):
             from difflab.tuned_grid import stored_sigmas  # levels `difflab tune-grid` stored with the checkpoint
 
             return stored_sigmas(self, sampler or self.sampling_defaults()["sampler"], steps)
         return self.formulation.sigmas(steps, grid, sampler)
+
+    def default_grid(self, sampler: str | None = None) -> str:
+        """The grid `sampler` gets when none is named: a distilled student's own, else the formulation's for it."""
+        distill = self.config.distill
+        return distill.grid if distill is not None else self.formulation.default_grid_for(sampler)
 
     def sampling_defaults(self) -> dict[str, Any]:
         """What the model samples with when nothing is asked for: a distilled student its own sampler, step count and

@@ -151,10 +151,7 @@ def tune_grid(
         raise DifflabError(f"--steps must be at least 2 to tune a grid (one step only has sigma_max), got {steps}")
     if n < 1 or check_n < 0:
         raise DifflabError(f"--n must be at least 1 and --check-n at least 0, got {n} and {check_n}")
-    distill = pipe.config.distill  # a student starts from its own grid, as Pipeline.sigmas gives it
-    start_grid = (
-        implied_grid or (distill.grid if distill is not None else None) or pipe.formulation.default_grid_for(spec.name)
-    )
+    start_grid = implied_grid or pipe.default_grid(spec.name)  # what the sampler would get (a student: its own)
     start = pipe.sigmas(steps, start_grid, spec.name)
     if save and pipe.checkpoint is not None:  # a bad grids.json or a read-only folder: said before the solves
         from difflab.atomic import check_writable_folder

@@ -93,10 +93,9 @@ def apply_model_defaults(args: argparse.Namespace, pipe) -> None:
 def explicit_tuned_levels(pipe, grid: str | None, sampler: str, steps: int) -> str | None:
     """`--grid tuned` as the levels themselves ("80.0,1.88,..."), so that the PNG metadata records what was used and
     `--from-png` reproduces it even after the grid is tuned again; any other grid unchanged."""
-    from difflab.sampling import resolve_grid
-    from difflab.schedules import is_custom_grid
+    from difflab.sampling.aliases import is_tuned_grid
 
-    if grid is None or is_custom_grid(grid) or resolve_grid(grid) != "tuned":
+    if not is_tuned_grid(grid):
         return grid
     return ",".join(repr(float(s)) for s in pipe.sigmas(steps, "tuned", sampler)[:-1])
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from difflab.cli import sample
 from difflab.errors import DifflabError
+from difflab.sampling.aliases import is_tuned_grid
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +69,7 @@ def check_cascade_flags(args: argparse.Namespace) -> None:
         raise DifflabError("--upsampler-steps and --low-res-noise set the upsampler of a cascade: give --upsampler RUN")
     if args.upsampler_steps is not None and args.upsampler_steps < 1:
         raise DifflabError(f"--upsampler-steps must be a positive integer, got {args.upsampler_steps}")
-    if args.upsampler is not None and str(args.grid).strip().lower() == "tuned":
+    if args.upsampler is not None and is_tuned_grid(args.grid):
         raise DifflabError(
             "--grid tuned holds one model's levels; a cascade (--upsampler) takes a named grid or levels"
         )

@@ -75,6 +75,11 @@ def lookup_sampler_alias(name: str) -> tuple[str, str | None] | None:
     return _SAMPLER_ALIAS_KEYS.get(normalize_name(name))
 
 
+def is_tuned_grid(grid: object) -> bool:
+    """Whether `grid` names the levels `difflab tune-grid` stored with a checkpoint ("tuned", any case or spacing)."""
+    return isinstance(grid, str) and normalize_name(grid) == "tuned"
+
+
 def resolve_grid(name: str) -> str:
     """The canonical grid (one of GRID_NAMES) called `name` or one of its aliases, case-insensitive: "Karras" ->
     karras, "exponential" -> log_snr (uniform in log sigma), "uniform" -> uniform_t. A DifflabError otherwise."""

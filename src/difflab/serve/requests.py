@@ -93,7 +93,7 @@ def resolve(
     """A request checked against its model and the limits; seed None or -1 draws a random one (AUTOMATIC1111's
     convention). Every refusal is a RequestRefused naming what to change."""
     from difflab.sampling import resolve_sampler
-    from difflab.sampling.aliases import resolve_grid
+    from difflab.sampling.aliases import is_tuned_grid, resolve_grid
 
     pipe = model.pipe
     defaults = pipe.sampling_defaults()
@@ -110,7 +110,7 @@ def resolve(
                              f"{', '.join(spec.options) or 'no options'}")  # fmt: skip
     steps = defaults["steps"] if steps is None else steps
     limits.check(n, steps)
-    if grid == "tuned":  # levels stored with the checkpoint: refused now if there are none, not in the queue
+    if is_tuned_grid(grid):  # levels stored with the checkpoint: refused now if there are none, not in the queue
         try:
             pipe.sigmas(steps, grid, spec.name)
         except DifflabError as err:
