@@ -63,14 +63,24 @@ VARIANTS = {
     "phrases-attn2": ("glide32-phrases-attn2", "phrases:clip:{work}/clip", 2),
     "phrases-slots-attn2": ("glide32-phrases-slots-attn2", "phrases-slots:clip:{work}/clip", 2),
     "phrases-slots-minilm-attn2": ("glide32-phrases-slots-minilm-attn2", "phrases-slots:minilm", 2),
+    "phrases-slots-attn2-cosine": ("glide32-phrases-slots-attn2-cosine", "phrases-slots:clip:{work}/clip", 2),
+    "phrases-slots-attn2-cosine-lr4": ("glide32-phrases-slots-attn2-cosine-lr4", "phrases-slots:clip:{work}/clip", 2),
+    "phrases-slots-attn2-cosine-b32": ("glide32-phrases-slots-attn2-cosine-b32", "phrases-slots:clip:{work}/clip", 2),
+}
+# Changes to RECIPE by variant (the learning-rate schedule decays to 0 at --steps: one run per budget)
+RECIPE_CHANGES = {
+    "phrases-slots-attn2-cosine": {"lr_schedule": "cosine"},
+    "phrases-slots-attn2-cosine-lr4": {"lr_schedule": "cosine", "lr": 4e-3},
+    "phrases-slots-attn2-cosine-b32": {"lr_schedule": "cosine", "batch_size": 32},
 }
 
 
 def train(work: Path, steps: int, variant: str) -> None:
     data = difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES)
     run, encoder, attention_levels = VARIANTS[variant]
+    recipe = RECIPE | RECIPE_CHANGES.get(variant, {})
     config = difflab.run_config(data, steps=steps, checkpoint_every=EVERY, text_encoder=encoder.format(work=work),
-                                **RECIPE)  # fmt: skip
+                                **recipe)  # fmt: skip
     config = replace(config, train=replace(config.train, keep_checkpoints=steps // EVERY + 1))  # the whole curve
     lowest = config.model.settings.attention_resolutions[0]
     levels = tuple(lowest * 2**k for k in reversed(range(attention_levels)))  # e.g. (8, 4)

@@ -15,7 +15,7 @@ from difflab.pipeline import load
 from difflab.training import checkpoint as ckpt_mod
 from difflab.training.checkpoint import latest_checkpoint, list_checkpoints
 from difflab.training.tasks import DenoiserTask
-from difflab.training.trainer import Trainer, TrainingDiverged
+from difflab.training.trainer import Trainer, TrainingDiverged, read_log
 
 CPU = torch.device("cpu")
 
@@ -143,3 +143,25 @@ def test_minutes_budget_stops_the_run(tmp_path):
     trainer = _train(_points_config(None, minutes=0.02), sample_toy("moons", 256, 0), tmp_path)
     assert trainer.step > 0 and trainer.elapsed >= 0.02 * 60
     assert latest_checkpoint(tmp_path) is not None
+
+
+def test_lr_schedules_decay_to_zero_at_the_end_of_the_budget(tmp_path):
+    """Warm-up, then the closed forms: cosine 0.5 (1 + cos(pi t)), linear 1 - t, t the share of the budget done."""
+    data = sample_toy("moons", 64, 0)
+    by_steps = {s: Trainer(DenoiserTask(_points_config(100, lr_schedule=s)), data, tmp_path / s, CPU)
+                for s in ("constant", "cosine", "linear")}  # fmt: skip
+    for step, share in ((25, 0.25), (50, 0.5), (80, 0.8), (100, 1.0)):
+        assert by_steps["constant"].lr_at(step) == pytest.approx(1e-3)
+        assert by_steps["cosine"].lr_at(step) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * share)), abs=1e-12)
+        assert by_steps["linear"].lr_at(step) == pytest.approx(1e-3 * (1 - share), abs=1e-12)
+    assert by_steps["cosine"].lr_at(0) == pytest.approx(1e-3 / 5, rel=1e-3)  # warm-up (5 steps) first
+    timed = _points_config(None, minutes=2.0, lr_schedule="linear")
+    by_minutes = Trainer(DenoiserTask(timed), data, tmp_path / "m", CPU)
+    by_minutes.elapsed = 30.0  # a quarter of the budget, whatever the step
+    assert by_minutes.lr_at(10) == pytest.approx(0.75e-3)
+    _train(_points_config(40, lr_schedule="cosine"), data, tmp_path / "run")
+    logged = [row["lr"] for row in read_log(tmp_path / "run") if "lr" in row]
+    assert logged[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 40)))  # the lr of step 5 (of 40)
+    assert logged[-1] < 2e-5 and logged == sorted(logged, reverse=True)
+    with pytest.raises(DifflabError, match="unknown --lr-schedule 'step'; choose one of constant, cosine, linear"):
+        _points_config(10, lr_schedule="step")

@@ -19,6 +19,7 @@ from difflab.guidance import Guidance
         (["--steps", "0"], "--steps must be a positive number, got 0"),
         (["--lr", "nan"], "--lr must be a positive number, got nan"),
         (["--ema-decay", "2"], "--ema-decay must lie in [0, 1), got 2.0"),
+        (["--lr-schedule", "step"], "unknown --lr-schedule 'step'; choose one of constant, cosine, linear"),
         (["--min-snr-gamma", "-1"], "--min-snr-gamma must be a positive number, got -1.0"),
         (["--process", "edm", "--sigma-min", "10", "--sigma-max", "1"], "need 0 < --sigma-min < --sigma-max"),
         (["--process", "ve", "--sigma-min", "0"], "need 0 < --sigma-min < --sigma-max"),

@@ -69,6 +69,9 @@ class SignalConfig:
             )
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int | None = 5000
@@ -77,6 +80,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 200
+    lr_schedule: str = "constant"  # after warm-up: constant, or cosine / linear decay to 0 at the end of the budget
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     min_snr_gamma: float | None = None
@@ -100,6 +104,8 @@ class TrainConfig:
                 raise DifflabError(f"{flag} must be a positive number, got {value}")
         if not 0 <= self.ema_decay < 1:
             raise DifflabError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DifflabError(f"unknown --lr-schedule '{self.lr_schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.keep_checkpoints < 1:
             raise DifflabError("--warmup and weight decay must be >= 0 and at least one checkpoint must be kept")
         check_limits(self, "train")

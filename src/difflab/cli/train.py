@@ -113,6 +113,8 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
                      "under torchrun the global batch, split over the processes")  # fmt: skip
     opt.add_argument("--lr", type=float, help="default 1e-3 for points, 5e-4 for images")
     opt.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
+    opt.add_argument("--lr-schedule", default="constant", help="after warm-up: constant, or cosine / linear decay to 0 "
+                     "at the end of the budget (--steps, else --minutes)")  # fmt: skip
     opt.add_argument("--ema-decay", type=float, default=0.999)
     opt.add_argument("--min-snr-gamma", type=float, help="min-SNR-gamma loss weighting (e.g. 5)")
     opt.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
@@ -136,10 +138,11 @@ def config_from_args(args: argparse.Namespace, data):
     return run_config(
         data, process=args.process, model=args.model, backbone=args.backbone, dropout=args.dropout,
         conditional=args.conditional, label_dropout=args.label_dropout, steps=args.steps, minutes=args.minutes,
-        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
-        min_snr_gamma=args.min_snr_gamma, mixed_precision=args.mixed_precision, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, preview_every=args.preview_every, tensorboard=args.tensorboard,
-        text_encoder=args.text_encoder, caption_dropout=args.caption_dropout, upsample_from=args.upsample_from,
+        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule,
+        ema_decay=args.ema_decay, min_snr_gamma=args.min_snr_gamma, mixed_precision=args.mixed_precision,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
+        tensorboard=args.tensorboard, text_encoder=args.text_encoder, caption_dropout=args.caption_dropout,
+        upsample_from=args.upsample_from,
         low_res_noise_max=args.low_res_noise_max, inpainting=args.inpainting, init_from=args.init_from,
         patch_size=args.patch_size, autoencoder=args.autoencoder, clip=getattr(args, "clip", None),
         unclip=getattr(args, "unclip", None), image_embed_dropout=getattr(args, "image_embed_dropout", 0.1), **settings,
@@ -195,7 +198,8 @@ MODEL_FLAGS = {
     "autoencoder": lambda c: c.latent.source if c.latent is not None else None,
 } | {k: (lambda c, k=k: getattr(c.formulation, k, None)) for k in FORMULATION_FLAGS}
 # Settings a resumed run keeps from its config: --resume names the ones given that differ and ignores them.
-KEPT_FLAGS = {"batch_size": "batch_size", "lr": "lr", "warmup": "warmup_steps", "ema_decay": "ema_decay",
+KEPT_FLAGS = {"batch_size": "batch_size", "lr": "lr", "warmup": "warmup_steps", "lr_schedule": "lr_schedule",
+              "ema_decay": "ema_decay",
               "min_snr_gamma": "min_snr_gamma", "mixed_precision": "mixed_precision", "seed": "seed",
               "checkpoint_every": "checkpoint_every", "preview_every": "preview_every",
               "tensorboard": "tensorboard"}  # fmt: skip

@@ -200,9 +200,18 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        """Linear warm-up to the base learning rate, then constant."""
+        """Linear warm-up to the base learning rate, then the schedule: constant, or a cosine / linear decay to 0 at
+        the end of the budget (budgeted training, Li et al. 2020): the share of --steps done, or of --minutes where no
+        step count is given, whichever is further when both are."""
         tc = self.train_config
-        return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
+        warm = min(1.0, (step + 1) / max(1, tc.warmup_steps))
+        if tc.lr_schedule == "constant":
+            return tc.lr * warm
+        done = [step / tc.steps] if tc.steps is not None else []
+        done += [self.elapsed / (60 * tc.minutes)] if tc.minutes is not None else []
+        left = 1.0 - min(1.0, max(done))
+        decay = left if tc.lr_schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * left))
+        return tc.lr * warm * decay
 
     def train_step(self) -> float:
         """One optimisation step; returns the loss, or NaN/inf if the step was skipped (a non-finite loss or
