@@ -114,6 +114,11 @@ def test_the_cli_tunes_then_samples_with_grid_tuned(moons_copy, capsys, tmp_path
     stored = json.loads((pipe.checkpoint / GRIDS_FILE).read_text())[f"dpmpp_2m@3:{pipe.weights_hash()}"]
     levels = ", ".join(f"{s:.4g}" for s in stored["sigmas"][:-1])
     assert f"dpmpp_2m at 3 steps: levels {levels}, then 0" in out and len(stored["sigmas"]) == 4
+    code, out, err = run_cli(capsys, "info", moons_copy)
+    assert code == 0, err
+    assert (f"tuned grids   dpmpp_2m at 3 steps (weights {pipe.weights_hash()}): error {stored['start_error']:.3g} -> "
+            f"{stored['error']:.3g} from the {stored['start_grid']} grid, held-out "
+            f"{stored['check_start_error']:.3g} -> {stored['check_error']:.3g}") in out  # fmt: skip
     code, out, err = run_cli(capsys, "sample", "--ckpt", moons_copy, "--sampler", "dpmpp_2m", "--steps", 3, "--grid",
                              "tuned", "--n", 16, "--out", tmp_path / "x.npy")  # fmt: skip
     assert code == 0, err
@@ -174,3 +179,30 @@ def test_a_start_that_diverges_is_left_for_any_finite_grid():
     levels, error, start_error, _ = tune_levels(solve, torch.tensor([80.0, 50.0, 0.0]).double(),
                                                 torch.ones(1).double(), 0.01, min_delta=1e-3)  # fmt: skip
     assert math.isnan(start_error) and error < 0.01 and abs(math.log(float(levels[1]))) < 0.01
+
+
+def test_two_tunings_storing_at_once_keep_both_grids(tmp_path, monkeypatch):
+    """store reads grids.json, adds its grid and writes it back: without a lock the slower writer drops the other."""
+    import threading
+    import time
+
+    from difflab import tuned_grid
+
+    read = tuned_grid.read_grids
+
+    def slow_read(checkpoint):
+        grids = read(checkpoint)
+        time.sleep(0.3)  # both threads would read the empty file before either writes
+        return grids
+
+    monkeypatch.setattr(tuned_grid, "read_grids", slow_read)
+    fields = dict(weights_hash="abc", start_grid="karras", error=0.1, start_error=0.2, check_error=None,
+                  check_start_error=None, evaluations=1, n=1, check_n=0, seed=0, reference="dpmpp_2m 200",
+                  conditions={})  # fmt: skip
+    grids = [tuned_grid.TunedGrid(sampler=s, steps=3, sigmas=[80.0, 1.0, 0.1, 0.0], **fields) for s in ("euler", "lms")]
+    threads = [threading.Thread(target=tuned_grid.store, args=(tmp_path, g)) for g in grids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(read(tmp_path)) == ["euler@3:abc", "lms@3:abc"]

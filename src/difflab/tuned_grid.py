@@ -204,9 +204,13 @@ def read_grids(checkpoint: Path) -> dict[str, dict]:
 
 
 def store(checkpoint: Path, tuned: TunedGrid) -> Path:
-    """Add (or replace) `tuned` in the checkpoint's grids.json, written whole or not at all."""
-    grids = read_grids(checkpoint) | {tuned.key(): asdict(tuned)}
-    return write_text_atomic(Path(checkpoint) / GRIDS_FILE, json.dumps(grids, indent=1))
+    """Add (or replace) `tuned` in the checkpoint's grids.json, written whole or not at all; two tunings storing at
+    once both keep their grids (the read and the write happen under one lock)."""
+    from difflab.training.lock import waiting_lock
+
+    with waiting_lock(Path(checkpoint) / ".grids.lock"):
+        grids = read_grids(checkpoint) | {tuned.key(): asdict(tuned)}
+        return write_text_atomic(Path(checkpoint) / GRIDS_FILE, json.dumps(grids, indent=1))
 
 
 def stored_sigmas(pipe: Any, sampler: str, steps: int) -> torch.Tensor:

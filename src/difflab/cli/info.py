@@ -98,7 +98,21 @@ def _show_run(path: Path, raw: bool) -> int:
     found = list_checkpoints(run_dir)
     if found:
         print(f"  checkpoints   {', '.join(p.name for p in found)} in {run_dir}")
+    _show_tuned_grids(ckpt)
     return 0
+
+
+def _show_tuned_grids(ckpt: Path) -> None:
+    """The grids `difflab tune-grid` stored with the checkpoint (`--grid tuned`), one line each."""
+    from difflab.tuned_grid import read_grids
+
+    for i, g in enumerate(read_grids(ckpt).values()):
+        held_out = "" if g.get("check_error") is None else (
+            f", held-out {g['check_start_error']:.3g} -> {g['check_error']:.3g}")  # fmt: skip
+        conditions = "".join(f", {k} {v}" for k, v in g.get("conditions", {}).items())
+        print(f"  {'tuned grids' if i == 0 else '':<13} {g['sampler']} at {g['steps']} steps (weights "
+              f"{g['weights_hash']}): error {g['start_error']:.3g} -> {g['error']:.3g} from the {g['start_grid']} "
+              f"grid{held_out}{conditions}")  # fmt: skip
 
 
 def _show_autoencoder(ckpt: Path, raw: bool) -> bool:

@@ -144,3 +144,18 @@ def _release(path: Path, fd) -> None:
         path.unlink()  # before unlocking: a waiting process then locks a fresh file, never this one
     if fd is not None:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created, never removed), waiting for another holder to finish: for short
+    read-modify-write updates of a shared file (a checkpoint's grids.json). Without fcntl (Windows) it holds nothing."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (closing the descriptor releases the lock)
