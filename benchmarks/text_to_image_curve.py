@@ -9,7 +9,8 @@ budget, every checkpoint scored on the fixed prompt set.
     ... --variant phrases train / eval                            # the CLIP's tower read phrase by phrase
     difflab train-clip --out WORK/negclip --steps 3000 --hard-negatives  # ... --variant negclip: its text tower
     python benchmarks/text_to_image_curve.py figure             # -> text_to_image_curve.png: prompts x checkpoints
-    python benchmarks/text_to_image_curve.py sweep [--step S]   # guidance scales at one checkpoint: ..._sweep_STEP.json
+    python benchmarks/text_to_image_curve.py sweep [--step S] [--scales W ...]  # guidance scales: ..._sweep_STEP.json
+    ... --variant phrases-slots-attn2-cosine-30min --threads 2 --minutes 30 train   # the issue's budget, both cores
     python benchmarks/text_to_image_curve.py relations [--step S]  # two-object failures: ..._relations_STEP.json
 
 The model: the text-to-image benchmark's recipe (EDM, P_mean -0.4, P_std 1.4, the tiny U-Net on 2 x 2 patches,
@@ -25,8 +26,9 @@ import argparse
 import datetime
 import json
 import platform
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,45 +49,73 @@ PROMPTS, W, SAMPLER, SAMPLE_STEPS = 100, 3.0, "dpmpp_2m", 20
 SCALES = (1.0, 2.0, 3.0, 5.0, 7.0)
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "full")
 RESULTS = Path(__file__).parent / "results"
-# variant: (its run folder in WORK, its --text-encoder with {work} for WORK, the number of the U-Net's lowest levels
-# with self- and cross-attention). base: the tiny U-Net as it is (attention at its lowest level, 4 x 4) on the CLIP's
-# text tower; attn2: attention at the two lowest (8 x 8 too); negclip: base on the text tower of a CLIP trained with
-# hard negatives (difflab train-clip --hard-negatives); phrases: base on the CLIP's tower read phrase by phrase
-# (subject / relation / object, difflab.text.phrases), its pooled embedding the whole caption's; phrases-slots: the
-# same with the parts' pooled embeddings side by side; phrases-attn2, phrases-slots-attn2: those at the two lowest
-# levels; phrases-slots-minilm-attn2: phrases-slots-attn2 on frozen MiniLM, not the CLIP's tower (no CLIP to train)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A recipe of the curve: its --text-encoder ({work} for WORK), the number of the U-Net's lowest levels with self-
+    and cross-attention, changes to RECIPE, and the share of two-object scenes in its training data."""
+
+    encoder: str
+    attention_levels: int = 1
+    changes: tuple[tuple[str, Any], ...] = ()
+    pairs_share: float = 0.5
+
+
+CLIP, PHRASES, SLOTS = "clip:{work}/clip", "phrases:clip:{work}/clip", "phrases-slots:clip:{work}/clip"
+COSINE = (("lr_schedule", "cosine"),)  # the learning rate decays to 0 at the end of the budget: one run per budget
+# base: the tiny U-Net as it is (attention at its lowest level, 4 x 4) on the CLIP's text tower; attn2: attention at
+# the two lowest (8 x 8 too); negclip: base on the text tower of a CLIP trained with hard negatives (difflab train-clip
+# --hard-negatives); phrases: base on the CLIP's tower read phrase by phrase (subject / relation / object,
+# difflab.text.phrases), its pooled embedding the whole caption's; phrases-slots: the same with the parts' pooled
+# embeddings side by side; ...-attn2: at the two lowest levels; phrases-slots-minilm-attn2: on frozen MiniLM, not the
+# CLIP's tower; ...-cosine: the cosine learning-rate schedule; -lr4: lr 4e-3; -b32: batch 32; -pairs75: 3/4 of the
+# training scenes with two objects. Each trains into WORK/glide32[-VARIANT].
 VARIANTS = {
-    "base": ("glide32", "clip:{work}/clip", 1),
-    "attn2": ("glide32-attn2", "clip:{work}/clip", 2),
-    "negclip": ("glide32-negclip", "clip:{work}/negclip", 1),
-    "phrases": ("glide32-phrases", "phrases:clip:{work}/clip", 1),
-    "phrases-slots": ("glide32-phrases-slots", "phrases-slots:clip:{work}/clip", 1),
-    "phrases-attn2": ("glide32-phrases-attn2", "phrases:clip:{work}/clip", 2),
-    "phrases-slots-attn2": ("glide32-phrases-slots-attn2", "phrases-slots:clip:{work}/clip", 2),
-    "phrases-slots-minilm-attn2": ("glide32-phrases-slots-minilm-attn2", "phrases-slots:minilm", 2),
-    "phrases-slots-attn2-cosine": ("glide32-phrases-slots-attn2-cosine", "phrases-slots:clip:{work}/clip", 2),
-    "phrases-slots-attn2-cosine-lr4": ("glide32-phrases-slots-attn2-cosine-lr4", "phrases-slots:clip:{work}/clip", 2),
-    "phrases-slots-attn2-cosine-b32": ("glide32-phrases-slots-attn2-cosine-b32", "phrases-slots:clip:{work}/clip", 2),
-}
-# Changes to RECIPE by variant (the learning-rate schedule decays to 0 at --steps: one run per budget)
-RECIPE_CHANGES = {
-    "phrases-slots-attn2-cosine": {"lr_schedule": "cosine"},
-    "phrases-slots-attn2-cosine-lr4": {"lr_schedule": "cosine", "lr": 4e-3},
-    "phrases-slots-attn2-cosine-b32": {"lr_schedule": "cosine", "batch_size": 32},
+    "base": Variant(CLIP),
+    "attn2": Variant(CLIP, 2),
+    "negclip": Variant("clip:{work}/negclip"),
+    "phrases": Variant(PHRASES),
+    "phrases-slots": Variant(SLOTS),
+    "phrases-attn2": Variant(PHRASES, 2),
+    "phrases-slots-attn2": Variant(SLOTS, 2),
+    "phrases-slots-minilm-attn2": Variant("phrases-slots:minilm", 2),
+    "phrases-slots-attn2-cosine": Variant(SLOTS, 2, COSINE),
+    "phrases-slots-attn2-cosine-lr4": Variant(SLOTS, 2, (*COSINE, ("lr", 4e-3))),
+    "phrases-slots-attn2-cosine-b32": Variant(SLOTS, 2, (*COSINE, ("batch_size", 32))),
+    "phrases-slots-attn2-cosine-pairs75": Variant(SLOTS, 2, COSINE, pairs_share=0.75),
+    "phrases-slots-attn2-cosine-30min": Variant(SLOTS, 2, COSINE),  # trained with --minutes 30 --threads 2
 }
 
 
-def train(work: Path, steps: int, variant: str) -> None:
-    data = difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES)
-    run, encoder, attention_levels = VARIANTS[variant]
-    recipe = RECIPE | RECIPE_CHANGES.get(variant, {})
-    config = difflab.run_config(data, steps=steps, checkpoint_every=EVERY, text_encoder=encoder.format(work=work),
-                                **recipe)  # fmt: skip
-    config = replace(config, train=replace(config.train, keep_checkpoints=steps // EVERY + 1))  # the whole curve
+def run_folder(work: Path, variant: str) -> Path:
+    return work / ("glide32" if variant == "base" else f"glide32-{variant}")
+
+
+def train(work: Path, steps: int | None, variant: str, minutes: float | None = None) -> None:
+    v = VARIANTS[variant]
+    data = difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES) if v.pairs_share == 0.5 else \
+        pairs_mix(v.pairs_share)  # fmt: skip
+    config = difflab.run_config(data, steps=None if minutes else steps, minutes=minutes, checkpoint_every=EVERY,
+                                text_encoder=v.encoder.format(work=work), **RECIPE | dict(v.changes))  # fmt: skip
+    config = replace(config, train=replace(config.train, keep_checkpoints=100))  # the whole curve
     lowest = config.model.settings.attention_resolutions[0]
-    levels = tuple(lowest * 2**k for k in reversed(range(attention_levels)))  # e.g. (8, 4)
+    levels = tuple(lowest * 2**k for k in reversed(range(v.attention_levels)))  # e.g. (8, 4)
     settings = replace(config.model.settings, attention_resolutions=levels)
-    train_run(replace(config, model=replace(config.model, settings=settings)), work / run, data=data, progress=False)
+    train_run(replace(config, model=replace(config.model, settings=settings)), run_folder(work, variant), data=data,
+              progress=False)  # fmt: skip
+
+
+def pairs_mix(share: float) -> difflab.data.Dataset:
+    """SCENES training scenes of which `share` hold two objects (the stream's first ones of each kind)."""
+    from difflab.data.shapes import ShapesStream
+
+    images, captions, scenes = ShapesStream(0, RESOLUTION, "train").next(4 * SCENES)
+    two = [i for i, s in enumerate(scenes) if len(s.objects) == 2][: round(share * SCENES)]
+    one = [i for i, s in enumerate(scenes) if len(s.objects) == 1][: SCENES - len(two)]
+    keep = sorted(one + two)
+    return difflab.data.Dataset("shapes", "images", images[keep], None, tuple(captions[i] for i in keep),
+                                tuple(scenes[i] for i in keep))  # fmt: skip
 
 
 def by_objects(images: torch.Tensor, captions: list[str]) -> dict[str, dict]:
@@ -97,7 +127,7 @@ def by_objects(images: torch.Tensor, captions: list[str]) -> dict[str, dict]:
 
 
 def evaluate(work: Path, out: Path, variant: str) -> None:
-    run = work / VARIANTS[variant][0]
+    run = run_folder(work, variant)
     prompts = prompt_set(PROMPTS)
     reference = prompt_reference(prompts, RESOLUTION)
     clock = {row["step"]: row["elapsed_s"] for row in read_log(run) if "elapsed_s" in row}
@@ -131,7 +161,7 @@ def evaluate(work: Path, out: Path, variant: str) -> None:
 def figure(work: Path, out: Path, variant: str, prompts_per_split: int = 3, columns: int = 6) -> None:
     """The same prompts and seeds drawn by checkpoints spread along the run: one row per prompt, one column per
     checkpoint (left to right: more training)."""
-    checkpoints = list_checkpoints(work / VARIANTS[variant][0])
+    checkpoints = list_checkpoints(run_folder(work, variant))
     picked = [checkpoints[round(i * (len(checkpoints) - 1) / (columns - 1))] for i in range(columns)]
     prompts = prompt_set(PROMPTS)
     chosen = prompts[:prompts_per_split] + prompts[PROMPTS : PROMPTS + prompts_per_split]
@@ -146,7 +176,7 @@ def figure(work: Path, out: Path, variant: str, prompts_per_split: int = 3, colu
 
 def checkpoint_at(work: Path, variant: str, step: int | None) -> Path:
     """The variant's checkpoint at `step` (default: the latest)."""
-    checkpoints = list_checkpoints(work / VARIANTS[variant][0])
+    checkpoints = list_checkpoints(run_folder(work, variant))
     if step is None:
         return checkpoints[-1]
     found = [c for c in checkpoints if c.name == f"step_{step:08d}"]
@@ -155,11 +185,12 @@ def checkpoint_at(work: Path, variant: str, step: int | None) -> Path:
     return found[0]
 
 
-def sweep(work: Path, out: Path, variant: str, step: int | None, interval: tuple[float, float] | None = None) -> None:
+def sweep(work: Path, out: Path, variant: str, step: int | None, interval: tuple[float, float] | None = None,
+          scales: tuple[float, ...] = SCALES) -> None:  # fmt: skip
     """Adherence and FD against the guidance scale (SCALES) at one checkpoint (default: the latest); with `interval`,
     guidance only for LO <= sigma <= HI (Kynkaanniemi et al. 2024). Written to ..._sweep_STEP[_interval].json."""
     pipe = difflab.load(checkpoint_at(work, variant, step))
-    rows = sweep_guidance(pipe, prompt_set(PROMPTS), SCALES, sampler=SAMPLER, steps=SAMPLE_STEPS,
+    rows = sweep_guidance(pipe, prompt_set(PROMPTS), scales, sampler=SAMPLER, steps=SAMPLE_STEPS,
                           guidance_interval=interval)  # fmt: skip
     for row in rows:
         print(row["guidance"], {k: round(v, 3) for k, v in row["adherence"]["all"].items() if k in ATTRIBUTES},
@@ -190,7 +221,9 @@ def main() -> int:
     p.add_argument("--work", default="runs/t2i-curve")
     p.add_argument("--steps", type=int, default=12_000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--minutes", type=float, help="train: a wall-clock budget instead of --steps")
     p.add_argument("--variant", choices=tuple(VARIANTS), default="base")
+    p.add_argument("--scales", type=float, nargs="+", default=SCALES, help="sweep: the guidance scales")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help="sweep: guide only there")
     p.add_argument("--out", default=None, help="default benchmarks/results/text_to_image_curve[_VARIANT]")
     args = p.parse_args()
@@ -198,7 +231,7 @@ def main() -> int:
     suffix = "" if args.variant == "base" else f"_{args.variant}"
     out = Path(args.out or RESULTS / f"text_to_image_curve{suffix}")
     if args.phase == "train":
-        train(Path(args.work), args.steps, args.variant)
+        train(Path(args.work), args.steps, args.variant, args.minutes)
     elif args.phase == "eval":
         evaluate(Path(args.work), out, args.variant)
     elif args.phase == "figure":
@@ -206,7 +239,7 @@ def main() -> int:
     elif args.phase == "relations":
         relations(Path(args.work), out, args.variant, args.step)
     else:
-        sweep(Path(args.work), out, args.variant, args.step, args.guidance_interval)
+        sweep(Path(args.work), out, args.variant, args.step, args.guidance_interval, tuple(args.scales))
     return 0
 
 
