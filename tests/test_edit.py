@@ -187,3 +187,23 @@ def test_help_states_the_conventions(capsys):
         main(["inpaint", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "white (255) = regenerate, black (0) = keep" in text and "--repaint-jump" in text
+
+
+@pytest.mark.parametrize("command", ["img2img", "inpaint"])
+def test_grid_tuned_edits_record_the_levels_used(files, command, tmp_path, capsys):
+    """`--grid tuned` is written into the PNG as the levels themselves, so `--from-png` outlives a retuned grid."""
+    import shutil
+
+    import difflab
+
+    run = shutil.copytree(files["ddpm"], tmp_path / "ddpm")
+    pipe = difflab.load(run)
+    difflab.tune_grid(pipe, "ddim", 4, n=8, check_n=0, max_evaluations=6)
+    levels = pipe.sigmas(4, "tuned", "ddim")[:-1].tolist()
+    where = ["--mask", files["mask"]] if command == "inpaint" else ["--strength", "1"]
+    out = tmp_path / "edit.png"
+    code, _, err = run_cli(capsys, command, "--ckpt", run, "--image", files["image"], *where, "--sampler", "ddim",
+                           "--steps", 4, "--grid", "tuned", "--n", 2, "--out", out)  # fmt: skip
+    assert code == 0, err
+    recorded = read_png_metadata(out)["grid"]
+    assert [float(v) for v in recorded.split(",")] == levels

@@ -20,6 +20,7 @@ from difflab.cli.common import (
     add_guidance_arguments,
     add_runtime_arguments,
     add_sampler_arguments,
+    explicit_tuned_levels,
     guidance_settings,
     sampler_options,
     setup_runtime,
@@ -89,6 +90,7 @@ def load_for_edit(args: argparse.Namespace, default: str):
     spec, implied_grid = resolve_sampler(args.sampler)
     pipe.formulation.check_sampler(spec)  # a consistency model's samplers are not a diffusion model's
     args.sampler, args.grid = spec.name, args.grid or implied_grid
+    args.grid = explicit_tuned_levels(pipe, args.grid, args.sampler, args.steps)  # recorded as the levels used
     options = sampler_options(args.sampler, args)
     image = read_image(args.image, data.resolution, data.channels)
     cond, guidance = guidance_settings(args, pipe, args.n)
