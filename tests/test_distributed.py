@@ -268,6 +268,19 @@ def test_each_rank_trains_its_own_rows_of_the_global_batch(instrumented):
             assert torch.equal(torch.cat([a, b]), whole)
 
 
+@pytest.mark.slow
+def test_ranks_decaying_the_learning_rate_over_minutes_keep_the_same_weights(tmp_path):
+    """--minutes with a decaying --lr-schedule: each rank's clock differs a little, so each would step with its own
+    learning rate and the ranks' weights would drift apart; they share one clock (the ranks' mean)."""
+    (tmp_path / "record").mkdir()
+    argv = [*TRAIN, "--out", str(tmp_path / "run"), "--minutes", "0.04", "--lr-schedule", "cosine", "--lr", "1e-2"]
+    finished(torchrun(str(tmp_path / "record"), "-1", *argv, module="tests.test_distributed"), timeout=180)
+    rank0, rank1 = records(tmp_path / "run")
+    assert rank0["step"] == rank1["step"] > 10
+    for name in ("model", "ema"):
+        assert all(torch.equal(rank0[name][k], rank1[name][k]) for k in rank0[name])
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("digits") / "run"

@@ -301,6 +301,8 @@ class Trainer:
         in_a_row, window, stopped_by = 0, [], "steps"
         while total is None or self.step < total:
             self.elapsed = start_elapsed + time.monotonic() - start
+            if tc.minutes is not None and tc.lr_schedule != "constant":  # one clock for every rank's learning rate
+                self.elapsed = self.world.mean(self.elapsed)
             signalled, over_budget = self.world.any(self.stop_signal is not None, self.elapsed >= budget_s)
             if signalled or over_budget:  # (a signal to any rank stops every rank)
                 stopped_by = "signal" if signalled else "minutes"
