@@ -178,6 +178,7 @@ def test_prompt_errors_are_one_line_and_come_before_any_work(text_run, tmp_path,
     out = tmp_path / "never"
     bad = tmp_path / "bad.txt"
     bad.write_text(f"{TRAIN[0]}\na red circle beside a cat\n")
+    bad.with_name("one.txt").write_text(f"{TRAIN[0]}\n")
     base = ["eval", "--ckpt", text_run, "--out", out]
     code, _, err = run_cli(capsys, *base, "--prompts", "test")
     assert_one_line_error(code, err, "--prompts needs --data shapes")
@@ -187,6 +188,9 @@ def test_prompt_errors_are_one_line_and_come_before_any_work(text_run, tmp_path,
     assert_one_line_error(code, err, "--guidance-sweep '1,x' is not a list of scales")
     code, _, err = run_cli(capsys, *base, "--data", "shapes", "--prompts", "test", "--n", 10)
     assert_one_line_error(code, err, "--n does not apply to --prompts")
+    code, _, err = run_cli(capsys, *base, "--data", "shapes", "--prompts", bad.with_name("one.txt"), "--n-per-prompt",
+                           3, "--seed", 2**63 - 2)  # fmt: skip
+    assert_one_line_error(code, err, "but --seed 9223372036854775806 with 1 prompt x --n-per-prompt 3 gives seeds")
     code, _, err = run_cli(capsys, *base, "--guidance-sweep", "1,2")
     assert_one_line_error(code, err, "--guidance-sweep needs --prompts")
     moons = tmp_path / "moons"

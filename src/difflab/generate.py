@@ -36,13 +36,14 @@ def check_sampling_request(
         check_seeds(seed, n)
 
 
-def check_seeds(first: int, n: int = 1) -> None:
-    """Seeds first..first + n - 1 must lie in 0..2**63 - 1 (one line naming the range otherwise)."""
+def check_seeds(first: int, n: int = 1, count: str | None = None) -> None:
+    """Seeds first..first + n - 1 must lie in 0..2**63 - 1 (one line naming the range otherwise); `count` says where
+    the n samples come from when it is not --n ("200 prompts x --n-per-prompt 2")."""
     if isinstance(first, bool) or not isinstance(first, int):
         raise DifflabError(f"--seed must be an integer in 0..2**63 - 1, got {first!r}")
     if first < 0 or first + n > SEED_LIMIT:
-        raise DifflabError(f"seeds must lie in 0..2**63 - 1, but --seed {first} with --n {n} gives seeds "
-                           f"{first}..{first + n - 1}; pick a --seed in 0..{SEED_LIMIT - n}")  # fmt: skip
+        raise DifflabError(f"seeds must lie in 0..2**63 - 1, but --seed {first} with {count or f'--n {n}'} gives "
+                           f"seeds {first}..{first + n - 1}; pick a --seed in 0..{SEED_LIMIT - n}")  # fmt: skip
 
 
 class CountedDenoiser:

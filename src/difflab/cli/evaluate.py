@@ -95,9 +95,11 @@ def _prompt_checks(args: argparse.Namespace) -> tuple[list[str], list[float | No
     from difflab.generate import check_sampling_request, check_seeds
 
     prompts = prompt_set() if args.prompts == "test" else read_caption_file(args.prompts)
-    expand_prompts(prompts, args.n_per_prompt, args.seed)
     check_sampling_request(len(prompts) * args.n_per_prompt, args.steps, args.batch_size, seed=None)
-    check_seeds(args.seed, len(prompts) * args.n_per_prompt)
+    plural = "s" if len(prompts) != 1 else ""
+    check_seeds(args.seed, len(prompts) * args.n_per_prompt, f"{len(prompts)} prompt{plural} x --n-per-prompt "
+                f"{args.n_per_prompt}")  # fmt: skip
+    expand_prompts(prompts, args.n_per_prompt, args.seed)
     return prompts, scales
 
 
