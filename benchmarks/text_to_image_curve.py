@@ -59,7 +59,7 @@ class Variant:
     encoder: str
     attention_levels: int = 1
     changes: tuple[tuple[str, Any], ...] = ()
-    pairs_share: float = 0.5
+    pairs_share: float | None = None  # None: the shapes world's own mix (half the scenes hold two objects)
 
 
 CLIP, PHRASES, SLOTS = "clip:{work}/clip", "phrases:clip:{work}/clip", "phrases-slots:clip:{work}/clip"
@@ -94,7 +94,7 @@ def run_folder(work: Path, variant: str) -> Path:
 
 def train(work: Path, steps: int | None, variant: str, minutes: float | None = None) -> None:
     v = VARIANTS[variant]
-    data = difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES) if v.pairs_share == 0.5 else \
+    data = difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES) if v.pairs_share is None else \
         pairs_mix(v.pairs_share)  # fmt: skip
     config = difflab.run_config(data, steps=None if minutes else steps, minutes=minutes, checkpoint_every=EVERY,
                                 text_encoder=v.encoder.format(work=work), **RECIPE | dict(v.changes))  # fmt: skip

@@ -301,7 +301,7 @@ class Trainer:
         in_a_row, window, stopped_by = 0, [], "steps"
         while total is None or self.step < total:
             self.elapsed = start_elapsed + time.monotonic() - start
-            if tc.minutes is not None and tc.lr_schedule != "constant":  # one clock for every rank's learning rate
+            if tc.minutes is not None:  # one clock on every rank: the budget and a decaying learning rate read it
                 self.elapsed = self.world.mean(self.elapsed)
             signalled, over_budget = self.world.any(self.stop_signal is not None, self.elapsed >= budget_s)
             if signalled or over_budget:  # (a signal to any rank stops every rank)
