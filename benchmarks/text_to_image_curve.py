@@ -12,6 +12,7 @@ budget, every checkpoint scored on the fixed prompt set.
     python benchmarks/text_to_image_curve.py sweep [--step S] [--scales W ...]  # guidance scales: ..._sweep_STEP.json
     ... --variant phrases-slots-attn2-cosine-30min --threads 2 --minutes 30 train   # the issue's budget, both cores
     python benchmarks/text_to_image_curve.py relations [--step S]  # two-object failures: ..._relations_STEP.json
+    ... --threads 2 throughput --compare A B ...  # seconds per training step of several variants, side by side
 
 The model: the text-to-image benchmark's recipe (EDM, P_mean -0.4, P_std 1.4, the tiny U-Net on 2 x 2 patches,
 batch 64, lr 2e-3, caption dropout 0.2, 20,000 scenes) with `--text-encoder clip:WORK/clip`. Each checkpoint: the
@@ -60,6 +61,7 @@ class Variant:
     attention_levels: int = 1
     changes: tuple[tuple[str, Any], ...] = ()
     pairs_share: float | None = None  # None: the shapes world's own mix (half the scenes hold two objects)
+    channels: int | None = None  # the U-Net's width at its top level; None: the tiny preset's 32
 
 
 CLIP, PHRASES, SLOTS = "clip:{work}/clip", "phrases:clip:{work}/clip", "phrases-slots:clip:{work}/clip"
@@ -70,7 +72,9 @@ COSINE = (("lr_schedule", "cosine"),)  # the learning rate decays to 0 at the en
 # difflab.text.phrases), its pooled embedding the whole caption's; phrases-slots: the same with the parts' pooled
 # embeddings side by side; ...-attn2: at the two lowest levels; phrases-slots-minilm-attn2: on frozen MiniLM, not the
 # CLIP's tower; ...-cosine: the cosine learning-rate schedule; -lr4: lr 4e-3; -b32: batch 32; -pairs75: 3/4 of the
-# training scenes with two objects. Each trains into WORK/glide32[-VARIANT].
+# training scenes with two objects; -w24, -w16: the U-Net 24 or 16 channels wide at its top level, not 32 (cheaper
+# steps: `throughput`); -pm04: EDM's P_mean 0.4, not -0.4 (more training at high noise, where the layout is decided);
+# -minsnr5: Min-SNR-5 loss weighting. Each trains into WORK/glide32[-VARIANT].
 VARIANTS = {
     "base": Variant(CLIP),
     "attn2": Variant(CLIP, 2),
@@ -85,6 +89,10 @@ VARIANTS = {
     "phrases-slots-attn2-cosine-b32": Variant(SLOTS, 2, (*COSINE, ("batch_size", 32))),
     "phrases-slots-attn2-cosine-pairs75": Variant(SLOTS, 2, COSINE, pairs_share=0.75),
     "phrases-slots-attn2-cosine-30min": Variant(SLOTS, 2, COSINE),  # trained with --minutes 30 --threads 2
+    "phrases-slots-attn2-cosine-w24": Variant(SLOTS, 2, COSINE, channels=24),
+    "phrases-slots-attn2-cosine-w16": Variant(SLOTS, 2, COSINE, channels=16),
+    "phrases-slots-attn2-cosine-pm04": Variant(SLOTS, 2, (*COSINE, ("p_mean", 0.4))),
+    "phrases-slots-attn2-cosine-minsnr5": Variant(SLOTS, 2, (*COSINE, ("min_snr_gamma", 5.0))),
 }
 
 
@@ -93,17 +101,50 @@ def run_folder(work: Path, variant: str) -> Path:
 
 
 def train(work: Path, steps: int | None, variant: str, minutes: float | None = None) -> None:
+    data = training_data(variant)
+    train_run(variant_config(work, variant, data, steps, minutes), run_folder(work, variant), data=data, progress=False)
+
+
+def training_data(variant: str) -> difflab.data.Dataset:
+    share = VARIANTS[variant].pairs_share
+    return difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES) if share is None else pairs_mix(share)
+
+
+def variant_config(work: Path, variant: str, data: difflab.data.Dataset, steps: int | None,
+                   minutes: float | None) -> difflab.RunConfig:  # fmt: skip
+    """The variant's run config: RECIPE with its changes, its text encoder, attention levels and width."""
     v = VARIANTS[variant]
-    data = difflab.load_dataset("shapes", resolution=RESOLUTION, size=SCENES) if v.pairs_share is None else \
-        pairs_mix(v.pairs_share)  # fmt: skip
     config = difflab.run_config(data, steps=None if minutes else steps, minutes=minutes, checkpoint_every=EVERY,
                                 text_encoder=v.encoder.format(work=work), **RECIPE | dict(v.changes))  # fmt: skip
     config = replace(config, train=replace(config.train, keep_checkpoints=100))  # the whole curve
     lowest = config.model.settings.attention_resolutions[0]
     levels = tuple(lowest * 2**k for k in reversed(range(v.attention_levels)))  # e.g. (8, 4)
     settings = replace(config.model.settings, attention_resolutions=levels)
-    train_run(replace(config, model=replace(config.model, settings=settings)), run_folder(work, variant), data=data,
-              progress=False)  # fmt: skip
+    if v.channels is not None:
+        settings = replace(settings, channels=v.channels)
+    return replace(config, model=replace(config.model, settings=settings))
+
+
+def throughput(work: Path, variants: list[str], steps: int = 60, rounds: int = 3) -> dict[str, float]:
+    """Seconds per training step of each variant, measured side by side: `rounds` rounds of a fresh `steps`-step run
+    of each in turn (the first 10 steps of every run not counted: warm-up), the median round per variant."""
+    import statistics
+    import tempfile
+
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            data = training_data(variant)
+            config = variant_config(work, variant, data, steps, None)
+            config = replace(config, train=replace(config.train, log_every=10, checkpoint_every=10 * steps))
+            with tempfile.TemporaryDirectory() as tmp:
+                train_run(config, Path(tmp) / "run", data=data, progress=False)
+                clock = {r["step"]: r["elapsed_s"] for r in read_log(Path(tmp) / "run") if "elapsed_s" in r}
+            times[variant].append((clock[steps] - clock[10]) / (steps - 10))
+    per_step = {v: statistics.median(t) for v, t in times.items()}
+    for v, t in per_step.items():
+        print(f"{v}: {t:.3f} s per step ({per_step[variants[0]] / t:.2f}x the steps/s of {variants[0]})")
+    return per_step
 
 
 def pairs_mix(share: float) -> difflab.data.Dataset:
@@ -216,18 +257,22 @@ def relations(work: Path, out: Path, variant: str, step: int | None, repeats: in
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("train", "eval", "figure", "sweep", "relations"))
+    p.add_argument("phase", choices=("train", "eval", "figure", "sweep", "relations", "throughput"))
     p.add_argument("--step", type=int, help="sweep, relations: the checkpoint at this step (default: the latest)")
     p.add_argument("--work", default="runs/t2i-curve")
     p.add_argument("--steps", type=int, default=12_000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--minutes", type=float, help="train: a wall-clock budget instead of --steps")
     p.add_argument("--variant", choices=tuple(VARIANTS), default="base")
+    p.add_argument("--compare", choices=tuple(VARIANTS), nargs="+", help="throughput: the variants to time")
     p.add_argument("--scales", type=float, nargs="+", default=SCALES, help="sweep: the guidance scales")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help="sweep: guide only there")
     p.add_argument("--out", default=None, help="default benchmarks/results/text_to_image_curve[_VARIANT]")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.phase == "throughput":
+        throughput(Path(args.work), args.compare or p.error("throughput: name the variants with --compare"))
+        return 0
     suffix = "" if args.variant == "base" else f"_{args.variant}"
     out = Path(args.out or RESULTS / f"text_to_image_curve{suffix}")
     if args.phase == "train":
