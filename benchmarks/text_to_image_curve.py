@@ -93,6 +93,7 @@ VARIANTS = {
     "phrases-slots-attn2-cosine-w16": Variant(SLOTS, 2, COSINE, channels=16),
     "phrases-slots-attn2-cosine-pm04": Variant(SLOTS, 2, (*COSINE, ("p_mean", 0.4))),
     "phrases-slots-attn2-cosine-minsnr5": Variant(SLOTS, 2, (*COSINE, ("min_snr_gamma", 5.0))),
+    "phrases-slots-attn2-cosine-pm04-30min": Variant(SLOTS, 2, (*COSINE, ("p_mean", 0.4))),  # --minutes 30 --threads 2
 }
 
 
@@ -227,16 +228,18 @@ def checkpoint_at(work: Path, variant: str, step: int | None) -> Path:
 
 
 def sweep(work: Path, out: Path, variant: str, step: int | None, interval: tuple[float, float] | None = None,
-          scales: tuple[float, ...] = SCALES) -> None:  # fmt: skip
+          scales: tuple[float, ...] = SCALES, n_per_prompt: int = 1) -> None:  # fmt: skip
     """Adherence and FD against the guidance scale (SCALES) at one checkpoint (default: the latest); with `interval`,
-    guidance only for LO <= sigma <= HI (Kynkaanniemi et al. 2024). Written to ..._sweep_STEP[_interval].json."""
+    guidance only for LO <= sigma <= HI (Kynkaanniemi et al. 2024); `n_per_prompt` samples of each prompt (seeds 0..,
+    a tighter estimate). Written to ..._sweep_STEP[_nN][_interval].json."""
     pipe = difflab.load(checkpoint_at(work, variant, step))
-    rows = sweep_guidance(pipe, prompt_set(PROMPTS), scales, sampler=SAMPLER, steps=SAMPLE_STEPS,
-                          guidance_interval=interval)  # fmt: skip
+    rows = sweep_guidance(pipe, prompt_set(PROMPTS), scales, n_per_prompt=n_per_prompt, sampler=SAMPLER,
+                          steps=SAMPLE_STEPS, guidance_interval=interval)  # fmt: skip
     for row in rows:
         print(row["guidance"], {k: round(v, 3) for k, v in row["adherence"]["all"].items() if k in ATTRIBUTES},
               round(row["fd"]["all"], 3), flush=True)  # fmt: skip
-    path = out.with_name(out.name + f"_sweep_{pipe.step}" + ("_interval.json" if interval else ".json"))
+    repeats = f"_n{n_per_prompt}" if n_per_prompt > 1 else ""
+    path = out.with_name(out.name + f"_sweep_{pipe.step}{repeats}" + ("_interval.json" if interval else ".json"))
     path.write_text(json.dumps({"step": pipe.step, "interval": interval, "rows": rows}, indent=2, default=float))
 
 
@@ -266,6 +269,7 @@ def main() -> int:
     p.add_argument("--variant", choices=tuple(VARIANTS), default="base")
     p.add_argument("--compare", choices=tuple(VARIANTS), nargs="+", help="throughput: the variants to time")
     p.add_argument("--scales", type=float, nargs="+", default=SCALES, help="sweep: the guidance scales")
+    p.add_argument("--n-per-prompt", type=int, default=1, help="sweep: samples of each prompt (seeds 0..)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help="sweep: guide only there")
     p.add_argument("--out", default=None, help="default benchmarks/results/text_to_image_curve[_VARIANT]")
     args = p.parse_args()
@@ -284,7 +288,9 @@ def main() -> int:
     elif args.phase == "relations":
         relations(Path(args.work), out, args.variant, args.step)
     else:
-        sweep(Path(args.work), out, args.variant, args.step, args.guidance_interval, tuple(args.scales))
+        sweep(
+            Path(args.work), out, args.variant, args.step, args.guidance_interval, tuple(args.scales), args.n_per_prompt
+        )
     return 0
 
 

@@ -11,6 +11,8 @@ from difflab.cli.main import main
 from difflab.data.shapes import Scene, parse_caption, render
 from difflab.data.shapes.world import INVERSE, place_pair
 from difflab.text_demo import relation_reversals
+from difflab.training.checkpoint import latest_checkpoint, load_config
+from difflab.training.trainer import read_log
 
 CAPTIONS = [
     "a large red circle left of a large green square",
@@ -83,6 +85,10 @@ def test_the_txt2img_demo_writes_its_figures_and_metrics(tmp_path, capsys, monke
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["task"] == "txt2img" and metrics["train_steps"] == 10 and metrics["process"] == "edm"
     assert metrics["train_minutes"] >= 0 and metrics["train_budget_minutes"] is None and metrics["seed"] == 0
+    config, log = load_config(latest_checkpoint(tmp_path / "run")), read_log(tmp_path / "run")
+    assert (config.formulation.p_mean, config.formulation.p_std) == (metrics["p_mean"], metrics["p_std"]) == (0.4, 1.4)
+    warm = demo.TXT2IMG_LR * 10 / 200  # the constant schedule's lr at step 10 of the 200-step warm-up
+    assert metrics["lr_schedule"] == "cosine" and log[-1]["step"] == 10 and log[-1]["lr"] < 0.05 * warm  # decayed
     assert metrics["prompts"]["seeds"] == [0, 1] and len(metrics["prompts"]["full"]) == len(text_demo.PROMPTS)
     assert len(metrics["heldout"]["full"]) == 2
     sweep = metrics["guidance_sweep"]["rows"]

@@ -165,3 +165,26 @@ def test_lr_schedules_decay_to_zero_at_the_end_of_the_budget(tmp_path):
     assert logged[-1] < 2e-5 and logged == sorted(logged, reverse=True)
     with pytest.raises(DifflabError, match="unknown --lr-schedule 'step'; choose one of constant, cosine, linear"):
         _points_config(10, lr_schedule="step")
+
+
+@pytest.mark.parametrize(("process", "default"), [("edm", (-1.2, 1.2)), ("ct", (-1.1, 2.0))])
+def test_p_mean_and_p_std_set_the_training_noise_levels(tmp_path, capsys, process, default):
+    from conftest import run_cli
+
+    from difflab.formulations import make_formulation
+    from difflab.training.checkpoint import load_config
+
+    def levels(*flags):
+        out = tmp_path / "-".join([process, *flags])
+        code, _, err = run_cli(capsys, "train", "--data", "moons", "--process", process, "--steps", "2",
+                               "--batch-size", "8", "--out", out, "--no-progress", *flags)  # fmt: skip
+        assert code == 0, err
+        formulation = make_formulation(load_config(latest_checkpoint(out)).formulation)
+        return formulation.config.p_mean, formulation.config.p_std, formulation
+
+    assert levels()[:2] == default
+    p_mean, p_std, formulation = levels("--p-mean", "0.4", "--p-std", "0.5")
+    assert (p_mean, p_std) == (0.4, 0.5)
+    if process == "edm":  # the loss draws ln(sigma) ~ N(0.4, 0.5^2)
+        log_sigma = formulation.loss().noise_levels.sample(20_000, torch.Generator().manual_seed(0), "cpu").log()
+        assert abs(log_sigma.mean().item() - 0.4) < 0.02 and abs(log_sigma.std().item() - 0.5) < 0.02

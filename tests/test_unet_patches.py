@@ -11,6 +11,7 @@ import difflab
 import difflab.data
 from difflab.errors import DifflabError
 from difflab.nets import model_config_for
+from difflab.nets.attention import SelfAttention
 from difflab.nets.unet import UNet, UNetConfig, unet_preset
 from difflab.pipeline import load
 from difflab.training.init_from import initial_weights
@@ -87,3 +88,25 @@ def test_a_patched_text_model_trains_samples_and_is_fine_tuned_into_inpainting(s
                            "--steps", 1, "--out", tmp_path / "x", "--no-progress")  # fmt: skip
     assert_one_line_error(code, err, "--patch-size 3 must divide the resolution 16")
     assert not (tmp_path / "x").exists()
+
+
+def test_attention_levels_put_text_attention_at_the_lowest_levels(small_shapes, tmp_path, capsys):
+    """--attention-levels N: self- and cross-attention at the U-Net's N lowest levels (the benchmark's attn2)."""
+    code, _, err = run_cli(capsys, "train", "--data", "shapes", "--resolution", 32, "--patch-size", 2,
+                           "--text-encoder", "scratch", "--attention-levels", 2, "--process", "edm", "--steps", 1,
+                           "--batch-size", 2, "--out", tmp_path / "attn2", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    pipe = load(tmp_path / "attn2")
+    assert pipe.config.model.settings.attention_resolutions == (8, 4)  # 16 -> 8 -> 4 on 2 x 2 patches
+    one = DenoiserTask(difflab.run_config(difflab.load_dataset("shapes", resolution=32), process="edm",
+                                          text_encoder="scratch", patch_size=2)).module  # fmt: skip
+    count = [sum(isinstance(m, SelfAttention) for m in net.modules()) for net in (one, pipe.denoiser)]
+    assert count[1] > count[0] > 0  # the 8x8 level's blocks attend too
+    assert pipe.sample(1, prompt="a red circle", steps=2).shape == (1, 3, 32, 32)
+    code, _, err = run_cli(capsys, "train", "--data", "shapes", "--resolution", 32, "--patch-size", 2,
+                           "--attention-levels", 4, "--steps", 1, "--out", tmp_path / "x", "--no-progress")  # fmt: skip
+    assert_one_line_error(code, err, "--attention-levels 4: this U-Net has 3 levels (16x16, 8x8, 4x4); give 1 to 3")
+    assert not (tmp_path / "x").exists()
+    code, _, err = run_cli(capsys, "train", "--data", "moons", "--attention-levels", 1, "--steps", 1,
+                           "--out", tmp_path / "y", "--no-progress")  # fmt: skip
+    assert_one_line_error(code, err, "--attention-levels sets a U-Net's attention; the mlp backbone has none")

@@ -23,6 +23,10 @@ from difflab.guidance import Guidance
         (["--min-snr-gamma", "-1"], "--min-snr-gamma must be a positive number, got -1.0"),
         (["--process", "edm", "--sigma-min", "10", "--sigma-max", "1"], "need 0 < --sigma-min < --sigma-max"),
         (["--process", "ve", "--sigma-min", "0"], "need 0 < --sigma-min < --sigma-max"),
+        (["--process", "edm", "--p-std", "0"], "--p-std must be a positive number, got 0.0"),
+        (["--process", "edm", "--p-mean", "nan"], "--p-mean must be a finite number, got nan"),
+        (["--process", "ct", "--p-std", "-1"], "--p-std must be a positive number, got -1.0"),
+        (["--process", "ddpm", "--p-mean", "0.4"], "process 'ddpm' does not take --p-mean"),
         (["--conditional", "--label-dropout", "1.5"], "(--label-dropout for class labels) must lie in [0, 1), got 1.5"),
     ],
 )
@@ -36,7 +40,7 @@ def test_nonsense_training_values_are_one_line_errors_before_any_work(flags, fra
 def test_nonsense_sampling_values_are_refused(tmp_path):
     with pytest.raises(DifflabError, match="--guidance must be a finite number, got nan"):
         Guidance(scale=float("nan"))
-    with pytest.raises(DifflabError, match="sigma_data and p_std must be positive"):
+    with pytest.raises(DifflabError, match="sigma_data must be positive, got 0.0"):
         make_config("edm", sigma_data=0.0)
     data = difflab.load_dataset("moons")
     with pytest.raises(DifflabError, match="--batch-size must be a positive number"):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from difflab.cli.common import add_runtime_arguments, setup_runtime, stopped_by_signal
 
-FORMULATION_FLAGS = ("schedule", "timesteps", "prediction", "sigma_min", "sigma_max", "aug_dim", "learn_sigma",
-                     "hybrid_loss", "importance_t")  # fmt: skip
+FORMULATION_FLAGS = ("schedule", "timesteps", "prediction", "sigma_min", "sigma_max", "p_mean", "p_std", "aug_dim",
+                     "learn_sigma", "hybrid_loss", "importance_t")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None:
@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
     form.add_argument("--timesteps", type=int, help="ddpm: number of diffusion steps T (default 1000)")
     form.add_argument("--sigma-min", type=float, help="ve/edm/pfgmpp: smallest noise level (0.01 / 0.002)")
     form.add_argument("--sigma-max", type=float, help="ve/edm/pfgmpp: largest noise level (50 / 80)")
+    form.add_argument("--p-mean", type=float, help="edm/pfgmpp/ct: training noise levels ln(sigma) ~ N(P_MEAN, "
+                      "P_STD^2) (default -1.2; ct -1.1); higher trains more at high noise, where a text model learns "
+                      "the layout (0.4 on the shapes, BENCHMARKS.md)")  # fmt: skip
+    form.add_argument("--p-std", type=float, help="edm/pfgmpp/ct: the spread of ln(sigma) in training (default 1.2; "
+                      "ct 2.0)")  # fmt: skip
     form.add_argument("--aug-dim", type=int, help="pfgmpp: the number D of extra dimensions (default 128)")
     # improved DDPM (Nichol & Dhariwal 2021); None when not given, so that other processes see no setting
     form.add_argument("--learn-sigma", action="store_true", default=None,
@@ -92,6 +97,9 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
                      help="work on P x P patches of the image: the U-Net's levels start at resolution/P (pixel-"
                      "unshuffled input, about 1/P^2 of the compute; simple diffusion), e.g. 2 at 32x32; a DiT's tokens "
                      "(default: the smallest P keeping at most 16x16 tokens)")  # fmt: skip
+    net.add_argument("--attention-levels", type=int, metavar="N",
+                     help="U-Net: self- and cross-attention at its N lowest levels (the presets: 1; e.g. 2 at 32x32 "
+                     "on 2 x 2 patches: 8x8 and 4x4, the best text recipe on the shapes)")  # fmt: skip
     net.add_argument("--init-from", metavar="RUN",
                      help="fine-tune a trained run (GLIDE's inpainting model from its base): its network, text encoder "
                      "and formulation, its EMA weights as the start; new input channels start at zero")  # fmt: skip
@@ -144,7 +152,8 @@ def config_from_args(args: argparse.Namespace, data):
         tensorboard=args.tensorboard, text_encoder=args.text_encoder, caption_dropout=args.caption_dropout,
         upsample_from=args.upsample_from,
         low_res_noise_max=args.low_res_noise_max, inpainting=args.inpainting, init_from=args.init_from,
-        patch_size=args.patch_size, autoencoder=args.autoencoder, clip=getattr(args, "clip", None),
+        patch_size=args.patch_size, attention_levels=args.attention_levels, autoencoder=args.autoencoder,
+        clip=getattr(args, "clip", None),
         unclip=getattr(args, "unclip", None), image_embed_dropout=getattr(args, "image_embed_dropout", 0.1), **settings,
     )  # fmt: skip
 
@@ -196,6 +205,7 @@ MODEL_FLAGS = {
     "low_res_noise_max": lambda c: c.upsampler.noise_max if c.upsampler is not None else None,
     "inpainting": lambda c: c.inpainting is not None,
     "autoencoder": lambda c: c.latent.source if c.latent is not None else None,
+    "attention_levels": lambda c: len(getattr(c.model.settings, "attention_resolutions", ())) or None,
 } | {k: (lambda c, k=k: getattr(c.formulation, k, None)) for k in FORMULATION_FLAGS}
 # Settings a resumed run keeps from its config: --resume names the ones given that differ and ignores them.
 KEPT_FLAGS = {"batch_size": "batch_size", "lr": "lr", "warmup": "warmup_steps", "lr_schedule": "lr_schedule",

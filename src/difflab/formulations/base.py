@@ -38,6 +38,14 @@ def check_sigma_range(sigma_min: float, sigma_max: float) -> None:
         raise DifflabError(f"need 0 < --sigma-min < --sigma-max, got {sigma_min} and {sigma_max}")
 
 
+def check_log_normal(p_mean: float, p_std: float) -> None:
+    """Training levels ln(sigma) ~ N(p_mean, p_std^2) need a finite mean and a positive, finite spread."""
+    if not math.isfinite(p_mean):
+        raise DifflabError(f"--p-mean must be a finite number, got {p_mean}")
+    if not 0 < p_std < math.inf:
+        raise DifflabError(f"--p-std must be a positive number, got {p_std}")
+
+
 class Formulation:
     """A process (ddpm, vp, subvp, ve, edm, pfgmpp, pfgm) as an object. `config` is its frozen settings dataclass
     (`Config`), saved in config.json under "formulation"."""

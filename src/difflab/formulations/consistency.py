@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from difflab.errors import DifflabError
-from difflab.formulations.base import Formulation, check_sigma_range
+from difflab.formulations.base import Formulation, check_log_normal, check_sigma_range
 from difflab.precond import PreconditionedDenoiser, Scalings, edm_noise_conditioning
 
 DISTANCES = ("pseudo_huber", "l2")
@@ -74,8 +74,7 @@ class CTConfig(ConsistencyConfig):
         super().__post_init__()
         if not 2 <= self.s0 <= self.s1 <= 100_000:
             raise DifflabError(f"need 2 <= s0 <= s1 <= 100000 discretisation levels, got s0={self.s0}, s1={self.s1}")
-        if not self.p_std > 0:
-            raise DifflabError(f"p_std must be positive, got {self.p_std}")
+        check_log_normal(self.p_mean, self.p_std)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from difflab.errors import DifflabError
-from difflab.formulations.base import Formulation, check_sigma_range
+from difflab.formulations.base import Formulation, check_log_normal, check_sigma_range
 from difflab.kernels import PoissonKernel
 from difflab.losses import DenoisingLoss, LogNormalSigma
 from difflab.precond import PreconditionedDenoiser, edm_noise_conditioning, make_prediction
@@ -28,8 +28,9 @@ class EDMConfig:
 
     def __post_init__(self):
         check_sigma_range(self.sigma_min, self.sigma_max)
-        if not (self.sigma_data > 0 and self.p_std > 0):
-            raise DifflabError(f"sigma_data and p_std must be positive, got {self.sigma_data} and {self.p_std}")
+        if not self.sigma_data > 0:
+            raise DifflabError(f"sigma_data must be positive, got {self.sigma_data}")
+        check_log_normal(self.p_mean, self.p_std)
 
 
 @dataclass(frozen=True)

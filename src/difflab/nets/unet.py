@@ -8,7 +8,7 @@ the masked image and the mask join x as C + 1 extra input channels. Pure archite
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -224,6 +224,16 @@ _PRESETS = {
     "base": (128, (1, 2, 2, 2), 2, 2, 32),
 }
 UNET_PRESETS = tuple(_PRESETS)
+
+
+def with_attention_levels(config: UNetConfig, levels: int) -> UNetConfig:
+    """The U-Net with self-attention (and cross-attention, for text) at its `levels` lowest levels, e.g. 2 at 32x32 on
+    2 x 2 patches: 8x8 and 4x4."""
+    sizes = [config.resolution // config.patch_size // 2**i for i in range(len(config.channel_mult))]
+    if not 1 <= levels <= len(sizes):
+        raise DifflabError(f"--attention-levels {levels}: this U-Net has {len(sizes)} levels "
+                           f"({', '.join(f'{s}x{s}' for s in sizes)}); give 1 to {len(sizes)}")  # fmt: skip
+    return replace(config, attention_resolutions=tuple(sizes[-levels:]))
 
 
 def unet_preset(name: str, resolution: int, in_channels: int, dropout: float = 0.0, patch_size: int = 1) -> UNetConfig:

@@ -21,7 +21,7 @@ from difflab.errors import DifflabError
 from difflab.formulations import DataInfo, formulation_class, make_config, make_formulation
 from difflab.inpaint_model import InpaintingConfig
 from difflab.latent import LatentConfig, latent_config_of, latent_dataset, training_autoencoder
-from difflab.nets import model_config_for
+from difflab.nets import ModelConfig, model_config_for
 from difflab.text.conditioned import FrozenTextConfig, TextConfig
 from difflab.training.checkpoint import check_run_folder, latest_checkpoint, load_config, resume_checkpoint
 from difflab.training.hooks import add_hooks
@@ -69,6 +69,7 @@ def run_config(
     inpainting: bool = False,
     init_from: str | Path | None = None,
     patch_size: int | None = None,
+    attention_levels: int | None = None,
     autoencoder: str | Path | None = None,
     clip: str | Path | None = None,
     unclip: str | None = None,
@@ -82,7 +83,8 @@ def run_config(
     text transformer of its own (GLIDE), "minilm" or "hf:PATH" with a frozen encoder's embeddings of them (cached on
     disk, `difflab.text.encode_cached`), `caption_dropout` of them replaced by the empty caption. `upsample_from` makes
     the run a cascade's upsampler; `inpainting` GLIDE's inpainting model (random masks per step; difflab.inpaint_model).
-    `patch_size` p runs a U-Net on p x p patches (about 1/p^2 of the cost; `difflab.nets.unet.UNet`).
+    `patch_size` p runs a U-Net on p x p patches (about 1/p^2 of the cost; `difflab.nets.unet.UNet`);
+    `attention_levels` N puts its attention at its N lowest levels (the preset's: 1).
     `init_from` (a run or checkpoint) fine-tunes it: network, text encoder and formulation are that run's, its weights
     the start (`difflab.training.init_from`). `autoencoder` (a `difflab train-autoencoder` folder) makes it a latent
     model: it learns the autoencoder's scaled latents of the images (`difflab.latent`). `unclip` ("prior" or "decoder")
@@ -124,6 +126,8 @@ def run_config(
     model_config = model_config_for(model_data.kind, model_data.sample_shape, model, dropout, extra_outputs,
                                     num_classes, backbone, **width)  # fmt: skip
     model_config = replace(model_config, text=text)
+    if attention_levels is not None:
+        model_config = _with_attention_levels(model_config, attention_levels)
     train = TrainConfig(
         steps=steps if steps is not None or minutes is not None else 5000,
         minutes=minutes,
@@ -280,6 +284,14 @@ def train(
     (`difflab.distributed`); a group that torchrun restarts after a failure continues from the latest checkpoint."""
     return train_run(config, out, data=data, device=device, resume=resume, steps=steps, minutes=minutes,
                      progress=progress, compile=compile).run_dir  # fmt: skip
+
+
+def _with_attention_levels(config: ModelConfig, levels: int) -> ModelConfig:
+    from difflab.nets.unet import with_attention_levels
+
+    if config.backbone != "unet":
+        raise DifflabError(f"--attention-levels sets a U-Net's attention; the {config.backbone} backbone has none")
+    return replace(config, settings=with_attention_levels(config.settings, levels))
 
 
 def train_run(
