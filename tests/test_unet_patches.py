@@ -109,4 +109,9 @@ def test_attention_levels_put_text_attention_at_the_lowest_levels(small_shapes, 
     assert not (tmp_path / "x").exists()
     code, _, err = run_cli(capsys, "train", "--data", "moons", "--attention-levels", 1, "--steps", 1,
                            "--out", tmp_path / "y", "--no-progress")  # fmt: skip
-    assert_one_line_error(code, err, "--attention-levels sets a U-Net's attention; the mlp backbone has none")
+    assert_one_line_error(code, err, "--attention-levels is for the unet backbone; the mlp backbone has no levels")
+    code, _, err = run_cli(capsys, "train", "--data", "shapes", "--resolution", 32, "--init-from", tmp_path / "attn2",
+                           "--inpainting", "--attention-levels", 1, "--steps", 1, "--out", tmp_path / "z",
+                           "--no-progress")  # fmt: skip
+    assert_one_line_error(code, err, "--init-from takes the network of the run it starts from: drop --attention-levels")
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()

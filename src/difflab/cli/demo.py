@@ -45,7 +45,8 @@ DEFAULT_STEPS = 4000  # the same model on every machine of a platform: ~4-5 minu
 TXT2IMG_STEPS, TXT2IMG_BATCH, TXT2IMG_LR = 1000, 64, 2e-3
 # ln(sigma) ~ N(0.4, 1.4^2) in training, not EDM's N(-1.2, 1.2^2): more steps at the high noise levels where the layout
 # (which object where) is decided, and the learning rate decaying to 0. Measured side by side at 1,000 steps: colour
-# 74 % against 64 %, full captions 5 % against 2 %, FD 0.56 against 0.30 (BENCHMARKS.md, "Training at higher noise").
+# 74 % against 64 %, full captions 5 % against 2 %, FD 0.56 against 0.30 (BENCHMARKS.md, "Training at higher noise
+# levels").
 TXT2IMG_RECIPE = {"p_mean": 0.4, "p_std": 1.4, "lr_schedule": "cosine"}
 TXT2IMG_SCENES = 20_000  # training scenes (the shapes default)
 # pfgm: the exact field of CHARGES training points, LINES field lines to a hemisphere of radius FAR (the uniformity

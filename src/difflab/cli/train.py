@@ -98,8 +98,8 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
                      "unshuffled input, about 1/P^2 of the compute; simple diffusion), e.g. 2 at 32x32; a DiT's tokens "
                      "(default: the smallest P keeping at most 16x16 tokens)")  # fmt: skip
     net.add_argument("--attention-levels", type=int, metavar="N",
-                     help="U-Net: self- and cross-attention at its N lowest levels (the presets: 1; e.g. 2 at 32x32 "
-                     "on 2 x 2 patches: 8x8 and 4x4, the best text recipe on the shapes)")  # fmt: skip
+                     help="U-Net: self- and cross-attention at its N lowest levels (tiny, small: 1; base: 2; e.g. 2 "
+                     "at 32x32 on 2 x 2 patches: 8x8 and 4x4, the best text recipe on the shapes)")  # fmt: skip
     net.add_argument("--init-from", metavar="RUN",
                      help="fine-tune a trained run (GLIDE's inpainting model from its base): its network, text encoder "
                      "and formulation, its EMA weights as the start; new input channels start at zero")  # fmt: skip

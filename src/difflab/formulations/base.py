@@ -43,7 +43,7 @@ def check_log_normal(p_mean: float, p_std: float) -> None:
     if not math.isfinite(p_mean):
         raise DifflabError(f"--p-mean must be a finite number, got {p_mean}")
     if not 0 < p_std < math.inf:
-        raise DifflabError(f"--p-std must be a positive number, got {p_std}")
+        raise DifflabError(f"--p-std must be a positive finite number, got {p_std}")
 
 
 class Formulation:

@@ -84,7 +84,7 @@ def run_config(
     disk, `difflab.text.encode_cached`), `caption_dropout` of them replaced by the empty caption. `upsample_from` makes
     the run a cascade's upsampler; `inpainting` GLIDE's inpainting model (random masks per step; difflab.inpaint_model).
     `patch_size` p runs a U-Net on p x p patches (about 1/p^2 of the cost; `difflab.nets.unet.UNet`);
-    `attention_levels` N puts its attention at its N lowest levels (the preset's: 1).
+    `attention_levels` N puts its attention at its N lowest levels (tiny, small: 1; base: 2).
     `init_from` (a run or checkpoint) fine-tunes it: network, text encoder and formulation are that run's, its weights
     the start (`difflab.training.init_from`). `autoencoder` (a `difflab train-autoencoder` folder) makes it a latent
     model: it learns the autoencoder's scaled latents of the images (`difflab.latent`). `unclip` ("prior" or "decoder")
@@ -94,6 +94,8 @@ def run_config(
     Steps default to 5000 unless `minutes` is given."""
     if init_from is not None and text_encoder is not None:
         raise DifflabError("--init-from takes the text encoder of the run it starts from: drop --text-encoder")
+    if init_from is not None and attention_levels is not None:
+        raise DifflabError("--init-from takes the network of the run it starts from: drop --attention-levels")
     defaults = DEFAULTS[data.kind]
     latent, model_data = _latent(data, autoencoder, upsample_from, inpainting, init_from)
     unclip_config, model_data = _unclip(model_data, clip, unclip, init_from)
@@ -290,7 +292,7 @@ def _with_attention_levels(config: ModelConfig, levels: int) -> ModelConfig:
     from difflab.nets.unet import with_attention_levels
 
     if config.backbone != "unet":
-        raise DifflabError(f"--attention-levels sets a U-Net's attention; the {config.backbone} backbone has none")
+        raise DifflabError(f"--attention-levels is for the unet backbone; the {config.backbone} backbone has no levels")
     return replace(config, settings=with_attention_levels(config.settings, levels))
 
 
