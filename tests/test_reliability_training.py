@@ -392,3 +392,18 @@ def test_resume_refuses_weights_of_another_shape_naming_the_tensor(tmp_path, cap
     save_file(tensors, str(ema))
     code, _, err = run_cli(capsys, "train", "--out", tmp_path, "--resume", "latest", "--steps", 8, "--no-progress")
     assert_one_line_error(code, err, str(ema), f"tensor '{name}' has shape")
+
+
+def test_resume_refuses_a_changed_attention_level_count_or_training_noise_level(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", "digits", "--process", "edm", "--out", run, "--steps", 1,
+                           "--batch-size", 4, "--no-progress")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "latest", "--attention-levels", 2,
+                           "--p-mean", 0.4, "--p-std", 1.2)  # fmt: skip
+    assert_one_line_error(code, err, "--attention-levels 2 (the run has 1)", "--p-mean 0.4 (the run has -1.2)")
+    assert "--p-std" not in err and load(run).step == 1  # the same value as the run's is no change
+    code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "latest", "--attention-levels", 1,
+                           "--p-mean", -1.2, "--steps", 2, "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert load(run).step == 2
