@@ -116,14 +116,12 @@ def variant_config(work: Path, variant: str, data: difflab.data.Dataset, steps: 
     """The variant's run config: RECIPE with its changes, its text encoder, attention levels and width."""
     v = VARIANTS[variant]
     config = difflab.run_config(data, steps=None if minutes else steps, minutes=minutes, checkpoint_every=EVERY,
-                                text_encoder=v.encoder.format(work=work), **RECIPE | dict(v.changes))  # fmt: skip
+                                text_encoder=v.encoder.format(work=work), attention_levels=v.attention_levels,
+                                **RECIPE | dict(v.changes))  # fmt: skip
     config = replace(config, train=replace(config.train, keep_checkpoints=100))  # the whole curve
-    lowest = config.model.settings.attention_resolutions[0]
-    levels = tuple(lowest * 2**k for k in reversed(range(v.attention_levels)))  # e.g. (8, 4)
-    settings = replace(config.model.settings, attention_resolutions=levels)
-    if v.channels is not None:
-        settings = replace(settings, channels=v.channels)
-    return replace(config, model=replace(config.model, settings=settings))
+    if v.channels is None:
+        return config
+    return replace(config, model=replace(config.model, settings=replace(config.model.settings, channels=v.channels)))
 
 
 def throughput(work: Path, variants: list[str], steps: int = 60, rounds: int = 3) -> dict[str, float]:

@@ -16,6 +16,7 @@ from difflab.consistency import (
     heun_step,
     ict_discretisation,
     karras_levels,
+    lognormal_mass,
     lognormal_pair_probabilities,
 )
 from difflab.errors import DifflabError
@@ -67,6 +68,10 @@ def test_karras_levels_and_lognormal_pair_probabilities_match_their_closed_forms
     cdf = stats.lognorm(s=2.0, scale=math.exp(-1.1)).cdf(levels.numpy())
     expected = (cdf[1:] - cdf[:-1]) / (cdf[-1] - cdf[0])
     assert probs.numpy() == pytest.approx(expected, rel=1e-9)
+    mass = lognormal_mass(levels, -1.1, 2.0)  # unnormalised: the probability between adjacent levels
+    assert mass.numpy() == pytest.approx(cdf[1:] - cdf[:-1], rel=1e-9)
+    one_std = torch.tensor([math.exp(-1.1 - 2.0), math.exp(-1.1 + 2.0)], dtype=torch.float64)
+    assert lognormal_mass(one_std, -1.1, 2.0).item() == pytest.approx(0.682689492, rel=1e-8)
 
 
 def test_pseudo_huber_distance():

@@ -188,3 +188,11 @@ def test_p_mean_and_p_std_set_the_training_noise_levels(tmp_path, capsys, proces
     if process == "edm":  # the loss draws ln(sigma) ~ N(0.4, 0.5^2)
         log_sigma = formulation.loss().noise_levels.sample(20_000, torch.Generator().manual_seed(0), "cpu").log()
         assert abs(log_sigma.mean().item() - 0.4) < 0.02 and abs(log_sigma.std().item() - 0.5) < 0.02
+    else:  # the loss draws its level pairs by the N(0.4, 0.5^2) mass between them (iCT, Eq. 7)
+        from scipy import stats
+
+        loss = formulation.loss()
+        loss.begin_step(0, 100)
+        levels, probs = loss.pair_distribution("cpu")
+        cdf = stats.lognorm(s=0.5, scale=math.exp(0.4)).cdf(levels.numpy())
+        assert probs.numpy() == pytest.approx((cdf[1:] - cdf[:-1]) / (cdf[-1] - cdf[0]), rel=1e-6)

@@ -43,6 +43,7 @@ def test_a_patched_unet_is_the_plain_unet_on_unshuffled_pixels():
 
 def test_presets_size_their_levels_from_the_patched_resolution():
     assert unet_preset("tiny", 32, 3).attention_resolutions == (8,)
+    assert unet_preset("base", 32, 3).attention_resolutions == (8, 4)  # 32, 16, 8, 4: the two lowest
     config = unet_preset("tiny", 32, 3, patch_size=2)
     assert (config.channel_mult, config.attention_resolutions, config.patch_size) == ((1, 2, 2), (4,), 2)
     assert unet_preset("tiny", 16, 3, patch_size=2).channel_mult == (1, 2)  # 8 -> 4: the lowest map stays >= 4

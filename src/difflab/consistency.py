@@ -30,11 +30,16 @@ def ict_discretisation(step: int, total_steps: int, s0: int, s1: int) -> int:
     return min(s0 * 2 ** (step // stage), s1) + 1
 
 
-def lognormal_pair_probabilities(levels: torch.Tensor, p_mean: float, p_std: float) -> torch.Tensor:
-    """Song & Dhariwal 2023, Eq. 7: p(i) proportional to erf((ln s_{i+1} - P_mean) / (sqrt 2 P_std)) -
-    erf((ln s_i - P_mean) / (sqrt 2 P_std)), the log-normal mass between adjacent levels; (n - 1,)."""
+def lognormal_mass(levels: torch.Tensor, p_mean: float, p_std: float) -> torch.Tensor:
+    """P(s_i < sigma < s_{i+1}) for ln(sigma) ~ N(P_mean, P_std^2): (erf((ln s_{i+1} - P_mean) / (sqrt 2 P_std)) -
+    erf((ln s_i - P_mean) / (sqrt 2 P_std))) / 2 between adjacent levels; (n - 1,)."""
     cdf = torch.erf((levels.log() - p_mean) / (math.sqrt(2) * p_std))
-    mass = cdf[1:] - cdf[:-1]
+    return (cdf[1:] - cdf[:-1]) / 2
+
+
+def lognormal_pair_probabilities(levels: torch.Tensor, p_mean: float, p_std: float) -> torch.Tensor:
+    """Song & Dhariwal 2023, Eq. 7: p(i) proportional to the log-normal mass between adjacent levels; (n - 1,)."""
+    mass = lognormal_mass(levels, p_mean, p_std)
     return mass / mass.sum()
 
 
@@ -61,11 +66,15 @@ class ConsistencyTrainingLoss:
             raise DifflabError("consistency training needs --steps: its number of levels grows over the whole run")
         self.levels = ict_discretisation(step, total_steps, self.config.s0, self.config.s1)
 
+    def pair_distribution(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's N(k) Karras levels and the probability of each adjacent pair (Eq. 7)."""
+        c = self.config
+        levels = karras_levels(self.levels, c.sigma_min, c.sigma_max, c.rho).to(device)
+        return levels, lognormal_pair_probabilities(levels, c.p_mean, c.p_std)
+
     def __call__(self, denoiser: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None,
                  cond: Any = None) -> torch.Tensor:  # fmt: skip
-        c = self.config
-        levels = karras_levels(self.levels, c.sigma_min, c.sigma_max, c.rho).to(x0.device)
-        probs = lognormal_pair_probabilities(levels, c.p_mean, c.p_std)
+        levels, probs = self.pair_distribution(x0.device)
         i = distributed.multinomial(probs.float(), x0.shape[0], replacement=True, generator=generator)
         sigma, sigma_next = levels[i].float(), levels[i + 1].float()
         z = distributed.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)

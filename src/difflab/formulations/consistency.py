@@ -75,8 +75,10 @@ class CTConfig(ConsistencyConfig):
         if not 2 <= self.s0 <= self.s1 <= 100_000:
             raise DifflabError(f"need 2 <= s0 <= s1 <= 100000 discretisation levels, got s0={self.s0}, s1={self.s1}")
         check_log_normal(self.p_mean, self.p_std)
-        z = [(math.log(s) - self.p_mean) / (math.sqrt(2) * self.p_std) for s in (self.sigma_min, self.sigma_max)]
-        if 0.5 * (math.erf(z[1]) - math.erf(z[0])) < 1e-4:  # the level pairs are drawn by this mass (Eq. 7)
+        from difflab.consistency import lognormal_mass
+
+        noise_range = torch.tensor([self.sigma_min, self.sigma_max], dtype=torch.float64)
+        if lognormal_mass(noise_range, self.p_mean, self.p_std).item() < 1e-4:  # the pairs are drawn by it (Eq. 7)
             raise DifflabError(f"--p-mean {self.p_mean} / --p-std {self.p_std} put almost no training levels between "
                                f"--sigma-min {self.sigma_min} and --sigma-max {self.sigma_max}")  # fmt: skip
 

@@ -226,10 +226,15 @@ _PRESETS = {
 UNET_PRESETS = tuple(_PRESETS)
 
 
+def level_sizes(config: UNetConfig) -> list[int]:
+    """The width of each level's feature maps, top to bottom: resolution / patch_size, halved at each level."""
+    return [config.resolution // config.patch_size // 2**i for i in range(len(config.channel_mult))]
+
+
 def with_attention_levels(config: UNetConfig, levels: int) -> UNetConfig:
     """The U-Net with self-attention (and cross-attention, for text) at its `levels` lowest levels, e.g. 2 at 32x32 on
     2 x 2 patches: 8x8 and 4x4."""
-    sizes = [config.resolution // config.patch_size // 2**i for i in range(len(config.channel_mult))]
+    sizes = level_sizes(config)
     if not 1 <= levels <= len(sizes):
         raise DifflabError(f"--attention-levels {levels}: this U-Net has {len(sizes)} levels "
                            f"({', '.join(f'{s}x{s}' for s in sizes)}); give 1 to {len(sizes)}")  # fmt: skip
@@ -248,6 +253,5 @@ def unet_preset(name: str, resolution: int, in_channels: int, dropout: float = 0
     top = resolution // patch_size
     while len(mult) > 1 and top // 2 ** (len(mult) - 1) < 4:
         mult = mult[:-1]
-    lowest = [top // 2**i for i in range(len(mult))][-attn_levels:]
-    return UNetConfig(in_channels, resolution, channels, mult, blocks, tuple(lowest), dropout, groups,
-                      patch_size=patch_size)  # fmt: skip
+    config = UNetConfig(in_channels, resolution, channels, mult, blocks, (), dropout, groups, patch_size=patch_size)
+    return with_attention_levels(config, attn_levels)
