@@ -278,6 +278,10 @@ def test_init_from_starts_the_inpainting_model_as_the_base_model_with_zero_new_c
     code, _, err = run_cli(capsys, *train, "--steps", 1, "--inpainting", "--init-from", tmp_path / "base",
                            "--text-encoder", "scratch", "--out", tmp_path / "x")  # fmt: skip
     assert_one_line_error(code, err, "--init-from takes the text encoder of the run it starts from")
+    code, _, err = run_cli(capsys, *train, "--steps", 1, "--inpainting", "--init-from", tmp_path / "base",
+                           "--p-mean", 0.4, "--sigma-max", 40, "--out", tmp_path / "x")  # fmt: skip
+    assert_one_line_error(code, err, "--init-from takes the formulation of the run it starts from: drop --sigma-max, "
+                          "--p-mean")  # fmt: skip
     code, _, err = run_cli(capsys, "train", "--data", "shapes", "--resolution", 32, "--steps", 1, "--inpainting",
                            "--init-from", tmp_path / "base", "--out", tmp_path / "y", "--no-progress")  # fmt: skip
     assert_one_line_error(code, err, "was trained on 3x16x16 samples but this data gives 3x32x32")

@@ -96,6 +96,10 @@ def run_config(
         raise DifflabError("--init-from takes the text encoder of the run it starts from: drop --text-encoder")
     if init_from is not None and attention_levels is not None:
         raise DifflabError("--init-from takes the network of the run it starts from: drop --attention-levels")
+    formulation_flags = [f"--{k.replace('_', '-')}" for k, v in formulation_settings.items() if v not in (None, False)]
+    if init_from is not None and formulation_flags:
+        raise DifflabError(f"--init-from takes the formulation of the run it starts from: drop "
+                           f"{', '.join(formulation_flags)}")  # fmt: skip
     defaults = DEFAULTS[data.kind]
     latent, model_data = _latent(data, autoencoder, upsample_from, inpainting, init_from)
     unclip_config, model_data = _unclip(model_data, clip, unclip, init_from)
