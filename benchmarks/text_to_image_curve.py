@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -125,24 +126,33 @@ def variant_config(work: Path, variant: str, data: difflab.data.Dataset, steps: 
 
 
 def throughput(work: Path, variants: list[str], steps: int = 60, rounds: int = 3) -> dict[str, float]:
-    """Seconds per training step of each variant, measured side by side: `rounds` rounds of a fresh `steps`-step run
-    of each in turn (the first 10 steps of every run not counted: warm-up), the median round per variant."""
+    """Seconds per training step of each variant, measured side by side (`seconds_per_step`)."""
+    runs = {v: lambda v=v: (variant_config(work, v, training_data(v), steps, None), training_data(v)) for v in variants}
+    return seconds_per_step(runs, steps, rounds)
+
+
+def seconds_per_step(runs: dict[str, Callable[[], tuple[difflab.RunConfig, difflab.data.Dataset]]], steps: int = 60,
+                     rounds: int = 3) -> dict[str, float]:  # fmt: skip
+    """Seconds per training step of each run (name -> a function giving its config and data), measured side by side:
+    `rounds` rounds of a fresh `steps`-step run of each in turn (the first 10 steps of every run not counted:
+    warm-up), the median round per run, from the training log's clock."""
     import statistics
     import tempfile
 
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        for variant in variants:
-            data = training_data(variant)
-            config = variant_config(work, variant, data, steps, None)
-            config = replace(config, train=replace(config.train, log_every=10, checkpoint_every=10 * steps))
+        for name, build in runs.items():
+            config, data = build()
+            config = replace(config, train=replace(config.train, steps=steps, minutes=None, log_every=10,
+                                                   checkpoint_every=10 * steps))  # fmt: skip
             with tempfile.TemporaryDirectory() as tmp:
                 train_run(config, Path(tmp) / "run", data=data, progress=False)
                 clock = {r["step"]: r["elapsed_s"] for r in read_log(Path(tmp) / "run") if "elapsed_s" in r}
-            times[variant].append((clock[steps] - clock[10]) / (steps - 10))
-    per_step = {v: statistics.median(t) for v, t in times.items()}
-    for v, t in per_step.items():
-        print(f"{v}: {t:.3f} s per step ({per_step[variants[0]] / t:.2f}x the steps/s of {variants[0]})")
+            times[name].append((clock[steps] - clock[10]) / (steps - 10))
+    per_step = {name: statistics.median(t) for name, t in times.items()}
+    first = next(iter(per_step))
+    for name, t in per_step.items():
+        print(f"{name}: {t:.3f} s per step ({per_step[first] / t:.2f}x the steps/s of {first})", flush=True)
     return per_step
 
 

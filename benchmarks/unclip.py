@@ -79,8 +79,8 @@ LONG_DECODER_STEPS, LONG_GLIDE_STEPS = 2400, 2570  # decoder 2,400 steps + the p
 CFG_SCALES, CLIP_SCALES, GUIDANCE_PROMPTS, NOISED_CLIP_STEPS = (1.0, 3.0, 5.0), (5.0, 10.0, 20.0), 25, 1500
 
 
-def shapes(quick: bool, split: str = "train", size: int | None = None):
-    return difflab.load_dataset("shapes", resolution=RESOLUTION, split=split,
+def shapes(quick: bool, split: str = "train", size: int | None = None, resolution: int = RESOLUTION):
+    return difflab.load_dataset("shapes", resolution=resolution, split=split,
                                 size=size or (QUICK_SCENES if quick else SCENES))  # fmt: skip
 
 
@@ -282,19 +282,22 @@ def diversity(features: torch.Tensor, groups: int) -> float:
     return float(d.sum(dim=(1, 2)).mean() / (k * (k - 1)))
 
 
-def _objects(image: torch.Tensor) -> tuple[Counter, Counter]:
+def scene_objects(image: torch.Tensor) -> tuple[Counter, Counter]:
+    """The colours and the shapes (multisets) of the objects the exact evaluator finds in an image."""
     found = recover_scene(image)
     return Counter(o.colour for o in found), Counter(o.shape for o in found)
 
 
-def variation_rows(pipe: UnclipPipeline, quick: bool) -> dict:
-    sources = shapes(False, "test", 8 if quick else VARIATION_SOURCES).data
+def variation_rows(pipe: UnclipPipeline, quick: bool, resolution: int = RESOLUTION, guidance: float = W) -> dict:
+    """VARIATIONS_PER_IMAGE variations of each of VARIATION_SOURCES held-out scenes: the share whose objects have the
+    source's colours and shapes (as multisets), and their diversity."""
+    sources = shapes(False, "test", 8 if quick else VARIATION_SOURCES, resolution).data
     k, kept, colours, shapes_kept, feats = VARIATIONS_PER_IMAGE, 0, 0, 0, []
     for i, image in enumerate(sources):
-        out = pipe.variations(image, k, seed=1000 * i, guidance=W, sampler=SAMPLER, steps=SAMPLE_STEPS)
-        want_c, want_s = _objects(image)
+        out = pipe.variations(image, k, seed=1000 * i, guidance=guidance, sampler=SAMPLER, steps=SAMPLE_STEPS)
+        want_c, want_s = scene_objects(image)
         for v in out:
-            got_c, got_s = _objects(v)
+            got_c, got_s = scene_objects(v)
             colours += got_c == want_c
             shapes_kept += got_s == want_s
             kept += (got_c == want_c) and (got_s == want_s)
@@ -304,8 +307,9 @@ def variation_rows(pipe: UnclipPipeline, quick: bool) -> dict:
             "diversity": diversity(torch.cat(feats), len(sources))}  # fmt: skip
 
 
-def interpolation_rows(pipe: UnclipPipeline, quick: bool) -> dict:
-    scenes = shapes(False, "test", 4 if quick else 2 * INTERPOLATION_PAIRS).data
+def interpolation_rows(pipe: UnclipPipeline, quick: bool, resolution: int = RESOLUTION) -> dict:
+    """INTERPOLATION_PAIRS pairs of held-out scenes: the endpoints' error and how evenly the path moves."""
+    scenes = shapes(False, "test", 4 if quick else 2 * INTERPOLATION_PAIRS, resolution).data
     errors, evenness = [], []
     for a, b in zip(scenes[0::2], scenes[1::2], strict=True):
         frames = pipe.interpolate(a, b, FRAMES, steps=INVERSION_STEPS)
