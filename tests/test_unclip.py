@@ -55,12 +55,13 @@ def test_ddim_inversion_follows_the_probability_flow_of_a_gaussian():
     assert (coarse - exact).abs().max() > (xT - exact).abs().max()  # the error shrinks with the steps
 
 
-@pytest.mark.parametrize("model", ["tiny", "dit-tiny"])
-def test_image_embedding_conditions_the_decoder_networks(model):
+@pytest.mark.parametrize(("model", "hidden"), [("tiny", None), ("dit-tiny", None), ("tiny", 24), ("dit-tiny", 24)])
+def test_image_embedding_conditions_the_decoder_networks(model, hidden):
     from difflab.nets import build_network, model_config_for
 
     torch.manual_seed(0)
-    net = build_network(model_config_for("images", (3, 8, 8), model, image_embed_dim=16))
+    net = build_network(model_config_for("images", (3, 8, 8), model, image_embed_dim=16, image_embed_hidden=hidden))
+    assert net.image_embed.to_tokens.in_features == (hidden or 16)  # read through the SiLU layer when asked
     for p in net.parameters():  # zero-initialised heads would hide any dependence
         p.data.add_(0.05 * torch.randn_like(p))
     assert "image_embed" in net.accepts
@@ -116,7 +117,8 @@ def unclip_runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(difflab.data, "load_dataset", lambda *a, **k: real(*a, **(k | {"size": TEXT_RUN_SCENES})))
         for role, flags in (("prior", ["--steps", PRIOR_STEPS, "--lr", "1e-3"]),
-                            ("decoder", ["--steps", 8, "--batch-size", 8, "--text-encoder", "scratch"])):  # fmt: skip
+                            ("decoder", ["--steps", 8, "--batch-size", 8, "--text-encoder", "scratch",
+                                         "--image-embed-hidden", 48])):  # fmt: skip
             code = difflab.cli.main.main([str(a) for a in [f"train-{role}", "--clip", root / "clip", "--out",
                                                            root / role, "--no-progress", *flags]])  # fmt: skip
             assert code == 0
@@ -131,6 +133,7 @@ def test_prior_and_decoder_configs_say_what_they_are(unclip_runs, capsys):
     assert p.model.text.encoder.startswith("clip:") and [(s.name, s.dropout) for s in p.conditioning] == [("text", 0.1)]
     assert [(s.name, s.dropout) for s in d.conditioning] == [("text_tokens", 0.5), ("image_embed", 0.1)]
     assert d.unclip.role == "decoder" and d.model.settings.image_embed_dim == 32 and d.unclip.clip == p.unclip.clip
+    assert d.model.settings.image_embed_hidden == 48 and p.model.settings.__class__.__name__ == "PriorConfig"
     assert type(p).from_json(p.to_json()) == p and type(d).from_json(d.to_json()) == d
     code, out, _ = run_cli(capsys, "info", unclip_runs["prior"])
     assert code == 0 and f"the prior, reading the CLIP in {p.unclip.clip}" in out
@@ -340,3 +343,8 @@ def test_a_prior_and_a_decoder_resume_bit_for_bit(unclip_runs, tmp_path):
                                       checkpoint_every=3, **extra)  # fmt: skip
 
         assert_exact_resume(make, data, tmp_path / role, changed)
+
+
+def test_image_embed_hidden_is_refused_off_a_decoder(small_shapes):
+    with pytest.raises(DifflabError, match="--image-embed-hidden shapes how an unCLIP decoder reads its image"):
+        difflab.run_config(small_shapes, text_encoder="scratch", image_embed_hidden=32)

@@ -23,7 +23,7 @@ gigabytes. The limits are generous for what difflab is for (small diffusion mode
 | DiT: width / depth / heads / mlp_ratio                 | 1 .. 4096 / 1 .. 64 / 1 .. 64 / 1 .. 16 |
 | DiT: patch_size / tokens (resolution / patch_size)^2   | 1 .. 16 / <= 16384 (128 x 128) |
 | DiT: in_channels / out_channels, text and image inputs | as the U-Net's     |
-| U-Net and DiT image_embed_dim / image_tokens (unCLIP)   | 1 .. 4096 / 1 .. 64 |
+| U-Net and DiT image_embed_dim / image_tokens / image_embed_hidden (unCLIP) | 1 .. 4096 / 1 .. 64 / 1 .. 4096 |
 | prior: embed_dim / width / depth / heads / mlp_ratio   | 1 .. 4096 / 1 .. 4096 / 1 .. 64 / 1 .. 64 / 1 .. 16 |
 | upsampler.low_res (size of the low-res input)          | 1 .. 1024 pixels   |
 | classifier width / depth                               | 1 .. 4096 / 1 .. 64 |
@@ -57,12 +57,13 @@ SIZE_LIMITS: dict[str, dict[str, tuple[int, int]]] = {
                    "attention_resolutions": (1, MAX_RESOLUTION), "attention_heads": (1, 64),
                    "norm_groups": (1, 1024), "num_classes": (1, MAX_CLASSES), "context_dim": (1, 4096),
                    "pooled_dim": (1, 4096), "low_res_channels": (1, 4), "image_embed_dim": (1, 4096),
-                   "image_tokens": (1, 64), "inpaint_channels": (1, 4), "patch_size": (1, 16)},
+                   "image_tokens": (1, 64), "image_embed_hidden": (1, 4096), "inpaint_channels": (1, 4),
+                   "patch_size": (1, 16)},
     "DiTConfig": {"in_channels": (1, 4), "out_channels": (1, 8), "resolution": (1, MAX_RESOLUTION),
                   "patch_size": (1, 16), "width": (1, 4096), "depth": (1, 64), "heads": (1, 64), "mlp_ratio": (1, 16),
                   "num_classes": (1, MAX_CLASSES), "context_dim": (1, 4096), "pooled_dim": (1, 4096),
                   "low_res_channels": (1, 4), "inpaint_channels": (1, 4), "image_embed_dim": (1, 4096),
-                  "image_tokens": (1, 64)},
+                  "image_tokens": (1, 64), "image_embed_hidden": (1, 4096)},
     "UpsamplerConfig": {"low_res": (1, MAX_RESOLUTION)},
     "MLPConfig": {"data_dim": (1, 65536), "hidden": (1, 16384), "num_blocks": (0, 256), "embed_dim": (1, 16384),
                   "out_dim": (1, 65537), "num_classes": (1, MAX_CLASSES)},

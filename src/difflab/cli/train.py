@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
     if unclip == "decoder":
         net.add_argument("--image-embed-dropout", type=float, default=0.1,
                          help="share of image embeddings nulled in training, for classifier-free guidance")  # fmt: skip
+        net.add_argument("--image-embed-hidden", type=int, metavar="N",
+                         help="read the image embedding through a SiLU layer of width N before its projections (the "
+                         "paper's are linear; default)")  # fmt: skip
     net.add_argument("--upsample-from", type=int, metavar="R",
                      help="train the upsampler of a cascade: conditioned on the RxR area average of each image (R "
                      "divides --resolution, e.g. 16 for 32), for difflab txt2img --upsampler")  # fmt: skip
@@ -156,7 +159,8 @@ def config_from_args(args: argparse.Namespace, data):
         low_res_noise_max=args.low_res_noise_max, inpainting=args.inpainting, init_from=args.init_from,
         patch_size=args.patch_size, attention_levels=args.attention_levels, autoencoder=args.autoencoder,
         clip=getattr(args, "clip", None),
-        unclip=getattr(args, "unclip", None), image_embed_dropout=getattr(args, "image_embed_dropout", 0.1), **settings,
+        unclip=getattr(args, "unclip", None), image_embed_dropout=getattr(args, "image_embed_dropout", 0.1),
+        image_embed_hidden=getattr(args, "image_embed_hidden", None), **settings,
     )  # fmt: skip
 
 

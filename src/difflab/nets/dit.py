@@ -63,6 +63,9 @@ class DiTConfig:
     inpaint_channels: int | None = None  # C of masked_image (B, C, R, R): inpainting's C + 1 extra channels when set
     image_embed_dim: int | None = None  # E of image_embed (B, E): unCLIP's decoder conditioning when set
     image_tokens: int = 4  # the context tokens the image embedding is projected into (unCLIP: four)
+    image_embed_hidden: int | None = (
+        None  # a SiLU layer of this width before the embedding's projections (None: linear)
+    )
 
     @property
     def grid(self) -> int:
@@ -197,7 +200,8 @@ class DiT(nn.Module):
         self.low_res_noise_embed = AugmentationEmbedding(FREQUENCY_DIM, dim) if cfg.low_res_channels else None
         self.context_norm = nn.LayerNorm(cfg.context_dim) if cfg.context_dim else None
         context_dim = attention_context_dim(cfg)
-        self.image_embed = (ImageEmbedConditioning(cfg.image_embed_dim, dim, context_dim, cfg.image_tokens)
+        self.image_embed = (ImageEmbedConditioning(cfg.image_embed_dim, dim, context_dim, cfg.image_tokens,
+                                                   cfg.image_embed_hidden)
                             if cfg.image_embed_dim else None)  # fmt: skip
         extra = (cfg.low_res_channels or 0) + (cfg.inpaint_channels + 1 if cfg.inpaint_channels else 0)
         self.patch_embed = nn.Conv2d(cfg.in_channels + extra, dim, p, stride=p)

@@ -1,6 +1,8 @@
 """unCLIP's decoder conditioning (Ramesh et al. 2022, Sec. 2.1): the CLIP image embedding z_i (B, E) is projected and
 added to the noise-level embedding, and projected into `tokens` extra context tokens (four in the paper) that join the
-text sequence the attention layers read (GLIDE's). The null image embedding is zeros (`difflab.conditioning`)."""
+text sequence the attention layers read (GLIDE's). The null image embedding is zeros (`difflab.conditioning`).
+The paper's projections are linear; `hidden` puts one SiLU layer of that width before both (a small decoder reading a
+pooled embedding may need the nonlinearity to pull its objects apart)."""
 
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from difflab.nets.embeddings import input_dtype
 class ImageEmbedConditioning(nn.Module):
     """z_i -> (a vector added to the block embedding (B, emb_dim), context tokens (B, tokens, context_dim))."""
 
-    def __init__(self, embed_dim: int, emb_dim: int, context_dim: int, tokens: int):
+    def __init__(self, embed_dim: int, emb_dim: int, context_dim: int, tokens: int, hidden: int | None = None):
         super().__init__()
         self.embed_dim, self.tokens, self.context_dim = embed_dim, tokens, context_dim
-        self.to_emb = nn.Linear(embed_dim, emb_dim)
-        self.to_tokens = nn.Linear(embed_dim, tokens * context_dim)
+        self.hidden = nn.Sequential(nn.Linear(embed_dim, hidden), nn.SiLU()) if hidden else nn.Identity()
+        width = hidden or embed_dim
+        self.to_emb = nn.Linear(width, emb_dim)
+        self.to_tokens = nn.Linear(width, tokens * context_dim)
         self.token_norm = nn.LayerNorm(context_dim)
 
     def forward(self, cond, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +36,7 @@ class ImageEmbedConditioning(nn.Module):
                 f"image_embed must be a float tensor of shape ({batch}, {self.embed_dim}), got {z.dtype} "
                 f"{tuple(z.shape)}; use the CLIP this decoder was trained with"
             )
-        z = z.to(dtype)
+        z = self.hidden(z.to(dtype))
         tokens = self.token_norm(self.to_tokens(z).reshape(batch, self.tokens, self.context_dim))
         return self.to_emb(z), tokens
 

@@ -56,6 +56,9 @@ class UNetConfig:
     patch_size: int = 1  # p > 1: the levels start at R/p on p x p patches (pixel-unshuffled input, shuffled output)
     image_embed_dim: int | None = None  # E of image_embed (B, E): unCLIP's decoder conditioning when set
     image_tokens: int = 4  # the context tokens the image embedding is projected into (unCLIP: four)
+    image_embed_hidden: int | None = (
+        None  # a SiLU layer of this width before the embedding's projections (None: linear)
+    )
 
 
 def unet_signals(cfg: UNetConfig) -> frozenset[str]:
@@ -135,7 +138,8 @@ class UNet(nn.Module):
         self.context_norm = nn.LayerNorm(cfg.context_dim) if cfg.context_dim else None
         self.low_res_noise_embed = AugmentationEmbedding(cfg.channels, emb_dim) if cfg.low_res_channels else None
         context_dim = attention_context_dim(cfg)
-        self.image_embed = (ImageEmbedConditioning(cfg.image_embed_dim, emb_dim, context_dim, cfg.image_tokens)
+        self.image_embed = (ImageEmbedConditioning(cfg.image_embed_dim, emb_dim, context_dim, cfg.image_tokens,
+                                                   cfg.image_embed_hidden)
                             if cfg.image_embed_dim else None)  # fmt: skip
         self.accepts = unet_signals(cfg)
         extra = (cfg.low_res_channels or 0) + (cfg.inpaint_channels + 1 if cfg.inpaint_channels else 0)

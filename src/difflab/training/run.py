@@ -74,6 +74,7 @@ def run_config(
     clip: str | Path | None = None,
     unclip: str | None = None,
     image_embed_dropout: float = 0.1,
+    image_embed_hidden: int | None = None,
     **formulation_settings: Any,
 ) -> RunConfig:
     """The RunConfig of a new run on `data` (a loaded `difflab.data.Dataset`). `process` names the formulation
@@ -90,7 +91,8 @@ def run_config(
     model: it learns the autoencoder's scaled latents of the images (`difflab.latent`). `unclip` ("prior" or "decoder")
     with `clip` (a `difflab train-clip` folder) makes it one of unCLIP's models (`difflab.unclip`): the prior, a
     transformer over the CLIP's image embeddings conditioned on its text tower (ddpm: cosine schedule, x0-prediction
-    unless given), or the decoder, an image model conditioned on the embedding (`image_embed_dropout` of them nulled).
+    unless given), or the decoder, an image model conditioned on the embedding (`image_embed_dropout` of them nulled;
+    `image_embed_hidden` N reads it through a SiLU layer of width N, `difflab.nets.image_embed`).
     Steps default to 5000 unless `minutes` is given."""
     if init_from is not None and text_encoder is not None:
         raise DifflabError("--init-from takes the text encoder of the run it starts from: drop --text-encoder")
@@ -127,7 +129,11 @@ def run_config(
     width |= {} if upsampler is None else {"low_res_channels": channels}
     width |= {} if inpaint is None else {"inpaint_channels": channels}
     width |= {} if patch_size is None else {"patch_size": patch_size}
+    if image_embed_hidden is not None and unclip != "decoder":
+        raise DifflabError("--image-embed-hidden shapes how an unCLIP decoder reads its image embedding: use it with "
+                           "difflab train-decoder")  # fmt: skip
     width |= {"image_embed_dim": unclip_config.embed_dim} if unclip == "decoder" else {}
+    width |= {"image_embed_hidden": image_embed_hidden} if image_embed_hidden is not None else {}
     extra_outputs = formulation_object.extra_outputs_for(model_data.sample_shape)
     model_config = model_config_for(model_data.kind, model_data.sample_shape, model, dropout, extra_outputs,
                                     num_classes, backbone, **width)  # fmt: skip
