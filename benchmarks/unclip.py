@@ -143,14 +143,14 @@ def cliptext(work: Path, out: Path) -> None:
     out.with_name(out.name + "_cliptext.json").write_text(json.dumps(row, indent=2, default=float))
 
 
-def retrieval(work: Path, out: Path, count: int = 1000, pool: int = 100) -> None:
+def retrieval(work: Path, out: Path, count: int = 1000, pool: int = 100, resolution: int = RESOLUTION) -> None:
     """Text->image retrieval of the CLIP on `count` held-out scenes in pools of `pool`, against the exact evaluator's
     knowledge of which scenes fit each caption."""
     from difflab.clip import load_clip
     from difflab.data.shapes import parse_caption
     from difflab.eval.shapes import score_one
 
-    test = shapes(False, "test", count)
+    test = shapes(False, "test", count, resolution)
     found = [recover_scene(x) for x in test.data]
     specs = [parse_caption(c) for c in test.captions]
     clip = load_clip(work / "clip")

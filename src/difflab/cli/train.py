@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
                          help="share of image embeddings nulled in training, for classifier-free guidance")  # fmt: skip
         net.add_argument("--image-embed-hidden", type=int, metavar="N",
                          help="read the image embedding through a SiLU layer of width N before its projections (the "
-                         "paper's are linear; default)")  # fmt: skip
+                         "paper's are linear; default; on the shapes 256 changed nothing, BENCHMARKS.md)")  # fmt: skip
     net.add_argument("--upsample-from", type=int, metavar="R",
                      help="train the upsampler of a cascade: conditioned on the RxR area average of each image (R "
                      "divides --resolution, e.g. 16 for 32), for difflab txt2img --upsampler")  # fmt: skip

@@ -63,9 +63,7 @@ class DiTConfig:
     inpaint_channels: int | None = None  # C of masked_image (B, C, R, R): inpainting's C + 1 extra channels when set
     image_embed_dim: int | None = None  # E of image_embed (B, E): unCLIP's decoder conditioning when set
     image_tokens: int = 4  # the context tokens the image embedding is projected into (unCLIP: four)
-    image_embed_hidden: int | None = (
-        None  # a SiLU layer of this width before the embedding's projections (None: linear)
-    )
+    image_embed_hidden: int | None = None  # a SiLU layer of this width before the embedding's projections
 
     @property
     def grid(self) -> int:

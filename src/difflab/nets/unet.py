@@ -56,9 +56,7 @@ class UNetConfig:
     patch_size: int = 1  # p > 1: the levels start at R/p on p x p patches (pixel-unshuffled input, shuffled output)
     image_embed_dim: int | None = None  # E of image_embed (B, E): unCLIP's decoder conditioning when set
     image_tokens: int = 4  # the context tokens the image embedding is projected into (unCLIP: four)
-    image_embed_hidden: int | None = (
-        None  # a SiLU layer of this width before the embedding's projections (None: linear)
-    )
+    image_embed_hidden: int | None = None  # a SiLU layer of this width before the embedding's projections
 
 
 def unet_signals(cfg: UNetConfig) -> frozenset[str]:
