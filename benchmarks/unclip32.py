@@ -11,6 +11,7 @@ rate, attention at the U-Net's two lowest levels, 2 x 2 patches), against that m
     python benchmarks/unclip32.py figure               # -> benchmarks/results/unclip32_{prompts,variations}.png
     python benchmarks/unclip32.py --threads 2 oracle   # the decoder on true embeddings (no prior): unclip32_oracle.json
     ... --work runs/unclip32-mlp --image-embed-hidden 256 train   # the decoder reading z through a SiLU layer
+    ... --work runs/unclip32-embonly --no-caption --decoder-steps 2000 train variations   # on the embedding alone
 
 The GLIDE-style model is `text_to_image_curve.py --variant phrases-slots-attn2-cosine-pm04-30min` (GLIDE_WORK): 6,241
 steps in 30 minutes of both cores, its caption read phrase by phrase by the text tower of a 16x16 CLIP. unCLIP gets
@@ -71,18 +72,20 @@ def shapes(split: str = "train", size: int = SCENES) -> difflab.data.Dataset:
     return difflab.load_dataset("shapes", resolution=RESOLUTION, split=split, size=size)
 
 
-def decoder_settings(work: Path, hidden: int | None = None) -> dict:
-    return {"unclip": "decoder", "clip": str(work / "clip"), "caption_dropout": 0.5, "image_embed_hidden": hidden,
-            "text_encoder": f"phrases-slots:clip:{work / 'clip'}", **RECIPE}  # fmt: skip
+def decoder_settings(work: Path, hidden: int | None = None, caption: bool = True) -> dict:
+    text = {"caption_dropout": 0.5, "text_encoder": f"phrases-slots:clip:{work / 'clip'}"} if caption else {}
+    return {"unclip": "decoder", "clip": str(work / "clip"), "image_embed_hidden": hidden, **text, **RECIPE}
 
 
-def configs(work: Path, decoder_steps: int = 100, hidden: int | None = None) -> dict:
+def configs(work: Path, decoder_steps: int = 100, hidden: int | None = None, caption: bool = True) -> dict:
     """name -> a function giving (RunConfig, data): glide32 (the curve's variant), the prior and the decoder."""
     data = shapes()
     return {
         "glide32": lambda: (curve.variant_config(GLIDE_WORK, GLIDE_VARIANT, data, 100, None), data),
         "decoder": lambda: (
-            difflab.run_config(data, steps=decoder_steps, checkpoint_every=1000, **decoder_settings(work, hidden)),
+            difflab.run_config(
+                data, steps=decoder_steps, checkpoint_every=1000, **decoder_settings(work, hidden, caption)
+            ),
             data,
         ),
         "prior": lambda: (
@@ -144,12 +147,12 @@ def decoder_steps(work: Path) -> int:
     return round((glide_seconds(work) - PRIOR_STEPS * rates["prior"]) / rates["decoder"])
 
 
-def train(work: Path, hidden: int | None = None) -> None:
-    for name, steps in (("prior", PRIOR_STEPS), ("decoder", decoder_steps(work))):
+def train(work: Path, hidden: int | None = None, caption: bool = True, decoder_budget: int | None = None) -> None:
+    for name, steps in (("prior", PRIOR_STEPS), ("decoder", decoder_budget or decoder_steps(work))):
         if (work / name / "checkpoints").exists():
             print(f"{work / name} exists: skipped (delete it to train again)", flush=True)
             continue
-        config, data = configs(work, steps, hidden)[name]()
+        config, data = configs(work, steps, hidden, caption)[name]()
         start = time.monotonic()
         outcome = train_run(config, work / name, data=data, progress=False)
         minutes = (time.monotonic() - start) / 60
@@ -257,12 +260,14 @@ def figure(work: Path, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    phases = ("clip", "probe", "retrieval", "timing", "train", "eval", "figure", "oracle")
+    phases = ("clip", "probe", "retrieval", "timing", "train", "eval", "figure", "oracle", "variations")
     p.add_argument("phases", nargs="+", choices=phases)
     p.add_argument("--work", default="runs/unclip32")
     p.add_argument("--out", default=str(RESULTS / "unclip32"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--image-embed-hidden", type=int, help="train: the decoder reads its embedding through a SiLU layer")
+    p.add_argument("--no-caption", action="store_true", help="train: a decoder on the image embedding alone")
+    p.add_argument("--decoder-steps", type=int, help="train: this many decoder steps, not glide32's time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
@@ -277,11 +282,15 @@ def main() -> None:
         elif phase == "timing":
             timing(work)
         elif phase == "train":
-            train(work, args.image_embed_hidden)
+            train(work, args.image_embed_hidden, not args.no_caption, args.decoder_steps)
         elif phase == "eval":
             evaluate(work, out)
         elif phase == "oracle":
             oracle(work, out)
+        elif phase == "variations":  # the decoder alone: variations only
+            row = unclip16.variation_rows(pipelines(work)[1], False, RESOLUTION, VARIATION_W)
+            print(row, flush=True)
+            out.with_name(out.name + "_variations.json").write_text(json.dumps(row, indent=2))
         else:
             figure(work, out)
 
