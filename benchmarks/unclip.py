@@ -282,10 +282,16 @@ def diversity(features: torch.Tensor, groups: int) -> float:
     return float(d.sum(dim=(1, 2)).mean() / (k * (k - 1)))
 
 
+def object_multisets(objects) -> tuple[Counter, Counter, Counter]:
+    """The colours, the shapes and the colour-shape pairs (multisets) of a scene's objects."""
+    objects = list(objects)
+    return (Counter(o.colour for o in objects), Counter(o.shape for o in objects),
+            Counter((o.colour, o.shape) for o in objects))  # fmt: skip
+
+
 def scene_objects(image: torch.Tensor) -> tuple[Counter, Counter]:
     """The colours and the shapes (multisets) of the objects the exact evaluator finds in an image."""
-    found = recover_scene(image)
-    return Counter(o.colour for o in found), Counter(o.shape for o in found)
+    return object_multisets(recover_scene(image))[:2]
 
 
 def variation_rows(pipe: UnclipPipeline, quick: bool, resolution: int = RESOLUTION, guidance: float = W) -> dict:

@@ -37,7 +37,6 @@ import platform
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -106,23 +105,19 @@ def train_clip(work: Path, threads: int) -> None:
 def probe(work: Path, out: Path, queries: int = 500, pool: int = 5000) -> None:
     """What the CLIP's image embedding fixes: for `queries` scenes, the scene with the nearest embedding among `pool`
     others of the same split (a held-out scene's colour-shape pairs never occur in training, so it is looked up among
-    held-out scenes); the share with the query's colours, shapes, both (as multisets). A variation that keeps what
-    the embedding holds can do no better than its nearest neighbour does."""
+    held-out scenes); the share with the query's colours, shapes, both (as multisets), and colour-shape pairs
+    (bound): what variations could keep if the decoder read the embedding fully."""
     from difflab.clip import load_clip
     from difflab.unclip.link import image_embeddings
 
     clip = load_clip(work / "clip")
-
-    def multisets(scene) -> tuple[Counter, Counter, Counter]:
-        return (Counter(o.colour for o in scene.objects), Counter(o.shape for o in scene.objects),
-                Counter((o.colour, o.shape) for o in scene.objects))  # fmt: skip
-
     result = {"queries": queries, "pool": pool}
     for split in ("test", "train"):
         scenes = shapes(split, pool + queries)
         z = image_embeddings(clip, scenes.data)
         nearest = (z[pool:] @ z[:pool].T).argmax(1).tolist()
-        pairs = [(multisets(scenes.scenes[pool + i]), multisets(scenes.scenes[j])) for i, j in enumerate(nearest)]
+        found = [unclip16.object_multisets(scene.objects) for scene in scenes.scenes]
+        pairs = [(found[pool + i], found[j]) for i, j in enumerate(nearest)]
         result[split] = {"colours": sum(a[0] == b[0] for a, b in pairs) / queries,
                          "shapes": sum(a[1] == b[1] for a, b in pairs) / queries,
                          "both": sum(a[:2] == b[:2] for a, b in pairs) / queries,

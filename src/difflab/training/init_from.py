@@ -24,6 +24,18 @@ from difflab.errors import DifflabError
 TEXT_SIGNALS = ("text", "text_tokens")  # the caption signal of a frozen and of a scratch text encoder
 
 
+def refuse_source_settings(text_encoder: str | None, attention_levels: int | None, formulation: dict) -> None:
+    """What a fine-tuned run takes from its source may not be given again: its text encoder, its network's attention
+    levels, its formulation's settings (any given, e.g. --p-mean) are one-line errors, not silently ignored."""
+    if text_encoder is not None:
+        raise DifflabError("--init-from takes the text encoder of the run it starts from: drop --text-encoder")
+    if attention_levels is not None:
+        raise DifflabError("--init-from takes the network of the run it starts from: drop --attention-levels")
+    given = [f"--{k.replace('_', '-')}" for k, v in formulation.items() if v not in (None, False)]
+    if given:
+        raise DifflabError(f"--init-from takes the formulation of the run it starts from: drop {', '.join(given)}")
+
+
 def finetune_config(config: RunConfig, source: str | Path, caption_dropout: float) -> RunConfig:
     """`config` (a new run's) with the network, formulation and conditioning of the checkpoint `source` (a run
     folder, checkpoint folder or weights file), its own extra input channels, and train.init_from = the checkpoint."""

@@ -25,13 +25,13 @@ from difflab.nets import ModelConfig, model_config_for
 from difflab.text.conditioned import FrozenTextConfig, TextConfig
 from difflab.training.checkpoint import check_run_folder, latest_checkpoint, load_config, resume_checkpoint
 from difflab.training.hooks import add_hooks
-from difflab.training.init_from import finetune_config, initial_weights
+from difflab.training.init_from import finetune_config, initial_weights, refuse_source_settings
 from difflab.training.lock import run_lock
 from difflab.training.signals import load_training_data, training_signals  # noqa: F401  (also imported from here)
 from difflab.training.tasks import DenoiserTask
 from difflab.training.threads import oversubscription_warning
 from difflab.training.trainer import Trainer, TrainResult, read_log
-from difflab.unclip.config import UnclipConfig
+from difflab.unclip.link import prior_settings, unclip_model_data
 
 # Defaults that differ between low-dimensional points and images.
 DEFAULTS = {"points": {"batch_size": 256, "lr": 1e-3}, "images": {"batch_size": 128, "lr": 5e-4}}
@@ -94,22 +94,16 @@ def run_config(
     unless given), or the decoder, an image model conditioned on the embedding (`image_embed_dropout` of them nulled;
     `image_embed_hidden` N reads it through a SiLU layer of width N, `difflab.nets.image_embed`).
     Steps default to 5000 unless `minutes` is given."""
-    if init_from is not None and text_encoder is not None:
-        raise DifflabError("--init-from takes the text encoder of the run it starts from: drop --text-encoder")
-    if init_from is not None and attention_levels is not None:
-        raise DifflabError("--init-from takes the network of the run it starts from: drop --attention-levels")
-    formulation_flags = [f"--{k.replace('_', '-')}" for k, v in formulation_settings.items() if v not in (None, False)]
-    if init_from is not None and formulation_flags:
-        raise DifflabError(f"--init-from takes the formulation of the run it starts from: drop "
-                           f"{', '.join(formulation_flags)}")  # fmt: skip
+    if init_from is not None:
+        refuse_source_settings(text_encoder, attention_levels, formulation_settings)
     defaults = DEFAULTS[data.kind]
     latent, model_data = _latent(data, autoencoder, upsample_from, inpainting, init_from)
-    unclip_config, model_data = _unclip(model_data, clip, unclip, init_from)
+    unclip_config, model_data = unclip_model_data(model_data, clip, unclip, init_from)
     if unclip == "prior":
         if text_encoder is not None:
             raise DifflabError("the prior reads its CLIP's text tower: drop --text-encoder")
         text_encoder, backbone = f"clip:{unclip_config.clip}", backbone or "prior"
-        formulation_settings = _prior_settings(process, formulation_settings)
+        formulation_settings = prior_settings(process, formulation_settings)
     norm = float(model_data.data.flatten(1).pow(2).sum(1).mean().sqrt())
     info = DataInfo(model_data.sample_shape, norm, defaults["batch_size"])
     formulation_settings = _decoder_levels(process, formulation_settings, model_data.kind == "images" and not latent)
@@ -182,34 +176,6 @@ def _latent(data: Dataset, autoencoder: str | Path | None, upsample_from: int | 
         raise DifflabError(f"{', '.join(given)} with --autoencoder is not supported yet; train in pixel space")
     latent, model = latent_config_of(autoencoder)
     return latent, latent_dataset(data, latent, model)
-
-
-def _unclip(data: Dataset, clip: str | Path | None, role: str | None,
-            init_from: str | Path | None) -> tuple[UnclipConfig | None, Dataset]:  # fmt: skip
-    """The UnclipConfig of a prior or decoder reading `clip`, and the data the network learns (a prior: embeddings)."""
-    if (clip is None) != (role is None):
-        raise DifflabError("an unCLIP model needs both its role (prior or decoder) and --clip RUN")
-    if role is None:
-        return None, data
-    if data.kind != "images" or not data.captions:
-        raise DifflabError(f"unCLIP models train on captioned images; '{data.name}' has none (use --data shapes)")
-    if init_from is not None:
-        raise DifflabError("--init-from with an unCLIP model is not supported yet")
-    from difflab.unclip.link import embedding_dataset, unclip_config_of
-
-    config, model = unclip_config_of(clip, role)
-    return config, embedding_dataset(data, config, model) if role == "prior" else data
-
-
-# DALL-E 2's prior: a cosine schedule, predicting the clean embedding (where the formulation has these settings)
-PRIOR_DEFAULTS = {"schedule": "cosine", "prediction": "x0"}
-
-
-def _prior_settings(process: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """The formulation settings of a prior: PRIOR_DEFAULTS for those the process takes and the user left unset."""
-    fields = {f.name for f in dataclasses.fields(formulation_class(process).Config)}
-    return {k: v for k, v in PRIOR_DEFAULTS.items() if k in fields} | {
-        k: v for k, v in settings.items() if v is not None}  # fmt: skip
 
 
 def _decoder_levels(process: str, settings: dict[str, Any], pixels: bool) -> dict[str, Any]:

@@ -4,9 +4,11 @@ training targets), and the check that the CLIP a run names still holds the weigh
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +16,9 @@ from difflab.clip import Clip, load_clip
 from difflab.errors import DifflabError
 from difflab.text.base import FrozenTextEncoder, TextEncoding
 from difflab.unclip.config import UnclipConfig
+
+if TYPE_CHECKING:
+    from difflab.data import Dataset
 
 
 def clip_checkpoint(path: str | Path) -> tuple[Path, str]:
@@ -99,3 +104,32 @@ def unclip_training_data(unclip: UnclipConfig, data):
     if unclip.role == "prior":
         return embedding_dataset(data, unclip, clip), None
     return data, {"image_embed": image_embeddings(clip, data.data)}
+
+
+def unclip_model_data(data: Dataset, clip: str | Path | None, role: str | None,
+                      init_from: str | Path | None) -> tuple[UnclipConfig | None, Dataset]:  # fmt: skip
+    """A new run's UnclipConfig as a prior or decoder reading `clip` (None for other models), and the data its network
+    learns (a prior: the embeddings; a decoder: the images)."""
+    if (clip is None) != (role is None):
+        raise DifflabError("an unCLIP model needs both its role (prior or decoder) and --clip RUN")
+    if role is None:
+        return None, data
+    if data.kind != "images" or not data.captions:
+        raise DifflabError(f"unCLIP models train on captioned images; '{data.name}' has none (use --data shapes)")
+    if init_from is not None:
+        raise DifflabError("--init-from with an unCLIP model is not supported yet")
+    config, model = unclip_config_of(clip, role)
+    return config, embedding_dataset(data, config, model) if role == "prior" else data
+
+
+# DALL-E 2's prior: a cosine schedule, predicting the clean embedding (where the formulation has these settings)
+PRIOR_DEFAULTS = {"schedule": "cosine", "prediction": "x0"}
+
+
+def prior_settings(process: str, settings: dict) -> dict:
+    """The formulation settings of a prior: PRIOR_DEFAULTS for those the process takes and the user left unset."""
+    from difflab.formulations import formulation_class
+
+    fields = {f.name for f in dataclasses.fields(formulation_class(process).Config)}
+    return {k: v for k, v in PRIOR_DEFAULTS.items() if k in fields} | {
+        k: v for k, v in settings.items() if v is not None}  # fmt: skip
