@@ -294,10 +294,18 @@ def scene_objects(image: torch.Tensor) -> tuple[Counter, Counter]:
     return object_multisets(recover_scene(image))[:2]
 
 
-def variation_rows(pipe: UnclipPipeline, quick: bool, resolution: int = RESOLUTION, guidance: float = W) -> dict:
-    """VARIATIONS_PER_IMAGE variations of each of VARIATION_SOURCES held-out scenes: the share whose objects have the
-    source's colours and shapes (as multisets), and their diversity."""
-    sources = shapes(False, "test", 8 if quick else VARIATION_SOURCES, resolution).data
+# Scenes of the seen compositions that no model trained on (the training sets are seed 0's stream of the train split)
+UNSEEN_SEED = 7
+
+
+def variation_rows(pipe: UnclipPipeline, quick: bool, resolution: int = RESOLUTION, guidance: float = W,
+                   split: str = "test") -> dict:  # fmt: skip
+    """VARIATIONS_PER_IMAGE variations of each of VARIATION_SOURCES scenes: the share whose objects have the source's
+    colours and shapes (as multisets), and their diversity. Split "test": held-out compositions (every scene has a
+    colour-shape pair or relation no training scene has); "train": new scenes of the seen compositions."""
+    n = 8 if quick else VARIATION_SOURCES
+    seed = UNSEEN_SEED if split == "train" else 0
+    sources = difflab.load_dataset("shapes", resolution=resolution, split=split, size=n, seed=seed).data
     k, kept, colours, shapes_kept, feats = VARIATIONS_PER_IMAGE, 0, 0, 0, []
     for i, image in enumerate(sources):
         out = pipe.variations(image, k, seed=1000 * i, guidance=guidance, sampler=SAMPLER, steps=SAMPLE_STEPS)

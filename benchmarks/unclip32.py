@@ -63,6 +63,7 @@ W_GLIDE = (1.0, 2.0, 3.0)  # glide32's best: 2
 # unCLIP's settings: (the decoder's scale on embedding and caption, the prior's scale, the prior's best of N draws)
 UNCLIP = ((1.0, 2.0, 2), (2.0, 2.0, 2), (3.0, 2.0, 2), (1.0, 1.0, 1), (2.0, 1.0, 1), (3.0, 1.0, 1))
 VARIATION_W = 2.0
+SPLITS = ("test", "train")  # variations of held-out compositions, and of new scenes of the seen ones
 DIVERSITY_CAPTIONS, DIVERSITY_SAMPLES = 20, 8
 RESULTS = Path(__file__).parent / "results"
 
@@ -71,19 +72,21 @@ def shapes(split: str = "train", size: int = SCENES) -> difflab.data.Dataset:
     return difflab.load_dataset("shapes", resolution=RESOLUTION, split=split, size=size)
 
 
-def decoder_settings(work: Path, hidden: int | None = None, caption: bool = True) -> dict:
+def decoder_settings(work: Path, hidden: int | None = None, caption: bool = True, tokens: int | None = None) -> dict:
     text = {"caption_dropout": 0.5, "text_encoder": f"phrases-slots:clip:{work / 'clip'}"} if caption else {}
-    return {"unclip": "decoder", "clip": str(work / "clip"), "image_embed_hidden": hidden, **text, **RECIPE}
+    reading = {"image_embed_hidden": hidden, "image_tokens": tokens}
+    return {"unclip": "decoder", "clip": str(work / "clip"), **reading, **text, **RECIPE}
 
 
-def configs(work: Path, decoder_steps: int = 100, hidden: int | None = None, caption: bool = True) -> dict:
+def configs(work: Path, decoder_steps: int = 100, hidden: int | None = None, caption: bool = True,
+            tokens: int | None = None) -> dict:  # fmt: skip
     """name -> a function giving (RunConfig, data): glide32 (the curve's variant), the prior and the decoder."""
     data = shapes()
     return {
         "glide32": lambda: (curve.variant_config(GLIDE_WORK, GLIDE_VARIANT, data, 100, None), data),
         "decoder": lambda: (
             difflab.run_config(
-                data, steps=decoder_steps, checkpoint_every=1000, **decoder_settings(work, hidden, caption)
+                data, steps=decoder_steps, checkpoint_every=1000, **decoder_settings(work, hidden, caption, tokens)
             ),
             data,
         ),
@@ -142,12 +145,13 @@ def decoder_steps(work: Path) -> int:
     return round((glide_seconds(work) - PRIOR_STEPS * rates["prior"]) / rates["decoder"])
 
 
-def train(work: Path, hidden: int | None = None, caption: bool = True, decoder_budget: int | None = None) -> None:
+def train(work: Path, hidden: int | None = None, caption: bool = True, decoder_budget: int | None = None,
+          tokens: int | None = None) -> None:  # fmt: skip
     for name, steps in (("prior", PRIOR_STEPS), ("decoder", decoder_budget or decoder_steps(work))):
         if (work / name / "checkpoints").exists():
             print(f"{work / name} exists: skipped (delete it to train again)", flush=True)
             continue
-        config, data = configs(work, steps, hidden, caption)[name]()
+        config, data = configs(work, steps, hidden, caption, tokens)[name]()
         start = time.monotonic()
         outcome = train_run(config, work / name, data=data, progress=False)
         minutes = (time.monotonic() - start) / 60
@@ -236,7 +240,8 @@ def oracle(work: Path, out: Path, w: float = 2.0) -> None:
 
 
 def figure(work: Path, out: Path) -> None:
-    """Six seeds per caption from glide32 and unCLIP, and variations of four held-out scenes."""
+    """Six seeds per caption from glide32 and unCLIP, and variations of four held-out scenes and of four new scenes of
+    the seen compositions."""
     from difflab.viz.text import save_prompt_rows
 
     glide, unclip = pipelines(work)
@@ -247,10 +252,13 @@ def figure(work: Path, out: Path) -> None:
     labels = [f"{who}: {c}" for who in ("glide32", "unCLIP") for c in caps]
     save_prompt_rows(torch.cat(rows).clamp(-1, 1), labels, out.with_name(out.name + "_prompts.png"),
                      title="six seeds per caption: GLIDE-style (top four rows) and unCLIP (bottom four)")  # fmt: skip
+    seen = difflab.load_dataset("shapes", resolution=RESOLUTION, size=4, seed=unclip16.UNSEEN_SEED)
+    sources = torch.cat([test.data[:4], seen.data])
     var = [torch.cat([img[None], unclip.variations(img, 5, seed=0, guidance=VARIATION_W, sampler=SAMPLER,
-                                                   steps=SAMPLE_STEPS)]) for img in test.data[:4]]  # fmt: skip
-    save_prompt_rows(torch.cat(var).clamp(-1, 1), [f"source, then variations: {c}" for c in caps],
-                     out.with_name(out.name + "_variations.png"), title="unCLIP variations at 32x32")  # fmt: skip
+                                                   steps=SAMPLE_STEPS)]) for img in sources]  # fmt: skip
+    labels = [f"{kind}: {c}" for kind, group in (("held-out", caps), ("seen", seen.captions)) for c in group]
+    save_prompt_rows(torch.cat(var).clamp(-1, 1), labels, out.with_name(out.name + "_variations.png"),
+                     title="unCLIP variations at 32x32: source, then five")  # fmt: skip
 
 
 def main() -> None:
@@ -263,6 +271,7 @@ def main() -> None:
     p.add_argument("--image-embed-hidden", type=int, help="train: the decoder reads its embedding through a SiLU layer")
     p.add_argument("--no-caption", action="store_true", help="train: a decoder on the image embedding alone")
     p.add_argument("--decoder-steps", type=int, help="train: this many decoder steps, not glide32's time")
+    p.add_argument("--image-tokens", type=int, help="train: the context tokens the decoder projects z into (4)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
@@ -277,13 +286,14 @@ def main() -> None:
         elif phase == "timing":
             timing(work)
         elif phase == "train":
-            train(work, args.image_embed_hidden, not args.no_caption, args.decoder_steps)
+            train(work, args.image_embed_hidden, not args.no_caption, args.decoder_steps, args.image_tokens)
         elif phase == "eval":
             evaluate(work, out)
         elif phase == "oracle":
             oracle(work, out)
         elif phase == "variations":  # the decoder alone: variations only
-            row = unclip16.variation_rows(pipelines(work)[1], False, RESOLUTION, VARIATION_W)
+            pipe = pipelines(work)[1]
+            row = {split: unclip16.variation_rows(pipe, False, RESOLUTION, VARIATION_W, split) for split in SPLITS}
             print(row, flush=True)
             out.with_name(out.name + "_variations.json").write_text(json.dumps(row, indent=2))
         else:

@@ -74,6 +74,23 @@ def test_image_embedding_conditions_the_decoder_networks(model, hidden):
         net(x, c, {"image_embed": torch.zeros(2, 8)})
 
 
+@pytest.mark.parametrize("model", ["tiny", "dit-tiny"])
+def test_decoder_networks_read_the_embedding_times_its_scale(model):
+    from difflab.nets import build_network, model_config_for
+
+    torch.manual_seed(0)
+    scaled = build_network(model_config_for("images", (3, 8, 8), model, image_embed_dim=16, image_embed_scale=4.0))
+    plain = build_network(model_config_for("images", (3, 8, 8), model, image_embed_dim=16))
+    for p in scaled.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    plain.load_state_dict(scaled.state_dict())
+    x, c, z = torch.randn(2, 3, 8, 8), torch.rand(2), _unit(2, 16)
+    with torch.no_grad():
+        out = scaled(x, c, {"image_embed": z})
+        torch.testing.assert_close(out, plain(x, c, {"image_embed": 4.0 * z}))
+        assert not torch.allclose(out, plain(x, c, {"image_embed": z}))
+
+
 def test_prior_transformer_masks_padding_and_reads_the_null_caption():
     from difflab.nets.prior import DiffusionPrior, prior_preset
 
@@ -118,7 +135,7 @@ def unclip_runs(tmp_path_factory):
         mp.setattr(difflab.data, "load_dataset", lambda *a, **k: real(*a, **(k | {"size": TEXT_RUN_SCENES})))
         for role, flags in (("prior", ["--steps", PRIOR_STEPS, "--lr", "1e-3"]),
                             ("decoder", ["--steps", 8, "--batch-size", 8, "--text-encoder", "scratch",
-                                         "--image-embed-hidden", 48])):  # fmt: skip
+                                         "--image-embed-hidden", 48, "--image-tokens", 6])):  # fmt: skip
             code = difflab.cli.main.main([str(a) for a in [f"train-{role}", "--clip", root / "clip", "--out",
                                                            root / role, "--no-progress", *flags]])  # fmt: skip
             assert code == 0
@@ -134,6 +151,12 @@ def test_prior_and_decoder_configs_say_what_they_are(unclip_runs, capsys):
     assert [(s.name, s.dropout) for s in d.conditioning] == [("text_tokens", 0.5), ("image_embed", 0.1)]
     assert d.unclip.role == "decoder" and d.model.settings.image_embed_dim == 32 and d.unclip.clip == p.unclip.clip
     assert d.model.settings.image_embed_hidden == 48 and p.model.settings.__class__.__name__ == "PriorConfig"
+    reader = next(m for name, m in decoder.denoiser.named_modules() if name.endswith("image_embed"))
+    assert d.model.settings.image_tokens == 6 and reader.tokens == 6 and reader.scale == 32**0.5
+    assert d.model.settings.image_embed_scale == 32**0.5  # unit variance per coordinate, as the prior draws them
+    older = json.loads(d.to_json())
+    del older["model"]["settings"]["image_embed_scale"]  # decoders trained before the scale read z as it is
+    assert type(d).from_json(json.dumps(older)).model.settings.image_embed_scale == 1.0
     assert type(p).from_json(p.to_json()) == p and type(d).from_json(d.to_json()) == d
     code, out, _ = run_cli(capsys, "info", unclip_runs["prior"])
     assert code == 0 and f"the prior, reading the CLIP in {p.unclip.clip}" in out
@@ -345,6 +368,25 @@ def test_a_prior_and_a_decoder_resume_bit_for_bit(unclip_runs, tmp_path):
         assert_exact_resume(make, data, tmp_path / role, changed)
 
 
+def test_train_decoder_resumes_without_its_clip_and_refuses_another(unclip_runs, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import difflab.data
+
+    real = difflab.data.load_dataset
+    monkeypatch.setattr(difflab.data, "load_dataset", lambda *a, **k: real(*a, **(k | {"size": TEXT_RUN_SCENES})))
+    run = tmp_path / "decoder"
+    shutil.copytree(unclip_runs["decoder"], run)
+    code, out, err = run_cli(capsys, "train-decoder", "--out", run, "--resume", "latest", "--steps", 9, "--no-progress")
+    assert code == 0 and "trained 9 steps" in out, err  # the run remembers its CLIP
+    code, _, err = run_cli(capsys, "train-decoder", "--out", run, "--resume", "latest", "--clip", unclip_runs["prior"])
+    assert_one_line_error(code, err, "with the CLIP it was saved with", f"drop --clip {unclip_runs['prior']}")
+    code, _, err = run_cli(capsys, "train-decoder", "--out", tmp_path / "new", "--steps", 1)
+    assert_one_line_error(code, err, "give the CLIP the decoder reads: --clip RUN")
+
+
 def test_image_embed_hidden_is_refused_off_a_decoder(small_shapes):
-    with pytest.raises(DifflabError, match="--image-embed-hidden shapes how an unCLIP decoder reads its image"):
+    with pytest.raises(DifflabError, match="--image-embed-hidden: how an unCLIP decoder reads its image embedding"):
         difflab.run_config(small_shapes, text_encoder="scratch", image_embed_hidden=32)
+    with pytest.raises(DifflabError, match="--image-embed-hidden, --image-tokens: how an unCLIP decoder reads"):
+        difflab.run_config(small_shapes, text_encoder="scratch", image_embed_hidden=32, image_tokens=8)

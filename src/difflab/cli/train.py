@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
         "unless --resume: a run remembers its data)",
     )
     if unclip:
-        data.add_argument("--clip", required=True, metavar="RUN", help="the CLIP (difflab train-clip) whose "
-                          "embeddings the model reads; images default to its size")  # fmt: skip
+        data.add_argument("--clip", metavar="RUN", help="the CLIP (difflab train-clip) whose embeddings the model "
+                          "reads; images default to its size (required unless --resume)")  # fmt: skip
     data.add_argument("--out", required=True, help="run folder (config, checkpoints, log, loss curve)")
     data.add_argument("--resolution", type=int, help="image size (digits: 8..64, multiple of 8; folders: 32)")
     data.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 = grey, 3 = RGB")
@@ -84,6 +84,12 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
         net.add_argument("--image-embed-hidden", type=int, metavar="N",
                          help="read the image embedding through a SiLU layer of width N before its projections (the "
                          "paper's are linear; default; on the shapes 256 changed nothing, BENCHMARKS.md)")  # fmt: skip
+        net.add_argument(
+            "--image-tokens",
+            type=int,
+            metavar="N",
+            help="project the image embedding into N extra context tokens (default 4, the paper's)",
+        )
     net.add_argument("--upsample-from", type=int, metavar="R",
                      help="train the upsampler of a cascade: conditioned on the RxR area average of each image (R "
                      "divides --resolution, e.g. 16 for 32), for difflab txt2img --upsampler")  # fmt: skip
@@ -160,7 +166,8 @@ def config_from_args(args: argparse.Namespace, data):
         patch_size=args.patch_size, attention_levels=args.attention_levels, autoencoder=args.autoencoder,
         clip=getattr(args, "clip", None),
         unclip=getattr(args, "unclip", None), image_embed_dropout=getattr(args, "image_embed_dropout", 0.1),
-        image_embed_hidden=getattr(args, "image_embed_hidden", None), **settings,
+        image_embed_hidden=getattr(args, "image_embed_hidden", None), image_tokens=getattr(args, "image_tokens", None),
+        **settings,
     )  # fmt: skip
 
 
@@ -177,6 +184,8 @@ def train(args: argparse.Namespace):
                          progress=not args.no_progress, compile=compile)  # fmt: skip
     if args.data is None:
         raise DifflabError("give the data to train on: --data moons (a toy), digits or a folder of images")
+    if getattr(args, "unclip", None) and args.clip is None:
+        raise DifflabError(f"give the CLIP the {args.unclip} reads: --clip RUN (a run of difflab train-clip)")
     check_run_folder(args.out)  # before loading data
     if latest_checkpoint(args.out) is not None:
         raise DifflabError(f"'{args.out}' already holds a run; pass --resume latest to continue it, or a new --out")
@@ -229,6 +238,10 @@ def check_resume_flags(args: argparse.Namespace) -> None:
     config = _saved_config(args.out)
     if config is None:
         return  # train_run says there is no checkpoint
+    clip = getattr(args, "clip", None)
+    if clip is not None and (config.unclip is None or not _same_checkpoint(clip, config.unclip.clip)):
+        raise DifflabError(f"--resume latest continues '{args.out}' with the CLIP it was saved with "
+                           f"({config.unclip.clip if config.unclip else 'none'}): drop --clip {clip}")  # fmt: skip
     defaults = argparse.ArgumentParser(add_help=False)
     add_arguments(defaults)
     given = sorted(k for k in (*MODEL_FLAGS, *KEPT_FLAGS) if getattr(args, k) != defaults.get_default(k))

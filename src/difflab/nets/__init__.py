@@ -33,9 +33,9 @@ class Backbone:
 
 # Image settings a U-Net or DiT preset takes beyond the common ones: text (context_dim, pooled_dim), a cascade's low-res
 # input (low_res_channels), GLIDE's inpainting channels (inpaint_channels), patches (patch_size), unCLIP's image
-# embedding (image_embed_dim, image_embed_hidden). One list, for every preset.
+# embedding (image_embed_dim, image_embed_hidden, image_embed_scale, image_tokens). One list, for every preset.
 IMAGE_INPUTS = ("context_dim", "pooled_dim", "low_res_channels", "inpaint_channels", "patch_size", "image_embed_dim",
-                "image_embed_hidden")  # fmt: skip
+                "image_embed_hidden", "image_embed_scale", "image_tokens")  # fmt: skip
 
 
 def _unet(preset: str, sample_shape: tuple[int, ...], dropout: float, extra_outputs: int, num_classes: int | None,

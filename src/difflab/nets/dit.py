@@ -64,6 +64,7 @@ class DiTConfig:
     image_embed_dim: int | None = None  # E of image_embed (B, E): unCLIP's decoder conditioning when set
     image_tokens: int = 4  # the context tokens the image embedding is projected into (unCLIP: four)
     image_embed_hidden: int | None = None  # a SiLU layer of this width before the embedding's projections
+    image_embed_scale: float = 1.0  # the embedding is multiplied by this first (sqrt(E): unit variance per coordinate)
 
     @property
     def grid(self) -> int:
@@ -199,7 +200,7 @@ class DiT(nn.Module):
         self.context_norm = nn.LayerNorm(cfg.context_dim) if cfg.context_dim else None
         context_dim = attention_context_dim(cfg)
         self.image_embed = (ImageEmbedConditioning(cfg.image_embed_dim, dim, context_dim, cfg.image_tokens,
-                                                   cfg.image_embed_hidden)
+                                                   cfg.image_embed_hidden, cfg.image_embed_scale)
                             if cfg.image_embed_dim else None)  # fmt: skip
         extra = (cfg.low_res_channels or 0) + (cfg.inpaint_channels + 1 if cfg.inpaint_channels else 0)
         self.patch_embed = nn.Conv2d(cfg.in_channels + extra, dim, p, stride=p)

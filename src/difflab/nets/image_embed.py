@@ -17,9 +17,10 @@ from difflab.nets.embeddings import input_dtype
 class ImageEmbedConditioning(nn.Module):
     """z_i -> (a vector added to the block embedding (B, emb_dim), context tokens (B, tokens, context_dim))."""
 
-    def __init__(self, embed_dim: int, emb_dim: int, context_dim: int, tokens: int, hidden: int | None = None):
+    def __init__(self, embed_dim: int, emb_dim: int, context_dim: int, tokens: int, hidden: int | None = None,
+                 scale: float = 1.0):  # fmt: skip
         super().__init__()
-        self.embed_dim, self.tokens, self.context_dim = embed_dim, tokens, context_dim
+        self.embed_dim, self.tokens, self.context_dim, self.scale = embed_dim, tokens, context_dim, scale
         self.hidden = nn.Sequential(nn.Linear(embed_dim, hidden), nn.SiLU()) if hidden else nn.Identity()
         width = hidden or embed_dim
         self.to_emb = nn.Linear(width, emb_dim)
@@ -36,7 +37,7 @@ class ImageEmbedConditioning(nn.Module):
                 f"image_embed must be a float tensor of shape ({batch}, {self.embed_dim}), got {z.dtype} "
                 f"{tuple(z.shape)}; use the CLIP this decoder was trained with"
             )
-        z = self.hidden(z.to(dtype))
+        z = self.hidden(z.to(dtype) * self.scale)
         tokens = self.token_norm(self.to_tokens(z).reshape(batch, self.tokens, self.context_dim))
         return self.to_emb(z), tokens
 

@@ -57,6 +57,7 @@ class UNetConfig:
     image_embed_dim: int | None = None  # E of image_embed (B, E): unCLIP's decoder conditioning when set
     image_tokens: int = 4  # the context tokens the image embedding is projected into (unCLIP: four)
     image_embed_hidden: int | None = None  # a SiLU layer of this width before the embedding's projections
+    image_embed_scale: float = 1.0  # the embedding is multiplied by this first (sqrt(E): unit variance per coordinate)
 
 
 def unet_signals(cfg: UNetConfig) -> frozenset[str]:
@@ -137,7 +138,7 @@ class UNet(nn.Module):
         self.low_res_noise_embed = AugmentationEmbedding(cfg.channels, emb_dim) if cfg.low_res_channels else None
         context_dim = attention_context_dim(cfg)
         self.image_embed = (ImageEmbedConditioning(cfg.image_embed_dim, emb_dim, context_dim, cfg.image_tokens,
-                                                   cfg.image_embed_hidden)
+                                                   cfg.image_embed_hidden, cfg.image_embed_scale)
                             if cfg.image_embed_dim else None)  # fmt: skip
         self.accepts = unet_signals(cfg)
         extra = (cfg.low_res_channels or 0) + (cfg.inpaint_channels + 1 if cfg.inpaint_channels else 0)

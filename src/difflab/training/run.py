@@ -75,6 +75,7 @@ def run_config(
     unclip: str | None = None,
     image_embed_dropout: float = 0.1,
     image_embed_hidden: int | None = None,
+    image_tokens: int | None = None,
     **formulation_settings: Any,
 ) -> RunConfig:
     """The RunConfig of a new run on `data` (a loaded `difflab.data.Dataset`). `process` names the formulation
@@ -92,7 +93,8 @@ def run_config(
     with `clip` (a `difflab train-clip` folder) makes it one of unCLIP's models (`difflab.unclip`): the prior, a
     transformer over the CLIP's image embeddings conditioned on its text tower (ddpm: cosine schedule, x0-prediction
     unless given), or the decoder, an image model conditioned on the embedding (`image_embed_dropout` of them nulled;
-    `image_embed_hidden` N reads it through a SiLU layer of width N, `difflab.nets.image_embed`).
+    `image_embed_hidden` N reads it through a SiLU layer of width N, `image_tokens` the context tokens it is projected
+    into, default 4, `difflab.nets.image_embed`).
     Steps default to 5000 unless `minutes` is given."""
     if init_from is not None:
         refuse_source_settings(text_encoder, attention_levels, formulation_settings)
@@ -123,11 +125,12 @@ def run_config(
     width |= {} if upsampler is None else {"low_res_channels": channels}
     width |= {} if inpaint is None else {"inpaint_channels": channels}
     width |= {} if patch_size is None else {"patch_size": patch_size}
-    if image_embed_hidden is not None and unclip != "decoder":
-        raise DifflabError("--image-embed-hidden shapes how an unCLIP decoder reads its image embedding: use it with "
-                           "difflab train-decoder")  # fmt: skip
-    width |= {"image_embed_dim": unclip_config.embed_dim} if unclip == "decoder" else {}
-    width |= {"image_embed_hidden": image_embed_hidden} if image_embed_hidden is not None else {}
+    reading = {k: v for k, v in (("image_embed_hidden", image_embed_hidden), ("image_tokens", image_tokens)) if v}
+    if reading and unclip != "decoder":
+        flags = ", ".join("--" + k.replace("_", "-") for k in reading)
+        raise DifflabError(f"{flags}: how an unCLIP decoder reads its image embedding; use with difflab train-decoder")
+    if unclip == "decoder":  # the unit embedding read at unit variance per coordinate, as the prior draws it
+        width |= {"image_embed_dim": unclip_config.embed_dim, "image_embed_scale": unclip_config.embed_scale, **reading}
     extra_outputs = formulation_object.extra_outputs_for(model_data.sample_shape)
     model_config = model_config_for(model_data.kind, model_data.sample_shape, model, dropout, extra_outputs,
                                     num_classes, backbone, **width)  # fmt: skip
