@@ -12,6 +12,8 @@ rate, attention at the U-Net's two lowest levels, 2 x 2 patches), against that m
     python benchmarks/unclip32.py --threads 2 oracle   # the decoder on true embeddings (no prior): unclip32_oracle.json
     ... --work runs/unclip32-mlp --image-embed-hidden 256 train   # the decoder reading z through a SiLU layer
     ... --work runs/unclip32-embonly --no-caption --decoder-steps 2000 train variations   # on the embedding alone
+    ... --work runs/unclip32-scale --out benchmarks/results/unclip32_scale train eval oracle figure   # sqrt(E) z
+    ... --work runs/unclip32-scale-tok8 --image-tokens 8 train variations   # eight context tokens, not four
 
 The GLIDE-style model is `text_to_image_curve.py --variant phrases-slots-attn2-cosine-pm04-30min` (GLIDE_WORK): 6,241
 steps in 30 minutes of both cores, its caption read phrase by phrase by the text tower of a 16x16 CLIP. unCLIP gets
@@ -25,7 +27,8 @@ adherence by the exact evaluator, FD in its feature space, and diversity (the me
 DIVERSITY_SAMPLES samples of one caption in that space, over DIVERSITY_CAPTIONS captions), glide32 at each scale of
 W_GLIDE and unCLIP at each setting of UNCLIP (the decoder's scale on embedding and caption, the prior's scale and its
 best of N draws by the dot product with the text embedding).
-Variations: the share of decodes of a held-out scene's embedding whose objects have the source's colours and shapes.
+Variations: the share of decodes of a scene's embedding whose objects have the source's colours and shapes, for
+held-out scenes (eval, variations) and for new scenes of the seen compositions (variations).
 """
 
 from __future__ import annotations
