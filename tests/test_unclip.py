@@ -89,6 +89,8 @@ def test_decoder_networks_read_the_embedding_times_its_scale(model):
         out = scaled(x, c, {"image_embed": z})
         torch.testing.assert_close(out, plain(x, c, {"image_embed": 4.0 * z}))
         assert not torch.allclose(out, plain(x, c, {"image_embed": z}))
+    with pytest.raises(DifflabError, match=r"image_embed_scale must be a number in \(0, 4096\], got 'x'"):
+        build_network(model_config_for("images", (3, 8, 8), model, image_embed_dim=16, image_embed_scale="x"))
 
 
 def test_prior_transformer_masks_padding_and_reads_the_null_caption():
@@ -390,3 +392,9 @@ def test_image_embed_hidden_is_refused_off_a_decoder(small_shapes):
         difflab.run_config(small_shapes, text_encoder="scratch", image_embed_hidden=32)
     with pytest.raises(DifflabError, match="--image-embed-hidden, --image-tokens: how an unCLIP decoder reads"):
         difflab.run_config(small_shapes, text_encoder="scratch", image_embed_hidden=32, image_tokens=8)
+
+
+def test_zero_image_tokens_are_refused_not_replaced_by_the_default(unclip_runs):
+    data = difflab.load_dataset("shapes", resolution=16, size=64)
+    with pytest.raises(DifflabError, match="image_tokens is 0, outside difflab's limits 1..64"):
+        difflab.run_config(data, clip=unclip_runs["clip"], unclip="decoder", image_tokens=0)

@@ -88,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser, unclip: str | None = None) -> None
             "--image-tokens",
             type=int,
             metavar="N",
-            help="project the image embedding into N extra context tokens (default 4, the paper's)",
+            help="project the image embedding into N extra context tokens (default 4, the paper's; on the shapes 8 "
+            "kept more shapes in variations, not more of the captions, BENCHMARKS.md)",
         )
     net.add_argument("--upsample-from", type=int, metavar="R",
                      help="train the upsampler of a cascade: conditioned on the RxR area average of each image (R "

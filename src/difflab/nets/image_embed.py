@@ -2,7 +2,9 @@
 added to the noise-level embedding, and projected into `tokens` extra context tokens (four in the paper) that join the
 text sequence the attention layers read (GLIDE's). The null image embedding is zeros (`difflab.conditioning`).
 The paper's projections are linear; `hidden` puts one SiLU layer of that width before both (tried on the shapes at 32x32
-to help a small decoder take two objects apart from one pooled vector: no gain, BENCHMARKS.md)."""
+to help a small decoder take two objects apart from one pooled vector: no gain, BENCHMARKS.md). `scale` multiplies z
+first: sqrt(E) gives its coordinates about unit variance, as the prior draws them, where the unit vector's are about
+1/sqrt(E) (on the shapes: full captions 44 -> 54.5 %, variations 42 -> 50 %)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ class ImageEmbedConditioning(nn.Module):
     def __init__(self, embed_dim: int, emb_dim: int, context_dim: int, tokens: int, hidden: int | None = None,
                  scale: float = 1.0):  # fmt: skip
         super().__init__()
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 4096:
+            raise DifflabError(f"image_embed_scale must be a number in (0, 4096], got {scale!r}")
         self.embed_dim, self.tokens, self.context_dim, self.scale = embed_dim, tokens, context_dim, scale
         self.hidden = nn.Sequential(nn.Linear(embed_dim, hidden), nn.SiLU()) if hidden else nn.Identity()
         width = hidden or embed_dim

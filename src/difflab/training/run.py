@@ -125,7 +125,8 @@ def run_config(
     width |= {} if upsampler is None else {"low_res_channels": channels}
     width |= {} if inpaint is None else {"inpaint_channels": channels}
     width |= {} if patch_size is None else {"patch_size": patch_size}
-    reading = {k: v for k, v in (("image_embed_hidden", image_embed_hidden), ("image_tokens", image_tokens)) if v}
+    reading = {k: v for k, v in (("image_embed_hidden", image_embed_hidden), ("image_tokens", image_tokens))
+               if v is not None}  # fmt: skip
     if reading and unclip != "decoder":
         flags = ", ".join("--" + k.replace("_", "-") for k in reading)
         raise DifflabError(f"{flags}: how an unCLIP decoder reads its image embedding; use with difflab train-decoder")
