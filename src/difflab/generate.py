@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.conditioning import as_cond, cond_batch_size, slice_cond
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, flag
 from difflab.kernels import GAUSSIAN, Kernel
 from difflab.sampling import PerSampleNoise, sampler_for_kernel
 from difflab.types import Denoiser, StepCallback
@@ -31,7 +31,7 @@ def check_sampling_request(
         limit = SAMPLING_LIMITS[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit):
             hint = "; for more, run again with --seed S + N" if name == "n" else ""
-            raise DifflabError(f"--{name.replace('_', '-')} must be an integer in 1..{limit}, got {value!r}{hint}")
+            raise DifflabError(f"{flag(name)} must be an integer in 1..{limit}, got {value!r}{hint}")
     if seed is not None:
         check_seeds(seed, n)
 

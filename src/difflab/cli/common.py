@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, flag
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,12 +75,11 @@ def add_sampler_arguments(
         group.add_argument("--cache-interval", type=int, metavar="K", help="DeepCache (U-Nets): a full network "
                            "evaluation every K calls, only the shallow path in between")  # fmt: skip
     for option in all_sampler_options().values():
-        flag = "--" + option.name.replace("_", "-")
         if option.type is bool:
-            group.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction, default=None,
+            group.add_argument(option.flag, dest=option.name, action=argparse.BooleanOptionalAction, default=None,
                                help=option.help)  # fmt: skip
         else:
-            group.add_argument(flag, dest=option.name, type=option.type, help=option.help)
+            group.add_argument(option.flag, dest=option.name, type=option.type, help=option.help)
 
 
 def apply_model_defaults(args: argparse.Namespace, pipe) -> None:
@@ -108,7 +107,7 @@ def sampler_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
     given = {k: getattr(args, k) for k in all_sampler_options() if getattr(args, k, None) is not None}
     foreign = sorted(set(given) - set(spec.options))
     if foreign:
-        flags = ", ".join("--" + f.replace("_", "-") for f in foreign)
+        flags = ", ".join(flag(f) for f in foreign)
         raise DifflabError(f"sampler '{name}' does not take {flags}; see `difflab samplers`")
     return given
 

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 from difflab.cli.common import add_runtime_arguments, setup_runtime
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, flag
 
 GRACEFUL_SHUTDOWN_S = 10  # Ctrl-C: open requests and event streams get this long, then are closed
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(args.max_n, args.max_steps, args.max_work, args.max_queue, args.max_batch)
     for name, value in vars(limits).items():
         if value < 1:
-            raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise DifflabError(f"{flag(name)} must be at least 1, got {value}")
     sock = bind(args.host, args.port)  # before the models load: a busy port is said at once
     logging.basicConfig(format="difflab serve: %(message)s", level=logging.INFO)  # (models skipped, failed jobs)
     device = setup_runtime(args)

@@ -282,8 +282,10 @@ def _differs(dest: str, given, saved) -> str | None:
     hf = dest == "text_encoder" and str(given).startswith("hf:") and str(saved).startswith("hf:")
     if hf and Path(given[3:]).resolve() == Path(saved[3:]).resolve():  # the folder as given, or as recorded
         return None
-    flag = "--" + dest.replace("_", "-")
-    shown = flag if isinstance(given, bool) else f"{flag} {given}"
+    from difflab.errors import flag
+
+    name = flag(dest)
+    shown = name if isinstance(given, bool) else f"{name} {given}"
     was = ("on" if saved else "off") if isinstance(saved, bool) else "none" if saved is None else saved
     return f"{shown} (the run has {was})"
 

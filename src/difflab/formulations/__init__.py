@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, flag
 from difflab.formulations.base import DataInfo, Formulation
 from difflab.formulations.consistency import CDConfig, ConsistencyDistillation, ConsistencyTraining, CTConfig
 from difflab.formulations.ddpm import DDPM, DDPMConfig
@@ -47,7 +47,7 @@ def make_config(name: str, data: DataInfo | None = None, **settings: Any) -> Any
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     foreign = sorted(k for k, v in settings.items() if v is not None and k not in fields)
     if foreign:
-        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        flags = ", ".join(flag(k) for k in foreign)
         raise DifflabError(f"process '{name}' does not take {flags}")
     return cls.make_config(data, **settings)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, flag
 from difflab.sampling.common import NoiseFn, check_grid, noise_or_default, reverse_sde_step
 from difflab.sigmas import append_dims, score_from_denoised
 from difflab.types import Denoiser, StepCallback, StepInfo
@@ -22,7 +22,7 @@ NORM_SCOPES = ("sigma", "sample", "batch")
 
 def _check_count(name: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DifflabError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        raise DifflabError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
 
 
 def langevin_corrector_step(

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from difflab.errors import flag
+
 # Keyword parameters of a sampler that are not user options: what `generate` passes itself (cond, noise,
 # callback) and rk45's `info`, a dict it fills with its evaluation count.
 NOT_OPTIONS = frozenset({"cond", "noise", "callback", "info"})
@@ -63,7 +65,7 @@ class SamplerOption:
     @property
     def flag(self) -> str:
         """The command-line spelling: --s-churn for s_churn."""
-        return "--" + self.name.replace("_", "-")
+        return flag(self.name)
 
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}

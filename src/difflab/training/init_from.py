@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from difflab.config import RunConfig
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, flag
 
 TEXT_SIGNALS = ("text", "text_tokens")  # the caption signal of a frozen and of a scratch text encoder
 
@@ -31,7 +31,7 @@ def refuse_source_settings(text_encoder: str | None, attention_levels: int | Non
         raise DifflabError("--init-from takes the text encoder of the run it starts from: drop --text-encoder")
     if attention_levels is not None:
         raise DifflabError("--init-from takes the network of the run it starts from: drop --attention-levels")
-    given = [f"--{k.replace('_', '-')}" for k, v in formulation.items() if v not in (None, False)]
+    given = [flag(k) for k, v in formulation.items() if v not in (None, False)]
     if given:
         raise DifflabError(f"--init-from takes the formulation of the run it starts from: drop {', '.join(given)}")
 

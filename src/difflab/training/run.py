@@ -17,7 +17,7 @@ from difflab import distributed
 from difflab.cascade import UpsamplerConfig, check_upsample_from
 from difflab.config import DataConfig, RunConfig, SignalConfig, TrainConfig
 from difflab.data import Dataset
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, flag
 from difflab.formulations import DataInfo, formulation_class, make_config, make_formulation
 from difflab.inpaint_model import InpaintingConfig
 from difflab.latent import LatentConfig, latent_config_of, latent_dataset, training_autoencoder
@@ -128,7 +128,7 @@ def run_config(
     reading = {k: v for k, v in (("image_embed_hidden", image_embed_hidden), ("image_tokens", image_tokens))
                if v is not None}  # fmt: skip
     if reading and unclip != "decoder":
-        flags = ", ".join("--" + k.replace("_", "-") for k in reading)
+        flags = ", ".join(flag(k) for k in reading)
         raise DifflabError(f"{flags}: how an unCLIP decoder reads its image embedding; use with difflab train-decoder")
     if unclip == "decoder":  # the unit embedding read at unit variance per coordinate, as the prior draws it
         width |= {"image_embed_dim": unclip_config.embed_dim, "image_embed_scale": unclip_config.embed_scale, **reading}
