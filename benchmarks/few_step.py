@@ -4,6 +4,7 @@ training against the best solver at the same NFE, with their extra training cost
     python benchmarks/few_step.py --out runs/few_step                # ~1.5-2 h on one busy CPU core
     python benchmarks/few_step.py --out runs/few_step --steps 500    # a smoke test (poor figures)
     python benchmarks/few_step.py --out runs/few_step --phase pd-edm --round-steps 1000  # PD of the EDM teacher
+    ... --phase pd-edm --round-steps 1000 --pd-lr-schedule constant     # PD as it was before the linear decay
     python benchmarks/few_step.py --out runs/few_step --phase tuned-solvers  # solvers on grids tuned on the teacher
 
 Teachers at the demo's budget (tiny U-Net, 8x8 digits, `--steps`, default 4000): a DDPM with v-prediction (progressive
@@ -114,14 +115,15 @@ def tuned_solvers(edm: Path, n: int, seed_sets: int, tune_n: int = 128, tune_see
     (RESULTS / "few_step_tuned_solvers.json").write_text(json.dumps({"rows": rows}, indent=2, default=float))
 
 
-def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_sets: int) -> None:
+def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_sets: int, lr_schedule: str) -> None:
     """Progressive distillation of the EDM teacher (the consistency models' teacher, so that the two methods are
-    compared on one model): 6 rounds from 64 trailing DDIM steps, each student scored over the seed sets, paired
-    with the teacher's Euler 50 on the same seeds (the students start from the teacher's noise):
-    benchmarks/results/few_step_pd_edm.json."""
+    compared on one model): 6 rounds from 64 trailing DDIM steps at the learning-rate schedule `lr_schedule` in each
+    round, each student scored over the seed sets, paired with the teacher's Euler 50 on the same seeds (the students
+    start from the teacher's noise): benchmarks/results/few_step_pd_edm_{lr_schedule}.json."""
     runs = [out / f"steps_{PD_TEACHER_STEPS >> r}" for r in range(1, PD_ROUNDS + 1)]
     if latest_checkpoint(runs[-1]) is None:
-        distill(edm, out, rounds=PD_ROUNDS, teacher_steps=PD_TEACHER_STEPS, steps=round_steps, progress=False)
+        distill(edm, out, rounds=PD_ROUNDS, teacher_steps=PD_TEACHER_STEPS, steps=round_steps, lr_schedule=lr_schedule,
+                progress=False)  # fmt: skip
     teacher = score(difflab.load(edm), n, seed_sets, sampler="euler", steps=50)
     rows = {"euler 50 (EDM teacher)": teacher}
     for run in runs:
@@ -130,7 +132,8 @@ def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_se
         rows[run.name] = r | {"paired_diff": float(diff.mean()), "paired_diff_se": float(sem(diff))}
         print(f"{run.name}: FD {r['fd']:.2f} +- {r['fd_se']:.2f}, paired {diff.mean():+.2f}", flush=True)
     cost = sum(training_seconds(run) for run in runs) / training_seconds(edm)
-    (RESULTS / "few_step_pd_edm.json").write_text(json.dumps({"rows": rows, "cost": cost}, indent=2))
+    result = {"lr_schedule": lr_schedule, "round_steps": round_steps, "rows": rows, "cost": cost}
+    (RESULTS / f"few_step_pd_edm_{lr_schedule}.json").write_text(json.dumps(result, indent=2))
 
 
 def main() -> int:
@@ -143,6 +146,7 @@ def main() -> int:
     p.add_argument("--seed-sets", type=int, default=8, help="FD averaged over this many disjoint seed sets")
     p.add_argument("--tuned-levels", help="benchmarks/consistency_sigmas.py's JSON: also score CD and CT at its levels")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pd-lr-schedule", default="linear", help="pd-edm: each round's learning-rate schedule")
     p.add_argument("--phase", choices=("all", "progressive", "consistency", "eval", "pd-edm", "tuned-solvers"),
                    default="all",
                    help="run the progressive chain (DDPM teacher, students) or the consistency chain (EDM teacher, CD, "
@@ -156,7 +160,8 @@ def main() -> int:
         tuned_solvers(train_once(edm, process="edm", steps=args.steps), args.n, args.seed_sets)
         return 0
     if args.phase == "pd-edm":  # after the consistency phase (the EDM teacher)
-        progressive_from_edm(edm, out / "pd_edm", args.round_steps, args.n, args.seed_sets)
+        folder = out / f"pd_edm_{args.pd_lr_schedule}"
+        progressive_from_edm(edm, folder, args.round_steps, args.n, args.seed_sets, args.pd_lr_schedule)
         return 0
     if args.phase in ("all", "progressive"):
         train_once(ddpm, prediction="v", steps=args.steps)

@@ -289,9 +289,9 @@ def object_multisets(objects) -> tuple[Counter, Counter, Counter]:
             Counter((o.colour, o.shape) for o in objects))  # fmt: skip
 
 
-def scene_objects(image: torch.Tensor) -> tuple[Counter, Counter]:
-    """The colours and the shapes (multisets) of the objects the exact evaluator finds in an image."""
-    return object_multisets(recover_scene(image))[:2]
+def scene_objects(image: torch.Tensor) -> tuple[Counter, Counter, Counter]:
+    """The colours, the shapes and the colour-shape pairs (multisets) of the objects the exact evaluator finds."""
+    return object_multisets(recover_scene(image))
 
 
 # Scenes of the seen compositions that no model trained on (the training sets are seed 0's stream of the train split)
@@ -301,23 +301,24 @@ UNSEEN_SEED = 7
 def variation_rows(pipe: UnclipPipeline, quick: bool, resolution: int = RESOLUTION, guidance: float = W,
                    split: str = "test") -> dict:  # fmt: skip
     """VARIATIONS_PER_IMAGE variations of each of VARIATION_SOURCES scenes: the share whose objects have the source's
-    colours and shapes (as multisets), and their diversity. Split "test": held-out compositions (every scene has a
-    colour-shape pair or relation no training scene has); "train": new scenes of the seen compositions."""
+    colours and shapes (as multisets, the issue's measure), the share with its colour-shape pairs (bound: a red
+    square and a blue disc is not a blue square and a red disc), and their diversity. Split "test": held-out
+    compositions (every scene has a colour-shape pair or relation no training scene has); "train": new scenes of the
+    seen compositions."""
     n = 8 if quick else VARIATION_SOURCES
     seed = UNSEEN_SEED if split == "train" else 0
     sources = difflab.load_dataset("shapes", resolution=resolution, split=split, size=n, seed=seed).data
-    k, kept, colours, shapes_kept, feats = VARIATIONS_PER_IMAGE, 0, 0, 0, []
+    k, feats, counts = VARIATIONS_PER_IMAGE, [], Counter()
     for i, image in enumerate(sources):
         out = pipe.variations(image, k, seed=1000 * i, guidance=guidance, sampler=SAMPLER, steps=SAMPLE_STEPS)
-        want_c, want_s = scene_objects(image)
+        want_c, want_s, want_pairs = scene_objects(image)
         for v in out:
-            got_c, got_s = scene_objects(v)
-            colours += got_c == want_c
-            shapes_kept += got_s == want_s
-            kept += (got_c == want_c) and (got_s == want_s)
+            got_c, got_s, got_pairs = scene_objects(v)
+            counts.update({"colours": got_c == want_c, "shapes": got_s == want_s, "bound": got_pairs == want_pairs,
+                           "colours_and_shapes": got_c == want_c and got_s == want_s})  # fmt: skip
         feats.append(ShapesFeatures().features(out.clamp(-1, 1)))
     n = len(sources) * k
-    return {"n": n, "colours_and_shapes": kept / n, "colours": colours / n, "shapes": shapes_kept / n,
+    return {"n": n, **{key: counts[key] / n for key in ("colours_and_shapes", "colours", "shapes", "bound")},
             "diversity": diversity(torch.cat(feats), len(sources))}  # fmt: skip
 
 

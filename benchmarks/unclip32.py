@@ -14,6 +14,8 @@ rate, attention at the U-Net's two lowest levels, 2 x 2 patches), against that m
     ... --work runs/unclip32-embonly --no-caption --decoder-steps 2000 train variations   # on the embedding alone
     ... --work runs/unclip32-scale --out benchmarks/results/unclip32_scale train eval oracle figure   # sqrt(E) z
     ... --work runs/unclip32-scale-tok8 --image-tokens 8 train variations   # eight context tokens, not four
+    ... --work runs/unclip32-neg --hard-negatives clip   # a NegCLIP (colour, shape and relation swaps as negatives)
+    ... --variation-w 3 variations    # variations at another scale on the embedding: unclip32_variations_w3.json
 
 The GLIDE-style model is `text_to_image_curve.py --variant phrases-slots-attn2-cosine-pm04-30min` (GLIDE_WORK): 6,241
 steps in 30 minutes of both cores, its caption read phrase by phrase by the text tower of a 16x16 CLIP. unCLIP gets
@@ -100,12 +102,13 @@ def configs(work: Path, decoder_steps: int = 100, hidden: int | None = None, cap
     }
 
 
-def train_clip(work: Path, threads: int) -> None:
-    from difflab.cli import main as cli
+def train_clip(work: Path, threads: int, hard_negatives: bool = False) -> None:
+    from difflab.cli.main import main as cli
 
     shutil.rmtree(work / "clip", ignore_errors=True)
     cli(["train-clip", "--data", "shapes", "--resolution", str(RESOLUTION), "--out", str(work / "clip"),
-         "--steps", str(CLIP_STEPS), "--threads", str(threads), "--no-progress"])  # fmt: skip
+         "--steps", str(CLIP_STEPS), "--threads", str(threads), "--no-progress"]
+        + (["--hard-negatives"] if hard_negatives else []))  # fmt: skip
 
 
 def probe(work: Path, out: Path, queries: int = 500, pool: int = 5000) -> None:
@@ -219,7 +222,8 @@ def report(results: dict) -> str:
                      f" | {row['fd']['all']:.3f} | {row['diversity']:.3f} |")  # fmt: skip
     v, i = results["variations"], results["interpolation"]
     lines += ["", f"Variations ({v['n']}): colours and shapes kept {100 * v['colours_and_shapes']:.1f}% (colours "
-              f"{100 * v['colours']:.1f}%, shapes {100 * v['shapes']:.1f}%); diversity {v['diversity']:.3f}", "",
+              f"{100 * v['colours']:.1f}%, shapes {100 * v['shapes']:.1f}%; pairs {100 * v['bound']:.1f}%); "
+              f"diversity {v['diversity']:.3f}", "",
               f"Interpolation ({i['pairs']} pairs, {i['frames']} frames): endpoint mean absolute error "
               f"{i['endpoint_mae']:.4f}; largest step {i['largest_step_share']:.2f} of the path "
               f"(even: {i['even']:.2f})"]  # fmt: skip
@@ -275,13 +279,15 @@ def main() -> None:
     p.add_argument("--no-caption", action="store_true", help="train: a decoder on the image embedding alone")
     p.add_argument("--decoder-steps", type=int, help="train: this many decoder steps, not glide32's time")
     p.add_argument("--image-tokens", type=int, help="train: the context tokens the decoder projects z into (4)")
+    p.add_argument("--hard-negatives", action="store_true", help="clip: NegCLIP (word-swapped captions as negatives)")
+    p.add_argument("--variation-w", type=float, default=VARIATION_W, help="variations: the scale on the embedding")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     for phase in args.phases:
         if phase == "clip":
-            train_clip(work, args.threads)
+            train_clip(work, args.threads, args.hard_negatives)
         elif phase == "probe":
             probe(work, out)
         elif phase == "retrieval":
@@ -296,9 +302,11 @@ def main() -> None:
             oracle(work, out)
         elif phase == "variations":  # the decoder alone: variations only
             pipe = pipelines(work)[1]
-            row = {split: unclip16.variation_rows(pipe, False, RESOLUTION, VARIATION_W, split) for split in SPLITS}
+            w = args.variation_w
+            row = {split: unclip16.variation_rows(pipe, False, RESOLUTION, w, split) for split in SPLITS}
             print(row, flush=True)
-            out.with_name(out.name + "_variations.json").write_text(json.dumps(row, indent=2))
+            suffix = "" if w == VARIATION_W else f"_w{w:g}"
+            out.with_name(out.name + f"_variations{suffix}.json").write_text(json.dumps({"w": w, **row}, indent=2))
         else:
             figure(work, out)
 

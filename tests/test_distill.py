@@ -17,6 +17,7 @@ from difflab.eval.toy_metrics import sliced_wasserstein
 from difflab.formulations import EDMConfig, make_formulation
 from difflab.oracles import GaussianDenoiser
 from difflab.training.checkpoint import latest_checkpoint
+from difflab.training.trainer import read_log
 
 MOONS = difflab.load_dataset("moons")
 
@@ -61,6 +62,9 @@ def test_progressive_distillation_halves_the_steps_and_beats_the_teacher_there(m
     ckpt, _, digest = teacher_checkpoint(four)  # the second round's teacher is the first round's student
     assert config["distill"] == {"method": "progressive", "teacher": str(ckpt), "teacher_hash": digest, "steps": 2,
                                  "sampler": "ddim", "grid": "trailing"}  # fmt: skip
+    # each round anneals its learning rate linearly to 0 without warm-up, as the paper's configurations do
+    assert (config["train"]["lr_schedule"], config["train"]["warmup_steps"]) == ("linear", 0)
+    assert read_log(student)[-1]["lr"] < 0.02 * config["train"]["lr"]
     teacher = quality(difflab.load(moons_ddpm_run), sampler="ddim", steps=2, grid="trailing")
     assert main(["info", str(student)]) == 0
     assert "progressive distillation of" in capsys.readouterr().out
@@ -115,6 +119,8 @@ def test_teachers_and_settings_that_cannot_work_are_refused(edm_teacher, moons_d
         distill(edm_teacher, tmp_path / "c", levels=10, steps=2, progress=False)
     with pytest.raises(DifflabError, match="--rounds and --teacher-steps are settings of --method progressive"):
         distill(edm_teacher, tmp_path / "e", method="consistency", rounds=2, steps=2, progress=False)
+    with pytest.raises(DifflabError, match="unknown --lr-schedule 'steep'"):
+        distill(edm_teacher, tmp_path / "f", rounds=1, teacher_steps=4, lr_schedule="steep", steps=2, progress=False)
     with pytest.raises(DifflabError, match="a cd model is distilled from a teacher"):
         difflab.train(difflab.run_config(MOONS, process="cd", steps=2), tmp_path / "d", progress=False)
 

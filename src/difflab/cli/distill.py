@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=1000, help="training steps (per round for progressive)")
     p.add_argument("--batch-size", type=int, help="default: the teacher's")
     p.add_argument("--lr", type=float, help="default: the teacher's")
+    p.add_argument("--lr-schedule", help="constant, cosine or linear (progressive: default linear decay to 0 in each "
+                   "round, no warm-up; consistency: the teacher's)")  # fmt: skip
     prog = p.add_argument_group("progressive distillation")
     prog.add_argument("--rounds", type=int, default=1, help="halvings of the step count (e.g. 8: 256 -> 1)")
     prog.add_argument(
@@ -36,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = setup_runtime(args)
     students = distill(args.teacher, args.out, method=args.method, rounds=args.rounds, teacher_steps=args.teacher_steps,
-                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, levels=args.levels,
-                       target_ema=args.target_ema, distance=args.distance, device=device,
+                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+                       levels=args.levels, target_ema=args.target_ema, distance=args.distance, device=device,
                        progress=not args.no_progress)  # fmt: skip
     for path in students:
         print(f"student: {path}")

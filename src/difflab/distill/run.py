@@ -53,6 +53,7 @@ def distill(
     steps: int = 1000,
     batch_size: int | None = None,
     lr: float | None = None,
+    lr_schedule: str | None = None,
     levels: int | None = None,
     target_ema: float | None = None,
     distance: str | None = None,
@@ -63,12 +64,14 @@ def distill(
 
     progressive: `rounds` rounds of `steps` training steps each; round r's student samples with ddim in
     teacher_steps / 2^r steps on the trailing grid, in OUT/steps_N (teacher_steps: the teacher's own count if it is a
-    student itself, else 256). consistency: one run of `steps` steps in OUT, a `cd` model with N = `levels` Karras
-    levels and target EMA `target_ema` (an EDM teacher only)."""
+    student itself, else 256), each round without warm-up and with its learning rate falling linearly to 0 unless
+    `lr_schedule` says otherwise (the paper's configurations anneal it within each halving). consistency: one run of
+    `steps` steps in OUT, a `cd` model with N = `levels` Karras levels and target EMA `target_ema` (an EDM teacher
+    only; the teacher's learning-rate schedule unless `lr_schedule`)."""
     from difflab.training.run import train_run
 
     ckpt, config, digest = teacher_checkpoint(teacher)
-    train = {"steps": steps, "batch_size": batch_size, "lr": lr}
+    train = {"steps": steps, "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule}
     if method == "consistency":
         if rounds != 1 or teacher_steps is not None:
             raise DifflabError("--rounds and --teacher-steps are settings of --method progressive")
@@ -80,6 +83,7 @@ def distill(
     if any(v is not None for v in (levels, target_ema, distance)):
         raise DifflabError("--levels, --target-ema and --distance are settings of --method consistency")
     students, n = [], check_rounds(config, rounds, teacher_steps)
+    train |= {"lr_schedule": lr_schedule or "linear", "warmup_steps": 0}
     for _ in range(rounds):
         n //= 2
         student = student_config(config, ckpt, digest, {"method": method, "steps": n, "sampler": "ddim"}, **train)
