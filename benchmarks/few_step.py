@@ -5,6 +5,7 @@ training against the best solver at the same NFE, with their extra training cost
     python benchmarks/few_step.py --out runs/few_step --steps 500    # a smoke test (poor figures)
     python benchmarks/few_step.py --out runs/few_step --phase pd-edm --round-steps 1000  # PD of the EDM teacher
     ... --phase pd-edm --round-steps 1000 --pd-lr-schedule constant     # PD as it was before the linear decay
+    ... --phase pd-late --round-steps 2500     # then 8 -> 4 -> 2 steps again from pd-edm's 8-step student, longer
     python benchmarks/few_step.py --out runs/few_step --phase tuned-solvers  # solvers on grids tuned on the teacher
 
 Teachers at the demo's budget (tiny U-Net, 8x8 digits, `--steps`, default 4000): a DDPM with v-prediction (progressive
@@ -136,6 +137,23 @@ def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_se
     (RESULTS / f"few_step_pd_edm_{lr_schedule}.json").write_text(json.dumps(result, indent=2))
 
 
+def longer_last_rounds(out: Path, rounds: int, steps: int, n: int, seed_sets: int) -> None:
+    """Progressive distillation's last `rounds` rounds again, `steps` each, from the 8-step student of `pd-edm` (the
+    linear schedule): OUT/pd_edm_linear_long/steps_N, scored over the same seed sets, paired with the teacher's Euler
+    50 of few_step_pd_edm_linear.json: benchmarks/results/few_step_pd_edm_linear_long.json."""
+    runs = distill(out / "pd_edm_linear" / "steps_8", out / "pd_edm_linear_long", rounds=rounds, steps=steps,
+                   progress=False)  # fmt: skip
+    teacher = json.loads((RESULTS / "few_step_pd_edm_linear.json").read_text())["rows"]["euler 50 (EDM teacher)"]
+    rows = {}
+    for run in runs:
+        r = score(difflab.load(run), n, seed_sets)
+        diff = np.subtract(r["fds"], teacher["fds"])
+        rows[run.name] = r | {"paired_diff": float(diff.mean()), "paired_diff_se": float(sem(diff))}
+        print(f"{run.name}: FD {r['fd']:.2f} +- {r['fd_se']:.2f}, paired {diff.mean():+.2f}", flush=True)
+    result = {"from": "pd_edm_linear/steps_8", "round_steps": steps, "rows": rows}
+    (RESULTS / "few_step_pd_edm_linear_long.json").write_text(json.dumps(result, indent=2))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/few_step")
@@ -147,7 +165,9 @@ def main() -> int:
     p.add_argument("--tuned-levels", help="benchmarks/consistency_sigmas.py's JSON: also score CD and CT at its levels")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pd-lr-schedule", default="linear", help="pd-edm: each round's learning-rate schedule")
-    p.add_argument("--phase", choices=("all", "progressive", "consistency", "eval", "pd-edm", "tuned-solvers"),
+    p.add_argument("--late-rounds", type=int, default=2, help="pd-late: rounds again from the 8-step student")
+    phases = ("all", "progressive", "consistency", "eval", "pd-edm", "pd-late", "tuned-solvers")
+    p.add_argument("--phase", choices=phases,
                    default="all",
                    help="run the progressive chain (DDPM teacher, students) or the consistency chain (EDM teacher, CD, "
                    "CT) alone, e.g. in two processes, then eval")  # fmt: skip
@@ -158,6 +178,9 @@ def main() -> int:
     pd_runs = [pd_dir / f"steps_{PD_TEACHER_STEPS >> r}" for r in range(1, PD_ROUNDS + 1)]
     if args.phase == "tuned-solvers":  # the EDM teacher (trained here if missing), solvers on tuned grids
         tuned_solvers(train_once(edm, process="edm", steps=args.steps), args.n, args.seed_sets)
+        return 0
+    if args.phase == "pd-late":  # after pd-edm (linear): its last rounds again, --round-steps each
+        longer_last_rounds(out, args.late_rounds, args.round_steps, args.n, args.seed_sets)
         return 0
     if args.phase == "pd-edm":  # after the consistency phase (the EDM teacher)
         folder = out / f"pd_edm_{args.pd_lr_schedule}"
