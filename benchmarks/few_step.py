@@ -106,14 +106,29 @@ def tuned_solvers(edm: Path, n: int, seed_sets: int, tune_n: int = 128, tune_see
                 continue
             tuned = difflab.tune_grid(pipe, spec.name, steps, n=tune_n, check_n=0, seed=tune_seed, save=False)
             r = score(pipe, n, seed_sets, sampler=spec.name, grid=tuned.sigmas[:-1])
-            diff = np.subtract(r["fds"], teacher["fds"])
-            rows[f"{spec.name}, {nfe} NFE, tuned"] = r | {
+            rows[f"{spec.name}, {nfe} NFE, tuned"] = r | paired(r, teacher) | {
                 "levels": tuned.sigmas, "endpoint": [tuned.start_error, tuned.error], "start_grid": tuned.start_grid,
-                "paired_diff": float(diff.mean()), "paired_diff_se": float(sem(diff)),
             }  # fmt: skip
             print(f"{spec.name} {nfe} NFE tuned: FD {r['fd']:.2f} +- {r['fd_se']:.2f} (endpoint {tuned.start_error:.3f}"
                   f" -> {tuned.error:.3f})", flush=True)  # fmt: skip
     (RESULTS / "few_step_tuned_solvers.json").write_text(json.dumps({"rows": rows}, indent=2, default=float))
+
+
+def paired(row: dict, teacher: dict) -> dict:
+    """The mean and standard error of a row's FD minus the teacher's, seed set by seed set (the same seeds)."""
+    diff = np.subtract(row["fds"], teacher["fds"])
+    return {"paired_diff": float(diff.mean()), "paired_diff_se": float(sem(diff))}
+
+
+def student_rows(runs: list[Path], teacher: dict, n: int, seed_sets: int) -> dict:
+    """Each student at its own sampler and steps, scored over the seed sets and paired with the teacher's row."""
+    rows = {}
+    for run in runs:
+        r = score(difflab.load(run), n, seed_sets)
+        rows[run.name] = r | paired(r, teacher)
+        print(f"{run.name}: FD {r['fd']:.2f} +- {r['fd_se']:.2f}, paired {rows[run.name]['paired_diff']:+.2f}",
+              flush=True)  # fmt: skip
+    return rows
 
 
 def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_sets: int, lr_schedule: str) -> None:
@@ -127,11 +142,7 @@ def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_se
                 progress=False)  # fmt: skip
     teacher = score(difflab.load(edm), n, seed_sets, sampler="euler", steps=50)
     rows = {"euler 50 (EDM teacher)": teacher}
-    for run in runs:
-        r = score(difflab.load(run), n, seed_sets)
-        diff = np.subtract(r["fds"], teacher["fds"])
-        rows[run.name] = r | {"paired_diff": float(diff.mean()), "paired_diff_se": float(sem(diff))}
-        print(f"{run.name}: FD {r['fd']:.2f} +- {r['fd_se']:.2f}, paired {diff.mean():+.2f}", flush=True)
+    rows |= student_rows(runs, teacher, n, seed_sets)
     cost = sum(training_seconds(run) for run in runs) / training_seconds(edm)
     result = {"lr_schedule": lr_schedule, "round_steps": round_steps, "rows": rows, "cost": cost}
     (RESULTS / f"few_step_pd_edm_{lr_schedule}.json").write_text(json.dumps(result, indent=2))
@@ -144,12 +155,7 @@ def longer_last_rounds(out: Path, rounds: int, steps: int, n: int, seed_sets: in
     runs = distill(out / "pd_edm_linear" / "steps_8", out / "pd_edm_linear_long", rounds=rounds, steps=steps,
                    progress=False)  # fmt: skip
     teacher = json.loads((RESULTS / "few_step_pd_edm_linear.json").read_text())["rows"]["euler 50 (EDM teacher)"]
-    rows = {}
-    for run in runs:
-        r = score(difflab.load(run), n, seed_sets)
-        diff = np.subtract(r["fds"], teacher["fds"])
-        rows[run.name] = r | {"paired_diff": float(diff.mean()), "paired_diff_se": float(sem(diff))}
-        print(f"{run.name}: FD {r['fd']:.2f} +- {r['fd_se']:.2f}, paired {diff.mean():+.2f}", flush=True)
+    rows = student_rows(runs, teacher, n, seed_sets)
     result = {"from": "pd_edm_linear/steps_8", "round_steps": steps, "rows": rows}
     (RESULTS / "few_step_pd_edm_linear_long.json").write_text(json.dumps(result, indent=2))
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from difflab.cli.common import add_runtime_arguments, setup_runtime, stopped_by_signal
+from difflab.errors import flag
 
 FORMULATION_FLAGS = ("schedule", "timesteps", "prediction", "sigma_min", "sigma_max", "p_mean", "p_std", "aug_dim",
                      "learn_sigma", "hybrid_loss", "importance_t")  # fmt: skip
@@ -282,8 +283,6 @@ def _differs(dest: str, given, saved) -> str | None:
     hf = dest == "text_encoder" and str(given).startswith("hf:") and str(saved).startswith("hf:")
     if hf and Path(given[3:]).resolve() == Path(saved[3:]).resolve():  # the folder as given, or as recorded
         return None
-    from difflab.errors import flag
-
     name = flag(dest)
     shown = name if isinstance(given, bool) else f"{name} {given}"
     was = ("on" if saved else "off") if isinstance(saved, bool) else "none" if saved is None else saved
