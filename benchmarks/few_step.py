@@ -6,6 +6,7 @@ training against the best solver at the same NFE, with their extra training cost
     python benchmarks/few_step.py --out runs/few_step --phase pd-edm --round-steps 1000  # PD of the EDM teacher
     ... --phase pd-edm --round-steps 1000 --pd-lr-schedule constant     # PD as it was before the linear decay
     ... --phase pd-late --round-steps 2500     # then 8 -> 4 -> 2 steps again from pd-edm's 8-step student, longer
+    ... --phase pd-late --late-rounds 1 --round-steps 5000 --late-name r5000   # 8 -> 4 only, into pd_edm_linear_r5000
     python benchmarks/few_step.py --out runs/few_step --phase tuned-solvers  # solvers on grids tuned on the teacher
 
 Teachers at the demo's budget (tiny U-Net, 8x8 digits, `--steps`, default 4000): a DDPM with v-prediction (progressive
@@ -148,16 +149,17 @@ def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_se
     (RESULTS / f"few_step_pd_edm_{lr_schedule}.json").write_text(json.dumps(result, indent=2))
 
 
-def longer_last_rounds(out: Path, rounds: int, steps: int, n: int, seed_sets: int) -> None:
-    """Progressive distillation's last `rounds` rounds again, `steps` each, from the 8-step student of `pd-edm` (the
-    linear schedule): OUT/pd_edm_linear_long/steps_N, scored over the same seed sets, paired with the teacher's Euler
-    50 of few_step_pd_edm_linear.json: benchmarks/results/few_step_pd_edm_linear_long.json."""
-    runs = distill(out / "pd_edm_linear" / "steps_8", out / "pd_edm_linear_long", rounds=rounds, steps=steps,
+def longer_last_rounds(out: Path, name: str, rounds: int, steps: int, lr: float | None, n: int, seed_sets: int) -> None:
+    """Progressive distillation's last `rounds` rounds again, `steps` each at base learning rate `lr` (None: the
+    teacher's), from the 8-step student of `pd-edm` (the linear schedule): OUT/pd_edm_linear_{name}/steps_N, scored
+    over the same seed sets, paired with the teacher's Euler 50 of few_step_pd_edm_linear.json:
+    benchmarks/results/few_step_pd_edm_linear_{name}.json."""
+    runs = distill(out / "pd_edm_linear" / "steps_8", out / f"pd_edm_linear_{name}", rounds=rounds, steps=steps, lr=lr,
                    progress=False)  # fmt: skip
     teacher = json.loads((RESULTS / "few_step_pd_edm_linear.json").read_text())["rows"]["euler 50 (EDM teacher)"]
     rows = student_rows(runs, teacher, n, seed_sets)
-    result = {"from": "pd_edm_linear/steps_8", "round_steps": steps, "rows": rows}
-    (RESULTS / "few_step_pd_edm_linear_long.json").write_text(json.dumps(result, indent=2))
+    result = {"from": "pd_edm_linear/steps_8", "round_steps": steps, "lr": lr, "rows": rows}
+    (RESULTS / f"few_step_pd_edm_linear_{name}.json").write_text(json.dumps(result, indent=2))
 
 
 def main() -> int:
@@ -172,6 +174,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pd-lr-schedule", default="linear", help="pd-edm: each round's learning-rate schedule")
     p.add_argument("--late-rounds", type=int, default=2, help="pd-late: rounds again from the 8-step student")
+    p.add_argument("--late-name", default="long", help="pd-late: OUT/pd_edm_linear_NAME, its results' file name")
+    p.add_argument("--late-lr", type=float, help="pd-late: the students' base learning rate (default: the teacher's)")
     phases = ("all", "progressive", "consistency", "eval", "pd-edm", "pd-late", "tuned-solvers")
     p.add_argument("--phase", choices=phases,
                    default="all",
@@ -186,7 +190,8 @@ def main() -> int:
         tuned_solvers(train_once(edm, process="edm", steps=args.steps), args.n, args.seed_sets)
         return 0
     if args.phase == "pd-late":  # after pd-edm (linear): its last rounds again, --round-steps each
-        longer_last_rounds(out, args.late_rounds, args.round_steps, args.n, args.seed_sets)
+        late = (args.late_name, args.late_rounds, args.round_steps, args.late_lr)
+        longer_last_rounds(out, *late, args.n, args.seed_sets)
         return 0
     if args.phase == "pd-edm":  # after the consistency phase (the EDM teacher)
         folder = out / f"pd_edm_{args.pd_lr_schedule}"
