@@ -117,6 +117,9 @@ def tuned_solvers(edm: Path, n: int, seed_sets: int, tune_n: int = 128, tune_see
 
 def paired(row: dict, teacher: dict) -> dict:
     """The mean and standard error of a row's FD minus the teacher's, seed set by seed set (the same seeds)."""
+    if len(row["fds"]) != len(teacher["fds"]):
+        raise ValueError(f"cannot pair {len(row['fds'])} seed sets with the teacher's {len(teacher['fds'])}: score "
+                         "both over the same --seed-sets")  # fmt: skip
     diff = np.subtract(row["fds"], teacher["fds"])
     return {"paired_diff": float(diff.mean()), "paired_diff_se": float(sem(diff))}
 
@@ -154,11 +157,11 @@ def longer_last_rounds(out: Path, name: str, rounds: int, steps: int, lr: float 
     teacher's), from the 8-step student of `pd-edm` (the linear schedule): OUT/pd_edm_linear_{name}/steps_N, scored
     over the same seed sets, paired with the teacher's Euler 50 of few_step_pd_edm_linear.json:
     benchmarks/results/few_step_pd_edm_linear_{name}.json."""
-    runs = distill(out / "pd_edm_linear" / "steps_8", out / f"pd_edm_linear_{name}", rounds=rounds, steps=steps, lr=lr,
-                   progress=False)  # fmt: skip
+    start = Path("pd_edm_linear") / "steps_8"
+    runs = distill(out / start, out / f"pd_edm_linear_{name}", rounds=rounds, steps=steps, lr=lr, progress=False)
     teacher = json.loads((RESULTS / "few_step_pd_edm_linear.json").read_text())["rows"]["euler 50 (EDM teacher)"]
     rows = student_rows(runs, teacher, n, seed_sets)
-    result = {"from": "pd_edm_linear/steps_8", "round_steps": steps, "lr": lr, "rows": rows}
+    result = {"from": start.as_posix(), "round_steps": steps, "lr": lr, "rows": rows}
     (RESULTS / f"few_step_pd_edm_linear_{name}.json").write_text(json.dumps(result, indent=2))
 
 
@@ -190,8 +193,8 @@ def main() -> int:
         tuned_solvers(train_once(edm, process="edm", steps=args.steps), args.n, args.seed_sets)
         return 0
     if args.phase == "pd-late":  # after pd-edm (linear): its last rounds again, --round-steps each
-        late = (args.late_name, args.late_rounds, args.round_steps, args.late_lr)
-        longer_last_rounds(out, *late, args.n, args.seed_sets)
+        longer_last_rounds(out, args.late_name, args.late_rounds, args.round_steps, args.late_lr, args.n,
+                           args.seed_sets)  # fmt: skip
         return 0
     if args.phase == "pd-edm":  # after the consistency phase (the EDM teacher)
         folder = out / f"pd_edm_{args.pd_lr_schedule}"
