@@ -7,6 +7,8 @@ training against the best solver at the same NFE, with their extra training cost
     ... --phase pd-edm --round-steps 1000 --pd-lr-schedule constant     # PD as it was before the linear decay
     ... --phase pd-late --round-steps 2500     # then 8 -> 4 -> 2 steps again from pd-edm's 8-step student, longer
     ... --phase pd-late --late-rounds 1 --round-steps 5000 --late-name r5000   # 8 -> 4 only, into pd_edm_linear_r5000
+    ... --phase pd-edm --round-steps 1000 --pd-teacher-steps 256  # from 256 steps: pd_edm_linear_from256
+    ... --phase pd-late --late-from pd_edm_linear_from256 --late-rounds 1 --round-steps 10000 --late-name r10000
     python benchmarks/few_step.py --out runs/few_step --phase tuned-solvers  # solvers on grids tuned on the teacher
 
 Teachers at the demo's budget (tiny U-Net, 8x8 digits, `--steps`, default 4000): a DDPM with v-prediction (progressive
@@ -47,6 +49,7 @@ from difflab.training.trainer import read_log
 
 NFES = (1, 2, 4, 8)
 PD_TEACHER_STEPS, PD_ROUNDS = 64, 6
+PD_SCORED_STEPS = 32  # students of more steps are not scored (they cost as much as the teacher's 50 and lose nothing)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -135,34 +138,59 @@ def student_rows(runs: list[Path], teacher: dict, n: int, seed_sets: int) -> dic
     return rows
 
 
-def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_sets: int, lr_schedule: str) -> None:
+def pd_edm_name(lr_schedule: str, teacher_steps: int) -> str:
+    """pd-edm's folder and results name: pd_edm_{lr_schedule}, with _from{N} when the chain starts elsewhere than 64."""
+    return f"pd_edm_{lr_schedule}" + ("" if teacher_steps == PD_TEACHER_STEPS else f"_from{teacher_steps}")
+
+
+def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_sets: int, lr_schedule: str,
+                         teacher_steps: int = PD_TEACHER_STEPS) -> None:  # fmt: skip
     """Progressive distillation of the EDM teacher (the consistency models' teacher, so that the two methods are
-    compared on one model): 6 rounds from 64 trailing DDIM steps at the learning-rate schedule `lr_schedule` in each
-    round, each student scored over the seed sets, paired with the teacher's Euler 50 on the same seeds (the students
-    start from the teacher's noise): benchmarks/results/few_step_pd_edm_{lr_schedule}.json."""
-    runs = [out / f"steps_{PD_TEACHER_STEPS >> r}" for r in range(1, PD_ROUNDS + 1)]
+    compared on one model): 6 rounds from `teacher_steps` trailing DDIM steps at the learning-rate schedule
+    `lr_schedule` in each round, each student of at most PD_SCORED_STEPS steps scored over the seed sets, paired with
+    the teacher's Euler 50 on the same seeds (the students start from the teacher's noise):
+    benchmarks/results/few_step_{pd_edm_name}.json."""
+    runs = [out / f"steps_{teacher_steps >> r}" for r in range(1, PD_ROUNDS + 1)]
     if latest_checkpoint(runs[-1]) is None:
-        distill(edm, out, rounds=PD_ROUNDS, teacher_steps=PD_TEACHER_STEPS, steps=round_steps, lr_schedule=lr_schedule,
+        distill(edm, out, rounds=PD_ROUNDS, teacher_steps=teacher_steps, steps=round_steps, lr_schedule=lr_schedule,
                 progress=False)  # fmt: skip
     teacher = score(difflab.load(edm), n, seed_sets, sampler="euler", steps=50)
     rows = {"euler 50 (EDM teacher)": teacher}
-    rows |= student_rows(runs, teacher, n, seed_sets)
+    rows |= student_rows([r for r in runs if int(r.name.split("_")[1]) <= PD_SCORED_STEPS], teacher, n, seed_sets)
     cost = sum(training_seconds(run) for run in runs) / training_seconds(edm)
-    result = {"lr_schedule": lr_schedule, "round_steps": round_steps, "rows": rows, "cost": cost}
-    (RESULTS / f"few_step_pd_edm_{lr_schedule}.json").write_text(json.dumps(result, indent=2))
+    result = {"lr_schedule": lr_schedule, "teacher_steps": teacher_steps, "round_steps": round_steps, "rows": rows,
+              "cost": cost}  # fmt: skip
+    (RESULTS / f"few_step_{out.name}.json").write_text(json.dumps(result, indent=2))
 
 
-def longer_last_rounds(out: Path, name: str, rounds: int, steps: int, lr: float | None, n: int, seed_sets: int) -> None:
+def longer_last_rounds(out: Path, chain: str, name: str, rounds: int, steps: int, lr: float | None, n: int,
+                       seed_sets: int) -> None:  # fmt: skip
     """Progressive distillation's last `rounds` rounds again, `steps` each at base learning rate `lr` (None: the
-    teacher's), from the 8-step student of `pd-edm` (the linear schedule): OUT/pd_edm_linear_{name}/steps_N, scored
-    over the same seed sets, paired with the teacher's Euler 50 of few_step_pd_edm_linear.json:
-    benchmarks/results/few_step_pd_edm_linear_{name}.json."""
-    start = Path("pd_edm_linear") / "steps_8"
-    runs = distill(out / start, out / f"pd_edm_linear_{name}", rounds=rounds, steps=steps, lr=lr, progress=False)
-    teacher = json.loads((RESULTS / "few_step_pd_edm_linear.json").read_text())["rows"]["euler 50 (EDM teacher)"]
+    teacher's), from the 8-step student of the pd-edm chain `chain` (e.g. pd_edm_linear): OUT/{chain}_{name}/steps_N,
+    scored over the same seed sets, paired with the teacher's Euler 50 of few_step_{chain}.json:
+    benchmarks/results/few_step_{chain}_{name}.json."""
+    start = Path(chain) / "steps_8"
+    runs = distill(out / start, out / f"{chain}_{name}", rounds=rounds, steps=steps, lr=lr, progress=False)
+    teacher = json.loads((RESULTS / f"few_step_{chain}.json").read_text())["rows"]["euler 50 (EDM teacher)"]
     rows = student_rows(runs, teacher, n, seed_sets)
     result = {"from": start.as_posix(), "round_steps": steps, "lr": lr, "rows": rows}
-    (RESULTS / f"few_step_pd_edm_linear_{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"few_step_{chain}_{name}.json").write_text(json.dumps(result, indent=2))
+
+
+def teacher_steps_rows(edm: Path, n: int, seed_sets: int, counts: tuple[int, ...] = (64, 256)) -> None:
+    """The EDM teacher's own DDIM on the trailing grid at the step counts a progressive chain may start from, paired
+    with its Euler 50 on the same seeds (how far from converged the first student's targets are):
+    benchmarks/results/few_step_teacher_steps.json."""
+    pipe = difflab.load(edm)
+    teacher = score(pipe, n, seed_sets, sampler="euler", steps=50)
+    rows = {"euler 50 (EDM teacher)": teacher}
+    for steps in counts:
+        r = score(pipe, n, seed_sets, sampler="ddim", steps=steps, grid="trailing")
+        rows[f"ddim {steps}, trailing"] = r = r | paired(r, teacher)
+        print(
+            f"ddim {steps} trailing: FD {r['fd']:.2f} +- {r['fd_se']:.2f}, paired {r['paired_diff']:+.2f}", flush=True
+        )
+    (RESULTS / "few_step_teacher_steps.json").write_text(json.dumps({"rows": rows}, indent=2))
 
 
 def main() -> int:
@@ -176,10 +204,13 @@ def main() -> int:
     p.add_argument("--tuned-levels", help="benchmarks/consistency_sigmas.py's JSON: also score CD and CT at its levels")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pd-lr-schedule", default="linear", help="pd-edm: each round's learning-rate schedule")
+    p.add_argument("--pd-teacher-steps", type=int, default=PD_TEACHER_STEPS,
+                   help="pd-edm: the teacher's DDIM steps that the first student halves")  # fmt: skip
+    p.add_argument("--late-from", default="pd_edm_linear", help="pd-late: the pd-edm chain whose 8-step student starts")
     p.add_argument("--late-rounds", type=int, default=2, help="pd-late: rounds again from the 8-step student")
     p.add_argument("--late-name", default="long", help="pd-late: OUT/pd_edm_linear_NAME, its results' file name")
     p.add_argument("--late-lr", type=float, help="pd-late: the students' base learning rate (default: the teacher's)")
-    phases = ("all", "progressive", "consistency", "eval", "pd-edm", "pd-late", "tuned-solvers")
+    phases = ("all", "progressive", "consistency", "eval", "pd-edm", "pd-late", "tuned-solvers", "teacher-steps")
     p.add_argument("--phase", choices=phases,
                    default="all",
                    help="run the progressive chain (DDPM teacher, students) or the consistency chain (EDM teacher, CD, "
@@ -192,13 +223,17 @@ def main() -> int:
     if args.phase == "tuned-solvers":  # the EDM teacher (trained here if missing), solvers on tuned grids
         tuned_solvers(train_once(edm, process="edm", steps=args.steps), args.n, args.seed_sets)
         return 0
+    if args.phase == "teacher-steps":  # the EDM teacher's DDIM at 64 and 256 steps, paired with its Euler 50
+        teacher_steps_rows(train_once(edm, process="edm", steps=args.steps), args.n, args.seed_sets)
+        return 0
     if args.phase == "pd-late":  # after pd-edm (linear): its last rounds again, --round-steps each
-        longer_last_rounds(out, args.late_name, args.late_rounds, args.round_steps, args.late_lr, args.n,
-                           args.seed_sets)  # fmt: skip
+        longer_last_rounds(out, args.late_from, args.late_name, args.late_rounds, args.round_steps, args.late_lr,
+                           args.n, args.seed_sets)  # fmt: skip
         return 0
     if args.phase == "pd-edm":  # after the consistency phase (the EDM teacher)
-        folder = out / f"pd_edm_{args.pd_lr_schedule}"
-        progressive_from_edm(edm, folder, args.round_steps, args.n, args.seed_sets, args.pd_lr_schedule)
+        folder = out / pd_edm_name(args.pd_lr_schedule, args.pd_teacher_steps)
+        progressive_from_edm(edm, folder, args.round_steps, args.n, args.seed_sets, args.pd_lr_schedule,
+                             args.pd_teacher_steps)  # fmt: skip
         return 0
     if args.phase in ("all", "progressive"):
         train_once(ddpm, prediction="v", steps=args.steps)
