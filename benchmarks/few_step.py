@@ -49,7 +49,7 @@ from difflab.training.trainer import read_log
 
 NFES = (1, 2, 4, 8)
 PD_TEACHER_STEPS, PD_ROUNDS = 64, 6
-PD_SCORED_STEPS = 32  # students of more steps are not scored (they cost as much as the teacher's 50 and lose nothing)
+PD_SCORED_STEPS = 32  # pd-edm scores no student of more steps (each would cost more to score than Euler 50)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -150,13 +150,15 @@ def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_se
     `lr_schedule` in each round, each student of at most PD_SCORED_STEPS steps scored over the seed sets, paired with
     the teacher's Euler 50 on the same seeds (the students start from the teacher's noise):
     benchmarks/results/few_step_{pd_edm_name}.json."""
-    runs = [out / f"steps_{teacher_steps >> r}" for r in range(1, PD_ROUNDS + 1)]
+    counts = [teacher_steps >> r for r in range(1, PD_ROUNDS + 1)]
+    runs = [out / f"steps_{count}" for count in counts]
     if latest_checkpoint(runs[-1]) is None:
         distill(edm, out, rounds=PD_ROUNDS, teacher_steps=teacher_steps, steps=round_steps, lr_schedule=lr_schedule,
                 progress=False)  # fmt: skip
     teacher = score(difflab.load(edm), n, seed_sets, sampler="euler", steps=50)
     rows = {"euler 50 (EDM teacher)": teacher}
-    rows |= student_rows([r for r in runs if int(r.name.split("_")[1]) <= PD_SCORED_STEPS], teacher, n, seed_sets)
+    scored = [out / f"steps_{count}" for count in counts if count <= PD_SCORED_STEPS]
+    rows |= student_rows(scored, teacher, n, seed_sets)
     cost = sum(training_seconds(run) for run in runs) / training_seconds(edm)
     result = {"lr_schedule": lr_schedule, "teacher_steps": teacher_steps, "round_steps": round_steps, "rows": rows,
               "cost": cost}  # fmt: skip
@@ -208,7 +210,7 @@ def main() -> int:
                    help="pd-edm: the teacher's DDIM steps that the first student halves")  # fmt: skip
     p.add_argument("--late-from", default="pd_edm_linear", help="pd-late: the pd-edm chain whose 8-step student starts")
     p.add_argument("--late-rounds", type=int, default=2, help="pd-late: rounds again from the 8-step student")
-    p.add_argument("--late-name", default="long", help="pd-late: OUT/pd_edm_linear_NAME, its results' file name")
+    p.add_argument("--late-name", default="long", help="pd-late: OUT/{late-from}_NAME, its results' file name")
     p.add_argument("--late-lr", type=float, help="pd-late: the students' base learning rate (default: the teacher's)")
     phases = ("all", "progressive", "consistency", "eval", "pd-edm", "pd-late", "tuned-solvers", "teacher-steps")
     p.add_argument("--phase", choices=phases,
@@ -226,7 +228,7 @@ def main() -> int:
     if args.phase == "teacher-steps":  # the EDM teacher's DDIM at 64 and 256 steps, paired with its Euler 50
         teacher_steps_rows(train_once(edm, process="edm", steps=args.steps), args.n, args.seed_sets)
         return 0
-    if args.phase == "pd-late":  # after pd-edm (linear): its last rounds again, --round-steps each
+    if args.phase == "pd-late":  # after pd-edm: the last rounds of chain --late-from again, --round-steps each
         longer_last_rounds(out, args.late_from, args.late_name, args.late_rounds, args.round_steps, args.late_lr,
                            args.n, args.seed_sets)  # fmt: skip
         return 0
