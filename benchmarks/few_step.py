@@ -51,6 +51,7 @@ NFES = (1, 2, 4, 8)
 PD_TEACHER_STEPS, PD_ROUNDS = 64, 6
 PD_SCORED_STEPS = 32  # pd-edm scores no student of more steps (each would cost more to score than Euler 50)
 RESULTS = Path(__file__).parent / "results"
+TEACHER_ROW = "euler 50 (EDM teacher)"  # the reference every few-step row is paired with (= DDIM 50 on this model)
 
 
 def train_once(out: Path, **settings) -> Path:
@@ -73,6 +74,11 @@ def score(pipe, n: int, seed_sets: int = 1, **kwargs) -> dict:
     return {"fd": q["frechet"], "fd_se": q["frechet_se"], "floor": q["frechet_floor"],
             "fds": [r["frechet"] for r in q["per_set"]], "conf90": q["confident_share"],
             "nfe": stats["nfe"]}  # fmt: skip
+
+
+def teacher_reference(pipe, n: int, seed_sets: int) -> dict:
+    """The EDM teacher's Euler 50 row (TEACHER_ROW), scored over the seed sets that its students are paired on."""
+    return score(pipe, n, seed_sets, sampler="euler", steps=50)
 
 
 def best_solver(pipe, nfe: int, n: int, seed_sets: int = 1) -> dict:
@@ -99,8 +105,8 @@ def tuned_solvers(edm: Path, n: int, seed_sets: int, tune_n: int = 128, tune_see
     scoring sets): every deterministic fixed-step sampler at each NFE of 2 or more whose step count is at least 2,
     scored over the seed sets and paired with the teacher's Euler 50: benchmarks/results/few_step_tuned_solvers.json."""
     pipe = difflab.load(edm)
-    teacher = score(pipe, n, seed_sets, sampler="euler", steps=50)
-    rows = {"euler 50 (EDM teacher)": teacher}
+    teacher = teacher_reference(pipe, n, seed_sets)
+    rows = {TEACHER_ROW: teacher}
     for nfe in NFES:
         for spec in SAMPLERS.values():
             if spec.family != "diffusion" or spec.cost is None or not spec.deterministic() or spec.nfe(1) > nfe:
@@ -155,9 +161,9 @@ def progressive_from_edm(edm: Path, out: Path, round_steps: int, n: int, seed_se
     if latest_checkpoint(runs[-1]) is None:
         distill(edm, out, rounds=PD_ROUNDS, teacher_steps=teacher_steps, steps=round_steps, lr_schedule=lr_schedule,
                 progress=False)  # fmt: skip
-    teacher = score(difflab.load(edm), n, seed_sets, sampler="euler", steps=50)
-    rows = {"euler 50 (EDM teacher)": teacher}
-    scored = [out / f"steps_{count}" for count in counts if count <= PD_SCORED_STEPS]
+    teacher = teacher_reference(difflab.load(edm), n, seed_sets)
+    rows = {TEACHER_ROW: teacher}
+    scored = [run for run, count in zip(runs, counts, strict=True) if count <= PD_SCORED_STEPS]
     rows |= student_rows(scored, teacher, n, seed_sets)
     cost = sum(training_seconds(run) for run in runs) / training_seconds(edm)
     result = {"lr_schedule": lr_schedule, "teacher_steps": teacher_steps, "round_steps": round_steps, "rows": rows,
@@ -173,7 +179,7 @@ def longer_last_rounds(out: Path, chain: str, name: str, rounds: int, steps: int
     benchmarks/results/few_step_{chain}_{name}.json."""
     start = Path(chain) / "steps_8"
     runs = distill(out / start, out / f"{chain}_{name}", rounds=rounds, steps=steps, lr=lr, progress=False)
-    teacher = json.loads((RESULTS / f"few_step_{chain}.json").read_text())["rows"]["euler 50 (EDM teacher)"]
+    teacher = json.loads((RESULTS / f"few_step_{chain}.json").read_text())["rows"][TEACHER_ROW]
     rows = student_rows(runs, teacher, n, seed_sets)
     result = {"from": start.as_posix(), "round_steps": steps, "lr": lr, "rows": rows}
     (RESULTS / f"few_step_{chain}_{name}.json").write_text(json.dumps(result, indent=2))
@@ -184,8 +190,8 @@ def teacher_steps_rows(edm: Path, n: int, seed_sets: int, counts: tuple[int, ...
     with its Euler 50 on the same seeds (how far from converged the first student's targets are):
     benchmarks/results/few_step_teacher_steps.json."""
     pipe = difflab.load(edm)
-    teacher = score(pipe, n, seed_sets, sampler="euler", steps=50)
-    rows = {"euler 50 (EDM teacher)": teacher}
+    teacher = teacher_reference(pipe, n, seed_sets)
+    rows = {TEACHER_ROW: teacher}
     for steps in counts:
         r = score(pipe, n, seed_sets, sampler="ddim", steps=steps, grid="trailing")
         rows[f"ddim {steps}, trailing"] = r = r | paired(r, teacher)
@@ -208,7 +214,11 @@ def main() -> int:
     p.add_argument("--pd-lr-schedule", default="linear", help="pd-edm: each round's learning-rate schedule")
     p.add_argument("--pd-teacher-steps", type=int, default=PD_TEACHER_STEPS,
                    help="pd-edm: the teacher's DDIM steps that the first student halves")  # fmt: skip
-    p.add_argument("--late-from", default="pd_edm_linear", help="pd-late: the pd-edm chain whose 8-step student starts")
+    p.add_argument(
+        "--late-from",
+        default=pd_edm_name("linear", PD_TEACHER_STEPS),
+        help="pd-late: the pd-edm chain whose 8-step student starts",
+    )
     p.add_argument("--late-rounds", type=int, default=2, help="pd-late: rounds again from the 8-step student")
     p.add_argument("--late-name", default="long", help="pd-late: OUT/{late-from}_NAME, its results' file name")
     p.add_argument("--late-lr", type=float, help="pd-late: the students' base learning rate (default: the teacher's)")
@@ -253,7 +263,7 @@ def main() -> int:
     k = args.seed_sets
     rows, teacher_s = {}, {"ddpm": training_seconds(ddpm), "edm": training_seconds(edm)}
     rows["ddim 50 (DDPM teacher)"] = score(difflab.load(ddpm), args.n, k, sampler="ddim", steps=50)
-    rows["euler 50 (EDM teacher)"] = score(difflab.load(edm), args.n, k, sampler="euler", steps=50)
+    rows[TEACHER_ROW] = teacher_reference(difflab.load(edm), args.n, k)
     tuned = json.loads(Path(args.tuned_levels).read_text())["rows"] if args.tuned_levels else []
     for nfe in NFES:
         print(f"NFE {nfe}", flush=True)
